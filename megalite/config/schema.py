@@ -1,0 +1,173 @@
+"""Typed configuration: one dataclass per section, a docstring under every field.
+
+The docstrings are read back by ``megalite <cmd> --help`` (see ``load.field_docs``), so they are
+the user-facing documentation of each option. Defaults describe a small CPU run; ``configs/*.yaml``
+override them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+
+@dataclass
+class ModelConfig:
+    family: str = "gpt"
+    """Architecture family: `gpt` (GPT-2: learned positions, LayerNorm, GELU, tied embeddings) or
+    `llama` (RMSNorm, RoPE, SwiGLU, grouped-query attention, untied head)."""
+    num_layers: int = 2
+    """Number of transformer blocks."""
+    hidden_size: int = 64
+    """Model width (d_model)."""
+    num_heads: int = 4
+    """Attention heads; must divide hidden_size."""
+    num_kv_heads: Optional[int] = None
+    """Key/value heads for grouped-query attention (llama); None means num_heads (plain MHA)."""
+    ffn_hidden_size: Optional[int] = None
+    """MLP inner width; None means 4*hidden_size (gpt) or LLaMA's 2/3*4*hidden rounded up to 256."""
+    vocab_size: Optional[int] = None
+    """Vocabulary size; None takes it from the data's tokenizer."""
+    max_seq_len: int = 128
+    """Longest sequence the model accepts (size of the learned position table for gpt)."""
+    norm_eps: float = 1e-5
+    """Epsilon of LayerNorm / RMSNorm."""
+    rope_theta: float = 10000.0
+    """RoPE base frequency (llama)."""
+    dropout: float = 0.0
+    """Dropout probability on embeddings, attention probabilities and residual branches."""
+    tie_embeddings: Optional[bool] = None
+    """Share the input embedding with the output head; None means the family's default
+    (gpt: true, llama: false)."""
+    init_std: float = 0.02
+    """Standard deviation of the normal initialisation; residual output projections are further
+    scaled by 1/sqrt(2*num_layers) (GPT-2)."""
+
+
+@dataclass
+class ParallelConfig:
+    dp: int = 1
+    """Data-parallel degree (replicas). world_size = dp * pp * tp."""
+    tp: int = 1
+    """Tensor-parallel degree (ranks sharing each layer; fastest-varying rank)."""
+    pp: int = 1
+    """Pipeline-parallel degree (stages)."""
+    backend: str = "auto"
+    """torch.distributed backend: `auto` (nccl with CUDA, else gloo), `gloo` or `nccl`."""
+    bucket_mb: float = 25.0
+    """Size of a gradient all-reduce bucket in MiB; a bucket is reduced as soon as all its
+    gradients are ready, overlapping communication with the rest of backward."""
+    timeout_s: float = 600.0
+    """Collective timeout in seconds: a rank stuck longer than this in a collective raises."""
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    """Number of optimizer steps."""
+    micro_batch_size: Optional[int] = None
+    """Samples per forward/backward on one data-parallel rank (DeepSpeed
+    train_micro_batch_size_per_gpu). Any two of micro_batch_size, grad_accum, global_batch_size
+    determine the third: global = micro * grad_accum * dp."""
+    global_batch_size: Optional[int] = None
+    """Samples per optimizer step over all replicas (DeepSpeed train_batch_size)."""
+    grad_accum: Optional[int] = None
+    """Micro-batches accumulated per step on each rank (DeepSpeed gradient_accumulation_steps)."""
+    lr: float = 3e-4
+    """Peak learning rate (reached at the end of warm-up)."""
+    min_lr: float = 0.0
+    """Learning rate at the end of decay."""
+    lr_schedule: str = "cosine"
+    """`cosine`, `linear`, `constant` or `wsd` (warm-up, stable, then linear decay over the last
+    decay_fraction of the steps)."""
+    warmup_steps: int = 0
+    """Steps of linear warm-up from 0 to lr."""
+    decay_fraction: float = 0.2
+    """For lr_schedule=wsd: fraction of the steps spent decaying to min_lr at the end."""
+    weight_decay: float = 0.1
+    """AdamW weight decay (not applied to biases and norm weights)."""
+    beta1: float = 0.9
+    """AdamW beta1."""
+    beta2: float = 0.95
+    """AdamW beta2."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value; 0 disables clipping."""
+    precision: str = "fp32"
+    """`fp32` or `bf16` (bf16 parameters and compute, fp32 master weights in the optimizer)."""
+    grad_dtype: str = "fp32"
+    """Dtype gradients are accumulated and all-reduced in: `fp32` (default) or `bf16`."""
+    seed: int = 1234
+    """Seed of weight initialisation, data order and dropout; the same for every layout."""
+    peak_tflops: float = 0.0
+    """Peak dense TFLOP/s of one device, for the MFU figure; 0 guesses (312 for bf16 on CUDA,
+    1 on CPU)."""
+    eval_interval: int = 0
+    """Evaluate validation loss every this many steps (0: only at the end)."""
+    eval_iters: int = 10
+    """Validation micro-batches per evaluation (per data-parallel rank)."""
+
+
+@dataclass
+class DataConfig:
+    source: str = "stdlib"
+    """`stdlib` (this Python's standard-library .py sources, prepared on first use; no download),
+    `synthetic` (a small seeded corpus generated in code, identical on every machine; byte
+    tokenizer) or `prepared` (the datasets in `paths`, made by `megalite prepare-data`)."""
+    paths: List[str] = field(default_factory=list)
+    """Prefixes of prepared datasets (source=prepared)."""
+    weights: List[float] = field(default_factory=list)
+    """Blending weights of `paths` (empty: proportional weights 1 each)."""
+    tokenizer: str = "bpe:4096"
+    """For source=stdlib: `bytes`, `bpe:VOCAB` (byte-level BPE trained on the corpus) or the
+    path of a Hugging Face tokenizer.json."""
+    stdlib_max_bytes: int = 4_000_000
+    """For source=stdlib: byte budget of the corpus, so runs compare across machines."""
+    cache_dir: str = ".cache/megalite"
+    """Where source=stdlib keeps its prepared corpus (reused across runs)."""
+    seq_len: int = 128
+    """Tokens per training sample (documents are packed into samples of this length)."""
+    split: str = "98,2"
+    """Train/validation split of documents, as relative weights `train,val`."""
+    num_workers: int = 2
+    """Processes used to tokenize when preparing data."""
+
+
+@dataclass
+class CheckpointConfig:
+    dir: Optional[str] = None
+    """Checkpoint directory; None means RUN_DIR/checkpoints."""
+    interval: int = 0
+    """Save every this many steps (0: only at the end and on SIGTERM/SIGUSR1)."""
+    resume: bool = True
+    """Resume from the `latest` checkpoint in `dir` when there is one."""
+    keep: int = 2
+    """Keep this many most recent checkpoints (0 keeps all)."""
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/default"
+    """Run directory: resolved config, metrics.jsonl, TensorBoard events, checkpoints."""
+    log_interval: int = 10
+    """Print a progress line every this many steps when stdout is not a terminal."""
+    tensorboard: bool = True
+    """Write TensorBoard event files when the tensorboard package is installed."""
+    sample_tokens: int = 64
+    """Tokens to generate as a sample at the end of training (0: none)."""
+    sample_prompt: str = "def "
+    """Prompt of the end-of-training sample."""
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    @property
+    def world_size(self) -> int:
+        return self.parallel.dp * self.parallel.tp * self.parallel.pp

@@ -1,0 +1,53 @@
+"""Model construction: resolve the config, build on the meta device, draw weights from the seed."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from megalite.config.schema import ModelConfig
+from megalite.models.transformer import (CausalLM, KVCache, ModelArgs, flops_per_token,
+                                         init_tensor, lm_loss, num_params)
+
+__all__ = ["CausalLM", "KVCache", "ModelArgs", "build_model", "resolve_model_args", "lm_loss",
+           "num_params", "flops_per_token", "init_weights"]
+
+
+def resolve_model_args(cfg: ModelConfig, vocab_size: Optional[int] = None) -> ModelArgs:
+    """Fill the family defaults (kv heads, FFN width, tying) and the vocabulary size."""
+    llama = cfg.family == "llama"
+    ffn = cfg.ffn_hidden_size
+    if ffn is None:
+        if llama:  # LLaMA: 2/3 of 4h, rounded up to a multiple of 256
+            ffn = 256 * ((int(2 * 4 * cfg.hidden_size / 3) + 255) // 256)
+        else:
+            ffn = 4 * cfg.hidden_size
+    vocab = cfg.vocab_size if cfg.vocab_size is not None else vocab_size
+    if vocab is None:
+        raise ValueError("model.vocab_size is unknown: set it or give data with a tokenizer")
+    return ModelArgs(
+        family=cfg.family, num_layers=cfg.num_layers, hidden_size=cfg.hidden_size,
+        num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads or cfg.num_heads,
+        ffn_hidden_size=ffn, vocab_size=vocab, max_seq_len=cfg.max_seq_len, norm_eps=cfg.norm_eps,
+        rope_theta=cfg.rope_theta, dropout=cfg.dropout,
+        tie_embeddings=(not llama) if cfg.tie_embeddings is None else cfg.tie_embeddings,
+        init_std=cfg.init_std)
+
+
+@torch.no_grad()
+def init_weights(model: CausalLM, seed: int) -> None:
+    """Give every parameter its seeded initial value (see ``init_tensor``)."""
+    for name, p in model.named_parameters():
+        p.copy_(init_tensor(name, p.shape, model.args, seed))
+
+
+def build_model(args: ModelArgs, seed: int, device: torch.device | str = "cpu",
+                dtype: torch.dtype = torch.float32) -> CausalLM:
+    """Build on the meta device (no memory), allocate on ``device``, then draw the weights."""
+    with torch.device("meta"):
+        model = CausalLM(args)
+    model.to_empty(device=device)
+    if args.tie_embeddings:  # to_empty re-creates parameters: re-tie
+        model.head.output.weight = model.embed.tok.weight
+    init_weights(model, seed)
+    return model.to(dtype)

@@ -1,0 +1,266 @@
+"""Decoder-only transformer language models: GPT-2 and LLaMA, plain PyTorch.
+
+Read top to bottom like nanoGPT. Nothing here knows about parallelism: tensor parallelism swaps
+Linear/Embedding modules for their parallel twins (and lowers ``num_heads`` / ``num_kv_heads`` to
+the local count), pipeline parallelism cuts the list of units returned by ``units()``.
+
+Shapes: b = batch, s = sequence, h = hidden, nh/nkv = (local) query/key-value heads, d = head dim.
+Both families equal their Hugging Face counterparts weight for weight (see ``megalite.interop.hf``).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import List, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class ModelArgs:
+    """Resolved architecture (no Nones), built from ``config.ModelConfig`` by ``models.resolve``."""
+
+    family: str
+    num_layers: int
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    ffn_hidden_size: int
+    vocab_size: int
+    max_seq_len: int
+    norm_eps: float
+    rope_theta: float
+    dropout: float
+    tie_embeddings: bool
+    init_std: float
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def is_llama(self) -> bool:
+        return self.family == "llama"
+
+
+class RMSNorm(nn.Module):
+    """y = x / rms(x) * weight, statistics in fp32 (as Hugging Face's LlamaRMSNorm)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def make_norm(args: ModelArgs) -> nn.Module:
+    if args.is_llama:
+        return RMSNorm(args.hidden_size, args.norm_eps)
+    return nn.LayerNorm(args.hidden_size, eps=args.norm_eps)
+
+
+def rope_cos_sin(positions: torch.Tensor, dim: int, theta: float, dtype: torch.dtype):
+    """cos/sin tables [s, d] for the given positions, computed in fp32 then cast (as HF does)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, device=positions.device).float() / dim))
+    freqs = torch.outer(positions.float(), inv_freq)  # [s, d/2]
+    emb = torch.cat((freqs, freqs), dim=-1)  # [s, d]
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate [b, heads, s, d] by the half-split convention (HF ``rotate_half``)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class KVCache:
+    """Keys and values of the tokens seen so far, for one attention layer."""
+
+    def __init__(self):
+        self.k: Optional[torch.Tensor] = None
+        self.v: Optional[torch.Tensor] = None
+
+    @property
+    def length(self) -> int:
+        return 0 if self.k is None else self.k.shape[2]
+
+    def update(self, k: torch.Tensor, v: torch.Tensor):
+        self.k = k if self.k is None else torch.cat([self.k, k], dim=2)
+        self.v = v if self.v is None else torch.cat([self.v, v], dim=2)
+        return self.k, self.v
+
+
+class Attention(nn.Module):
+    """Causal self-attention with grouped-query heads; RoPE for llama."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        bias = not args.is_llama
+        d = args.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = args.num_heads, args.num_kv_heads, d
+        self.rope_theta = args.rope_theta if args.is_llama else None
+        self.dropout = args.dropout
+        self.q_proj = nn.Linear(args.hidden_size, args.num_heads * d, bias=bias)
+        self.k_proj = nn.Linear(args.hidden_size, args.num_kv_heads * d, bias=bias)
+        self.v_proj = nn.Linear(args.hidden_size, args.num_kv_heads * d, bias=bias)
+        self.o_proj = nn.Linear(args.num_heads * d, args.hidden_size, bias=bias)
+
+    def forward(self, x: torch.Tensor, cache: Optional[KVCache] = None) -> torch.Tensor:
+        b, s, _ = x.shape
+        q = self.q_proj(x).view(b, s, -1, self.head_dim).transpose(1, 2)  # [b, nh, s, d]
+        k = self.k_proj(x).view(b, s, -1, self.head_dim).transpose(1, 2)  # [b, nkv, s, d]
+        v = self.v_proj(x).view(b, s, -1, self.head_dim).transpose(1, 2)
+        start = cache.length if cache is not None else 0
+        if self.rope_theta is not None:
+            pos = torch.arange(start, start + s, device=x.device)
+            cos, sin = rope_cos_sin(pos, self.head_dim, self.rope_theta, q.dtype)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(k, v)
+        if k.shape[1] != q.shape[1]:  # grouped-query: each kv head serves nh/nkv query heads
+            rep = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        mask, causal = None, start == 0 and s > 1
+        if start > 0 and s > 1:  # chunk after a prefix: query i sees keys <= start + i
+            mask = torch.ones(s, start + s, dtype=torch.bool, device=x.device).tril(start)
+        p = self.dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=causal)
+        return self.o_proj(y.transpose(1, 2).reshape(b, s, -1))
+
+
+class MLP(nn.Module):
+    """GPT-2: fc_out(gelu_tanh(fc_in x)). LLaMA: down_proj(silu(gate_proj x) * up_proj x)."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.swiglu = args.is_llama
+        h, f = args.hidden_size, args.ffn_hidden_size
+        if self.swiglu:
+            self.gate_proj = nn.Linear(h, f, bias=False)
+            self.up_proj = nn.Linear(h, f, bias=False)
+            self.down_proj = nn.Linear(f, h, bias=False)
+        else:
+            self.fc_in = nn.Linear(h, f)
+            self.fc_out = nn.Linear(f, h)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.swiglu:
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.fc_out(F.gelu(self.fc_in(x), approximate="tanh"))
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.attn_norm = make_norm(args)
+        self.attn = Attention(args)
+        self.mlp_norm = make_norm(args)
+        self.mlp = MLP(args)
+        self.drop = nn.Dropout(args.dropout)
+
+    def forward(self, x: torch.Tensor, cache: Optional[KVCache] = None) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.attn_norm(x), cache))
+        return x + self.drop(self.mlp(self.mlp_norm(x)))
+
+
+class Embedding(nn.Module):
+    """Token embedding (+ learned positions for gpt), then dropout."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.tok = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.pos = None if args.is_llama else nn.Embedding(args.max_seq_len, args.hidden_size)
+        self.drop = nn.Dropout(args.dropout)
+
+    def forward(self, tokens: torch.Tensor, start: int = 0) -> torch.Tensor:
+        x = self.tok(tokens)  # [b, s, h]
+        if self.pos is not None:
+            x = x + self.pos(torch.arange(start, start + tokens.shape[1], device=tokens.device))
+        return self.drop(x)
+
+
+class Head(nn.Module):
+    """Final norm and the output projection to vocabulary logits."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.norm = make_norm(args)
+        self.output = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.output(self.norm(x))  # [b, s, vocab]
+
+
+class CausalLM(nn.Module):
+    """embed -> blocks -> head. ``units()`` is the sequence pipeline/ZeRO-3/recompute speak in."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.embed = Embedding(args)
+        self.layers = nn.ModuleList(Block(args) for _ in range(args.num_layers))
+        self.head = Head(args)
+        if args.tie_embeddings:
+            self.head.output.weight = self.embed.tok.weight
+
+    def units(self) -> List[nn.Module]:
+        return [self.embed, *self.layers, self.head]
+
+    def forward(self, tokens: torch.Tensor, caches: Optional[List[KVCache]] = None) -> torch.Tensor:
+        start = caches[0].length if caches else 0
+        x = self.embed(tokens, start)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, caches[i] if caches else None)
+        return self.head(x)
+
+
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy in fp32; labels equal to -100 are ignored."""
+    return F.cross_entropy(logits.float().flatten(0, -2), labels.flatten(), ignore_index=-100)
+
+
+def num_params(model: nn.Module, exclude_embeddings: bool = False) -> int:
+    n = sum(p.numel() for p in model.parameters())
+    if exclude_embeddings and isinstance(model, CausalLM):
+        n -= model.embed.tok.weight.numel()
+        if model.embed.pos is not None:
+            n -= model.embed.pos.weight.numel()
+    return n
+
+
+def flops_per_token(args: ModelArgs, seq_len: int, n_params: int) -> float:
+    """Training FLOPs per token: 6 per parameter (fwd + bwd) plus attention scores
+    (12 * layers * hidden * seq; PaLM appendix B)."""
+    return 6.0 * n_params + 12.0 * args.num_layers * args.hidden_size * seq_len
+
+
+def residual_scaled(name: str) -> bool:
+    """Output projections onto the residual stream get std/sqrt(2L) (GPT-2 paper)."""
+    return name.endswith(("o_proj.weight", "fc_out.weight", "down_proj.weight"))
+
+
+def init_tensor(name: str, shape: torch.Size, args: ModelArgs, seed: int) -> torch.Tensor:
+    """The full fp32 initial value of parameter ``name``: a function of (seed, name) only, so a
+    sharded or pipelined model can draw exactly the slice the single-process model holds."""
+    if name.endswith("bias"):
+        return torch.zeros(shape)
+    if "norm" in name.split(".")[-2]:
+        return torch.ones(shape)
+    gen = torch.Generator().manual_seed(_stable_seed(seed, name))
+    std = args.init_std / math.sqrt(2 * args.num_layers) if residual_scaled(name) else args.init_std
+    return torch.empty(shape).normal_(0.0, std, generator=gen)
+
+
+def _stable_seed(seed: int, name: str) -> int:
+    import zlib
+
+    return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63)
