@@ -1,0 +1,168 @@
+"""``megalite`` command line: train, prepare-data, generate, eval."""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+from typing import List, Optional
+
+USAGE = """usage: megalite <command> [options]
+
+commands:
+  train         train a model: megalite train --config configs/tiny.yaml [--section.field=value]
+  prepare-data  tokenize files into a training dataset
+  generate      sample text from a checkpoint
+  eval          validation loss and perplexity of a checkpoint
+
+`megalite <command> --help` describes each command."""
+
+
+def _config_help(command: str, extra: str = "") -> str:
+    from megalite.config import help_text
+
+    return (f"usage: megalite {command} --config FILE.yaml [--deepspeed_config ds.json] "
+            f"[--section.field=value ...]{extra}\n\n"
+            "Options are read from the defaults, then the YAML file, then the DeepSpeed JSON, "
+            "then the command line. Run bare, it starts the parallel.dp*tp*pp local ranks the "
+            "config asks for; under torchrun, deepspeed, srun or mpirun it is one rank.\n\n"
+            + help_text())
+
+
+def _pop_option(argv: List[str], name: str) -> Optional[str]:
+    """Remove ``--name VALUE`` / ``--name=VALUE`` from argv and return VALUE."""
+    for i, a in enumerate(argv):
+        if a == name and i + 1 < len(argv):
+            value = argv[i + 1]
+            del argv[i:i + 2]
+            return value
+        if a.startswith(name + "="):
+            del argv[i]
+            return a.split("=", 1)[1]
+    return None
+
+
+def run_ranks(command: str, argv: List[str]) -> int:
+    """Parse the config, start local ranks if no launcher did, and run ``command`` on each."""
+    from megalite.config import parse_or_exit
+    from megalite.parallel.env import discover
+
+    argv = list(argv)
+    ckpt = _pop_option(argv, "--checkpoint") if command == "eval" else None
+    cfg, _ = parse_or_exit(argv)
+    env = discover()
+    if env is None and cfg.world_size > 1:
+        from megalite.data import ensure_dataset
+        from megalite.launcher.local import launch_local
+
+        ensure_dataset(cfg.data)  # once here, so the ranks find it ready
+        extra = ["--checkpoint", ckpt] if ckpt else []
+        return launch_local(["megalite.cli", command, *argv, *extra], cfg.world_size)
+    from megalite.parallel.dims import LayoutError, ParallelDims
+    from megalite.trainer.loop import Trainer, TrainingDiverged
+
+    try:
+        if env is None:
+            dims = ParallelDims.single()
+        else:
+            dims = ParallelDims.initialize(cfg.parallel.dp, cfg.parallel.tp, cfg.parallel.pp, env,
+                                           cfg.parallel.backend, cfg.parallel.timeout_s)
+    except LayoutError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        trainer = Trainer(cfg, dims)
+        if command == "eval":
+            return _eval(trainer, ckpt)
+        result = trainer.fit()
+        if dims.rank == 0 and cfg.run.sample_tokens > 0 and not result.preempted:
+            print("sample:\n" + trainer.sample(cfg.run.sample_prompt, cfg.run.sample_tokens),
+                  flush=True)
+        return 0
+    except TrainingDiverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        dims.destroy()
+
+
+def _eval(trainer, ckpt: Optional[str]) -> int:
+    from megalite.trainer import checkpoint
+
+    path = ckpt or checkpoint.latest(trainer.ckpt_dir)
+    if path is None:
+        print(f"error: no checkpoint in {trainer.ckpt_dir}: train first or pass --checkpoint",
+              file=sys.stderr)
+        return 2
+    path = checkpoint.latest(path) or path  # accept a checkpoints directory too
+    trainer.load_weights(path)
+    loss = trainer.evaluate()
+    if trainer.dims.rank == 0:
+        print(f"eval {path}: loss {loss:.4f} perplexity {math.exp(min(loss, 50)):.2f}", flush=True)
+    return 0
+
+
+def train_main(argv: List[str]) -> int:
+    if "-h" in argv or "--help" in argv:
+        print(_config_help("train"))
+        return 0
+    return run_ranks("train", argv)
+
+
+def eval_main(argv: List[str]) -> int:
+    if "-h" in argv or "--help" in argv:
+        print(_config_help("eval", " [--checkpoint DIR]") + "\n\n--checkpoint DIR: a checkpoint "
+              "(or a checkpoints directory; its latest); default: checkpoint.dir's latest")
+        return 0
+    return run_ranks("eval", argv)
+
+
+def generate_main(argv: List[str]) -> int:
+    p = argparse.ArgumentParser(prog="megalite generate",
+                                description="Sample text from a trained checkpoint (KV cache).")
+    p.add_argument("--checkpoint", required=True,
+                   help="a checkpoint directory, a checkpoints directory (its latest is used) or "
+                        "a run directory (RUN_DIR/checkpoints)")
+    p.add_argument("--prompt", default="def ", help="text to continue")
+    p.add_argument("--max_new_tokens", type=int, default=64, help="tokens to generate")
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top_k", type=int, default=40, help="keep the k most likely tokens; 0 = all")
+    p.add_argument("--top_p", type=float, default=0.95, help="nucleus sampling mass; 1 = off")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    a = p.parse_args(argv)
+    from megalite.trainer.inference import load_for_inference, sample_text
+
+    try:
+        model, tokenizer = load_for_inference(a.checkpoint)
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(sample_text(model, tokenizer, a.prompt, a.max_new_tokens, a.temperature, a.top_k,
+                      a.top_p, a.seed))
+    return 0
+
+
+def prepare_data_main(argv: List[str]) -> int:
+    from megalite.data.prepare import main
+
+    return main(argv)
+
+
+COMMANDS = {"train": train_main, "eval": eval_main, "generate": generate_main,
+            "prepare-data": prepare_data_main}
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if argv else 2
+    command = COMMANDS.get(argv[0])
+    if command is None:
+        print(f"error: unknown command {argv[0]!r}\n\n{USAGE}", file=sys.stderr)
+        return 2
+    return command(argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,58 @@
+"""The one thin layer every collective goes through, so bytes can be counted per kind.
+
+A ``group`` of None (or of size 1) means "no peers": every function is then a no-op, which is
+how the single-process reference runs the same code path as the parallel one.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Dict, Optional
+
+import torch
+import torch.distributed as dist
+
+
+class CommMeter:
+    """Bytes handed to each kind of collective since the last ``take()``."""
+
+    def __init__(self):
+        self.bytes: Dict[str, int] = defaultdict(int)
+        self.calls: Dict[str, int] = defaultdict(int)
+
+    def record(self, kind: str, tensor: torch.Tensor) -> None:
+        self.bytes[kind] += tensor.numel() * tensor.element_size()
+        self.calls[kind] += 1
+
+    def take(self) -> Dict[str, int]:
+        out = dict(self.bytes)
+        self.bytes.clear()
+        self.calls.clear()
+        return out
+
+
+def group_size(group) -> int:
+    return 1 if group is None else dist.get_world_size(group)
+
+
+def all_reduce(tensor: torch.Tensor, group, meter: Optional[CommMeter] = None,
+               op=dist.ReduceOp.SUM, async_op: bool = False):
+    """In-place all-reduce over ``group``; returns the work handle when ``async_op``."""
+    if group_size(group) == 1:
+        return None
+    if meter is not None:
+        meter.record("all_reduce", tensor)
+    return dist.all_reduce(tensor, op=op, group=group, async_op=async_op)
+
+
+def broadcast(tensor: torch.Tensor, src: int, group, meter: Optional[CommMeter] = None) -> None:
+    """In-place broadcast from global rank ``src`` over ``group``."""
+    if group_size(group) == 1:
+        return
+    if meter is not None:
+        meter.record("broadcast", tensor)
+    dist.broadcast(tensor, src=src, group=group)
+
+
+def barrier(group=None) -> None:
+    if dist.is_initialized():
+        dist.barrier(group=group)

@@ -1,0 +1,141 @@
+"""ParallelDims: the one object that turns (dp, tp, pp) and the launcher's environment into ranks
+and process groups. It is built once and passed to whoever needs a group.
+
+Rank layout, TP fastest so a TP group stays inside a node, then DP, then PP:
+
+    rank = (pp_rank * dp + dp_rank) * tp + tp_rank
+"""
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+import torch
+import torch.distributed as dist
+
+from megalite.parallel.comm import CommMeter
+from megalite.parallel.env import LaunchEnv
+
+
+class LayoutError(ValueError):
+    """The parallel degrees do not fit the world the launcher started."""
+
+
+@dataclass
+class ParallelDims:
+    dp: int
+    tp: int
+    pp: int
+    rank: int = 0
+    local_rank: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    meter: CommMeter = field(default_factory=CommMeter)
+    # Process groups of this rank (None when the axis has size 1 or there is no process group).
+    world_group: Optional[object] = None
+    dp_group: Optional[object] = None
+    tp_group: Optional[object] = None
+    pp_group: Optional[object] = None
+    mp_group: Optional[object] = None  # tp x pp: everything one data-parallel replica spans
+    embed_group: Optional[object] = None  # first + last stage: tied embedding gradients
+
+    def __post_init__(self):
+        for axis in ("dp", "tp", "pp"):
+            if getattr(self, axis) < 1:
+                raise LayoutError(f"parallel.{axis}={getattr(self, axis)} must be >= 1")
+
+    @property
+    def world_size(self) -> int:
+        return self.dp * self.tp * self.pp
+
+    @property
+    def tp_rank(self) -> int:
+        return self.rank % self.tp
+
+    @property
+    def dp_rank(self) -> int:
+        return (self.rank // self.tp) % self.dp
+
+    @property
+    def pp_rank(self) -> int:
+        return self.rank // (self.tp * self.dp)
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.pp - 1
+
+    def rank_of(self, pp_rank: int, dp_rank: int, tp_rank: int) -> int:
+        return (pp_rank * self.dp + dp_rank) * self.tp + tp_rank
+
+    def check_world(self, world_size: int) -> None:
+        if world_size != self.world_size:
+            raise LayoutError(
+                f"world size {world_size} != dp*pp*tp = {self.dp}*{self.pp}*{self.tp} = "
+                f"{self.world_size}: start {self.world_size} ranks or change parallel.dp/pp/tp")
+
+    def describe(self) -> str:
+        return (f"world {self.world_size} = dp {self.dp} x pp {self.pp} x tp {self.tp}; "
+                f"rank {self.rank} = (pp {self.pp_rank}, dp {self.dp_rank}, tp {self.tp_rank})")
+
+    @classmethod
+    def single(cls) -> "ParallelDims":
+        """One process, no process group: the reference every parallel test compares against."""
+        return cls(dp=1, tp=1, pp=1)
+
+    @classmethod
+    def initialize(cls, dp: int, tp: int, pp: int, env: LaunchEnv, backend: str = "auto",
+                   timeout_s: float = 600.0) -> "ParallelDims":
+        """Check the layout against the launcher's world, start torch.distributed, build groups."""
+        dims = cls(dp=dp, tp=tp, pp=pp, rank=env.rank, local_rank=env.local_rank)
+        dims.check_world(env.world_size)
+        if backend == "auto":
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(env.local_rank)
+            dims.device = torch.device("cuda", env.local_rank)
+        os.environ.setdefault("MASTER_ADDR", env.master_addr)
+        os.environ.setdefault("MASTER_PORT", str(env.master_port))
+        if not dist.is_initialized():
+            dist.init_process_group(backend, rank=env.rank, world_size=env.world_size,
+                                    timeout=datetime.timedelta(seconds=timeout_s))
+        dims._build_groups()
+        return dims
+
+    def _build_groups(self) -> None:
+        """Every rank creates every group in the same order (torch.distributed requires it)
+        and keeps the ones it belongs to."""
+        self.world_group = dist.group.WORLD if self.world_size > 1 else None
+        r = range
+        layouts = {
+            "tp_group": [[self.rank_of(p, d, t) for t in r(self.tp)]
+                         for p in r(self.pp) for d in r(self.dp)],
+            "dp_group": [[self.rank_of(p, d, t) for d in r(self.dp)]
+                         for p in r(self.pp) for t in r(self.tp)],
+            "pp_group": [[self.rank_of(p, d, t) for p in r(self.pp)]
+                         for d in r(self.dp) for t in r(self.tp)],
+            "mp_group": [[self.rank_of(p, d, t) for p in r(self.pp) for t in r(self.tp)]
+                         for d in r(self.dp)],
+            "embed_group": [sorted({self.rank_of(0, d, t), self.rank_of(self.pp - 1, d, t)})
+                            for d in r(self.dp) for t in r(self.tp)],
+        }
+        for name, groups in layouts.items():
+            setattr(self, name, self._new_groups(groups))
+
+    def _new_groups(self, rank_lists: List[List[int]]):
+        mine = None
+        for ranks in rank_lists:
+            if len(ranks) == 1:
+                continue  # an axis of size 1 needs no group; comm treats None as "no peers"
+            group = dist.new_group(ranks)
+            if self.rank in ranks:
+                mine = group
+        return mine
+
+    def destroy(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -1,0 +1,234 @@
+"""The step loop: data -> schedule (forward/backward per micro-batch) -> grad sync -> clip ->
+AdamW; with metrics, evaluation, checkpoints and preemption handling around it."""
+from __future__ import annotations
+
+import math
+import os
+import signal
+import time
+from dataclasses import asdict, dataclass, field
+from typing import List, Optional
+
+import torch
+
+from megalite.config.schema import Config
+from megalite.data import build_datasets, ensure_dataset, eval_batch, micro_batch
+from megalite.models import (build_model, flops_per_token, lm_loss, num_params,
+                             resolve_model_args)
+from megalite.parallel import comm
+from megalite.parallel.dims import ParallelDims
+from megalite.trainer import checkpoint
+from megalite.trainer.metrics import MetricsLogger, Timers
+from megalite.trainer.schedule import accumulate
+from megalite.zero import GradBuffer, MixedPrecisionAdamW
+from megalite.zero.optimizer import lr_at
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or Inf; the last good checkpoint is kept."""
+
+
+@dataclass
+class TrainResult:
+    losses: List[float] = field(default_factory=list)  # one per step run by this call
+    val_loss: Optional[float] = None
+    step: int = 0  # optimizer steps completed in total
+    checkpoint: Optional[str] = None
+    preempted: bool = False
+
+
+def step_seed(seed: int, step: int, dims: ParallelDims) -> int:
+    """Dropout seed of one step: a function of the step (so a resumed run draws the same masks)
+    and of the data-parallel and pipeline rank (different data, different masks)."""
+    return (seed * 7_919 + step * 104_729 + dims.dp_rank * 1_299_709 + dims.pp_rank * 15_485_863
+            ) % (2**63)
+
+
+class Trainer:
+    def __init__(self, cfg: Config, dims: ParallelDims):
+        self.cfg, self.dims = cfg, dims
+        t = cfg.train
+        self.mbs, self.ga, self.gbs = t.micro_batch_size, t.grad_accum, t.global_batch_size
+        if dims.rank == 0:
+            self.prefixes = ensure_dataset(cfg.data)
+        comm.barrier()
+        self.prefixes = ensure_dataset(cfg.data)  # cached now: returns the paths
+        num_val = t.eval_iters * self.mbs * dims.dp
+        self.train_ds, self.val_ds, self.tokenizer = build_datasets(
+            cfg.data, t.seed, t.steps * self.gbs, num_val)
+        self.tokenizer_file = self.prefixes[0] + ".tokenizer.json"
+        self.args = resolve_model_args(cfg.model, self.tokenizer.vocab_size)
+        self.model = build_model(self.args, t.seed, dims.device, DTYPES[t.precision])
+        params = list(self.model.parameters())
+        self.grads = GradBuffer(params, DTYPES[t.grad_dtype], dims.dp_group,
+                                cfg.parallel.bucket_mb, dims.meter)
+        self.opt = MixedPrecisionAdamW(params, self.grads, t.lr, (t.beta1, t.beta2), t.eps,
+                                       t.weight_decay)
+        self.ckpt_dir = cfg.checkpoint.dir or os.path.join(cfg.run.dir, "checkpoints")
+        self.step = 0
+        self.log = MetricsLogger(cfg.run.dir, t.steps, dims.rank == 0, cfg.run.tensorboard,
+                                 cfg.run.log_interval)
+        self.timers = Timers()
+        self.n_params = num_params(self.model)
+        self.flops_per_token = flops_per_token(self.args, cfg.data.seq_len, self.n_params)
+        self._stop_signal: Optional[int] = None
+
+    # ---- start-up ---------------------------------------------------------------------------
+    def describe(self) -> str:
+        t, a = self.cfg.train, self.args
+        master = 4 if self.opt.separate_master else 0
+        per_param = (self.model.embed.tok.weight.element_size() + self.grads.buffer.element_size()
+                     + master + 8)  # param + grad + fp32 master + Adam m, v
+        return "\n".join([
+            f"layout: {self.dims.describe()}",
+            f"model: {a.family} {self.n_params / 1e6:.2f}M params, {a.num_layers} layers, "
+            f"hidden {a.hidden_size}, heads {a.num_heads}/{a.num_kv_heads} kv, ffn "
+            f"{a.ffn_hidden_size}, vocab {a.vocab_size}, precision {t.precision}",
+            f"model-state memory per rank: {self.n_params * per_param / 2**20:.1f} MiB "
+            f"({per_param} bytes/param: params, grads, master, AdamW moments)",
+            f"batch: global {self.gbs} = micro {self.mbs} x grad_accum {self.ga} x dp "
+            f"{self.dims.dp}; {self.gbs * self.cfg.data.seq_len:,} tokens/step",
+            f"data: {len(self.train_ds):,} train samples, {len(self.val_ds):,} validation samples "
+            f"of {self.cfg.data.seq_len} tokens"])
+
+    def maybe_resume(self) -> None:
+        path = checkpoint.latest(self.ckpt_dir) if self.cfg.checkpoint.resume else None
+        if path is None:
+            return
+        shard = checkpoint.load_shard(path, self.dims)
+        names = [n for n, _ in self.model.named_parameters()]
+        self.opt.load_state_dict(shard["optimizer"], [shard["model"][n] for n in names])
+        self.step = shard["step"]
+        self.log.print(f"resumed from {path} at step {self.step}")
+
+    def load_weights(self, path: str) -> None:
+        """Model weights only (for eval): the master values, cast to the parameter dtype."""
+        shard = checkpoint.load_shard(path, self.dims)
+        with torch.no_grad():
+            for name, p in self.model.named_parameters():
+                p.copy_(shard["model"][name])
+
+    def sample(self, prompt: str, max_new_tokens: int, seed: int = 0) -> str:
+        from megalite.trainer.inference import sample_text
+
+        text = sample_text(self.model, self.tokenizer, prompt, max_new_tokens, seed=seed)
+        self.model.train()
+        return text
+
+    # ---- one step ---------------------------------------------------------------------------
+    def forward_backward(self, micro: int) -> torch.Tensor:
+        x, y = micro_batch(self.train_ds, self.step, micro, self.dims.dp_rank, self.mbs,
+                           self.ga, self.dims.dp)
+        x, y = x.to(self.dims.device), y.to(self.dims.device)
+        self.timers.start("forward")
+        loss = lm_loss(self.model(x), y)
+        self.timers.stop("forward")
+        self.timers.start("backward")
+        (loss / self.ga).backward()
+        self.timers.stop("backward")
+        return loss.detach()
+
+    def train_step(self) -> dict:
+        t = self.cfg.train
+        start = time.perf_counter()
+        torch.manual_seed(step_seed(t.seed, self.step, self.dims))
+        self.grads.zero()
+        losses = accumulate(self.forward_backward, self.ga, self.grads.sync_next_backward)
+        self.timers.start("comm")
+        self.grads.finish()
+        self.timers.stop("comm")
+        self.timers.start("optimizer")
+        grad_norm = self.opt.clip_grad_norm(t.grad_clip)
+        lr = lr_at(self.step, t.steps, t.lr, t.min_lr, t.warmup_steps, t.lr_schedule,
+                   t.decay_fraction)
+        self.opt.step(lr)
+        self.timers.stop("optimizer")
+        # One small all-reduce per step: the mean loss and whether any rank was told to stop.
+        owns_loss = self.dims.tp_rank == 0 and self.dims.is_last_stage
+        stats = torch.stack([torch.stack(losses).mean() * owns_loss,
+                             torch.tensor(float(self._stop_signal is not None))]).float()
+        self.timers.start("comm")
+        comm.all_reduce(stats, self.dims.world_group, self.dims.meter)
+        self.timers.stop("comm")
+        loss, stop = stats[0].item() / self.dims.dp, stats[1].item() > 0
+        self.step += 1
+        elapsed = time.perf_counter() - start
+        tokens = self.gbs * self.cfg.data.seq_len
+        tflops = self.flops_per_token * tokens / elapsed / 1e12 / self.dims.world_size
+        record = {"step": self.step, "loss": loss, "lr": lr, "grad_norm": float(grad_norm),
+                  "tokens_per_s": tokens / elapsed, "tflops": tflops,
+                  "mfu": tflops / self.peak_tflops(), "step_time": elapsed,
+                  **{f"time.{k}": v for k, v in self.timers.take().items()},
+                  **{f"comm_bytes.{k}": v for k, v in self.dims.meter.take().items()}}
+        if not math.isfinite(loss):
+            raise TrainingDiverged(f"loss is {loss} at step {self.step}; stopping. The last "
+                                   f"checkpoint ({checkpoint.latest(self.ckpt_dir)}) is kept.")
+        record["stop"] = stop
+        return record
+
+    def peak_tflops(self) -> float:
+        if self.cfg.train.peak_tflops > 0:
+            return self.cfg.train.peak_tflops
+        return 312.0 if self.dims.device.type == "cuda" else 1.0
+
+    # ---- evaluation, checkpoints ------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        self.model.eval()
+        total = torch.zeros((), dtype=torch.float32)
+        for it in range(self.cfg.train.eval_iters):
+            x, y = eval_batch(self.val_ds, it, self.dims.dp_rank, self.mbs, self.dims.dp)
+            total += lm_loss(self.model(x.to(self.dims.device)), y.to(self.dims.device)).cpu()
+        self.model.train()
+        total /= self.cfg.train.eval_iters * self.dims.dp
+        comm.all_reduce(total, self.dims.dp_group, self.dims.meter)
+        return total.item()
+
+    def save_checkpoint(self) -> str:
+        names = [n for n, _ in self.model.named_parameters()]
+        shard = {"model": dict(zip(names, self.opt.master_state())),
+                 "optimizer": self.opt.state_dict(), "step": self.step}
+        meta = {"config": asdict(self.cfg), "model_args": asdict(self.args)}
+        return checkpoint.save(self.ckpt_dir, self.step, self.dims, shard, meta,
+                               self.tokenizer_file, self.cfg.checkpoint.keep)
+
+    # ---- the loop ---------------------------------------------------------------------------
+    def _on_signal(self, signum, frame) -> None:
+        self._stop_signal = signum
+
+    def fit(self) -> TrainResult:
+        cfg = self.cfg
+        self.maybe_resume()
+        self.log.print(self.describe())
+        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGUSR1)}
+        result = TrainResult()
+        try:
+            while self.step < cfg.train.steps:
+                record = self.train_step()
+                result.losses.append(record["loss"])
+                if cfg.train.eval_interval and self.step % cfg.train.eval_interval == 0:
+                    record["val_loss"] = self.evaluate()
+                self.log.log(record)
+                if record["stop"]:
+                    result.checkpoint = self.save_checkpoint()
+                    result.preempted = True
+                    self.log.print(f"signal received: saved {result.checkpoint} at step "
+                                   f"{self.step}; exiting")
+                    break
+                if cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0:
+                    result.checkpoint = self.save_checkpoint()
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+        if not result.preempted:
+            result.val_loss = self.evaluate()
+            self.log.print(f"validation loss {result.val_loss:.4f} "
+                           f"(perplexity {math.exp(min(result.val_loss, 50)):.2f})")
+            if result.checkpoint is None or not result.checkpoint.endswith(f"{self.step:08d}"):
+                result.checkpoint = self.save_checkpoint()
+            self.log.print(f"checkpoint: {result.checkpoint}")
+        result.step = self.step
+        self.log.close()
+        return result

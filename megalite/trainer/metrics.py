@@ -1,0 +1,97 @@
+"""Per-step metrics: ``metrics.jsonl``, TensorBoard events when installed, a progress line."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from typing import Dict, Optional
+
+
+class Timers:
+    """Wall-clock seconds per phase, accumulated over one step."""
+
+    def __init__(self):
+        self.totals: Dict[str, float] = {}
+        self._start: Dict[str, float] = {}
+
+    def start(self, name: str) -> None:
+        self._start[name] = time.perf_counter()
+
+    def stop(self, name: str) -> None:
+        self.totals[name] = self.totals.get(name, 0.0) + time.perf_counter() - self._start.pop(name)
+
+    def take(self) -> Dict[str, float]:
+        out, self.totals = self.totals, {}
+        return out
+
+
+def _fmt_duration(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    m, s = divmod(seconds, 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+class MetricsLogger:
+    """Written by one rank only (``enabled``); the others construct it disabled."""
+
+    def __init__(self, run_dir: str, total_steps: int, enabled: bool, tensorboard: bool,
+                 log_interval: int):
+        self.enabled, self.total, self.log_interval = enabled, total_steps, log_interval
+        self.tty = sys.stdout.isatty()
+        self.file = None
+        self.tb = None
+        self.t0 = time.perf_counter()
+        self.first_step: Optional[int] = None
+        if not enabled:
+            return
+        os.makedirs(run_dir, exist_ok=True)
+        self.file = open(os.path.join(run_dir, "metrics.jsonl"), "a")
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self.tb = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+            except ImportError:
+                pass  # tensorboard is an optional extra
+
+    def log(self, record: Dict) -> None:
+        if not self.enabled:
+            return
+        step = record["step"]
+        if self.first_step is None:
+            self.first_step, self.t0 = step, time.perf_counter()
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self.tb.add_scalar(key.replace(".", "/"), value, step)
+        self._progress(record)
+
+    def _progress(self, r: Dict) -> None:
+        step = r["step"]
+        done = step - self.first_step + 1
+        eta = (time.perf_counter() - self.t0) / done * (self.total - step)
+        line = (f"step {step}/{self.total} | loss {r['loss']:.4f} | "
+                f"{r['tokens_per_s']:,.0f} tok/s | lr {r['lr']:.2e} | ETA {_fmt_duration(eta)}")
+        if self.tty:
+            width = 20
+            filled = int(width * step / self.total)
+            bar = "#" * filled + "." * (width - filled)
+            end = "\n" if step == self.total else ""
+            print(f"\r[{bar}] {line}", end=end, flush=True)
+        elif step % self.log_interval == 0 or step == self.total or step == 1:
+            print(line, flush=True)
+
+    def print(self, text: str) -> None:
+        if self.enabled:
+            if self.tty:
+                print()
+            print(text, flush=True)
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+        if self.tb is not None:
+            self.tb.close()
