@@ -105,7 +105,7 @@ class TrainConfig:
     eval_interval: int = 0
     """Evaluate validation loss every this many steps (0: only at the end)."""
     eval_iters: int = 10
-    """Validation micro-batches per evaluation (per data-parallel rank)."""
+    """Validation global batches per evaluation (the same samples for every layout)."""
 
 
 @dataclass

@@ -12,7 +12,7 @@ from typing import List, Optional
 import torch
 
 from megalite.config.schema import Config
-from megalite.data import build_datasets, ensure_dataset, eval_batch, micro_batch
+from megalite.data import build_datasets, ensure_dataset, micro_batch
 from megalite.models import (build_model, flops_per_token, lm_loss, num_params,
                              resolve_model_args)
 from megalite.parallel import comm
@@ -55,7 +55,7 @@ class Trainer:
             self.prefixes = ensure_dataset(cfg.data)
         comm.barrier()
         self.prefixes = ensure_dataset(cfg.data)  # cached now: returns the paths
-        num_val = t.eval_iters * self.mbs * dims.dp
+        num_val = t.eval_iters * self.gbs
         self.train_ds, self.val_ds, self.tokenizer = build_datasets(
             cfg.data, t.seed, t.steps * self.gbs, num_val)
         self.tokenizer_file = self.prefixes[0] + ".tokenizer.json"
@@ -178,11 +178,14 @@ class Trainer:
     def evaluate(self) -> float:
         self.model.eval()
         total = torch.zeros((), dtype=torch.float32)
-        for it in range(self.cfg.train.eval_iters):
-            x, y = eval_batch(self.val_ds, it, self.dims.dp_rank, self.mbs, self.dims.dp)
-            total += lm_loss(self.model(x.to(self.dims.device)), y.to(self.dims.device)).cpu()
+        iters = self.cfg.train.eval_iters
+        for it in range(iters):  # global batches, split like training: layout-independent
+            for m in range(self.ga):
+                x, y = micro_batch(self.val_ds, it, m, self.dims.dp_rank, self.mbs, self.ga,
+                                   self.dims.dp)
+                total += lm_loss(self.model(x.to(self.dims.device)), y.to(self.dims.device)).cpu()
         self.model.train()
-        total /= self.cfg.train.eval_iters * self.dims.dp
+        total /= iters * self.ga * self.dims.dp
         comm.all_reduce(total, self.dims.dp_group, self.dims.meter)
         return total.item()
 

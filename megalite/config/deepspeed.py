@@ -1,0 +1,200 @@
+"""Translate a DeepSpeed ``ds_config.json`` into megalite overrides.
+
+Users arrive with DeepSpeed configs; reading them keeps their batch/optimizer/schedule intent
+without a manual rewrite. DeepSpeed's own semantics win (e.g. the scheduler's warmup_max_lr, not
+the optimizer lr, is the peak lr), features megalite lacks are errors, and every key megalite does
+not read is named in one warning so nothing is ignored silently. No torch import here.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Set, Tuple
+
+from .validate import ConfigError, fmt
+
+_SCHEDULES = {"WarmupLR": "constant", "WarmupDecayLR": "linear", "WarmupCosineLR": "cosine"}
+
+
+class _Reader:
+    """Reads dotted keys from the ds dict and remembers which were consumed."""
+
+    def __init__(self, ds: Dict[str, Any]) -> None:
+        self.ds = ds
+        self.used: Set[str] = set()
+        self.errors: List[str] = []
+        self.warnings: List[str] = []
+        self.out: Dict[str, Dict[str, Any]] = {"train": {}, "parallel": {}, "run": {}}
+
+    def get(self, dotted: str, default: Any = None) -> Any:
+        """Value at ``dotted`` (``"auto"`` passes through so callers can skip it), else default."""
+        node: Any = self.ds
+        for part in dotted.split("."):
+            if not isinstance(node, dict) or part not in node:
+                return default
+            node = node[part]
+        self.used.add(dotted)
+        return node
+
+    def put(self, target: str, value: Any) -> None:
+        """Record an override; None and DeepSpeed's ``auto`` mean "keep megalite's value"."""
+        if value is None or value == "auto":
+            return
+        section, name = target.split(".")
+        self.out[section][name] = value
+
+    def error(self, key: str, value: Any, problem: str) -> None:
+        self.errors.append(f"deepspeed {key}={fmt(value)}: {problem}")
+
+
+def _leaves(node: Any, prefix: str = "") -> List[str]:
+    """Dotted names of every non-dict value (empty dicts count as leaves)."""
+    if isinstance(node, dict) and node:
+        names: List[str] = []
+        for key, value in node.items():
+            names.extend(_leaves(value, f"{prefix}.{key}" if prefix else str(key)))
+        return names
+    return [prefix]
+
+
+def _optimizer(r: _Reader) -> Optional[float]:
+    """Map Adam/AdamW; return the optimizer lr (WarmupCosineLR scales min_lr by it)."""
+    kind = r.get("optimizer.type")
+    if kind is None:
+        return None
+    if str(kind).lower() not in ("adam", "adamw"):
+        r.error("optimizer.type", kind, "megalite only has AdamW; use Adam or AdamW")
+        return None
+    if str(kind).lower() == "adam" and r.get("optimizer.params.adam_w_mode", True) is False:
+        r.error("optimizer.params.adam_w_mode", False, "L2-regularised Adam is not "
+                "available, megalite only has AdamW (decoupled weight decay); remove it")
+    r.get("optimizer.params.torch_adam")  # implementation choice only; same maths
+    if r.get("optimizer.params.bias_correction", True) is False:
+        r.error("optimizer.params.bias_correction", False,
+                "megalite's AdamW always corrects bias; remove it")
+    lr = r.get("optimizer.params.lr")
+    r.put("train.lr", lr)
+    betas = r.get("optimizer.params.betas")
+    if isinstance(betas, (list, tuple)) and len(betas) == 2:
+        r.put("train.beta1", betas[0])
+        r.put("train.beta2", betas[1])
+    elif betas is not None and betas != "auto":
+        r.error("optimizer.params.betas", betas, "must be a list of two numbers")
+    r.put("train.eps", r.get("optimizer.params.eps"))
+    r.put("train.weight_decay", r.get("optimizer.params.weight_decay"))
+    missing = [p for p in ("lr", "betas", "eps", "weight_decay")
+               if r.get(f"optimizer.params.{p}") is None]
+    if missing:
+        r.warnings.append(f"deepspeed optimizer.params omits {', '.join(missing)}: megalite's "
+                          "values are kept (DeepSpeed would use its FusedAdam defaults)")
+    return lr if isinstance(lr, (int, float)) and not isinstance(lr, bool) else None
+
+
+def _warmup(r: _Reader) -> None:
+    """Warm-up parameters shared by the three supported schedulers."""
+    p = "scheduler.params."
+    steps = r.get(p + "warmup_num_steps", 1000)
+    if r.get(p + "warmup_num_steps") is None:
+        r.warnings.append("deepspeed scheduler.params.warmup_num_steps unset: "
+                          "DeepSpeed's default 1000 is used")
+    r.put("train.warmup_steps", steps)
+    wtype = r.get(p + "warmup_type", "log")
+    if wtype == "log" and steps not in (0, "auto"):
+        r.warnings.append("deepspeed scheduler.params.warmup_type=log (DeepSpeed's default when "
+                          "unset): megalite warms up linearly")
+    elif wtype not in ("log", "linear", "auto"):
+        r.error("scheduler.params.warmup_type", wtype, "must be log or linear")
+
+
+def _scheduler(r: _Reader, opt_lr: Optional[float], base_lr: Optional[float]) -> None:
+    kind = r.get("scheduler.type")
+    if kind is None:
+        return
+    if kind not in _SCHEDULES:
+        r.error("scheduler.type", kind, "not supported; use " + ", ".join(_SCHEDULES))
+        return
+    r.put("train.lr_schedule", _SCHEDULES[kind])
+    _warmup(r)
+    p = "scheduler.params."
+    if kind == "WarmupCosineLR":
+        # The peak lr is the optimizer's; min_lr is a ratio of it.
+        r.put("train.steps", r.get(p + "total_num_steps"))
+        if r.get(p + "total_num_steps") is None:
+            r.error("scheduler.params.total_num_steps", None, "WarmupCosineLR needs it")
+        ratio = r.get(p + "cos_min_ratio", 0.0001)
+        lr = opt_lr if opt_lr is not None else base_lr
+        if isinstance(ratio, (int, float)) and lr is not None:
+            r.put("train.min_lr", ratio * lr)
+        warm_ratio = r.get(p + "warmup_min_ratio", 0.0)
+        if warm_ratio not in (0, "auto"):
+            r.warnings.append(f"deepspeed scheduler.params.warmup_min_ratio={fmt(warm_ratio)}: "
+                              "megalite warms up from 0")
+        return
+    max_lr = r.get(p + "warmup_max_lr")
+    if max_lr is None:
+        max_lr = 0.001
+        r.warnings.append("deepspeed scheduler.params.warmup_max_lr unset: DeepSpeed's "
+                          "default 0.001 is the peak lr")
+    if opt_lr is not None and max_lr != "auto" and max_lr != opt_lr:
+        r.warnings.append(f"deepspeed optimizer.params.lr={fmt(opt_lr)} is replaced by "
+                          f"scheduler.params.warmup_max_lr={fmt(max_lr)}, as in DeepSpeed")
+    r.put("train.lr", max_lr)
+    min_lr = r.get(p + "warmup_min_lr", 0.0)
+    if min_lr not in (0, "auto"):
+        r.warnings.append(f"deepspeed scheduler.params.warmup_min_lr={fmt(min_lr)}: "
+                          "megalite warms up from 0, not from warmup_min_lr")
+    if kind == "WarmupDecayLR":
+        r.put("train.min_lr", min_lr)  # DeepSpeed decays back down to warmup_min_lr
+        total = r.get(p + "total_num_steps")
+        if total is None:
+            r.error("scheduler.params.total_num_steps", None, "WarmupDecayLR needs it")
+        r.put("train.steps", total)
+
+
+def _precision_and_zero(r: _Reader) -> None:
+    for key in ("bf16", "bfloat16"):
+        enabled = r.get(f"{key}.enabled")
+        if enabled is True:
+            r.put("train.precision", "bf16")
+        elif enabled is False:
+            r.put("train.precision", "fp32")
+    if r.get("fp16.enabled") is True:
+        r.error("fp16.enabled", True, "fp16 comes with ZeRO loss scaling (not supported yet); "
+                "use bf16.enabled=true")
+    zero = r.get("zero_optimization")
+    stage: Any = None
+    if isinstance(zero, bool):
+        stage = 1 if zero else 0
+    elif isinstance(zero, dict):
+        r.used.discard("zero_optimization")  # only the keys read below count as used
+        stage = r.get("zero_optimization.stage", 0)
+    if stage not in (None, 0, "auto"):
+        r.error("zero_optimization.stage", stage,
+                f"ZeRO stage {stage} is not implemented yet; use stage 0")
+
+
+def map_deepspeed(ds: Dict[str, Any],
+                  lr: Optional[float] = None) -> Tuple[Dict[str, Dict[str, Any]], List[str]]:
+    """Return ``({"train": {...}, "parallel": {...}, "run": {...}}, warnings)``.
+
+    ``lr`` is megalite's lr before this file applies; WarmupCosineLR's cos_min_ratio is a
+    fraction of the optimizer lr, so it is needed when the ds optimizer does not set one.
+    Raises ConfigError listing every unsupported feature.
+    """
+    if not isinstance(ds, dict):
+        raise ConfigError([f"deepspeed config must be a JSON object, got {type(ds).__name__}"])
+    r = _Reader(ds)
+    r.put("train.global_batch_size", r.get("train_batch_size"))
+    r.put("train.micro_batch_size", r.get("train_micro_batch_size_per_gpu"))
+    r.put("train.grad_accum", r.get("gradient_accumulation_steps"))
+    r.put("train.grad_clip", r.get("gradient_clipping"))
+    r.put("run.log_interval", r.get("steps_per_print"))
+    opt_lr = _optimizer(r)
+    _scheduler(r, opt_lr, lr)
+    _precision_and_zero(r)
+    unused = [leaf for leaf in _leaves(ds)
+              if leaf not in r.used and not any(leaf.startswith(u + ".") for u in r.used)]
+    if unused:
+        r.warnings.append("deepspeed config keys megalite does not use (ignored): "
+                          + ", ".join(unused))
+    if r.errors:
+        raise ConfigError(r.errors)
+    return r.out, r.warnings

@@ -1,0 +1,240 @@
+"""Semantic checks of a fully-built ``Config``, and DeepSpeed-style batch-size resolution.
+
+Every problem is collected (not just the first) so one failed launch shows the user everything
+to fix; each is one line, ``field=value: what is wrong; fix``. This module must not import torch:
+the CLI validates before the heavy imports so bad input fails in milliseconds.
+"""
+from __future__ import annotations
+
+import copy
+import re
+from typing import Any, List
+
+from .schema import Config
+
+
+class ConfigError(ValueError):
+    """Bad configuration; holds one-line messages so the CLI can print each as ``error: ...``."""
+
+    def __init__(self, lines: List[str]) -> None:
+        self.lines: List[str] = list(lines)
+        super().__init__("\n".join(self.lines))
+
+    def __str__(self) -> str:
+        return "\n".join(self.lines)
+
+
+_TOKENIZER_RE = re.compile(r"^(bytes|bpe:(\d+)|.+\.json)$")
+
+
+def fmt(value: Any) -> str:
+    """Render a value the way a user would type it (none/true/false, comma lists)."""
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(fmt(v) for v in value) + "]"
+    return str(value)
+
+
+class _Errors:
+    """Accumulates ``field=value: problem; fix`` lines."""
+
+    def __init__(self) -> None:
+        self.lines: List[str] = []
+
+    def add(self, name: str, value: Any, problem: str) -> None:
+        self.lines.append(f"{name}={fmt(value)}: {problem}")
+
+    def check(self, ok: bool, name: str, value: Any, problem: str) -> None:
+        if not ok:
+            self.add(name, value, problem)
+
+
+def _choice(err: _Errors, name: str, value: str, allowed: List[str]) -> None:
+    err.check(value in allowed, name, value, f"must be one of {', '.join(allowed)}")
+
+
+def _require_no_model_parallel(cfg: Config, err: _Errors) -> None:
+    """TP/PP are in the schema but not built yet: refuse rather than silently ignore them."""
+    for name in ("tp", "pp"):
+        value = getattr(cfg.parallel, name)
+        err.check(value <= 1, f"parallel.{name}", value,
+                  f"tensor/pipeline parallelism is not implemented yet; set parallel.{name}=1")
+
+
+def resolve_batch(cfg: Config, err: _Errors) -> None:
+    """Fill the missing one of micro/grad_accum/global from global = micro * grad_accum * dp.
+
+    Mirrors DeepSpeed's rules so a ds_config's batch fields mean the same here.
+    """
+    t, dp = cfg.train, cfg.parallel.dp
+    m, a, g = t.micro_batch_size, t.grad_accum, t.global_batch_size
+    bad = False
+    for name, value in (("micro_batch_size", m), ("grad_accum", a), ("global_batch_size", g)):
+        if value is not None and value <= 0:
+            err.add(f"train.{name}", value, "must be a positive integer; fix or leave it unset")
+            bad = True
+    if bad or dp <= 0:
+        return
+    if m is not None and a is not None and g is not None:
+        err.check(m * a * dp == g, "train.global_batch_size", g,
+                  f"must equal micro_batch_size {m} x grad_accum {a} x dp {dp} = {m * a * dp}; "
+                  "change one of them or leave one unset")
+    elif m is not None and a is not None:
+        t.global_batch_size = m * a * dp
+    elif m is not None and g is not None:
+        if g % (m * dp):
+            err.add("train.global_batch_size", g,
+                    f"not divisible by micro_batch_size {m} x dp {dp} = {m * dp}, so grad_accum "
+                    "is not a whole number; choose sizes where global = micro x grad_accum x dp")
+        else:
+            t.grad_accum = g // (m * dp)
+    elif a is not None and g is not None:
+        if g % (a * dp):
+            err.add("train.global_batch_size", g,
+                    f"not divisible by grad_accum {a} x dp {dp} = {a * dp}, so micro_batch_size "
+                    "is not a whole number; choose sizes where global = micro x grad_accum x dp")
+        else:
+            t.micro_batch_size = g // (a * dp)
+    elif m is not None:
+        t.grad_accum, t.global_batch_size = 1, m * dp
+    elif g is not None:
+        if g % dp:
+            err.add("train.global_batch_size", g,
+                    f"not divisible by dp {dp}; choose a multiple of dp or set micro_batch_size")
+        else:
+            t.grad_accum, t.micro_batch_size = 1, g // dp
+    else:
+        err.add("train.micro_batch_size", m, "set train.micro_batch_size or "
+                "train.global_batch_size (grad_accum alone does not fix the batch size)")
+
+
+def _check_model(cfg: Config, err: _Errors) -> None:
+    m = cfg.model
+    _choice(err, "model.family", m.family, ["gpt", "llama"])
+    for name in ("num_layers", "hidden_size", "num_heads", "max_seq_len"):
+        value = getattr(m, name)
+        err.check(value > 0, f"model.{name}", value, "must be positive")
+    if m.hidden_size > 0 and m.num_heads > 0:
+        err.check(m.hidden_size % m.num_heads == 0, "model.num_heads", m.num_heads,
+                  f"must divide model.hidden_size={m.hidden_size}; pick a divisor")
+    if m.num_kv_heads is not None:
+        if m.num_kv_heads <= 0:
+            err.add("model.num_kv_heads", m.num_kv_heads, "must be positive or none")
+        elif m.family == "gpt" and m.num_kv_heads != m.num_heads:
+            err.add("model.num_kv_heads", m.num_kv_heads,
+                    "grouped-query attention is llama-only; unset it or use model.family=llama")
+        elif m.num_heads > 0 and m.num_heads % m.num_kv_heads:
+            err.add("model.num_kv_heads", m.num_kv_heads,
+                    f"must divide model.num_heads={m.num_heads}; pick a divisor")
+    for name in ("ffn_hidden_size", "vocab_size"):
+        value = getattr(m, name)
+        err.check(value is None or value > 0, f"model.{name}", value, "must be positive or none")
+    err.check(0 <= m.dropout < 1, "model.dropout", m.dropout, "must be in [0, 1)")
+    for name in ("norm_eps", "rope_theta", "init_std"):
+        value = getattr(m, name)
+        err.check(value > 0, f"model.{name}", value, "must be positive")
+
+
+def _check_parallel(cfg: Config, err: _Errors) -> None:
+    p = cfg.parallel
+    for name in ("dp", "tp", "pp"):
+        value = getattr(p, name)
+        err.check(value >= 1, f"parallel.{name}", value, "must be at least 1")
+    _require_no_model_parallel(cfg, err)  # remove when tensor/pipeline parallelism lands
+    _choice(err, "parallel.backend", p.backend, ["auto", "gloo", "nccl"])
+    err.check(p.bucket_mb > 0, "parallel.bucket_mb", p.bucket_mb, "must be positive")
+    err.check(p.timeout_s > 0, "parallel.timeout_s", p.timeout_s, "must be positive")
+
+
+def _check_train(cfg: Config, err: _Errors) -> None:
+    t = cfg.train
+    err.check(t.steps > 0, "train.steps", t.steps, "must be positive")
+    err.check(t.lr > 0, "train.lr", t.lr, "must be positive")
+    if t.min_lr < 0 or (t.lr > 0 and t.min_lr > t.lr):
+        err.add("train.min_lr", t.min_lr, f"must be in [0, train.lr={fmt(t.lr)}]")
+    _choice(err, "train.lr_schedule", t.lr_schedule, ["cosine", "linear", "constant", "wsd"])
+    if t.warmup_steps < 0 or (t.steps > 0 and t.warmup_steps > t.steps):
+        err.add("train.warmup_steps", t.warmup_steps, f"must be in [0, train.steps={t.steps}]")
+    err.check(0 < t.decay_fraction <= 1, "train.decay_fraction", t.decay_fraction,
+              "must be in (0, 1]")
+    err.check(t.weight_decay >= 0, "train.weight_decay", t.weight_decay, "must be >= 0")
+    for name in ("beta1", "beta2"):
+        value = getattr(t, name)
+        err.check(0 <= value < 1, f"train.{name}", value, "must be in [0, 1)")
+    err.check(t.eps > 0, "train.eps", t.eps, "must be positive")
+    err.check(t.grad_clip >= 0, "train.grad_clip", t.grad_clip, "must be >= 0 (0 disables)")
+    if t.precision == "fp16":
+        err.add("train.precision", t.precision,
+                "fp16 comes with ZeRO loss scaling (not supported yet); use bf16")
+    else:
+        _choice(err, "train.precision", t.precision, ["fp32", "bf16"])
+    _choice(err, "train.grad_dtype", t.grad_dtype, ["fp32", "bf16"])
+    err.check(t.seed >= 0, "train.seed", t.seed, "must be >= 0")
+    err.check(t.peak_tflops >= 0, "train.peak_tflops", t.peak_tflops, "must be >= 0 (0 guesses)")
+    err.check(t.eval_interval >= 0, "train.eval_interval", t.eval_interval, "must be >= 0")
+    err.check(t.eval_iters > 0, "train.eval_iters", t.eval_iters, "must be positive")
+
+
+def _check_split(split: str, err: _Errors) -> None:
+    parts = split.split(",")
+    try:
+        nums = [float(p) for p in parts]
+    except ValueError:
+        nums = []
+    ok = len(nums) == 2 and all(n >= 0 for n in nums) and nums[0] > 0
+    err.check(ok, "data.split", split,
+              "must be two non-negative numbers `train,val` with train > 0, e.g. 98,2")
+
+
+def _check_data(cfg: Config, err: _Errors) -> None:
+    d = cfg.data
+    _choice(err, "data.source", d.source, ["stdlib", "synthetic", "prepared"])
+    if d.source == "prepared" and not d.paths:
+        err.add("data.paths", d.paths,
+                "data.source=prepared needs dataset prefixes; set --data.paths=PREFIX[,PREFIX]")
+    if d.weights:
+        if len(d.weights) != len(d.paths):
+            err.add("data.weights", d.weights,
+                    f"has {len(d.weights)} entries but data.paths has {len(d.paths)}; "
+                    "give one weight per path")
+        elif any(w <= 0 for w in d.weights):
+            err.add("data.weights", d.weights, "every weight must be positive")
+    match = _TOKENIZER_RE.match(d.tokenizer)
+    if not match or (match.group(2) is not None and int(match.group(2)) < 257):
+        err.add("data.tokenizer", d.tokenizer,
+                "must be `bytes`, `bpe:N` with N >= 257, or a tokenizer .json path")
+    err.check(d.stdlib_max_bytes > 0, "data.stdlib_max_bytes", d.stdlib_max_bytes,
+              "must be positive")
+    if d.seq_len <= 0:
+        err.add("data.seq_len", d.seq_len, "must be positive")
+    elif cfg.model.max_seq_len > 0 and d.seq_len > cfg.model.max_seq_len:
+        err.add("data.seq_len", d.seq_len,
+                f"exceeds model.max_seq_len={cfg.model.max_seq_len}; lower it or raise that")
+    _check_split(d.split, err)
+    err.check(d.num_workers >= 1, "data.num_workers", d.num_workers, "must be at least 1")
+
+
+def _check_rest(cfg: Config, err: _Errors) -> None:
+    c, r = cfg.checkpoint, cfg.run
+    err.check(c.interval >= 0, "checkpoint.interval", c.interval, "must be >= 0 (0: at end)")
+    err.check(c.keep >= 0, "checkpoint.keep", c.keep, "must be >= 0 (0 keeps all)")
+    err.check(r.log_interval > 0, "run.log_interval", r.log_interval, "must be positive")
+    err.check(r.sample_tokens >= 0, "run.sample_tokens", r.sample_tokens, "must be >= 0")
+
+
+def validate(cfg: Config) -> Config:
+    """Return a copy with batch sizes resolved; raise ConfigError listing every problem."""
+    cfg = copy.deepcopy(cfg)
+    err = _Errors()
+    _check_model(cfg, err)
+    _check_parallel(cfg, err)
+    resolve_batch(cfg, err)
+    _check_train(cfg, err)
+    _check_data(cfg, err)
+    _check_rest(cfg, err)
+    if err.lines:
+        raise ConfigError(err.lines)
+    return cfg

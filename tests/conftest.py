@@ -1,0 +1,19 @@
+import os
+
+import pytest
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    import torch
+
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def data_cache(tmp_path_factory):
+    """One prepared-corpus cache for the whole session (the synthetic corpus is built once)."""
+    return str(tmp_path_factory.mktemp("data-cache"))
