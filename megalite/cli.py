@@ -97,6 +97,9 @@ def _eval(trainer, ckpt: Optional[str]) -> int:
     path = checkpoint.latest(path) or path  # accept a checkpoints directory too
     trainer.load_weights(path)
     loss = trainer.evaluate()
+    if loss is None:
+        print("error: the data split has no validation documents (data.split)", file=sys.stderr)
+        return 2
     if trainer.dims.rank == 0:
         print(f"eval {path}: loss {loss:.4f} perplexity {math.exp(min(loss, 50)):.2f}", flush=True)
     return 0

@@ -11,6 +11,7 @@ from typing import List, Optional
 
 import torch
 
+from megalite.config import save_yaml
 from megalite.config.schema import Config
 from megalite.data import build_datasets, ensure_dataset, micro_batch
 from megalite.models import (build_model, flops_per_token, lm_loss, num_params,
@@ -70,6 +71,8 @@ class Trainer:
         self.step = 0
         self.log = MetricsLogger(cfg.run.dir, t.steps, dims.rank == 0, cfg.run.tensorboard,
                                  cfg.run.log_interval)
+        if dims.rank == 0:
+            save_yaml(cfg, os.path.join(cfg.run.dir, "config.yaml"))
         self.timers = Timers()
         self.n_params = num_params(self.model)
         self.flops_per_token = flops_per_token(self.args, cfg.data.seq_len, self.n_params)
@@ -90,8 +93,9 @@ class Trainer:
             f"({per_param} bytes/param: params, grads, master, AdamW moments)",
             f"batch: global {self.gbs} = micro {self.mbs} x grad_accum {self.ga} x dp "
             f"{self.dims.dp}; {self.gbs * self.cfg.data.seq_len:,} tokens/step",
-            f"data: {len(self.train_ds):,} train samples, {len(self.val_ds):,} validation samples "
-            f"of {self.cfg.data.seq_len} tokens"])
+            f"data: {len(self.train_ds):,} train samples, "
+            f"{len(self.val_ds) if self.val_ds is not None else 0:,} validation samples of "
+            f"{self.cfg.data.seq_len} tokens"])
 
     def maybe_resume(self) -> None:
         path = checkpoint.latest(self.ckpt_dir) if self.cfg.checkpoint.resume else None
@@ -175,7 +179,10 @@ class Trainer:
 
     # ---- evaluation, checkpoints ------------------------------------------------------------
     @torch.no_grad()
-    def evaluate(self) -> float:
+    def evaluate(self) -> Optional[float]:
+        """Mean validation loss, or None when the split leaves no validation documents."""
+        if self.val_ds is None:
+            return None
         self.model.eval()
         total = torch.zeros((), dtype=torch.float32)
         iters = self.cfg.train.eval_iters
@@ -227,8 +234,9 @@ class Trainer:
                 signal.signal(s, handler)
         if not result.preempted:
             result.val_loss = self.evaluate()
-            self.log.print(f"validation loss {result.val_loss:.4f} "
-                           f"(perplexity {math.exp(min(result.val_loss, 50)):.2f})")
+            if result.val_loss is not None:
+                self.log.print(f"validation loss {result.val_loss:.4f} "
+                               f"(perplexity {math.exp(min(result.val_loss, 50)):.2f})")
             if result.checkpoint is None or not result.checkpoint.endswith(f"{self.step:08d}"):
                 result.checkpoint = self.save_checkpoint()
             self.log.print(f"checkpoint: {result.checkpoint}")

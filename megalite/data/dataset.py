@@ -1,0 +1,252 @@
+"""Packed, blended datasets indexed by global sample number.
+
+Every sample is a pure function of (data, seed, sample number): no per-rank state, no iterator
+position. That is what makes any (dp, grad_accum, micro) layout see the same samples per step,
+and what makes resuming exact: the trainer only needs the step number.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from typing import TYPE_CHECKING, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from ..config.schema import DataConfig
+from .corpus import ensure_dataset
+from .tokenizer import Tokenizer, load_tokenizer
+
+if TYPE_CHECKING:
+    import torch
+
+
+class IndexedTokens:
+    """A prepared dataset: tokens memory-mapped (never loaded whole), document offsets in RAM."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        with open(prefix + ".meta.json", "r", encoding="utf-8") as f:
+            self.meta = json.load(f)
+        self.offsets: np.ndarray = np.load(prefix + ".idx.npy")
+        self.tokens = np.memmap(prefix + ".bin", dtype=np.dtype(self.meta["dtype"]), mode="r")
+        if int(self.offsets[-1]) != self.tokens.size:
+            raise ValueError(f"{prefix}: .idx.npy says {int(self.offsets[-1])} tokens but .bin "
+                             f"holds {self.tokens.size}; the dataset is corrupt, prepare it again")
+        self.num_docs = int(self.offsets.size - 1)
+        self.doc_lengths: np.ndarray = np.diff(self.offsets)
+        self.vocab_size = int(self.meta["vocab_size"])
+        self.eod_id = int(self.meta["eod_id"])
+        self._tokenizer: Optional[Tokenizer] = None
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        """Loaded on first use: most consumers only need vocab_size/eod_id from the meta."""
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.prefix + ".tokenizer.json")
+        return self._tokenizer
+
+    def doc(self, i: int) -> np.ndarray:
+        """Tokens of document ``i`` (ending with eod), a view into the memmap."""
+        return self.tokens[int(self.offsets[i]):int(self.offsets[i + 1])]
+
+
+def _parse_split(split: str) -> Tuple[float, float]:
+    try:
+        parts = [float(x) for x in str(split).split(",")]
+    except ValueError:
+        parts = []
+    if len(parts) == 1:
+        parts.append(0.0)
+    if len(parts) != 2 or any(not math.isfinite(p) or p < 0 for p in parts) or sum(parts) <= 0:
+        raise ValueError(f"bad data.split {split!r}: expected two non-negative relative weights "
+                         "'train,val' with a positive sum, e.g. '98,2'")
+    return parts[0], parts[1]
+
+
+def split_documents(num_docs: int, split: str, seed: int) -> Tuple[np.ndarray, np.ndarray]:
+    """Train/val document ids (sorted). Splitting by document, not by sample, keeps validation
+    text unseen in training; a seeded permutation avoids taking e.g. only the last files."""
+    wt, wv = _parse_split(split)
+    n_val = int(round(num_docs * wv / (wt + wv)))
+    if wv > 0 and num_docs >= 2:
+        n_val = max(1, n_val)
+    if wt > 0:
+        n_val = min(n_val, max(num_docs - 1, 0))
+    perm = np.random.default_rng([seed, 0x5B1D]).permutation(num_docs)
+    return np.sort(perm[n_val:]).astype(np.int64), np.sort(perm[:n_val]).astype(np.int64)
+
+
+class PackedSamples:
+    """Documents concatenated in a seeded per-epoch order and cut into samples of seq_len+1
+    tokens that overlap by one (the last input token's label starts the next sample), so no
+    token is wasted and no padding is needed; then the sample order is shuffled too."""
+
+    def __init__(self, tokens: IndexedTokens, doc_ids: Sequence[int], seq_len: int,
+                 num_samples: int, seed: int) -> None:
+        self.tokens, self.seq_len, self.num_samples = tokens, int(seq_len), int(num_samples)
+        doc_ids = np.asarray(doc_ids, dtype=np.int64)
+        per_epoch = int(tokens.doc_lengths[doc_ids].sum()) if doc_ids.size else 0
+        if per_epoch < self.seq_len + 1:
+            raise ValueError(f"{tokens.prefix}: this split has {per_epoch} tokens in "
+                             f"{doc_ids.size} documents, fewer than one sample of seq_len+1 = "
+                             f"{self.seq_len + 1}; use more data, a smaller data.seq_len or a "
+                             "different data.split")
+        needed = self.num_samples * self.seq_len + 1
+        self.num_epochs = max(1, -(-needed // per_epoch))
+        order = [np.random.default_rng([seed, 0xD0C, e]).permutation(doc_ids)
+                 for e in range(self.num_epochs)]
+        self.doc_order: np.ndarray = np.concatenate(order)
+        lengths = tokens.doc_lengths[self.doc_order]
+        self.stream_starts = np.zeros(lengths.size + 1, dtype=np.int64)
+        np.cumsum(lengths, out=self.stream_starts[1:])
+        self.sample_order: np.ndarray = np.random.default_rng([seed, 0x5A4]).permutation(
+            self.num_samples)
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def raw(self, j: int) -> np.ndarray:
+        """Unshuffled sample ``j``: stream positions [j*seq_len, j*seq_len + seq_len + 1)."""
+        need = self.seq_len + 1
+        out = np.empty(need, dtype=np.int64)
+        start = int(j) * self.seq_len
+        # Document holding the first token (found per sample: no num_samples-sized index).
+        k = int(np.searchsorted(self.stream_starts, start, side="right")) - 1
+        off, filled = start - int(self.stream_starts[k]), 0
+        while filled < need:  # loops over documents, not tokens
+            d = self.tokens.doc(int(self.doc_order[k]))[off:off + need - filled]
+            out[filled:filled + d.size] = d
+            filled += d.size
+            k, off = k + 1, 0
+        return out
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        if not -self.num_samples <= i < self.num_samples:
+            raise IndexError(f"sample {i} out of range for {self.num_samples} samples")
+        return self.raw(int(self.sample_order[i]))
+
+
+class BlendedSamples:
+    """Mixes datasets by weight. Sample i comes from the dataset furthest behind its target
+    share (Megatron's rule), so every prefix of the sample sequence has the exact proportions
+    up to one sample, and the mix does not depend on the batch layout."""
+
+    def __init__(self, datasets: Sequence[object], weights: Sequence[float],
+                 num_samples: int) -> None:
+        if len(datasets) != len(weights) or not datasets:
+            raise ValueError(f"BlendedSamples needs one weight per dataset, got "
+                             f"{len(datasets)} datasets and {len(weights)} weights")
+        w = np.asarray(weights, dtype=np.float64)
+        if (w < 0).any() or not np.isfinite(w).all() or w.sum() <= 0:
+            raise ValueError(f"blending weights must be non-negative with a positive sum: "
+                             f"{list(weights)}")
+        self.datasets, self.weights, self.num_samples = list(datasets), w / w.sum(), num_samples
+        share = self.weights.tolist()
+        counts = [0] * len(share)
+        ds_index: List[int] = []
+        smp_index: List[int] = []
+        rest = range(1, len(share))
+        for i in range(1, num_samples + 1):  # sequential by nature; kept to plain Python ops
+            best, best_err = 0, share[0] * i - counts[0]
+            for k in rest:
+                err = share[k] * i - counts[k]
+                if err > best_err:
+                    best, best_err = k, err
+            ds_index.append(best)
+            smp_index.append(counts[best])
+            counts[best] += 1
+        self.dataset_index = np.asarray(ds_index, dtype=np.int64)
+        self.sample_index = np.asarray(smp_index, dtype=np.int64)
+        for d, c in enumerate(counts):
+            if c > len(self.datasets[d]):  # type: ignore[arg-type]
+                raise ValueError(f"blended dataset {d} needs {c} samples but has "
+                                 f"{len(self.datasets[d])}")  # type: ignore[arg-type]
+        self.counts = counts
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        if not -self.num_samples <= i < self.num_samples:
+            raise IndexError(f"sample {i} out of range for {self.num_samples} samples")
+        return self.datasets[int(self.dataset_index[i])][int(self.sample_index[i])]  # type: ignore
+
+
+def _tokenizer_digest(t: IndexedTokens) -> str:
+    path = t.prefix + ".tokenizer.json"
+    if not os.path.exists(path):
+        return f"{t.vocab_size}:{t.eod_id}"
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def _part_size(total: int, share: float, num_parts: int) -> int:
+    return total if num_parts == 1 else int(math.ceil(share * total)) + 1
+
+
+def build_datasets(cfg: DataConfig, seed: int, num_train_samples: int,
+                   num_val_samples: int) -> Tuple[object, Optional[object], Tokenizer]:
+    """(train, val, tokenizer) for the config. val is None when the split gives it no documents
+    or no validation samples are asked for."""
+    prefixes = ensure_dataset(cfg)
+    weights = list(cfg.weights) if cfg.weights else [1.0] * len(prefixes)
+    if len(weights) != len(prefixes):
+        raise ValueError(f"data.weights has {len(weights)} entries but data.paths has "
+                         f"{len(prefixes)}; give one weight per path (or none)")
+    tokens = [IndexedTokens(p) for p in prefixes]
+    ref = _tokenizer_digest(tokens[0])
+    for t in tokens[1:]:
+        if (t.vocab_size, t.eod_id) != (tokens[0].vocab_size, tokens[0].eod_id) or \
+                _tokenizer_digest(t) != ref:
+            raise ValueError(f"datasets {tokens[0].prefix} and {t.prefix} use different "
+                             "tokenizers; blend only datasets prepared with the same one")
+    share = np.asarray(weights, dtype=np.float64) / float(np.sum(weights))
+    train_parts: List[PackedSamples] = []
+    val_parts: List[PackedSamples] = []
+    for k, t in enumerate(tokens):
+        train_ids, val_ids = split_documents(t.num_docs, cfg.split, seed + k)
+        # The greedy blend never takes more than ceil(share*N)+1 samples from one dataset.
+        n_tr = _part_size(num_train_samples, share[k], len(tokens))
+        train_parts.append(PackedSamples(t, train_ids, cfg.seq_len, n_tr, seed + k))
+        if val_ids.size and num_val_samples > 0:
+            n_va = _part_size(num_val_samples, share[k], len(tokens))
+            val_parts.append(PackedSamples(t, val_ids, cfg.seq_len, n_va, seed + k + 7919))
+    train: object = train_parts[0] if len(tokens) == 1 else \
+        BlendedSamples(train_parts, weights, num_train_samples)
+    val: Optional[object] = None
+    if len(val_parts) == len(tokens):
+        val = val_parts[0] if len(tokens) == 1 else \
+            BlendedSamples(val_parts, weights, num_val_samples)
+    return train, val, tokens[0].tokenizer
+
+
+def _stack(dataset: object, idx: np.ndarray) -> Tuple["torch.Tensor", "torch.Tensor"]:
+    import torch
+
+    x = torch.from_numpy(np.stack([dataset[int(i)] for i in idx]))  # type: ignore[index]
+    return x[:, :-1].contiguous(), x[:, 1:].contiguous()
+
+
+def micro_batch(dataset: object, step: int, micro: int, dp_rank: int, micro_batch_size: int,
+                grad_accum: int, dp: int) -> Tuple["torch.Tensor", "torch.Tensor"]:
+    """(inputs, labels), int64 [micro_batch_size, seq_len], of micro-batch ``micro`` of rank
+    ``dp_rank`` at ``step``: a fixed slice of the step's global samples, so the union over ranks
+    and micro-batches is the same for every layout with the same global batch."""
+    g = micro_batch_size * grad_accum * dp
+    first = step * g + (dp_rank * grad_accum + micro) * micro_batch_size
+    n = len(dataset)  # type: ignore[arg-type]
+    if first + micro_batch_size > n:
+        raise IndexError(f"step {step} needs samples up to {first + micro_batch_size} but the "
+                         f"training set was built with {n}; build it for more steps")
+    return _stack(dataset, np.arange(first, first + micro_batch_size))
+
+
+def eval_batch(dataset: object, it: int, dp_rank: int, micro_batch_size: int,
+               dp: int) -> Tuple["torch.Tensor", "torch.Tensor"]:
+    """Validation micro-batch ``it`` of rank ``dp_rank``: consecutive samples, wrapping around,
+    so every evaluation looks at the same samples."""
+    first = (it * dp + dp_rank) * micro_batch_size
+    n = len(dataset)  # type: ignore[arg-type]
+    return _stack(dataset, np.arange(first, first + micro_batch_size) % n)
