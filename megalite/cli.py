@@ -63,7 +63,7 @@ def run_ranks(command: str, argv: List[str]) -> int:
 
     try:
         if env is None:
-            dims = ParallelDims.single()
+            dims = ParallelDims.single(cfg.parallel.backend)
         else:
             dims = ParallelDims.initialize(cfg.parallel.dp, cfg.parallel.tp, cfg.parallel.pp, env,
                                            cfg.parallel.backend, cfg.parallel.timeout_s)

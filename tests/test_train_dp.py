@@ -47,6 +47,8 @@ def _dp_world(tmp, cache):
     out["comm"] = trainer.grads.buffer.numel() * 4  # bytes one all-reduce of the gradients moves
     _, result = train(_cfg(f"{tmp}/bf16", cache, dp, "bf16"), distributed=True)
     out["bf16"] = result.losses
+    _, result = train(_cfg(f"{tmp}/bf16g", cache, dp, "bf16", "--train.grad_dtype=bf16"), True)
+    out["bf16_grads"] = result.losses
 
     # Preemption: SIGUSR1 reaches rank 0 only, during step 4; every rank must stop after that
     # step with a checkpoint, and a new run must continue with exactly the same losses.
@@ -72,8 +74,10 @@ def reference(tmp_path_factory, data_cache):
     tmp = tmp_path_factory.mktemp("ref")
     trainer, fp32 = train(_cfg(f"{tmp}/fp32", data_cache, 1), distributed=False)
     _, bf16 = train(_cfg(f"{tmp}/bf16", data_cache, 1, "bf16"), distributed=False)
+    _, bf16g = train(_cfg(f"{tmp}/bf16g", data_cache, 1, "bf16", "--train.grad_dtype=bf16"),
+                     distributed=False)
     return {"fp32": fp32.losses, "val": fp32.val_loss, "checksum": _param_checksum(trainer),
-            "bf16": bf16.losses}
+            "bf16": bf16.losses, "bf16_grads": bf16g.losses}
 
 
 @pytest.mark.parametrize("dp", [2, 4])
@@ -86,6 +90,10 @@ def test_data_parallel_equals_single_process(dp, reference, tmp_path, data_cache
         assert abs(out["val"] - ref["val"]) <= FP32_TOL
         assert abs(out["checksum"] - ref["checksum"]) <= 1e-3 * (1 + abs(ref["checksum"]))
         assert max_abs_diff(out["bf16"], ref["bf16"]) <= BF16_TOL, (out["bf16"], ref["bf16"])
+        # bf16 gradients too: accumulated and all-reduced in bf16 (coarser, same tolerance
+        # argument: one-ulp differences, here in the gradients as well)
+        assert max_abs_diff(out["bf16_grads"], ref["bf16_grads"]) <= BF16_TOL
+        assert max_abs_diff(ref["bf16"], ref["fp32"]) <= 0.1  # bf16 follows the fp32 run
         # replicas hold identical weights
         assert out["checksum"] == ranks[0]["checksum"]
         # preempted after step 4 on every rank, resumed exactly

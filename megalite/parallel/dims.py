@@ -83,9 +83,11 @@ class ParallelDims:
                 f"rank {self.rank} = (pp {self.pp_rank}, dp {self.dp_rank}, tp {self.tp_rank})")
 
     @classmethod
-    def single(cls) -> "ParallelDims":
-        """One process, no process group: the reference every parallel test compares against."""
-        return cls(dp=1, tp=1, pp=1)
+    def single(cls, backend: str = "gloo") -> "ParallelDims":
+        """One process, no process group: the reference every parallel test compares against.
+        With backend ``auto`` or ``nccl`` it runs on the GPU when there is one."""
+        cuda = backend != "gloo" and torch.cuda.is_available()
+        return cls(dp=1, tp=1, pp=1, device=torch.device("cuda" if cuda else "cpu"))
 
     @classmethod
     def initialize(cls, dp: int, tp: int, pp: int, env: LaunchEnv, backend: str = "auto",

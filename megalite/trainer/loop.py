@@ -151,8 +151,8 @@ class Trainer:
         self.timers.stop("optimizer")
         # One small all-reduce per step: the mean loss and whether any rank was told to stop.
         owns_loss = self.dims.tp_rank == 0 and self.dims.is_last_stage
-        stats = torch.stack([torch.stack(losses).mean() * owns_loss,
-                             torch.tensor(float(self._stop_signal is not None))]).float()
+        stop_flag = torch.full((), float(self._stop_signal is not None), device=self.dims.device)
+        stats = torch.stack([torch.stack(losses).mean().float() * owns_loss, stop_flag])
         self.timers.start("comm")
         comm.all_reduce(stats, self.dims.world_group, self.dims.meter)
         self.timers.stop("comm")

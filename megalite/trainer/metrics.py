@@ -5,7 +5,7 @@ import json
 import os
 import sys
 import time
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 
 class Timers:
@@ -44,6 +44,7 @@ class MetricsLogger:
         self.tb = None
         self.t0 = time.perf_counter()
         self.first_step: Optional[int] = None
+        self._window: List[float] = []
         if not enabled:
             return
         os.makedirs(run_dir, exist_ok=True)
@@ -73,7 +74,9 @@ class MetricsLogger:
         step = r["step"]
         done = step - self.first_step + 1
         eta = (time.perf_counter() - self.t0) / done * (self.total - step)
-        line = (f"step {step}/{self.total} | loss {r['loss']:.4f} | "
+        self._window.append(r["loss"])
+        loss = sum(self._window) / len(self._window)  # mean since the last printed line
+        line = (f"step {step}/{self.total} | loss {loss:.4f} | "
                 f"{r['tokens_per_s']:,.0f} tok/s | lr {r['lr']:.2e} | ETA {_fmt_duration(eta)}")
         if self.tty:
             width = 20
@@ -83,6 +86,9 @@ class MetricsLogger:
             print(f"\r[{bar}] {line}", end=end, flush=True)
         elif step % self.log_interval == 0 or step == self.total or step == 1:
             print(line, flush=True)
+        else:
+            return
+        self._window = []
 
     def print(self, text: str) -> None:
         if self.enabled:
