@@ -1,9 +1,12 @@
 import os
+import sys
 
 import pytest
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:  # a plain checkout without `pip install -e .` imports megalite too
+    sys.path.insert(0, REPO)
 
 
 @pytest.fixture(autouse=True, scope="session")

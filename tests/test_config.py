@@ -15,8 +15,6 @@ from typing import Any, Dict, List
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # run from a plain checkout without `pip install -e .`
-    sys.path.insert(0, str(ROOT))
 
 from megalite.config import (SECTIONS, Config, ConfigError, config_from_dict, config_to_dict,
                              field_docs, help_text, map_deepspeed, parse_args, parse_or_exit,

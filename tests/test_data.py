@@ -12,8 +12,6 @@ from typing import List
 import numpy as np
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 from megalite.config.schema import DataConfig  # noqa: E402
 from megalite.data import (BlendedSamples, ByteTokenizer, IndexedTokens,  # noqa: E402
                            PackedSamples, build_datasets, ensure_dataset, eval_batch,
