@@ -56,3 +56,22 @@ def broadcast(tensor: torch.Tensor, src: int, group, meter: Optional[CommMeter] 
 def barrier(group=None) -> None:
     if dist.is_initialized():
         dist.barrier(group=group)
+
+
+def all_gather_into(output: torch.Tensor, tensor: torch.Tensor, group,
+                    meter: Optional[CommMeter] = None) -> None:
+    """``output`` (every rank's ``tensor`` concatenated along dim 0). The meter counts the
+    gathered (full) size, like an all-reduce of that tensor: in a ring, an all-reduce of N bytes
+    is a reduce-scatter plus an all-gather of N, so AG + RS of a tensor move what one AR does."""
+    if meter is not None:
+        meter.record("all_gather", output)
+    dist.all_gather_into_tensor(output, tensor.contiguous(), group=group)
+
+
+def reduce_scatter_into(output: torch.Tensor, tensor: torch.Tensor, group,
+                        meter: Optional[CommMeter] = None) -> None:
+    """``output`` <- this rank's dim-0 chunk of the sum over ranks of ``tensor``. The meter
+    counts the full (input) size, the same convention as ``all_gather_into``."""
+    if meter is not None:
+        meter.record("reduce_scatter", tensor)
+    dist.reduce_scatter_tensor(output, tensor.contiguous(), group=group)
