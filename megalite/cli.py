@@ -75,9 +75,11 @@ def run_ranks(command: str, argv: List[str]) -> int:
         if command == "eval":
             return _eval(trainer, ckpt)
         result = trainer.fit()
-        if dims.rank == 0 and cfg.run.sample_tokens > 0 and not result.preempted:
-            print("sample:\n" + trainer.sample(cfg.run.sample_prompt, cfg.run.sample_tokens),
-                  flush=True)
+        if cfg.run.sample_tokens > 0 and not result.preempted:
+            # every rank generates (TP ranks must run the forward together); rank 0 prints
+            text = trainer.sample(cfg.run.sample_prompt, cfg.run.sample_tokens)
+            if dims.rank == 0:
+                print("sample:\n" + text, flush=True)
         return 0
     except TrainingDiverged as e:
         print(f"error: {e}", file=sys.stderr)

@@ -268,7 +268,10 @@ BAD = [
     ({"model": {"dropout": 1.0}}, "model.dropout", "1.0"),
     ({"model": {"norm_eps": 0}}, "model.norm_eps", "0.0"),
     ({"parallel": {"dp": 0}}, "parallel.dp", "0"),
-    ({"parallel": {"tp": 2}}, "parallel.tp", "2"),
+    ({"parallel": {"tp": 8}}, "parallel.tp", "8"),  # 4 heads do not split over 8 ranks
+    ({"parallel": {"tp": 2, "sequence_parallel": True}, "data": {"seq_len": 63}},
+     "parallel.sequence_parallel", "seq_len=63"),
+    ({"parallel": {"vocab_multiple": 0}}, "parallel.vocab_multiple", "0"),
     ({"parallel": {"pp": 4}}, "parallel.pp", "4"),
     ({"parallel": {"backend": "mpi"}}, "parallel.backend", "mpi"),
     ({"parallel": {"bucket_mb": 0}}, "parallel.bucket_mb", "0.0"),

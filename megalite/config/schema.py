@@ -51,6 +51,13 @@ class ParallelConfig:
     """Tensor-parallel degree (ranks sharing each layer; fastest-varying rank)."""
     pp: int = 1
     """Pipeline-parallel degree (stages)."""
+    sequence_parallel: bool = False
+    """With tp > 1: split LayerNorm/RMSNorm and dropout regions along the sequence, turning each
+    tensor-parallel all-reduce into an all-gather + reduce-scatter (Korthikanti et al. 2022);
+    activation memory of those regions drops by tp. data.seq_len must divide by tp."""
+    vocab_multiple: int = 64
+    """With tp > 1 the vocabulary is padded to a multiple of tp * vocab_multiple; padded rows get
+    no probability mass and no gradient, so the loss equals the unpadded model's."""
     backend: str = "auto"
     """torch.distributed backend: `auto` (nccl with CUDA, else gloo), `gloo` or `nccl`."""
     bucket_mb: float = 25.0

@@ -56,12 +56,34 @@ def _choice(err: _Errors, name: str, value: str, allowed: List[str]) -> None:
     err.check(value in allowed, name, value, f"must be one of {', '.join(allowed)}")
 
 
-def _require_no_model_parallel(cfg: Config, err: _Errors) -> None:
-    """TP/PP are in the schema but not built yet: refuse rather than silently ignore them."""
-    for name in ("tp", "pp"):
-        value = getattr(cfg.parallel, name)
-        err.check(value <= 1, f"parallel.{name}", value,
-                  f"tensor/pipeline parallelism is not implemented yet; set parallel.{name}=1")
+def _require_no_pipeline(cfg: Config, err: _Errors) -> None:
+    """PP is in the schema but not built yet: refuse rather than silently ignore it."""
+    err.check(cfg.parallel.pp <= 1, "parallel.pp", cfg.parallel.pp,
+              "pipeline parallelism is not implemented yet; set parallel.pp=1")
+
+
+def _check_tensor_parallel(cfg: Config, err: _Errors) -> None:
+    """Shapes a tensor-parallel degree must divide, each error naming the numbers."""
+    m, tp = cfg.model, cfg.parallel.tp
+    err.check(cfg.parallel.vocab_multiple > 0, "parallel.vocab_multiple",
+              cfg.parallel.vocab_multiple, "must be positive")
+    if tp <= 1:
+        return
+    if m.num_heads > 0 and m.num_heads % tp:
+        err.add("parallel.tp", tp, f"must divide model.num_heads={m.num_heads} (heads are split "
+                "over tensor-parallel ranks); pick a divisor")
+    kv = m.num_kv_heads or m.num_heads
+    if kv > 0 and kv % tp and tp % kv:
+        err.add("parallel.tp", tp, f"model.num_kv_heads={kv}: kv heads are split when tp "
+                "divides them and replicated when kv_heads divides tp; pick such a tp")
+    ffn = m.ffn_hidden_size
+    if ffn is None and m.family != "llama":
+        ffn = 4 * m.hidden_size
+    if ffn is not None and ffn > 0 and ffn % tp:
+        err.add("parallel.tp", tp, f"must divide model.ffn_hidden_size={ffn}; pick a divisor")
+    if cfg.parallel.sequence_parallel and cfg.data.seq_len % tp:
+        err.add("parallel.sequence_parallel", True, f"data.seq_len={cfg.data.seq_len} must "
+                f"divide by parallel.tp={tp}; change one or turn sequence parallelism off")
 
 
 def resolve_batch(cfg: Config, err: _Errors) -> None:
@@ -143,7 +165,8 @@ def _check_parallel(cfg: Config, err: _Errors) -> None:
     for name in ("dp", "tp", "pp"):
         value = getattr(p, name)
         err.check(value >= 1, f"parallel.{name}", value, "must be at least 1")
-    _require_no_model_parallel(cfg, err)  # remove when tensor/pipeline parallelism lands
+    _require_no_pipeline(cfg, err)  # remove when pipeline parallelism lands
+    _check_tensor_parallel(cfg, err)
     _choice(err, "parallel.backend", p.backend, ["auto", "gloo", "nccl"])
     err.check(p.bucket_mb > 0, "parallel.bucket_mb", p.bucket_mb, "must be positive")
     err.check(p.timeout_s > 0, "parallel.timeout_s", p.timeout_s, "must be positive")

@@ -1,7 +1,7 @@
 """Model construction: resolve the config, build on the meta device, draw weights from the seed."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -36,18 +36,37 @@ def resolve_model_args(cfg: ModelConfig, vocab_size: Optional[int] = None) -> Mo
 
 @torch.no_grad()
 def init_weights(model: CausalLM, seed: int) -> None:
-    """Give every parameter its seeded initial value (see ``init_tensor``)."""
+    """Give every parameter of an unsharded model its seeded initial value (``init_tensor``)."""
     for name, p in model.named_parameters():
         p.copy_(init_tensor(name, p.shape, model.args, seed))
 
 
+ValueFn = Callable[[str, torch.Size], torch.Tensor]
+Plan = Callable[[CausalLM], "ShardLayout"]
+
+
 def build_model(args: ModelArgs, seed: int, device: torch.device | str = "cpu",
-                dtype: torch.dtype = torch.float32) -> CausalLM:
-    """Build on the meta device (no memory), allocate on ``device``, then draw the weights."""
+                dtype: torch.dtype = torch.float32, plan: Optional[Plan] = None,
+                values: Optional[ValueFn] = None) -> CausalLM:
+    """Build on the meta device (no memory), let ``plan`` swap in parallel modules, allocate on
+    ``device`` and fill every parameter with this rank's slice of its full value.
+
+    ``values(name, full_shape)`` gives a parameter's full single-process value (default: the
+    seeded initialisation), so a sharded model holds exactly the slices of the unsharded one.
+    """
+    from megalite.tensor_parallel.layout import ShardLayout
+
     with torch.device("meta"):
         model = CausalLM(args)
+        full_shapes = {n: p.shape for n, p in model.named_parameters()}
+        layout = plan(model) if plan is not None else ShardLayout()
     model.to_empty(device=device)
     if args.tie_embeddings:  # to_empty re-creates parameters: re-tie
         model.head.output.weight = model.embed.tok.weight
-    init_weights(model, seed)
+    values = values or (lambda name, shape: init_tensor(name, shape, args, seed))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(layout.local(name, values(name, full_shapes[name]), p.shape))
+    layout.annotate(model)
+    model.shard_layout = layout  # checkpoints record it so shards can be merged back
     return model.to(dtype)

@@ -107,6 +107,9 @@ class Attention(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = args.num_heads, args.num_kv_heads, d
         self.rope_theta = args.rope_theta if args.is_llama else None
         self.dropout = args.dropout
+        # Tensor parallelism with fewer kv heads than ranks replicates k/v_proj and tells each
+        # rank which kv head(s) its query heads use; None means all of them.
+        self.kv_heads_slice: Optional[slice] = None
         self.q_proj = nn.Linear(args.hidden_size, args.num_heads * d, bias=bias)
         self.k_proj = nn.Linear(args.hidden_size, args.num_kv_heads * d, bias=bias)
         self.v_proj = nn.Linear(args.hidden_size, args.num_kv_heads * d, bias=bias)
@@ -117,6 +120,8 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(b, s, -1, self.head_dim).transpose(1, 2)  # [b, nh, s, d]
         k = self.k_proj(x).view(b, s, -1, self.head_dim).transpose(1, 2)  # [b, nkv, s, d]
         v = self.v_proj(x).view(b, s, -1, self.head_dim).transpose(1, 2)
+        if self.kv_heads_slice is not None:
+            k, v = k[:, self.kv_heads_slice], v[:, self.kv_heads_slice]
         start = cache.length if cache is not None else 0
         if self.rope_theta is not None:
             pos = torch.arange(start, start + s, device=x.device)

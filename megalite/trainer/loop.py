@@ -2,6 +2,7 @@
 AdamW; with metrics, evaluation, checkpoints and preemption handling around it."""
 from __future__ import annotations
 
+import functools
 import math
 import os
 import signal
@@ -14,10 +15,11 @@ import torch
 from megalite.config import save_yaml
 from megalite.config.schema import Config
 from megalite.data import build_datasets, ensure_dataset, micro_batch
-from megalite.models import (build_model, flops_per_token, lm_loss, num_params,
-                             resolve_model_args)
+from megalite.models import build_model, flops_per_token, num_params, resolve_model_args
 from megalite.parallel import comm
 from megalite.parallel.dims import ParallelDims
+from megalite.tensor_parallel.plan import FullLogits, loss_fn, parallelize
+from megalite.tensor_parallel.random import SplitRegionRNG, cover_split_regions
 from megalite.trainer import checkpoint
 from megalite.trainer.metrics import MetricsLogger, Timers
 from megalite.trainer.schedule import accumulate
@@ -61,7 +63,15 @@ class Trainer:
             cfg.data, t.seed, t.steps * self.gbs, num_val)
         self.tokenizer_file = self.prefixes[0] + ".tokenizer.json"
         self.args = resolve_model_args(cfg.model, self.tokenizer.vocab_size)
-        self.model = build_model(self.args, t.seed, dims.device, DTYPES[t.precision])
+        p = cfg.parallel
+        plan = functools.partial(parallelize, dims=dims, sequence_parallel=p.sequence_parallel,
+                                 vocab_multiple=p.vocab_multiple)
+        self.model = build_model(self.args, t.seed, dims.device, DTYPES[t.precision], plan=plan)
+        self.loss_fn = loss_fn(self.args, dims, p.vocab_multiple)
+        self.split_rng = None  # per-TP-rank dropout stream where activations are split
+        if dims.tp > 1 and self.args.dropout > 0:
+            self.split_rng = SplitRegionRNG(dims.device)
+            cover_split_regions(self.model, self.split_rng, p.sequence_parallel)
         params = list(self.model.parameters())
         self.grads = GradBuffer(params, DTYPES[t.grad_dtype], dims.dp_group,
                                 cfg.parallel.bucket_mb, dims.meter)
@@ -117,7 +127,8 @@ class Trainer:
     def sample(self, prompt: str, max_new_tokens: int, seed: int = 0) -> str:
         from megalite.trainer.inference import sample_text
 
-        text = sample_text(self.model, self.tokenizer, prompt, max_new_tokens, seed=seed)
+        model = FullLogits(self.model, self.dims) if self.dims.tp > 1 else self.model
+        text = sample_text(model, self.tokenizer, prompt, max_new_tokens, seed=seed)
         self.model.train()
         return text
 
@@ -127,7 +138,7 @@ class Trainer:
                            self.ga, self.dims.dp)
         x, y = x.to(self.dims.device), y.to(self.dims.device)
         self.timers.start("forward")
-        loss = lm_loss(self.model(x), y)
+        loss = self.loss_fn(self.model(x), y)
         self.timers.stop("forward")
         self.timers.start("backward")
         (loss / self.ga).backward()
@@ -137,14 +148,19 @@ class Trainer:
     def train_step(self) -> dict:
         t = self.cfg.train
         start = time.perf_counter()
-        torch.manual_seed(step_seed(t.seed, self.step, self.dims))
+        seed = step_seed(t.seed, self.step, self.dims)
+        torch.manual_seed(seed)  # the same on the TP ranks of a replica
+        if self.split_rng is not None:
+            self.split_rng.reseed(seed + 1 + self.dims.tp_rank)
         self.grads.zero()
         losses = accumulate(self.forward_backward, self.ga, self.grads.sync_next_backward)
         self.timers.start("comm")
         self.grads.finish()
+        self.grads.reduce_partial(self.dims.tp_group, self.dims.meter)
         self.timers.stop("comm")
         self.timers.start("optimizer")
-        grad_norm = self.opt.clip_grad_norm(t.grad_clip)
+        grad_norm = self.opt.clip_grad_norm(t.grad_clip, self.dims.tp_group, self.dims.tp_rank,
+                                            self.dims.meter)
         lr = lr_at(self.step, t.steps, t.lr, t.min_lr, t.warmup_steps, t.lr_schedule,
                    t.decay_fraction)
         self.opt.step(lr)
@@ -190,7 +206,8 @@ class Trainer:
             for m in range(self.ga):
                 x, y = micro_batch(self.val_ds, it, m, self.dims.dp_rank, self.mbs, self.ga,
                                    self.dims.dp)
-                total += lm_loss(self.model(x.to(self.dims.device)), y.to(self.dims.device)).cpu()
+                logits = self.model(x.to(self.dims.device))
+                total += self.loss_fn(logits, y.to(self.dims.device)).float().cpu()
         self.model.train()
         total /= iters * self.ga * self.dims.dp
         comm.all_reduce(total, self.dims.dp_group, self.dims.meter)
@@ -200,7 +217,9 @@ class Trainer:
         names = [n for n, _ in self.model.named_parameters()]
         shard = {"model": dict(zip(names, self.opt.master_state())),
                  "optimizer": self.opt.state_dict(), "step": self.step}
-        meta = {"config": asdict(self.cfg), "model_args": asdict(self.args)}
+        layout = self.model.shard_layout
+        meta = {"config": asdict(self.cfg), "model_args": asdict(self.args),
+                "tp_shard_dims": layout.shard_dim}
         return checkpoint.save(self.ckpt_dir, self.step, self.dims, shard, meta,
                                self.tokenizer_file, self.cfg.checkpoint.keep)
 

@@ -104,6 +104,20 @@ class GradBuffer:
                 bucket.handle.wait()
         self._sync = False
 
+    def reduce_partial(self, tp_group, meter: Optional[comm.CommMeter] = None) -> None:
+        """Sum over the TP group the gradients of replicated parameters that each TP rank only
+        partly computed (``tp_partial_grad``: sequence-parallel norms, replicated kv heads),
+        in one all-reduce. Sums commute, so doing it after the dp reduction is equivalent."""
+        partial = [p for p in self.params if getattr(p, "tp_partial_grad", False)]
+        if not partial or comm.group_size(tp_group) == 1:
+            return
+        flat = torch.cat([p.main_grad.reshape(-1) for p in partial])
+        comm.all_reduce(flat, tp_group, meter)
+        offset = 0
+        for p in partial:
+            p.main_grad.copy_(flat[offset:offset + p.numel()].view_as(p))
+            offset += p.numel()
+
     def zero(self) -> None:
         self.buffer.zero_()
         for p in self.params:

@@ -16,6 +16,7 @@ from typing import Dict, List
 import torch
 import torch.nn as nn
 
+from megalite.parallel import comm
 from megalite.zero.grad_buffer import GradBuffer
 
 
@@ -36,11 +37,25 @@ class MixedPrecisionAdamW:
                                      eps=eps)
 
     @torch.no_grad()
-    def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
-        """Global L2 norm of the gradients (computed in fp32); scales them to ``max_norm`` when
-        larger. With data parallelism alone every rank holds the full averaged gradient, so no
-        reduction is needed; sharded gradients (TP/PP/ZeRO) will sum squares over their groups."""
-        norm = self.grads.buffer.float().norm()
+    def clip_grad_norm(self, max_norm: float, tp_group=None, tp_rank: int = 0,
+                       meter=None) -> torch.Tensor:
+        """Global L2 norm of the gradients (in fp32); scales them to ``max_norm`` when larger.
+
+        Data-parallel replicas hold the same averaged gradient: nothing to reduce over dp. Over
+        tensor parallelism, split parameters contribute their shard's squares on every rank and
+        replicated ones only on TP rank 0, so each is counted exactly once in the sum."""
+        if comm.group_size(tp_group) == 1:
+            norm = self.grads.buffer.float().norm()
+        else:
+            sharded = [p.main_grad for p in self.params if getattr(p, "tp_sharded", False)]
+            replicated = [p.main_grad for p in self.params if not getattr(p, "tp_sharded", False)]
+            sq = torch.zeros((), dtype=torch.float32, device=self.grads.buffer.device)
+            groups = [sharded, replicated] if tp_rank == 0 else [sharded]
+            for grads in groups:
+                if grads:
+                    sq += torch.stack(torch._foreach_norm(grads)).float().pow(2).sum()
+            comm.all_reduce(sq, tp_group, meter)
+            norm = sq.sqrt()
         if max_norm > 0:
             coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
             self.grads.buffer.mul_(coef.to(self.grads.buffer.dtype))
