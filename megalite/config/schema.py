@@ -51,6 +51,19 @@ class ParallelConfig:
     """Tensor-parallel degree (ranks sharing each layer; fastest-varying rank)."""
     pp: int = 1
     """Pipeline-parallel degree (stages)."""
+    schedule: str = "1f1b"
+    """Pipeline schedule (pp > 1): `gpipe` (all forwards, then all backwards), `1f1b`
+    (PipeDream-Flush: at most pp micro-batches in flight), `interleaved` (1F1B over
+    virtual_stages chunks per rank; grad_accum must be a multiple of pp) or `zb-h1` (zero-bubble
+    H1: backward split into input-gradient and weight-gradient passes, weight passes fill the
+    cool-down bubble)."""
+    virtual_stages: int = 1
+    """Model chunks per pipeline rank (v); v > 1 needs schedule=interleaved. Rank r holds the
+    non-adjacent chunks r, r+pp, r+2pp, ..."""
+    layers_per_stage: List[int] = field(default_factory=list)
+    """Transformer layers of each (virtual) stage, pp*virtual_stages numbers summing to
+    model.num_layers; empty splits them evenly (then pp*virtual_stages must divide num_layers).
+    The embedding rides on the first stage, the final norm + head + loss on the last."""
     sequence_parallel: bool = False
     """With tp > 1: split LayerNorm/RMSNorm and dropout regions along the sequence, turning each
     tensor-parallel all-reduce into an all-gather + reduce-scatter (Korthikanti et al. 2022);

@@ -56,10 +56,31 @@ def _choice(err: _Errors, name: str, value: str, allowed: List[str]) -> None:
     err.check(value in allowed, name, value, f"must be one of {', '.join(allowed)}")
 
 
-def _require_no_pipeline(cfg: Config, err: _Errors) -> None:
-    """PP is in the schema but not built yet: refuse rather than silently ignore it."""
-    err.check(cfg.parallel.pp <= 1, "parallel.pp", cfg.parallel.pp,
-              "pipeline parallelism is not implemented yet; set parallel.pp=1")
+def _check_pipeline(cfg: Config, err: _Errors) -> None:
+    """Layer split, schedule and micro-batch count of pipeline parallelism, numbers named."""
+    p, L = cfg.parallel, cfg.model.num_layers
+    _choice(err, "parallel.schedule", p.schedule, ["gpipe", "1f1b", "interleaved", "zb-h1"])
+    err.check(p.virtual_stages >= 1, "parallel.virtual_stages", p.virtual_stages,
+              "must be >= 1")
+    if p.virtual_stages > 1 and p.schedule != "interleaved":
+        err.add("parallel.virtual_stages", p.virtual_stages,
+                f"needs parallel.schedule=interleaved (got {p.schedule}); or set it to 1")
+    if p.schedule == "interleaved" and p.pp > 1 and p.virtual_stages < 2:
+        err.add("parallel.schedule", p.schedule, "interleaved needs parallel.virtual_stages >= 2")
+    stages = p.pp * max(p.virtual_stages, 1)
+    if p.layers_per_stage:
+        if len(p.layers_per_stage) != stages or sum(p.layers_per_stage) != L or \
+                min(p.layers_per_stage) < 1:
+            err.add("parallel.layers_per_stage", p.layers_per_stage,
+                    f"needs pp*virtual_stages = {stages} positive numbers summing to "
+                    f"model.num_layers = {L}")
+    elif L > 0 and L % stages:
+        err.add("parallel.pp", p.pp, f"pp*virtual_stages = {stages} must divide "
+                f"model.num_layers = {L}; change them or give parallel.layers_per_stage")
+    ga = cfg.train.grad_accum
+    if p.pp > 1 and p.schedule == "interleaved" and ga is not None and ga % p.pp:
+        err.add("train.grad_accum", ga, f"the interleaved schedule needs micro-batches per step "
+                f"(grad_accum) to be a multiple of parallel.pp={p.pp}")
 
 
 def _check_tensor_parallel(cfg: Config, err: _Errors) -> None:
@@ -165,7 +186,7 @@ def _check_parallel(cfg: Config, err: _Errors) -> None:
     for name in ("dp", "tp", "pp"):
         value = getattr(p, name)
         err.check(value >= 1, f"parallel.{name}", value, "must be at least 1")
-    _require_no_pipeline(cfg, err)  # remove when pipeline parallelism lands
+    _check_pipeline(cfg, err)
     _check_tensor_parallel(cfg, err)
     _choice(err, "parallel.backend", p.backend, ["auto", "gloo", "nccl"])
     err.check(p.bucket_mb > 0, "parallel.bucket_mb", p.bucket_mb, "must be positive")

@@ -11,7 +11,7 @@ reads on parameters:
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn as nn
@@ -19,8 +19,8 @@ import torch.nn.functional as F
 
 from megalite.parallel import comm
 from megalite.parallel.comm import CommMeter
-from megalite.tensor_parallel.collectives import (copy_to_tp, gather_from_tp, gather_seq,
-                                                  reduce_from_tp, reduce_scatter_seq, tp_rank_of)
+from megalite.tensor_parallel.collectives import (gather_from_tp, gather_seq, reduce_from_tp,
+                                                  reduce_scatter_seq, tp_rank_of)
 
 __all__ = ["ColumnParallelLinear", "RowParallelLinear", "VocabParallelEmbedding", "pad_vocab"]
 
@@ -46,12 +46,41 @@ def _copy(dst: torch.Tensor, src: torch.Tensor, what: str) -> None:
         dst.copy_(src)
 
 
+class _LinearAllReduceGrad(torch.autograd.Function):
+    """``Y = f(X) W^T + b`` with f fused in: forward a plain linear; backward computes
+    ``dL/dX = dY W``, starts its all-reduce asynchronously and computes ``dL/dW = dY^T X`` and
+    ``dL/db`` while it runs (Megatron's overlap), then waits."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                group, meter: Optional[CommMeter]) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.group, ctx.meter, ctx.has_bias = group, meter, bias is not None
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        grad = grad.to(weight.dtype)
+        grad_x = work = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad.matmul(weight)  # a fresh tensor: reduced in place
+            work = comm.all_reduce(grad_x, ctx.group, ctx.meter, async_op=True)
+        g2 = grad.reshape(-1, grad.shape[-1])
+        grad_w = g2.t().matmul(x.reshape(-1, x.shape[-1])) if ctx.needs_input_grad[1] else None
+        grad_b = g2.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        if work is not None:
+            work.wait()
+        return grad_x, grad_w, grad_b, None, None
+
+
 class ColumnParallelLinear(nn.Module):
     """``Y = XA + b`` with ``A = [A_1 ... A_p]`` split along its output columns.
 
     Rank r holds ``A_r`` (stored as ``weight[out/p, in]``, rows of nn.Linear's ``[out, in]``) and
     ``b_r``, and computes ``Y_r = f(X) A_r + b_r``. f is the identity forward and an all-reduce
-    of ``dL/dX`` backward (``copy_to_tp``); with ``sequence_parallel`` the input arrives split
+    of ``dL/dX`` backward (``copy_to_tp``, fused here so that all-reduce overlaps the weight
+    gradient's matmul); with ``sequence_parallel`` the input arrives split
     along the sequence and f becomes ḡ (all-gather forward, reduce-scatter backward).
     ``gather_output`` all-gathers ``Y = [Y_1 ... Y_p]`` along the last dim (backward: keep own
     chunk); otherwise the output stays split, ready for a :class:`RowParallelLinear`.
@@ -74,10 +103,11 @@ class ColumnParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.sequence_parallel:
-            x = gather_seq(x, self.group, self.meter)
+            y = F.linear(gather_seq(x, self.group, self.meter), self.weight, self.bias)
+        elif self.tp_size > 1:  # copy_to_tp + F.linear, its all-reduce overlapped with dL/dW
+            y = _LinearAllReduceGrad.apply(x, self.weight, self.bias, self.group, self.meter)
         else:
-            x = copy_to_tp(x, self.group, self.meter)
-        y = F.linear(x, self.weight, self.bias)
+            y = F.linear(x, self.weight, self.bias)
         return gather_from_tp(y, self.group, -1, self.meter) if self.gather_output else y
 
     def load_full(self, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> None:
