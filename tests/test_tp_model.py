@@ -13,7 +13,6 @@ is off by > 1e-2.
 """
 from __future__ import annotations
 
-import functools
 import json
 import os
 
@@ -54,8 +53,7 @@ def _check_model_equivalence(dims, family: str, sp: bool) -> None:
 
     args = _args(family)
     ref = build_model(args, seed=7)
-    tp_model = build_model(args, seed=7, plan=functools.partial(
-        parallelize, dims=dims, sequence_parallel=sp))
+    tp_model = build_model(args, seed=7, plan=lambda m: (m, parallelize(m, dims, sp)))
     tokens = torch.randint(0, args.vocab_size, (2, 17), generator=torch.Generator().manual_seed(3))
     x, y = tokens[:, :-1], tokens[:, 1:]
     ref_logits = ref(x)
@@ -162,7 +160,7 @@ def _hf_into_tp(dims) -> float:
     hf = transformers.LlamaForCausalLM(config).eval()
     args = args_from_hf_config(config)
     sd = megalite_state_dict(hf.state_dict(), args)
-    model = build_model(args, seed=0, plan=functools.partial(parallelize, dims=dims),
+    model = build_model(args, seed=0, plan=lambda m: (m, parallelize(m, dims)),
                         values=lambda name, shape: sd[name])
     x = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():

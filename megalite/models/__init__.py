@@ -1,9 +1,10 @@
 """Model construction: resolve the config, build on the meta device, draw weights from the seed."""
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Optional, Tuple
 
 import torch
+import torch.nn as nn
 
 from megalite.config.schema import ModelConfig
 from megalite.models.transformer import (CausalLM, KVCache, ModelArgs, flops_per_token,
@@ -42,14 +43,15 @@ def init_weights(model: CausalLM, seed: int) -> None:
 
 
 ValueFn = Callable[[str, torch.Size], torch.Tensor]
-Plan = Callable[[CausalLM], "ShardLayout"]
+Plan = Callable[[CausalLM], Tuple[nn.Module, "ShardLayout"]]
 
 
 def build_model(args: ModelArgs, seed: int, device: torch.device | str = "cpu",
                 dtype: torch.dtype = torch.float32, plan: Optional[Plan] = None,
-                values: Optional[ValueFn] = None) -> CausalLM:
-    """Build on the meta device (no memory), let ``plan`` swap in parallel modules, allocate on
-    ``device`` and fill every parameter with this rank's slice of its full value.
+                values: Optional[ValueFn] = None) -> nn.Module:
+    """Build on the meta device (no memory), let ``plan`` swap in parallel modules and cut this
+    rank's pipeline stage, allocate on ``device`` and fill every parameter with this rank's slice
+    of its full value — so a rank never holds more than its own part.
 
     ``values(name, full_shape)`` gives a parameter's full single-process value (default: the
     seeded initialisation), so a sharded model holds exactly the slices of the unsharded one.
@@ -59,14 +61,17 @@ def build_model(args: ModelArgs, seed: int, device: torch.device | str = "cpu",
     with torch.device("meta"):
         model = CausalLM(args)
         full_shapes = {n: p.shape for n, p in model.named_parameters()}
-        layout = plan(model) if plan is not None else ShardLayout()
+        model, layout = plan(model) if plan is not None else (model, ShardLayout())
     model.to_empty(device=device)
-    if args.tie_embeddings:  # to_empty re-creates parameters: re-tie
-        model.head.output.weight = model.embed.tok.weight
+    embed, head = getattr(model, "embed", None), getattr(model, "head", None)
+    if args.tie_embeddings and embed is not None and head is not None:
+        head.output.weight = embed.tok.weight  # to_empty re-creates parameters: re-tie
     values = values or (lambda name, shape: init_tensor(name, shape, args, seed))
     with torch.no_grad():
         for name, p in model.named_parameters():
-            p.copy_(layout.local(name, values(name, full_shapes[name]), p.shape))
+            # a last pipeline stage's tied head starts as a copy of the embedding
+            full = "embed.tok.weight" if name not in full_shapes else name
+            p.copy_(layout.local(name, values(full, full_shapes[full]), p.shape))
     layout.annotate(model)
     model.shard_layout = layout  # checkpoints record it so shards can be merged back
     return model.to(dtype)

@@ -18,7 +18,11 @@ from megalite.data import build_datasets, ensure_dataset, micro_batch
 from megalite.models import build_model, flops_per_token, num_params, resolve_model_args
 from megalite.parallel import comm
 from megalite.parallel.dims import ParallelDims
-from megalite.tensor_parallel.plan import FullLogits, loss_fn, parallelize
+from megalite.pipeline import schedules
+from megalite.pipeline.executor import PipelineExecutor
+from megalite.pipeline.stage import mark_tied_copy, sync_tied_grads
+from megalite.plan import model_plan
+from megalite.tensor_parallel.plan import FullLogits, loss_fn
 from megalite.tensor_parallel.random import SplitRegionRNG, cover_split_regions
 from megalite.trainer import checkpoint
 from megalite.trainer.metrics import MetricsLogger, Timers
@@ -64,10 +68,20 @@ class Trainer:
         self.tokenizer_file = self.prefixes[0] + ".tokenizer.json"
         self.args = resolve_model_args(cfg.model, self.tokenizer.vocab_size)
         p = cfg.parallel
-        plan = functools.partial(parallelize, dims=dims, sequence_parallel=p.sequence_parallel,
-                                 vocab_multiple=p.vocab_multiple)
-        self.model = build_model(self.args, t.seed, dims.device, DTYPES[t.precision], plan=plan)
+        self.model = build_model(self.args, t.seed, dims.device, DTYPES[t.precision],
+                                 plan=model_plan(dims, p))
         self.loss_fn = loss_fn(self.args, dims, p.vocab_multiple)
+        self.executor = None  # pipeline parallelism: runs the schedule's actions
+        if dims.pp > 1:
+            seq = cfg.data.seq_len // (dims.tp if p.sequence_parallel else 1)
+            self.executor = PipelineExecutor(self.model, dims, self.loss_fn,
+                                             (self.mbs, seq, self.args.hidden_size),
+                                             DTYPES[t.precision])
+            self.actions = schedules.build(p.schedule, dims.pp, self.ga, dims.pp_rank,
+                                           p.virtual_stages)
+            self._last_grad_action = max(i for i, a in enumerate(self.actions)
+                                         if a.kind == ("W" if p.schedule == "zb-h1" else "B"))
+            mark_tied_copy(self.model, self.args.tie_embeddings, dims.pp)
         self.split_rng = None  # per-TP-rank dropout stream where activations are split
         if dims.tp > 1 and self.args.dropout > 0:
             self.split_rng = SplitRegionRNG(dims.device)
@@ -92,7 +106,7 @@ class Trainer:
     def describe(self) -> str:
         t, a = self.cfg.train, self.args
         master = 4 if self.opt.separate_master else 0
-        per_param = (self.model.embed.tok.weight.element_size() + self.grads.buffer.element_size()
+        per_param = (next(self.model.parameters()).element_size() + self.grads.buffer.element_size()
                      + master + 8)  # param + grad + fp32 master + Adam m, v
         return "\n".join([
             f"layout: {self.dims.describe()}",
@@ -134,9 +148,7 @@ class Trainer:
 
     # ---- one step ---------------------------------------------------------------------------
     def forward_backward(self, micro: int) -> torch.Tensor:
-        x, y = micro_batch(self.train_ds, self.step, micro, self.dims.dp_rank, self.mbs,
-                           self.ga, self.dims.dp)
-        x, y = x.to(self.dims.device), y.to(self.dims.device)
+        x, y = self.batch(micro)
         self.timers.start("forward")
         loss = self.loss_fn(self.model(x), y)
         self.timers.stop("forward")
@@ -144,6 +156,28 @@ class Trainer:
         (loss / self.ga).backward()
         self.timers.stop("backward")
         return loss.detach()
+
+    def batch(self, micro: int, step: Optional[int] = None, data=None):
+        x, y = micro_batch(data or self.train_ds, self.step if step is None else step, micro,
+                           self.dims.dp_rank, self.mbs, self.ga, self.dims.dp)
+        return x.to(self.dims.device), y.to(self.dims.device)
+
+    def run_schedule(self) -> List[torch.Tensor]:
+        """One step's forwards and backwards: gradient accumulation, or a pipeline schedule."""
+        if self.executor is None:
+            return accumulate(self.forward_backward, self.ga, self.grads.sync_next_backward)
+        v = len(self.model.chunks)
+
+        def before(index: int, action) -> None:
+            # one chunk per rank: reduce gradients during its last gradient pass (overlap);
+            # with several chunks they finish at different times: reduce after the schedule
+            if v == 1 and index == self._last_grad_action:
+                self.grads.sync_next_backward(True)
+
+        self.timers.start("pipeline")
+        losses = self.executor.run(self.actions, self.ga, self.batch, before)
+        self.timers.stop("pipeline")
+        return losses
 
     def train_step(self) -> dict:
         t = self.cfg.train
@@ -153,13 +187,16 @@ class Trainer:
         if self.split_rng is not None:
             self.split_rng.reseed(seed + 1 + self.dims.tp_rank)
         self.grads.zero()
-        losses = accumulate(self.forward_backward, self.ga, self.grads.sync_next_backward)
+        losses = self.run_schedule()
         self.timers.start("comm")
         self.grads.finish()
         self.grads.reduce_partial(self.dims.tp_group, self.dims.meter)
+        if self.executor is not None:
+            sync_tied_grads(self.model, self.args.tie_embeddings, self.dims.pp,
+                            self.dims.embed_group, self.dims.meter)
         self.timers.stop("comm")
         self.timers.start("optimizer")
-        grad_norm = self.opt.clip_grad_norm(t.grad_clip, self.dims.tp_group, self.dims.tp_rank,
+        grad_norm = self.opt.clip_grad_norm(t.grad_clip, self.dims.mp_group, self.dims.tp_rank,
                                             self.dims.meter)
         lr = lr_at(self.step, t.steps, t.lr, t.min_lr, t.warmup_steps, t.lr_schedule,
                    t.decay_fraction)
@@ -168,7 +205,8 @@ class Trainer:
         # One small all-reduce per step: the mean loss and whether any rank was told to stop.
         owns_loss = self.dims.tp_rank == 0 and self.dims.is_last_stage
         stop_flag = torch.full((), float(self._stop_signal is not None), device=self.dims.device)
-        stats = torch.stack([torch.stack(losses).mean().float() * owns_loss, stop_flag])
+        mean = torch.stack(losses).mean().float() if losses else torch.zeros_like(stop_flag)
+        stats = torch.stack([mean * owns_loss, stop_flag])
         self.timers.start("comm")
         comm.all_reduce(stats, self.dims.world_group, self.dims.meter)
         self.timers.stop("comm")
@@ -200,17 +238,21 @@ class Trainer:
         if self.val_ds is None:
             return None
         self.model.eval()
-        total = torch.zeros((), dtype=torch.float32)
-        iters = self.cfg.train.eval_iters
+        total = torch.zeros((), dtype=torch.float32, device=self.dims.device)
+        iters, dims = self.cfg.train.eval_iters, self.dims
         for it in range(iters):  # global batches, split like training: layout-independent
-            for m in range(self.ga):
-                x, y = micro_batch(self.val_ds, it, m, self.dims.dp_rank, self.mbs, self.ga,
-                                   self.dims.dp)
-                logits = self.model(x.to(self.dims.device))
-                total += self.loss_fn(logits, y.to(self.dims.device)).float().cpu()
+            batch = functools.partial(self.batch, step=it, data=self.val_ds)
+            if self.executor is None:
+                losses = [self.loss_fn(self.model(x), y) for x, y in map(batch, range(self.ga))]
+            else:
+                actions = schedules.forward_only(dims.pp, self.ga, dims.pp_rank,
+                                                 len(self.model.chunks))
+                losses = self.executor.run(actions, self.ga, batch)
+            total += sum(loss.float() for loss in losses)
         self.model.train()
-        total /= iters * self.ga * self.dims.dp
-        comm.all_reduce(total, self.dims.dp_group, self.dims.meter)
+        owns_loss = dims.tp_rank == 0 and dims.is_last_stage
+        total *= owns_loss / (iters * self.ga * dims.dp)
+        comm.all_reduce(total, dims.world_group, dims.meter)
         return total.item()
 
     def save_checkpoint(self) -> str:

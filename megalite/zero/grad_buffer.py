@@ -73,8 +73,9 @@ class GradBuffer:
     def sync_next_backward(self, enabled: bool) -> None:
         """Reduce during the coming backward (the last micro-batch of a step) or not."""
         self._sync = enabled and self.dp_size > 1
-        for b in self.buckets:
-            b.pending, b.launched, b.handle = len(b.params), False, None
+        if self._sync:
+            for b in self.buckets:
+                b.pending = len(b.params)
 
     @torch.no_grad()
     def _on_grad_ready(self, p: nn.Parameter) -> None:
@@ -93,15 +94,15 @@ class GradBuffer:
         bucket.launched = True
 
     def finish(self) -> None:
-        """Wait for every bucket's reduction; launch any whose parameters got no gradient."""
-        if not self._sync:
+        """Wait for every bucket's reduction, first launching those not launched during backward
+        (parameters without a gradient, or a schedule that reduces only at the end)."""
+        if self.dp_size == 1:
             return
         for bucket in self.buckets:
             if not bucket.launched:
                 self._launch(bucket)
         for bucket in self.buckets:
-            if bucket.handle is not None:
-                bucket.handle.wait()
+            bucket.handle.wait()
         self._sync = False
 
     def reduce_partial(self, tp_group, meter: Optional[comm.CommMeter] = None) -> None:
@@ -119,7 +120,11 @@ class GradBuffer:
             offset += p.numel()
 
     def zero(self) -> None:
+        """Start a step: zero gradients, no reduction in flight."""
         self.buffer.zero_()
+        self._sync = False
+        for b in self.buckets:
+            b.launched, b.handle = False, None
         for p in self.params:
             if p.dtype == self.dtype:
                 p.grad = p.main_grad

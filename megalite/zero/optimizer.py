@@ -37,24 +37,24 @@ class MixedPrecisionAdamW:
                                      eps=eps)
 
     @torch.no_grad()
-    def clip_grad_norm(self, max_norm: float, tp_group=None, tp_rank: int = 0,
+    def clip_grad_norm(self, max_norm: float, norm_group=None, tp_rank: int = 0,
                        meter=None) -> torch.Tensor:
         """Global L2 norm of the gradients (in fp32); scales them to ``max_norm`` when larger.
 
-        Data-parallel replicas hold the same averaged gradient: nothing to reduce over dp. Over
-        tensor parallelism, split parameters contribute their shard's squares on every rank and
-        replicated ones only on TP rank 0, so each is counted exactly once in the sum."""
-        if comm.group_size(tp_group) == 1:
+        Data-parallel replicas hold the same averaged gradient: nothing to reduce over dp.
+        ``norm_group`` spans the model-parallel ranks (tp x pp): parameters split over TP count
+        their shard on every rank, replicated ones only on TP rank 0, and the last pipeline
+        stage's copy of a tied embedding not at all, so each is counted exactly once."""
+        if comm.group_size(norm_group) == 1:
             norm = self.grads.buffer.float().norm()
         else:
-            sharded = [p.main_grad for p in self.params if getattr(p, "tp_sharded", False)]
-            replicated = [p.main_grad for p in self.params if not getattr(p, "tp_sharded", False)]
+            counted = [p.main_grad for p in self.params
+                       if not getattr(p, "pp_tied_copy", False)
+                       and (getattr(p, "tp_sharded", False) or tp_rank == 0)]
             sq = torch.zeros((), dtype=torch.float32, device=self.grads.buffer.device)
-            groups = [sharded, replicated] if tp_rank == 0 else [sharded]
-            for grads in groups:
-                if grads:
-                    sq += torch.stack(torch._foreach_norm(grads)).float().pow(2).sum()
-            comm.all_reduce(sq, tp_group, meter)
+            if counted:
+                sq += torch.stack(torch._foreach_norm(counted)).float().pow(2).sum()
+            comm.all_reduce(sq, norm_group, meter)
             norm = sq.sqrt()
         if max_norm > 0:
             coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)

@@ -1,0 +1,183 @@
+"""Runs a schedule's actions on one pipeline rank: forward/backward of its chunks, and the
+point-to-point transfers they imply, with shapes known ahead from the config (no metadata round
+trip per micro-batch).
+
+Communication: sends are queued and posted together with the next receive in one
+``batch_isend_irecv`` (Megatron's send-forward-recv-backward pairing), so two neighbours that
+send to each other at the same moment cannot deadlock on NCCL; sends are waited for before the
+step ends. With TP, every TP rank sends its own copy of the activation to its peer TP rank
+(without sequence parallelism the activation is replicated over TP; with it, each TP rank sends
+only its 1/tp sequence chunk — Megatron's scatter/gather saving, for free).
+
+Memory: once an activation has been sent, its data is freed and only its autograd graph kept
+(the next backward needs the graph, not the values) — Megatron's ``deallocate_output_tensor``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+
+from megalite.parallel import comm
+from megalite.parallel.dims import ParallelDims
+from megalite.pipeline.schedules import Action
+from megalite.pipeline.stage import PipelineStage
+
+_engine = torch.autograd.Variable._execution_engine  # backward without the shape check
+
+
+def _backward(tensor: torch.Tensor, grad: Optional[torch.Tensor], inputs=(),
+              keep_graph: bool = False, accumulate: bool = True):
+    """autograd backward that accepts an output whose data was freed after sending; ``grad``
+    None means d(loss)/d(loss) = 1."""
+    grad = torch.ones_like(tensor) if grad is None else grad
+    return _engine.run_backward((tensor,), (grad,), keep_graph, False, tuple(inputs), True,
+                                accumulate)
+
+
+@dataclass
+class _Micro:
+    inputs: Optional[torch.Tensor] = None  # received activation (leaf), None on stage 0
+    output: Optional[torch.Tensor] = None  # sent activation, or the loss on the last stage
+    grad: Optional[torch.Tensor] = None  # gradient received for ``output``
+
+
+@dataclass
+class P2P:
+    dims: ParallelDims
+    num_micro: int
+    pending: List[Tuple[dist.P2POp, torch.Tensor]] = field(default_factory=list)
+    inflight: List[Tuple[object, torch.Tensor]] = field(default_factory=list)
+
+    def _peer(self, pp_rank: int) -> int:
+        return self.dims.rank_of(pp_rank % self.dims.pp, self.dims.dp_rank, self.dims.tp_rank)
+
+    def _tag(self, vstage: int, micro: int, kind: int) -> int:
+        return (vstage * self.num_micro + micro) * 2 + kind
+
+    def send(self, tensor: torch.Tensor, to_pp: int, vstage: int, micro: int, kind: int) -> None:
+        """Queue a send of ``tensor`` (from virtual stage ``vstage``); posted with the next recv."""
+        self.dims.meter.record("p2p", tensor)
+        op = dist.P2POp(dist.isend, tensor, self._peer(to_pp), tag=self._tag(vstage, micro, kind))
+        self.pending.append((op, tensor))
+
+    def recv(self, shape, dtype, device, from_pp: int, vstage: int, micro: int,
+             kind: int) -> torch.Tensor:
+        """Post the queued sends and this receive together; wait for the receive only (a send
+        completes when the peer gets to its matching receive, which may need our next step)."""
+        buf = torch.empty(shape, dtype=dtype, device=device)
+        op = dist.P2POp(dist.irecv, buf, self._peer(from_pp), tag=self._tag(vstage, micro, kind))
+        self._post([op])[-1].wait()
+        self._release(done_only=True)
+        return buf
+
+    def flush(self) -> None:
+        """Post the queued sends and wait for every send of the step."""
+        self._post([])
+        self._release(done_only=False)
+
+    def _post(self, extra: List[dist.P2POp]) -> list:
+        ops = [op for op, _ in self.pending] + extra
+        if not ops:
+            return []
+        reqs = dist.batch_isend_irecv(ops)
+        self.inflight += [(req, t) for req, (_, t) in zip(reqs, self.pending)]
+        self.pending = []
+        return reqs
+
+    def _release(self, done_only: bool) -> None:
+        """Sent activations keep their autograd graph but drop their values."""
+        still = []
+        for req, t in self.inflight:
+            if done_only and not req.is_completed():
+                still.append((req, t))
+                continue
+            req.wait()
+            t.data = torch.empty((1,), dtype=t.dtype, device=t.device)
+        self.inflight = still
+
+
+class PipelineExecutor:
+    def __init__(self, stage: PipelineStage, dims: ParallelDims, loss_fn: Callable,
+                 act_shape: Tuple[int, ...], dtype: torch.dtype):
+        self.stage, self.dims, self.loss_fn = stage, dims, loss_fn
+        self.act_shape, self.dtype = act_shape, dtype
+        self.v = len(stage.chunks)
+        self.peak_in_flight = 0
+
+    def vstage(self, chunk: int) -> int:
+        return chunk * self.dims.pp + self.dims.pp_rank
+
+    def run(self, actions: List[Action], num_micro: int,
+            batch: Callable[[int], Tuple[torch.Tensor, torch.Tensor]],
+            before: Optional[Callable[[int, Action], None]] = None) -> List[torch.Tensor]:
+        """Execute ``actions``; returns the last stage's per-micro-batch losses (unscaled).
+        ``before(index, action)`` is called ahead of each action (the trainer uses it to turn
+        on gradient reduction before the last gradient-accumulating pass)."""
+        self.p2p = P2P(self.dims, num_micro)
+        state: Dict[Tuple[int, int], _Micro] = {}
+        losses: List[torch.Tensor] = []
+        split = any(a.kind == "W" for a in actions)
+        live = 0
+        for index, action in enumerate(actions):
+            if before is not None:
+                before(index, action)
+            slot = state.setdefault((action.chunk, action.micro), _Micro())
+            if action.kind == "F":
+                loss = self._forward(action, slot, batch, num_micro)
+                if loss is not None:
+                    losses.append(loss)
+                live += 1
+                self.peak_in_flight = max(self.peak_in_flight, live)
+            elif action.kind == "B":
+                self._backward_input(action, slot, split)
+                live -= 1
+            else:
+                self._backward_weight(action, slot)
+            if action.kind == "W" or (action.kind == "B" and not split):
+                del state[(action.chunk, action.micro)]  # done: free its graph
+        self.p2p.flush()
+        return losses
+
+    def _forward(self, a: Action, slot: _Micro, batch, num_micro: int) -> Optional[torch.Tensor]:
+        rank, s = self.dims.pp_rank, self.vstage(a.chunk)
+        tokens, labels = batch(a.micro)
+        if self.stage.is_first(a.chunk):
+            x = tokens
+        else:
+            x = self.p2p.recv(self.act_shape, self.dtype, tokens.device, rank - 1, s - 1,
+                              a.micro, 0)
+            x.requires_grad_(torch.is_grad_enabled())
+            slot.inputs = x
+        out = self.stage.forward_chunk(a.chunk, x)
+        if self.stage.is_last(a.chunk):
+            loss = self.loss_fn(out, labels)
+            slot.output = loss / num_micro
+            return loss.detach()
+        self.p2p.send(out, rank + 1, s, a.micro, 0)
+        slot.output = out
+        return None
+
+    def _backward_input(self, a: Action, slot: _Micro, split: bool) -> None:
+        """Full backward, or with ``split`` only the gradient of the received input (B)."""
+        rank, s = self.dims.pp_rank, self.vstage(a.chunk)
+        if not self.stage.is_last(a.chunk):
+            slot.grad = self.p2p.recv(self.act_shape, self.dtype, slot.output.device, rank + 1,
+                                      s + 1, a.micro, 1)
+        if not split:
+            _backward(slot.output, slot.grad)
+            dx = None if slot.inputs is None else slot.inputs.grad
+        elif slot.inputs is None:
+            return  # the first stage has no input gradient: all of its backward is W
+        else:
+            (dx,) = _backward(slot.output, slot.grad, inputs=(slot.inputs,), keep_graph=True,
+                              accumulate=False)
+        if dx is not None:
+            self.p2p.send(dx, rank - 1, s, a.micro, 1)
+
+    def _backward_weight(self, a: Action, slot: _Micro) -> None:
+        """W: the weight gradients of a split backward, accumulated into the parameters."""
+        params = [p for p in self.stage.chunk_parameters(a.chunk) if p.requires_grad]
+        _backward(slot.output, slot.grad, inputs=params)

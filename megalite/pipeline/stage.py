@@ -1,0 +1,100 @@
+"""Cutting a model into pipeline stages.
+
+The model is a sequence of units ``embed -> block_0 .. block_{L-1} -> head``. With pp ranks and
+v chunks per rank there are pp*v virtual stages; virtual stage s = c*pp + r is chunk c of rank r
+(interleaving: rank r holds the non-adjacent chunks r, r+pp, ...). The embedding rides on the
+first virtual stage, the final norm + head (+ loss) on the last. A ``PipelineStage`` keeps the
+full model's parameter names (``layers.7.attn.q_proj.weight``), so initialisation, checkpoints
+and the TP plan are unchanged by the cut.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+from megalite.models.transformer import CausalLM, KVCache
+from megalite.parallel import comm
+
+
+def split_layers(num_layers: int, pp: int, v: int = 1,
+                 layers_per_stage: Sequence[int] = ()) -> List[range]:
+    """Layer ranges of the pp*v virtual stages, in virtual-stage order."""
+    stages = pp * v
+    counts = list(layers_per_stage) or [num_layers // stages] * stages
+    if len(counts) != stages or sum(counts) != num_layers or min(counts) < 1:
+        raise ValueError(f"pipeline: cannot split {num_layers} layers into pp*v = {stages} "
+                         f"stages as {counts or 'equal parts'}; give pp*v positive counts "
+                         f"summing to {num_layers} (parallel.layers_per_stage)")
+    out, start = [], 0
+    for n in counts:
+        out.append(range(start, start + n))
+        start += n
+    return out
+
+
+class PipelineStage(nn.Module):
+    """This rank's chunks of the model (same attribute and parameter names as ``CausalLM``)."""
+
+    def __init__(self, model: CausalLM, chunks: List[range], first: bool, last: bool):
+        super().__init__()
+        self.args = model.args
+        self.embed = model.embed if first else None
+        self.layers = nn.ModuleDict({str(i): model.layers[i] for r in chunks for i in r})
+        self.head = model.head if last else None
+        self.chunks = chunks
+
+    @classmethod
+    def cut(cls, model: CausalLM, pp: int, pp_rank: int, v: int = 1,
+            layers_per_stage: Sequence[int] = ()) -> "PipelineStage":
+        ranges = split_layers(model.args.num_layers, pp, v, layers_per_stage)
+        mine = [ranges[c * pp + pp_rank] for c in range(v)]
+        return cls(model, mine, first=pp_rank == 0, last=pp_rank == pp - 1)
+
+    def is_first(self, chunk: int) -> bool:
+        """Is (this rank, chunk) the first virtual stage (it embeds tokens)?"""
+        return chunk == 0 and self.embed is not None
+
+    def is_last(self, chunk: int) -> bool:
+        """Is (this rank, chunk) the last virtual stage (it produces logits)?"""
+        return chunk == len(self.chunks) - 1 and self.head is not None
+
+    def forward_chunk(self, chunk: int, x: torch.Tensor,
+                      caches: Optional[List[KVCache]] = None) -> torch.Tensor:
+        """tokens [b, s] (first virtual stage) or hidden [b, s, h] -> hidden or logits."""
+        if self.is_first(chunk):
+            x = self.embed(x, caches[0].length if caches else 0)
+        for i in self.chunks[chunk]:
+            x = self.layers[str(i)](x, caches[i] if caches else None)
+        if self.is_last(chunk):
+            x = self.head(x)
+        return x
+
+    def chunk_parameters(self, chunk: int) -> List[nn.Parameter]:
+        params = [p for i in self.chunks[chunk] for p in self.layers[str(i)].parameters()]
+        if self.is_first(chunk):
+            params += list(self.embed.parameters())
+        if self.is_last(chunk):
+            params += [p for p in self.head.parameters() if all(p is not q for q in params)]
+        return params
+
+
+def mark_tied_copy(stage: nn.Module, tie_embeddings: bool, pp: int) -> None:
+    """With tied embeddings across stages the last stage holds a copy of the embedding as its
+    head; mark it so the gradient norm counts the pair once."""
+    head = getattr(stage, "head", None)
+    if tie_embeddings and pp > 1 and head is not None:
+        head.output.weight.pp_tied_copy = True
+
+
+def sync_tied_grads(stage: nn.Module, tie_embeddings: bool, pp: int, embed_group,
+                    meter=None) -> None:
+    """Sum the gradients of the embedding (first stage) and its tied copy in the head (last
+    stage), so both take the same optimizer step and stay equal."""
+    if not tie_embeddings or pp == 1:
+        return
+    embed, head = getattr(stage, "embed", None), getattr(stage, "head", None)
+    weight = embed.tok.weight if embed is not None else head.output.weight if head else None
+    if weight is not None:
+        comm.all_reduce(weight.main_grad, embed_group, meter)
