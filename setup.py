@@ -13,6 +13,8 @@ setup(
     extras_require={
         "interop": ["transformers>=4.40", "safetensors", "tokenizers>=0.15"],
         "tensorboard": ["tensorboard"],
+        "mpi": ["mpi4py"],  # rank discovery under mpiexec without OMPI_* (parallel/env.py)
+        "deepspeed": ["deepspeed"],  # the `deepspeed` launcher CLI
         "dev": ["pytest>=7", "transformers>=4.40", "safetensors", "tokenizers>=0.15", "tensorboard"],
     },
     entry_points={"console_scripts": ["megalite=megalite.cli:main"]},

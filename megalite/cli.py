@@ -14,6 +14,7 @@ commands:
   prepare-data  tokenize files into a training dataset
   generate      sample text from a checkpoint
   eval          validation loss and perplexity of a checkpoint
+  launch        start a job on several processes/nodes (local, pdsh, ssh, slurm, openmpi)
 
 `megalite <command> --help` describes each command."""
 
@@ -153,8 +154,14 @@ def prepare_data_main(argv: List[str]) -> int:
     return main(argv)
 
 
+def launch_main(argv: List[str]) -> int:
+    from megalite.launcher.main import main
+
+    return main(argv)
+
+
 COMMANDS = {"train": train_main, "eval": eval_main, "generate": generate_main,
-            "prepare-data": prepare_data_main}
+            "prepare-data": prepare_data_main, "launch": launch_main}
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -1,15 +1,32 @@
-"""Start the ranks of one node as child processes (what a bare ``megalite train`` does when its
-config asks for more than one rank). If any rank fails, the others are stopped; SIGINT/SIGTERM
-are forwarded to every rank; no child outlives the launcher."""
+"""The ranks of one node as child processes, watched until they end.
+
+This is what a bare ``megalite train`` runs, what ``megalite launch --launcher local`` runs, and
+what pdsh/ssh start on every node. Guarantees:
+
+* each rank gets ``RANK/LOCAL_RANK/WORLD_SIZE/LOCAL_WORLD_SIZE/MASTER_ADDR/MASTER_PORT`` and one
+  thread (``OMP_NUM_THREADS=1``) unless told otherwise;
+* a rank that dies or exits non-zero stops every other rank within a few seconds (SIGTERM, then
+  SIGKILL after ``grace_s``); the launcher names the rank and prints the tail of its log;
+* on several nodes a :class:`~megalite.launcher.coord.NodeGroup` spreads that failure to the other
+  nodes' launchers, so nobody waits in a collective for a peer that is gone;
+* SIGINT/SIGTERM are forwarded to every rank; ranks die with their launcher (``PR_SET_PDEATHSIG``)
+  so no rank outlives it, even when the launcher itself is SIGKILLed.
+"""
 from __future__ import annotations
 
+import collections
+import ctypes
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
-from typing import Dict, List, Optional
+from dataclasses import dataclass, field
+from typing import Deque, Dict, List, Optional
+
+TAIL_LINES = 25
 
 
 def free_port() -> int:
@@ -18,56 +35,167 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def rank_env(rank: int, world_size: int, port: int, threads: int,
-             base: Optional[Dict[str, str]] = None) -> Dict[str, str]:
-    env = dict(os.environ if base is None else base)
-    env.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
-               LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    env.setdefault("OMP_NUM_THREADS", str(threads))
+@dataclass
+class NodePlan:
+    """What one node's launcher starts."""
+    cmd: List[str]  # one rank's command line, e.g. [python, -u, -m, megalite.train, ...]
+    world_size: int
+    master_addr: str
+    master_port: int
+    slots: List[int]  # the node's slots (GPU indices); len(slots) ranks run here
+    first_rank: int = 0  # global rank of local rank 0
+    node_rank: int = 0
+    env: Dict[str, str] = field(default_factory=lambda: dict(os.environ))
+    log_dir: Optional[str] = None  # one file per rank: rank_<RANK>.log
+
+
+def rank_env(plan: NodePlan, local_rank: int) -> Dict[str, str]:
+    env = dict(plan.env)
+    env.update(RANK=str(plan.first_rank + local_rank), WORLD_SIZE=str(plan.world_size),
+               LOCAL_RANK=str(local_rank), LOCAL_WORLD_SIZE=str(len(plan.slots)),
+               NODE_RANK=str(plan.node_rank), MASTER_ADDR=plan.master_addr,
+               MASTER_PORT=str(plan.master_port), PYTHONUNBUFFERED="1")
+    env.setdefault("OMP_NUM_THREADS", "1")
+    if plan.slots != list(range(len(plan.slots))):  # --include node:1,3 picks those GPUs
+        env.setdefault("CUDA_VISIBLE_DEVICES", ",".join(map(str, plan.slots)))
     return env
 
 
-def launch_local(module_args: List[str], world_size: int, grace_s: float = 10.0) -> int:
-    """Run ``python -m <module_args>`` as ``world_size`` ranks; return the job's exit code."""
-    port = free_port()
-    threads = max(1, (os.cpu_count() or 1) // world_size)
-    procs = [subprocess.Popen([sys.executable, "-m", *module_args],
-                              env=rank_env(r, world_size, port, threads))
-             for r in range(world_size)]
+def _die_with_parent() -> None:
+    """In the child before exec: SIGKILL me when my launcher dies (Linux)."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+class Rank:
+    """One child process, its output copied to the launcher's stdout and its log file."""
+
+    def __init__(self, plan: NodePlan, local_rank: int):
+        self.rank = plan.first_rank + local_rank
+        self.local_rank = local_rank
+        self.tail: Deque[str] = collections.deque(maxlen=TAIL_LINES)
+        self.log_path = (os.path.join(plan.log_dir, f"rank_{self.rank}.log")
+                         if plan.log_dir else None)
+        self.proc = subprocess.Popen(plan.cmd, env=rank_env(plan, local_rank),
+                                     stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, start_new_session=True,
+                                     preexec_fn=(_die_with_parent if sys.platform == "linux"
+                                                 else None))
+        self.reader = threading.Thread(target=self._copy_output, daemon=True)
+        self.reader.start()
+
+    def _copy_output(self) -> None:
+        prefix = b"" if self.rank == 0 else f"[rank {self.rank}] ".encode()
+        log = open(self.log_path, "ab") if self.log_path else None
+        try:
+            for line in iter(self.proc.stdout.readline, b""):
+                self.tail.append(line.decode(errors="replace").rstrip("\n"))
+                if log:
+                    log.write(line)
+                    log.flush()
+                try:
+                    sys.stdout.buffer.write(prefix + line)
+                    sys.stdout.flush()
+                except (BrokenPipeError, ValueError):
+                    pass
+        finally:
+            if log:
+                log.close()
+
+    def signal(self, signum: int, group_too: bool = False) -> None:
+        """Signal the rank's process group (``group_too``: even when the rank itself has ended,
+        for what it left behind)."""
+        if group_too or self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signum)  # the rank and anything it started
+            except (ProcessLookupError, PermissionError):
+                pass
+
+    def describe_exit(self) -> str:
+        code = self.proc.returncode
+        how = (f"was killed by {signal.Signals(-code).name}" if code < 0
+               else f"exited with code {code}")
+        return f"rank {self.rank} (local rank {self.local_rank}, pid {self.proc.pid}) {how}"
+
+    def tail_text(self) -> str:
+        self.reader.join(timeout=1.0)  # let the last lines arrive
+        where = f" ({self.log_path})" if self.log_path else ""
+        lines = "\n".join("    " + line for line in self.tail) or "    (no output)"
+        return f"last {len(self.tail)} lines of its log{where}:\n{lines}"
+
+
+def exit_code(returncode: int) -> int:
+    return returncode if returncode > 0 else 128 - returncode
+
+
+def run_node(plan: NodePlan, grace_s: float = 3.0, group=None, poll_s: float = 0.1) -> int:
+    """Start the node's ranks and watch them; the node's exit code (0 when every rank succeeded).
+    ``group`` (a NodeGroup) connects this node's launcher with the other nodes' launchers."""
+    if plan.log_dir:
+        os.makedirs(plan.log_dir, exist_ok=True)
+    ranks = [Rank(plan, i) for i in range(len(plan.slots))]
+    received: List[int] = []
 
     def forward(signum, frame):
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signum)
+        received.append(signum)
+        for r in ranks:
+            r.signal(signum)
 
     previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         while True:
-            codes = [p.poll() for p in procs]
-            failed = [r for r, c in enumerate(codes) if c not in (None, 0)]
-            if failed:
-                r = failed[0]
-                print(f"megalite: rank {r} exited with code {codes[r]}; stopping the other ranks",
+            failed = [r for r in ranks if r.proc.poll() not in (None, 0)]
+            if failed and not received:
+                first = min(failed, key=lambda r: r.rank)
+                host = socket.gethostname()
+                message = f"{first.describe_exit()} on node {plan.node_rank} ({host})"
+                report = f"{message}; stopping the job.\n{first.tail_text()}"
+                print(f"megalite: {report}", file=sys.stderr, flush=True)
+                if group:
+                    group.fail(report)
+                stop(ranks, grace_s)
+                return exit_code(first.proc.returncode)
+            if all(r.proc.poll() is not None for r in ranks):
+                if received:
+                    codes = [r.proc.returncode for r in ranks]
+                    return max((exit_code(c) for c in codes if c), default=128 + received[0])
+                return group.finish() if group else 0
+            peer = group.check() if group else None
+            if peer:
+                print(f"megalite: node {plan.node_rank}: stopping its ranks: {peer}",
                       file=sys.stderr, flush=True)
-                _stop(procs, grace_s)
-                return codes[r] if codes[r] > 0 else 128 - codes[r]
-            if all(c == 0 for c in codes):
-                return 0
-            time.sleep(0.2)
+                stop(ranks, grace_s)
+                return 1
+            time.sleep(poll_s)
     finally:
-        _stop(procs, grace_s)
-        for s, h in previous.items():
-            signal.signal(s, h)
+        stop(ranks, grace_s)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if group:
+            group.close()
 
 
-def _stop(procs: List[subprocess.Popen], grace_s: float) -> None:
-    for p in procs:
-        if p.poll() is None:
-            p.terminate()
+def stop(ranks: List[Rank], grace_s: float) -> None:
+    """SIGTERM every live rank, SIGKILL what is left after ``grace_s``, reap them all."""
+    for r in ranks:
+        r.signal(signal.SIGTERM)
     deadline = time.time() + grace_s
-    for p in procs:
+    for r in ranks:
         try:
-            p.wait(timeout=max(0.1, deadline - time.time()))
+            r.proc.wait(timeout=max(0.05, deadline - time.time()))
         except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
+            pass
+    for r in ranks:
+        r.signal(signal.SIGKILL, group_too=True)
+        r.proc.wait()
+
+
+def launch_local(module_args: List[str], world_size: int, grace_s: float = 3.0) -> int:
+    """Run ``python -m <module_args>`` as ``world_size`` ranks on this machine; the job's exit
+    code. (A bare multi-rank ``megalite train`` lands here.)"""
+    plan = NodePlan(cmd=[sys.executable, "-u", "-m", *module_args], world_size=world_size,
+                    master_addr="127.0.0.1", master_port=free_port(),
+                    slots=list(range(world_size)))
+    return run_node(plan, grace_s)

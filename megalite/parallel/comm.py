@@ -12,6 +12,11 @@ import torch
 import torch.distributed as dist
 
 
+# torch 2.13 renamed the flat-tensor collectives (the old names warn); older torch has only those.
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
 class CommMeter:
     """Bytes handed to each kind of collective since the last ``take()``."""
 
@@ -65,7 +70,7 @@ def all_gather_into(output: torch.Tensor, tensor: torch.Tensor, group,
     is a reduce-scatter plus an all-gather of N, so AG + RS of a tensor move what one AR does."""
     if meter is not None:
         meter.record("all_gather", output)
-    dist.all_gather_into_tensor(output, tensor.contiguous(), group=group)
+    _all_gather(output, tensor.contiguous(), group=group)
 
 
 def reduce_scatter_into(output: torch.Tensor, tensor: torch.Tensor, group,
@@ -74,4 +79,4 @@ def reduce_scatter_into(output: torch.Tensor, tensor: torch.Tensor, group,
     counts the full (input) size, the same convention as ``all_gather_into``."""
     if meter is not None:
         meter.record("reduce_scatter", tensor)
-    dist.reduce_scatter_tensor(output, tensor.contiguous(), group=group)
+    _reduce_scatter(output, tensor.contiguous(), group=group)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import os
-from typing import Tuple
+from typing import Dict, List, Tuple
 
 import torch
 
@@ -23,19 +23,38 @@ def resolve_checkpoint(path: str) -> str:
 
 
 def load_for_inference(path: str, device: str = "cpu") -> Tuple[CausalLM, object]:
+    """The whole model in one process, whatever layout trained it (shards are merged)."""
     from megalite.data import load_tokenizer
 
     path = resolve_checkpoint(path)
     meta = checkpoint.read_meta(path)
-    if meta["layout"]["tp"] != 1 or meta["layout"]["pp"] != 1:
-        raise FileNotFoundError(f"{path} is sharded (tp/pp > 1): merging shards is not supported "
-                                f"yet")
     args = ModelArgs(**meta["model_args"])
     model = build_model(args, seed=0, device=device)
-    shard = torch.load(os.path.join(path, "model_tp00_pp00.pt"), map_location=device,
-                       weights_only=False)
-    load_params(model, shard["model"])
+    load_params(model, merge_shards(path, meta, dict(model.named_parameters())))
     return model.eval(), load_tokenizer(os.path.join(path, "tokenizer.json"))
+
+
+def merge_shards(path: str, meta: dict, params: dict) -> Dict[str, torch.Tensor]:
+    """Full tensors from the tp x pp shard files: TP slices concatenated along their split dim
+    (vocabulary padding cut off), pipeline stages' disjoint names united."""
+    tp, pp = meta["layout"]["tp"], meta["layout"]["pp"]
+    shard_dims = meta.get("tp_shard_dims", {})
+    pieces: Dict[str, List[torch.Tensor]] = {}
+    for p in range(pp):
+        for t in range(tp):
+            shard = torch.load(os.path.join(path, f"model_tp{t:02d}_pp{p:02d}.pt"),
+                               map_location="cpu", weights_only=False)["model"]
+            for name, value in shard.items():
+                if len(pieces.setdefault(name, [])) < tp:  # a tied copy repeats the embedding
+                    pieces[name].append(value)
+    full = {}
+    for name, parts in pieces.items():
+        dim = shard_dims.get(name)
+        value = parts[0] if dim is None else torch.cat(parts, dim)
+        if name in params and dim is not None:
+            value = value.narrow(dim, 0, params[name].shape[dim])
+        full[name] = value
+    return full
 
 
 @torch.no_grad()

@@ -22,7 +22,8 @@ from megalite.pipeline import schedules
 from megalite.pipeline.executor import PipelineExecutor
 from megalite.pipeline.stage import mark_tied_copy, sync_tied_grads
 from megalite.plan import model_plan
-from megalite.tensor_parallel.plan import FullLogits, loss_fn
+from megalite.pipeline.inference import inference_view
+from megalite.tensor_parallel.plan import loss_fn
 from megalite.tensor_parallel.random import SplitRegionRNG, cover_split_regions
 from megalite.trainer import checkpoint
 from megalite.trainer.metrics import MetricsLogger, Timers
@@ -141,8 +142,8 @@ class Trainer:
     def sample(self, prompt: str, max_new_tokens: int, seed: int = 0) -> str:
         from megalite.trainer.inference import sample_text
 
-        model = FullLogits(self.model, self.dims) if self.dims.tp > 1 else self.model
-        text = sample_text(model, self.tokenizer, prompt, max_new_tokens, seed=seed)
+        text = sample_text(inference_view(self.model, self.dims), self.tokenizer, prompt,
+                           max_new_tokens, seed=seed)
         self.model.train()
         return text
 
