@@ -14,7 +14,7 @@ TEST_ARGS ?=
 
 .PHONY: setup demo test bench clean
 
-$(STAMP): setup.py pyproject.toml
+$(STAMP): setup.py pyproject.toml $(wildcard csrc/* csrc/*/*)
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@# torch 2.13.0 (CPU) when no torch is importable; never let pip pick a CUDA build by itself
 	@$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q torch==2.13.0

@@ -14,6 +14,7 @@ commands:
   prepare-data  tokenize files into a training dataset
   generate      sample text from a checkpoint
   eval          validation loss and perplexity of a checkpoint
+  bench         microbenchmarks: megalite bench kernels [--device cpu|cuda] (fused kernels)
   launch        start a job on several processes/nodes (local, pdsh, ssh, slurm, openmpi)
 
 `megalite <command> --help` describes each command."""
@@ -160,8 +161,28 @@ def launch_main(argv: List[str]) -> int:
     return main(argv)
 
 
+def bench_main(argv: List[str]) -> int:
+    """``megalite bench kernels ...`` runs bench/kernels.py of this source checkout."""
+    import importlib.util
+
+    if not argv or argv[0] not in ("kernels",):
+        print("usage: megalite bench kernels [options]   (megalite bench kernels --help)",
+              file=sys.stderr)
+        return 2
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = os.path.join(root, "bench", f"{argv[0]}.py")
+    if not os.path.isfile(path):
+        print(f"error: {path} not found: benchmarks run from a source checkout (pip install -e .)",
+              file=sys.stderr)
+        return 2
+    spec = importlib.util.spec_from_file_location(f"megalite_bench_{argv[0]}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main(argv[1:])
+
+
 COMMANDS = {"train": train_main, "eval": eval_main, "generate": generate_main,
-            "prepare-data": prepare_data_main, "launch": launch_main}
+            "prepare-data": prepare_data_main, "bench": bench_main, "launch": launch_main}
 
 
 def main(argv: Optional[List[str]] = None) -> int:

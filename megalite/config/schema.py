@@ -41,6 +41,10 @@ class ModelConfig:
     init_std: float = 0.02
     """Standard deviation of the normal initialisation; residual output projections are further
     scaled by 1/sqrt(2*num_layers) (GPT-2)."""
+    kernels: str = "fused"
+    """`fused`: LayerNorm/RMSNorm run megalite's fused kernels (csrc/, `megalite.ops`) where they
+    are built, on CPU; on CUDA only once the GPU check has passed (or MEGALITE_CUDA_KERNELS=1),
+    else PyTorch. `torch`: plain PyTorch ops everywhere. Same results within float rounding."""
 
 
 @dataclass

@@ -157,6 +157,7 @@ def resolve_batch(cfg: Config, err: _Errors) -> None:
 def _check_model(cfg: Config, err: _Errors) -> None:
     m = cfg.model
     _choice(err, "model.family", m.family, ["gpt", "llama"])
+    _choice(err, "model.kernels", m.kernels, ["fused", "torch"])
     for name in ("num_layers", "hidden_size", "num_heads", "max_seq_len"):
         value = getattr(m, name)
         err.check(value > 0, f"model.{name}", value, "must be positive")

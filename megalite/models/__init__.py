@@ -32,7 +32,7 @@ def resolve_model_args(cfg: ModelConfig, vocab_size: Optional[int] = None) -> Mo
         ffn_hidden_size=ffn, vocab_size=vocab, max_seq_len=cfg.max_seq_len, norm_eps=cfg.norm_eps,
         rope_theta=cfg.rope_theta, dropout=cfg.dropout,
         tie_embeddings=(not llama) if cfg.tie_embeddings is None else cfg.tie_embeddings,
-        init_std=cfg.init_std)
+        init_std=cfg.init_std, kernels=cfg.kernels)
 
 
 @torch.no_grad()

@@ -17,6 +17,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from megalite import ops
+
 
 @dataclass
 class ModelArgs:
@@ -35,6 +37,7 @@ class ModelArgs:
     dropout: float
     tie_embeddings: bool
     init_std: float
+    kernels: str = "fused"  # "fused": norms use megalite.ops where it has a kernel; "torch": not
 
     @property
     def head_dim(self) -> int:
@@ -48,22 +51,38 @@ class ModelArgs:
 class RMSNorm(nn.Module):
     """y = x / rms(x) * weight, statistics in fp32 (as Hugging Face's LlamaRMSNorm)."""
 
-    def __init__(self, dim: int, eps: float):
+    def __init__(self, dim: int, eps: float, fused: bool = False):
         super().__init__()
-        self.eps = eps
+        self.eps, self.fused = eps, fused
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused and ops.model_uses_kernels(x.device):
+            return ops.rms_norm(x, self.weight, self.eps)  # one rounding to x.dtype, not two
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x.to(dtype)
 
 
+class LayerNorm(nn.LayerNorm):
+    """nn.LayerNorm (same parameters) that runs megalite's fused kernel when ``fused``."""
+
+    def __init__(self, dim: int, eps: float, fused: bool = False):
+        super().__init__(dim, eps=eps)
+        self.fused = fused
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused and ops.model_uses_kernels(x.device):
+            return ops.layer_norm(x, self.weight, self.bias, self.eps)
+        return super().forward(x)
+
+
 def make_norm(args: ModelArgs) -> nn.Module:
+    fused = args.kernels == "fused"
     if args.is_llama:
-        return RMSNorm(args.hidden_size, args.norm_eps)
-    return nn.LayerNorm(args.hidden_size, eps=args.norm_eps)
+        return RMSNorm(args.hidden_size, args.norm_eps, fused)
+    return LayerNorm(args.hidden_size, args.norm_eps, fused)
 
 
 def rope_cos_sin(positions: torch.Tensor, dim: int, theta: float, dtype: torch.dtype):

@@ -1,0 +1,105 @@
+// Shared pieces of the CUDA kernels: error checks that name file and line, dtype dispatch,
+// packed vector loads and block-wide reductions. Only CUDA headers: no torch.
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <stdint.h>
+#include <stdio.h>
+
+#include "../megalite_kernels.h"
+
+namespace ml {
+
+// Last error message of this host thread, returned by ml_cuda_last_error().
+inline char* error_buffer() {
+  static thread_local char buf[512] = "";
+  return buf;
+}
+void set_error(const char* msg);
+
+// Returns ML_ERR_CUDA from the calling C entry point with "file:line: cuda error" recorded.
+#define ML_CUDA_CHECK(expr)                                                        \
+  do {                                                                             \
+    cudaError_t err_ = (expr);                                                     \
+    if (err_ != cudaSuccess) {                                                     \
+      char msg_[512];                                                              \
+      snprintf(msg_, sizeof msg_, "%s:%d: %s: %s", __FILE__, __LINE__, #expr,      \
+               cudaGetErrorString(err_));                                          \
+      ml::set_error(msg_);                                                         \
+      return ML_ERR_CUDA;                                                          \
+    }                                                                              \
+  } while (0)
+#define ML_LAUNCH_CHECK() ML_CUDA_CHECK(cudaGetLastError())
+
+// Calls fn with a value of the activation type chosen by the dtype code.
+template <class Fn> int dispatch_dtype(int dtype, Fn&& fn) {
+  switch (dtype) {
+    case ML_F32: return fn(float());
+    case ML_F16: return fn(__half());
+    case ML_BF16: return fn(__nv_bfloat16());
+    default: return ML_ERR_ARG;
+  }
+}
+
+__device__ __forceinline__ float to_f(float v) { return v; }
+__device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
+template <class T> __device__ __forceinline__ T from_f(float v);
+template <> __device__ __forceinline__ float from_f<float>(float v) { return v; }
+template <> __device__ __forceinline__ __half from_f<__half>(float v) { return __float2half_rn(v); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+
+// N elements moved as one aligned load/store (16 bytes for the fast path).
+template <class T, int N> struct alignas(sizeof(T) * N) Pack {
+  T v[N];
+};
+
+// 16-byte vectors when every row starts aligned, else scalar.
+template <class T> inline int vec_width(int64_t cols, const void* const* ptrs, int n) {
+  int vec = 16 / (int)sizeof(T);
+  if (cols % vec) return 1;
+  for (int i = 0; i < n; i++)
+    if (ptrs[i] != nullptr && reinterpret_cast<uintptr_t>(ptrs[i]) % 16) return 1;
+  return vec;
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+__device__ __forceinline__ float warp_max(float v) {
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+// Block-wide sum/max; every thread gets the result. `smem` holds 32 floats.
+__device__ __forceinline__ float block_sum(float v, float* smem) {
+  int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = (blockDim.x + 31) >> 5;
+  v = warp_sum(v);
+  __syncthreads();  // smem may still be read from a previous reduction
+  if (lane == 0) smem[warp] = v;
+  __syncthreads();
+  v = lane < warps ? smem[lane] : 0.0f;
+  return warp_sum(v);
+}
+__device__ __forceinline__ float block_max(float v, float* smem) {
+  int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = (blockDim.x + 31) >> 5;
+  v = warp_max(v);
+  __syncthreads();
+  if (lane == 0) smem[warp] = v;
+  __syncthreads();
+  v = lane < warps ? smem[lane] : -INFINITY;
+  return warp_max(v);
+}
+
+// Threads per block for a row of `packs` vectors held `items` per thread: a multiple of 32.
+inline int threads_for(int64_t packs, int items, int max_threads) {
+  int64_t t = (packs + items - 1) / items;
+  t = (t + 31) / 32 * 32;
+  return (int)(t < 32 ? 32 : (t > max_threads ? max_threads : t));
+}
+
+}  // namespace ml

@@ -1,0 +1,250 @@
+// Scaled masked softmax and scaled causal softmax on CUDA, forward and backward, fp32 accumulation.
+//
+//   forward   y = softmax(scale * x + mask) over the last dim, mask True = -inf (padding) or
+//             key j > query i (causal); a row with no visible key is zeros, not NaN.
+//   backward  dx = scale * y * (dy - sum(dy * y)).
+//
+// Fast path: one block per row with the row in registers (ITEMS packs of VEC elements per
+// thread): one read of x (and the mask), one write of y. Causal rows skip loading the masked
+// upper triangle. Keys beyond what fits in registers (sk > 32768 for 16-bit, 16384 for fp32,
+// 4096 unaligned) take a generic path that re-reads the row from L1/L2.
+#include "common.cuh"
+
+namespace ml {
+namespace {
+
+struct RowInfo {
+  int64_t row;
+  const uint8_t* mask;  // this row's mask or nullptr
+  int visible;          // keys [visible, sk) are masked by causality
+};
+
+__device__ __forceinline__ RowInfo row_info(const uint8_t* mask, int64_t heads, int64_t sq,
+                                            int sk, int64_t mask_sq, bool causal) {
+  RowInfo ri;
+  ri.row = blockIdx.x;
+  const int64_t q = ri.row % sq, b = ri.row / (heads * sq);
+  ri.mask = mask ? mask + (b * mask_sq + (mask_sq == 1 ? 0 : q)) * sk : nullptr;
+  ri.visible = causal ? (int)(q + 1 < sk ? q + 1 : sk) : sk;
+  return ri;
+}
+
+template <class T, int VEC, int ITEMS>
+__global__ void softmax_forward_kernel(const T* __restrict__ x, const uint8_t* __restrict__ mask,
+                                       T* __restrict__ y, int64_t heads, int64_t sq, int sk,
+                                       int64_t mask_sq, float scale, bool causal) {
+  __shared__ float smem[32];
+  const RowInfo ri = row_info(mask, heads, sq, sk, mask_sq, causal);
+  const int packs = sk / VEC;
+  const T* xr = x + ri.row * sk;
+  float v[ITEMS][VEC];
+  float m = -INFINITY;
+#pragma unroll
+  for (int it = 0; it < ITEMS; it++) {
+    const int p = it * blockDim.x + threadIdx.x;
+    const bool load = p < packs && p * VEC < ri.visible;
+    Pack<T, VEC> xp;
+    Pack<uint8_t, VEC> mp;
+    if (load) xp = reinterpret_cast<const Pack<T, VEC>*>(xr)[p];
+    if (load && ri.mask) mp = reinterpret_cast<const Pack<uint8_t, VEC>*>(ri.mask)[p];
+#pragma unroll
+    for (int k = 0; k < VEC; k++) {
+      const bool on = load && p * VEC + k < ri.visible && !(ri.mask && mp.v[k]);
+      v[it][k] = on ? to_f(xp.v[k]) * scale : -INFINITY;
+      m = fmaxf(m, v[it][k]);
+    }
+  }
+  m = block_max(m, smem);
+  float s = 0.0f;
+#pragma unroll
+  for (int it = 0; it < ITEMS; it++)
+#pragma unroll
+    for (int k = 0; k < VEC; k++) {
+      v[it][k] = m == -INFINITY ? 0.0f : __expf(v[it][k] - m);  // exp(-inf) = 0
+      s += v[it][k];
+    }
+  s = block_sum(s, smem);
+  const float inv = s > 0.0f ? 1.0f / s : 0.0f;
+#pragma unroll
+  for (int it = 0; it < ITEMS; it++) {
+    const int p = it * blockDim.x + threadIdx.x;
+    if (p >= packs) continue;
+    Pack<T, VEC> out;
+#pragma unroll
+    for (int k = 0; k < VEC; k++) out.v[k] = from_f<T>(v[it][k] * inv);
+    reinterpret_cast<Pack<T, VEC>*>(y + ri.row * sk)[p] = out;
+  }
+}
+
+template <class T>
+__global__ void softmax_forward_generic(const T* __restrict__ x, const uint8_t* __restrict__ mask,
+                                        T* __restrict__ y, int64_t heads, int64_t sq, int sk,
+                                        int64_t mask_sq, float scale, bool causal) {
+  __shared__ float smem[32];
+  const RowInfo ri = row_info(mask, heads, sq, sk, mask_sq, causal);
+  const T* xr = x + ri.row * sk;
+  T* yr = y + ri.row * sk;
+  auto value = [&](int j) {
+    const bool on = j < ri.visible && !(ri.mask && ri.mask[j]);
+    return on ? to_f(xr[j]) * scale : -INFINITY;
+  };
+  float m = -INFINITY;
+  for (int j = threadIdx.x; j < ri.visible; j += blockDim.x) m = fmaxf(m, value(j));
+  m = block_max(m, smem);
+  float s = 0.0f;
+  if (m != -INFINITY)
+    for (int j = threadIdx.x; j < ri.visible; j += blockDim.x) s += __expf(value(j) - m);
+  s = block_sum(s, smem);
+  const float inv = s > 0.0f ? 1.0f / s : 0.0f;
+  for (int j = threadIdx.x; j < sk; j += blockDim.x)
+    yr[j] = from_f<T>(m == -INFINITY || j >= ri.visible ? 0.0f : __expf(value(j) - m) * inv);
+}
+
+template <class T, int VEC, int ITEMS>
+__global__ void softmax_backward_kernel(const T* __restrict__ dy, const T* __restrict__ y,
+                                        T* __restrict__ dx, int64_t sq, int sk, float scale,
+                                        bool causal) {
+  __shared__ float smem[32];
+  const RowInfo ri = row_info(nullptr, 1, sq, sk, 1, causal);
+  const int packs = sk / VEC;
+  float yv[ITEMS][VEC], gv[ITEMS][VEC];
+  float d = 0.0f;
+#pragma unroll
+  for (int it = 0; it < ITEMS; it++) {
+    const int p = it * blockDim.x + threadIdx.x;
+    const bool load = p < packs && p * VEC < ri.visible;
+    Pack<T, VEC> yp, gp;
+    if (load) {
+      yp = reinterpret_cast<const Pack<T, VEC>*>(y + ri.row * sk)[p];
+      gp = reinterpret_cast<const Pack<T, VEC>*>(dy + ri.row * sk)[p];
+    }
+#pragma unroll
+    for (int k = 0; k < VEC; k++) {
+      const bool on = load && p * VEC + k < ri.visible;
+      yv[it][k] = on ? to_f(yp.v[k]) : 0.0f;
+      gv[it][k] = on ? to_f(gp.v[k]) : 0.0f;
+      d += yv[it][k] * gv[it][k];
+    }
+  }
+  d = block_sum(d, smem);
+#pragma unroll
+  for (int it = 0; it < ITEMS; it++) {
+    const int p = it * blockDim.x + threadIdx.x;
+    if (p >= packs) continue;
+    Pack<T, VEC> out;
+#pragma unroll
+    for (int k = 0; k < VEC; k++) out.v[k] = from_f<T>(scale * yv[it][k] * (gv[it][k] - d));
+    reinterpret_cast<Pack<T, VEC>*>(dx + ri.row * sk)[p] = out;
+  }
+}
+
+template <class T>
+__global__ void softmax_backward_generic(const T* __restrict__ dy, const T* __restrict__ y,
+                                         T* __restrict__ dx, int64_t sq, int sk, float scale,
+                                         bool causal) {
+  __shared__ float smem[32];
+  const RowInfo ri = row_info(nullptr, 1, sq, sk, 1, causal);
+  const T *yr = y + ri.row * sk, *gr = dy + ri.row * sk;
+  float d = 0.0f;
+  for (int j = threadIdx.x; j < ri.visible; j += blockDim.x) d += to_f(yr[j]) * to_f(gr[j]);
+  d = block_sum(d, smem);
+  for (int j = threadIdx.x; j < sk; j += blockDim.x)
+    dx[ri.row * sk + j] =
+        from_f<T>(j < ri.visible ? scale * to_f(yr[j]) * (to_f(gr[j]) - d) : 0.0f);
+}
+
+constexpr int kMaxThreads = 1024;
+
+// ITEMS in {1, 2, 4}: the fewest that keep a row within 512 threads, else 4 up to 1024 threads.
+inline int items_for(int64_t packs) {
+  for (int items : {1, 2, 4})
+    if (packs <= (int64_t)items * 512) return items;
+  return packs <= 4 * kMaxThreads ? 4 : 0;
+}
+
+template <class T, int VEC>
+void launch_forward(const void* x, const uint8_t* mask, void* y, int64_t rows, int64_t heads,
+                    int64_t sq, int sk, int64_t mask_sq, float scale, bool causal,
+                    cudaStream_t st) {
+  const int64_t packs = sk / VEC;
+  const int items = items_for(packs);
+  auto xp = static_cast<const T*>(x);
+  auto yp = static_cast<T*>(y);
+  if (items == 0) {
+    softmax_forward_generic<T><<<rows, 512, 0, st>>>(xp, mask, yp, heads, sq, sk, mask_sq, scale,
+                                                     causal);
+    return;
+  }
+  const int threads = threads_for(packs, items, kMaxThreads);
+#define ML_FWD(I) softmax_forward_kernel<T, VEC, I><<<rows, threads, 0, st>>>(xp, mask, yp, heads, sq, sk, mask_sq, scale, causal)
+  if (items == 1) ML_FWD(1);
+  else if (items == 2) ML_FWD(2);
+  else ML_FWD(4);
+#undef ML_FWD
+}
+
+template <class T, int VEC>
+void launch_backward(const void* dy, const void* y, void* dx, int64_t rows, int64_t sq, int sk,
+                     float scale, bool causal, cudaStream_t st) {
+  const int64_t packs = sk / VEC;
+  const int items = items_for(packs);
+  auto dyp = static_cast<const T*>(dy);
+  auto yp = static_cast<const T*>(y);
+  auto dxp = static_cast<T*>(dx);
+  if (items == 0) {
+    softmax_backward_generic<T><<<rows, 512, 0, st>>>(dyp, yp, dxp, sq, sk, scale, causal);
+    return;
+  }
+  const int threads = threads_for(packs, items, kMaxThreads);
+#define ML_BWD(I) softmax_backward_kernel<T, VEC, I><<<rows, threads, 0, st>>>(dyp, yp, dxp, sq, sk, scale, causal)
+  if (items == 1) ML_BWD(1);
+  else if (items == 2) ML_BWD(2);
+  else ML_BWD(4);
+#undef ML_BWD
+}
+
+}  // namespace
+}  // namespace ml
+
+using namespace ml;
+
+extern "C" int ml_cuda_softmax_forward(int dtype, const void* x, const uint8_t* mask, void* y,
+                                       int64_t batch, int64_t heads, int64_t sq, int64_t sk,
+                                       int64_t mask_sq, float scale, int causal, void* stream) {
+  if (batch < 0 || heads < 0 || sq < 0 || sk <= 0 || sk > INT32_MAX) return ML_ERR_ARG;
+  if (mask != nullptr && mask_sq != 1 && mask_sq != sq) return ML_ERR_ARG;
+  const int64_t rows = batch * heads * sq;
+  if (rows == 0) return ML_OK;
+  if (rows > INT32_MAX) return ML_ERR_ARG;
+  auto st = static_cast<cudaStream_t>(stream);
+  return dispatch_dtype(dtype, [&](auto t) {
+    using T = decltype(t);
+    constexpr int kVec = 16 / sizeof(T);
+    const void* ptrs[] = {x, y, mask};
+    // the mask's rows are read kVec bytes at a time, so sk must keep them kVec-aligned too
+    if (vec_width<T>(sk, ptrs, 3) > 1 && (mask == nullptr || (uintptr_t)mask % kVec == 0))
+      launch_forward<T, kVec>(x, mask, y, rows, heads, sq, (int)sk, mask_sq, scale, causal, st);
+    else
+      launch_forward<T, 1>(x, mask, y, rows, heads, sq, (int)sk, mask_sq, scale, causal, st);
+    ML_LAUNCH_CHECK();
+    return ML_OK;
+  });
+}
+
+extern "C" int ml_cuda_softmax_backward(int dtype, const void* dy, const void* y, void* dx,
+                                        int64_t rows, int64_t sq, int64_t sk, float scale,
+                                        int causal, void* stream) {
+  if (rows < 0 || sq <= 0 || sk <= 0 || sk > INT32_MAX || rows > INT32_MAX) return ML_ERR_ARG;
+  if (rows == 0) return ML_OK;
+  auto st = static_cast<cudaStream_t>(stream);
+  return dispatch_dtype(dtype, [&](auto t) {
+    using T = decltype(t);
+    const void* ptrs[] = {dy, y, dx};
+    if (vec_width<T>(sk, ptrs, 3) > 1)
+      launch_backward<T, 16 / sizeof(T)>(dy, y, dx, rows, sq, (int)sk, scale, causal, st);
+    else
+      launch_backward<T, 1>(dy, y, dx, rows, sq, (int)sk, scale, causal, st);
+    ML_LAUNCH_CHECK();
+    return ML_OK;
+  });
+}

@@ -1,0 +1,78 @@
+"""Loading the compiled kernel libraries, and which one serves a tensor.
+
+``megalite._kernels_cpu`` / ``megalite._kernels_cuda`` are built by ``pip install -e .`` (see
+setup.py); either may be absent (no compiler, no nvcc), and then the ops run the PyTorch reference
+with one log line saying so.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from types import ModuleType
+from typing import Optional
+
+import torch
+
+log = logging.getLogger("megalite.ops")
+
+# The CUDA kernels are compiled in CI but have not yet passed bench/gpu_check.sh on a real GPU, so
+# models use PyTorch for CUDA tensors unless MEGALITE_CUDA_KERNELS=1. Set to True (and record it in
+# the README) once the GPU check has passed.
+CUDA_KERNELS_VERIFIED = False
+
+DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
+def _load(name: str) -> tuple[Optional[ModuleType], str]:
+    try:
+        module = __import__(f"megalite.{name}", fromlist=[name])
+        return module, ""
+    except ImportError as e:
+        return None, str(e)
+
+
+cpu_lib, _cpu_error = _load("_kernels_cpu")
+cuda_lib, _cuda_error = _load("_kernels_cuda")
+_warned: set = set()
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        log.warning(message)
+
+
+def library_for(x: torch.Tensor) -> Optional[ModuleType]:
+    """The kernel library for this tensor's device and dtype, or None (use the reference)."""
+    if x.dtype not in DTYPE_CODES:
+        return None
+    if x.device.type == "cpu":
+        if cpu_lib is None:
+            _warn_once("cpu", "megalite.ops: fused CPU kernels not built (megalite._kernels_cpu: "
+                              f"{_cpu_error}); using PyTorch. Reinstall with a C++ compiler: "
+                              "pip install -e .")
+        return cpu_lib
+    if x.device.type == "cuda":
+        if cuda_lib is None:
+            _warn_once("cuda", "megalite.ops: CUDA kernels not built (megalite._kernels_cuda: "
+                               f"{_cuda_error}); using PyTorch. Reinstall where nvcc is found.")
+        return cuda_lib
+    return None
+
+
+def model_uses_kernels(device: torch.device) -> bool:
+    """Whether ``model.kernels=fused`` runs the compiled kernels on ``device`` (else PyTorch)."""
+    if device.type == "cpu":
+        return cpu_lib is not None
+    if device.type == "cuda":
+        return cuda_lib is not None and (CUDA_KERNELS_VERIFIED or
+                                          os.environ.get("MEGALITE_CUDA_KERNELS") == "1")
+    return False
+
+
+def num_threads() -> int:
+    return torch.get_num_threads()
+
+
+def cuda_stream(x: torch.Tensor) -> int:
+    return torch.cuda.current_stream(x.device).cuda_stream
