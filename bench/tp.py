@@ -1,11 +1,13 @@
-"""Tensor-parallel MLP on 2 gloo ranks: megalite's Column -> GELU -> Row, with and without
-sequence parallelism, the bytes each collective kind moved against the theory, and (when
-megatron-core imports) megatron-core's ColumnParallelLinear/RowParallelLinear on the same shapes.
+"""Tensor parallelism on 2 gloo ranks: megalite's Column -> GELU -> Row MLP and one whole GPT
+transformer block through the TP plan, with and without sequence parallelism; the bytes each
+collective kind moved against the theory, and (when megatron-core imports) megatron-core's
+ColumnParallelLinear/RowParallelLinear on the same MLP shapes.
 
 Theory per MLP and iteration (forward + backward), N = b*s*h*4 bytes (fp32):
   without SP: one all-reduce of N forward (g) and one backward (f);
   with SP: an all-gather + a reduce-scatter of N in each direction (comm.py's meter counts the
   full gathered / reduced size for both kinds), so 2N all-gather + 2N reduce-scatter.
+A block has two such regions (attention and MLP): 4N all-reduce, or 4N + 4N with SP.
 
 Timing: median over iterations of forward+backward on rank 0, after warm-up; the variants run in
 interleaved blocks so machine noise hits all alike; one torch thread per rank.
@@ -106,6 +108,29 @@ def megatron_mlp(a, sp: bool, y_megalite: torch.Tensor) -> Tuple[Optional[Step],
         return None, f"failed on CPU/gloo: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
 
 
+def megalite_block(a, group, sp: bool, meter, rank: int) -> Step:
+    """One GPT transformer block (LayerNorm, attention, LayerNorm, MLP) through megalite's TP
+    plan: the region entry collective on each norm's output, row-parallel exits."""
+    from megalite.config.schema import ModelConfig
+    from megalite.models import build_model, resolve_model_args
+    from megalite.parallel.dims import ParallelDims
+    from megalite.tensor_parallel.plan import parallelize
+
+    dims = ParallelDims(dp=1, tp=2, pp=1, rank=rank, meter=meter, tp_group=group)
+    args = resolve_model_args(ModelConfig(num_layers=1, hidden_size=a.h, num_heads=a.h // 64,
+                                          ffn_hidden_size=a.ffn, max_seq_len=a.s), 128)
+    block = build_model(args, 0, plan=lambda m: (m, parallelize(m, dims, sp))).layers[0]
+    s_local = a.s // 2 if sp else a.s
+    x = torch.randn(a.b, s_local, a.h, generator=torch.Generator().manual_seed(1),
+                    requires_grad=True)
+    dy = torch.randn(a.b, s_local, a.h, generator=torch.Generator().manual_seed(2))
+
+    def step() -> None:
+        block(x).backward(dy)
+
+    return step
+
+
 def time_interleaved(steps: Dict[str, Step], a) -> Dict[str, List[float]]:
     for step in steps.values():
         for _ in range(a.warmup):
@@ -139,6 +164,12 @@ def _rank(rank: int, world: int, port: int, a, out) -> None:
         for sp in (False, True):
             name = f"megalite{' SP' if sp else ''}"
             steps[name], outputs[sp] = megalite_mlp(a, group, sp, meter)
+            meter.take()
+            steps[name]()
+            measured[name] = meter.take()
+        for sp in (False, True):
+            name = f"megalite block{' SP' if sp else ''}"
+            steps[name] = megalite_block(a, group, sp, meter, rank)
             meter.take()
             steps[name]()
             measured[name] = meter.take()
@@ -180,14 +211,20 @@ def main() -> int:
         return 1
     _, med, measured, notes, counts = result
     n = a.b * a.s * a.h * 4
+    # MLP: one exit all-reduce forward, one entry all-reduce backward. A block has two regions
+    # (attention, MLP): twice that. With SP each all-reduce becomes an all-gather + a
+    # reduce-scatter of the same full size (the meter counts full sizes; ring traffic is equal).
+    # The SP input gathered by the entry is kept for backward, not re-gathered: no extra gather.
     theory = {"megalite": {"all_reduce": 2 * n},
-              "megalite SP": {"all_gather": 2 * n, "reduce_scatter": 2 * n}}
+              "megalite SP": {"all_gather": 2 * n, "reduce_scatter": 2 * n},
+              "megalite block": {"all_reduce": 4 * n},
+              "megalite block SP": {"all_gather": 4 * n, "reduce_scatter": 4 * n}}
     print(f"TP=2 gloo, MLP b={a.b} s={a.s} h={a.h} ffn={a.ffn} fp32, 1 thread/rank; "
           f"N = b*s*h*4 = {n} bytes")
     print("bytes per iteration (forward+backward), measured vs theory:")
     for name, got in measured.items():
         for kind in sorted(set(got) | set(theory[name])):
-            print(f"  {name:12s} {kind:15s} {got.get(kind, 0):>10d}   theory "
+            print(f"  {name:18s} {kind:15s} {got.get(kind, 0):>10d}   theory "
                   f"{theory[name].get(kind, 0):>10d}")
     print("forward+backward time, median (iterations):")
     for name, t in med.items():
