@@ -2,10 +2,11 @@
 point-to-point transfers they imply, with shapes known ahead from the config (no metadata round
 trip per micro-batch).
 
-Communication: sends are queued and posted together with the next receive in one
-``batch_isend_irecv`` (Megatron's send-forward-recv-backward pairing), so two neighbours that
-send to each other at the same moment cannot deadlock on NCCL; sends are waited for before the
-step ends. With TP, every TP rank sends its own copy of the activation to its peer TP rank
+Communication: an action's sends are posted when it ends — together with the next action's
+receive in one ``batch_isend_irecv`` when that action receives (Megatron's
+send-forward-recv-backward pairing, so two neighbours sending to each other at once cannot
+deadlock on NCCL), on their own otherwise. A receive is waited for; sends only before the step
+ends (a send completes when the peer reaches its matching receive). With TP, every TP rank sends its own copy of the activation to its peer TP rank
 (without sequence parallelism the activation is replicated over TP; with it, each TP rank sends
 only its 1/tp sequence chunk — Megatron's scatter/gather saving, for free).
 
@@ -73,6 +74,11 @@ class P2P:
         self._release(done_only=True)
         return buf
 
+    def post_sends(self) -> None:
+        """Post the queued sends now, without waiting for them."""
+        self._post([])
+        self._release(done_only=True)
+
     def flush(self) -> None:
         """Post the queued sends and wait for every send of the step."""
         self._post([])
@@ -120,7 +126,7 @@ class PipelineExecutor:
         state: Dict[Tuple[int, int], _Micro] = {}
         losses: List[torch.Tensor] = []
         split = any(a.kind == "W" for a in actions)
-        live = 0
+        live = self.peak_in_flight = 0
         for index, action in enumerate(actions):
             if before is not None:
                 before(index, action)
@@ -138,8 +144,16 @@ class PipelineExecutor:
                 self._backward_weight(action, slot)
             if action.kind == "W" or (action.kind == "B" and not split):
                 del state[(action.chunk, action.micro)]  # done: free its graph
+            following = actions[index + 1] if index + 1 < len(actions) else None
+            if following is None or not self._receives(following):
+                self.p2p.post_sends()  # nothing to pair with: do not hold the peer up
         self.p2p.flush()
         return losses
+
+    def _receives(self, a: Action) -> bool:
+        if a.kind == "F":
+            return not self.stage.is_first(a.chunk)
+        return a.kind == "B" and not self.stage.is_last(a.chunk)
 
     def _forward(self, a: Action, slot: _Micro, batch, num_micro: int) -> Optional[torch.Tensor]:
         rank, s = self.dims.pp_rank, self.vstage(a.chunk)

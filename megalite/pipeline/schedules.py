@@ -40,9 +40,10 @@ def one_f_one_b(p: int, m: int, r: int) -> List[Action]:
 
 def zero_bubble_h1(p: int, m: int, r: int) -> List[Action]:
     """ZB-H1 (Qi et al. 2023): 1F1B whose backward is split into B (input gradient: on the
-    critical path between stages) and W (weight gradient: local). Rank r keeps its last p-r-1
-    W passes pending and runs them in the gaps of the cool-down, so gradients travel back
-    through the pipe at the speed of B alone."""
+    critical path between stages) and W (weight gradient: local). Rank r defers p-r-1 W passes
+    out of the steady phase and runs two per B in the cool-down, where 1F1B waits for the next
+    gradient, so gradients travel back through the pipe at the speed of B alone and the queue
+    is empty by the end (the memory of 1F1B plus the deferred W's inputs)."""
     warmup = min(p - r - 1, m)
     actions = [Action("F", 0, i) for i in range(warmup)]           # warm-up
     pending: deque = deque()
@@ -51,11 +52,12 @@ def zero_bubble_h1(p: int, m: int, r: int) -> List[Action]:
         pending.append(i)
         if len(pending) > warmup:
             actions.append(Action("W", 0, pending.popleft()))
-    for i in range(m - warmup, m):                                    # cool-down: B, then a W
-        actions.append(Action("B", 0, i))                             # fills the wait for the
+    for i in range(m - warmup, m):                                    # cool-down: B, then W's
+        actions.append(Action("B", 0, i))                             # fill the wait for the
         pending.append(i)                                             # next gradient
-        actions.append(Action("W", 0, pending.popleft()))
-    actions += [Action("W", 0, i) for i in pending]                   # flush
+        for _ in range(min(2, len(pending))):
+            actions.append(Action("W", 0, pending.popleft()))
+    actions += [Action("W", 0, i) for i in pending]                   # whatever is left
     return actions
 
 
