@@ -7,15 +7,15 @@ Fake stage, per chunk c:   y = XBranch(x) + WBranch(w)
   WBranch: forward free, backward sleeps W (the weight-gradient share; on the very first virtual
   stage it sleeps B+W, because there the input needs no gradient but a real stage still has to
   back-propagate through its layers to reach their weights).
-A full backward (gpipe, 1f1b, interleaved) therefore costs B+W; the zb-h1 split runs the x branch
-in its B action (autograd.grad w.r.t. the received input) and the w branch in its W action
-(autograd w.r.t. the parameters). Every sleep is time-stamped and tagged with the action that
+A full backward (gpipe, 1f1b, interleaved) therefore costs B+W; under zb-h1 the B action runs
+the x branch (and the first stage's chain share) and defers the w branch's sleep to the W action
+through the executor's weight-gradient store, as a linear layer defers its dW matmul. Every sleep is time-stamped and tagged with the action that
 was running, so the split can be verified from the timestamps.
 """
 from __future__ import annotations
 
 import time
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple  # noqa: F401
 
 import torch
 import torch.nn as nn
@@ -54,16 +54,21 @@ class _XBranch(torch.autograd.Function):
 
 class _WBranch(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, w, shape: Tuple[int, ...], rec: Recorder, cost: float):
-        # ``shape``, not the input tensor: a tensor argument would put this node on the path
-        # to the input, and the input-gradient pass (B) would then run this backward too
-        ctx.rec, ctx.cost = rec, cost
+    def forward(ctx, w, shape: Tuple[int, ...], rec: Recorder, chain: float, cost: float,
+                store):
+        # ``shape``, not the input tensor: this node is off the path to the input
+        ctx.rec, ctx.chain, ctx.cost, ctx.store = rec, chain, cost, store
         return w.new_zeros(shape)
 
     @staticmethod
     def backward(ctx, g):
-        ctx.rec.sleep("Wp", ctx.cost)
-        return torch.zeros(1, dtype=g.dtype), None, None, None
+        rec, cost = ctx.rec, ctx.cost
+        if ctx.chain:  # first stage: the activation-gradient chain still runs in B
+            rec.sleep("Bx", ctx.chain)
+        # like a linear layer's dW matmul: deferred to the W pass under zero-bubble schedules
+        if ctx.store is None or not ctx.store.defer(lambda: rec.sleep("Wp", cost)):
+            rec.sleep("Wp", cost)
+        return torch.zeros(1, dtype=g.dtype), None, None, None, None, None
 
 
 class SleepStage(nn.Module):
@@ -87,13 +92,15 @@ class SleepStage(nn.Module):
     def is_last(self, chunk: int) -> bool:
         return self.vstage(chunk) == self.pp * len(self.chunks) - 1
 
-    def forward_chunk(self, chunk: int, x: torch.Tensor) -> torch.Tensor:
-        w_cost = self.w + (self.b if self.is_first(chunk) else 0.0)
-        return (_XBranch.apply(x, self.rec, self.f, self.b)
-                + _WBranch.apply(self.weights[chunk], tuple(x.shape), self.rec, w_cost))
+    def use_wgrad_store(self, store) -> None:
+        """Called by the executor for split schedules (megalite.pipeline.zero_bubble)."""
+        self.store = store
 
-    def chunk_parameters(self, chunk: int) -> List[nn.Parameter]:
-        return [self.weights[chunk]]
+    def forward_chunk(self, chunk: int, x: torch.Tensor) -> torch.Tensor:
+        chain = self.b if self.is_first(chunk) else 0.0
+        return (_XBranch.apply(x, self.rec, self.f, self.b)
+                + _WBranch.apply(self.weights[chunk], tuple(x.shape), self.rec, chain, self.w,
+                                 getattr(self, "store", None)))
 
 
 class TimedExecutor(PipelineExecutor):
@@ -143,8 +150,8 @@ class TimedExecutor(PipelineExecutor):
     def _backward_input(self, a, slot, split):
         return self._timed(super()._backward_input, a, slot, split)
 
-    def _backward_weight(self, a, slot):
-        return self._timed(super()._backward_weight, a, slot)
+    def _backward_weight(self, a):
+        return self._timed(super()._backward_weight, a)
 
 
 def simulate(actions_of: Dict[int, list], p: int, v: int, cost, eager: bool,

@@ -193,10 +193,9 @@ def check_split(run: dict) -> List[str]:
         for tag, index, *_ in rk["sleeps"]:
             tags.setdefault(index, []).append(tag)
         for index, (kind, chunk, micro) in enumerate(rk["actions"]):
-            first = chunk * p + r == 0
-            want = {"F": ["F"], "W": ["Wp"],
-                    "B": ([] if first else ["Bx"]) if split else (["Wp"] if first
-                                                                  else ["Bx", "Wp"])}[kind]
+            # B always runs the activation-gradient share (on the first stage its chain part);
+            # the weight share runs in B, or under zb-h1 in the W pass
+            want = {"F": ["F"], "W": ["Wp"], "B": ["Bx"] if split else ["Bx", "Wp"]}[kind]
             got = sorted(tags.get(index, []))
             if got != sorted(want):
                 bad.append(f"rank {r} action {index} {kind}({chunk},{micro}): slept {got}, "

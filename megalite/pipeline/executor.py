@@ -25,17 +25,16 @@ from megalite.parallel import comm
 from megalite.parallel.dims import ParallelDims
 from megalite.pipeline.schedules import Action
 from megalite.pipeline.stage import PipelineStage
+from megalite.pipeline.zero_bubble import WeightGradStore, defer_weight_grads
 
 _engine = torch.autograd.Variable._execution_engine  # backward without the shape check
 
 
-def _backward(tensor: torch.Tensor, grad: Optional[torch.Tensor], inputs=(),
-              keep_graph: bool = False, accumulate: bool = True):
+def _backward(tensor: torch.Tensor, grad: Optional[torch.Tensor]) -> None:
     """autograd backward that accepts an output whose data was freed after sending; ``grad``
     None means d(loss)/d(loss) = 1."""
     grad = torch.ones_like(tensor) if grad is None else grad
-    return _engine.run_backward((tensor,), (grad,), keep_graph, False, tuple(inputs), True,
-                                accumulate)
+    _engine.run_backward((tensor,), (grad,), False, False, (), True, True)
 
 
 @dataclass
@@ -112,6 +111,8 @@ class PipelineExecutor:
         self.act_shape, self.dtype = act_shape, dtype
         self.v = len(stage.chunks)
         self.peak_in_flight = 0
+        self.wgrad_store = WeightGradStore()  # used by split (zero-bubble) schedules
+        self._deferring = False
 
     def vstage(self, chunk: int) -> int:
         return chunk * self.dims.pp + self.dims.pp_rank
@@ -126,10 +127,15 @@ class PipelineExecutor:
         state: Dict[Tuple[int, int], _Micro] = {}
         losses: List[torch.Tensor] = []
         split = any(a.kind == "W" for a in actions)
+        if split and not self._deferring:
+            defer_weight_grads(self.stage, self.wgrad_store)
+            self._deferring = True
         live = self.peak_in_flight = 0
         for index, action in enumerate(actions):
             if before is not None:
                 before(index, action)
+            if action.kind == "W":
+                self._backward_weight(action)
             slot = state.setdefault((action.chunk, action.micro), _Micro())
             if action.kind == "F":
                 loss = self._forward(action, slot, batch, num_micro)
@@ -140,9 +146,7 @@ class PipelineExecutor:
             elif action.kind == "B":
                 self._backward_input(action, slot, split)
                 live -= 1
-            else:
-                self._backward_weight(action, slot)
-            if action.kind == "W" or (action.kind == "B" and not split):
+            if action.kind != "F":
                 del state[(action.chunk, action.micro)]  # done: free its graph
             following = actions[index + 1] if index + 1 < len(actions) else None
             if following is None or not self._receives(following):
@@ -175,23 +179,18 @@ class PipelineExecutor:
         return None
 
     def _backward_input(self, a: Action, slot: _Micro, split: bool) -> None:
-        """Full backward, or with ``split`` only the gradient of the received input (B)."""
+        """The backward of a micro-batch; with ``split`` the linear layers' weight-gradient
+        matmuls are deferred to its W pass (B: everything on the critical path)."""
         rank, s = self.dims.pp_rank, self.vstage(a.chunk)
         if not self.stage.is_last(a.chunk):
             slot.grad = self.p2p.recv(self.act_shape, self.dtype, slot.output.device, rank + 1,
                                       s + 1, a.micro, 1)
-        if not split:
-            _backward(slot.output, slot.grad)
-            dx = None if slot.inputs is None else slot.inputs.grad
-        elif slot.inputs is None:
-            return  # the first stage has no input gradient: all of its backward is W
-        else:
-            (dx,) = _backward(slot.output, slot.grad, inputs=(slot.inputs,), keep_graph=True,
-                              accumulate=False)
-        if dx is not None:
-            self.p2p.send(dx, rank - 1, s, a.micro, 1)
+        self.wgrad_store.key = (a.chunk, a.micro) if split else None
+        _backward(slot.output, slot.grad)
+        self.wgrad_store.key = None
+        if slot.inputs is not None:
+            self.p2p.send(slot.inputs.grad, rank - 1, s, a.micro, 1)
 
-    def _backward_weight(self, a: Action, slot: _Micro) -> None:
-        """W: the weight gradients of a split backward, accumulated into the parameters."""
-        params = [p for p in self.stage.chunk_parameters(a.chunk) if p.requires_grad]
-        _backward(slot.output, slot.grad, inputs=params)
+    def _backward_weight(self, a: Action) -> None:
+        """W: the deferred weight-gradient matmuls of this micro-batch's B pass."""
+        self.wgrad_store.run((a.chunk, a.micro))

@@ -71,14 +71,6 @@ class PipelineStage(nn.Module):
             x = self.head(x)
         return x
 
-    def chunk_parameters(self, chunk: int) -> List[nn.Parameter]:
-        params = [p for i in self.chunks[chunk] for p in self.layers[str(i)].parameters()]
-        if self.is_first(chunk):
-            params += list(self.embed.parameters())
-        if self.is_last(chunk):
-            params += [p for p in self.head.parameters() if all(p is not q for q in params)]
-        return params
-
 
 def mark_tied_copy(stage: nn.Module, tie_embeddings: bool, pp: int) -> None:
     """With tied embeddings across stages the last stage holds a copy of the embedding as its
