@@ -267,8 +267,8 @@ def report_fixed(runs: List[dict], a, title: str, check: bool) -> List[str]:
           "of each action), zero latency; "
           "+lat: this table's send rule plus the measured one-way latency of a small gloo "
           "transfer (" + ", ".join(f"p={p}: {l * 1e3:.2f} ms" for p, l in lats) + ")")
-    print(f"  (zb-h1 rows: 'theory' is 1F1B's (p-1)/(m+p-1); ZB-H1's own is "
-          f"(p-1)(F+B-W)/(m(F+B+W)+(p-1)(F+B-W)) = "
+    print("  (zb-h1 rows: 'theory' is 1F1B's (p-1)/(m+p-1); ZB-H1's own is "
+          "(p-1)(F+B-W)/(m(F+B+W)+(p-1)(F+B-W)) = "
           + ", ".join(f"p={p},m={m}: {zb_theory(p, m, a.f_ms, a.b_ms, a.w_ms):.3f}"
                       for p, m, n in sorted(groups) if n == "zb-h1") + ")")
     print(f"  peak bytes: max over ranks of measured in-flight / v x one micro-batch's saved "
@@ -360,8 +360,8 @@ def main() -> int:
                            "Table 1 - fixed-wait stages, shipped executor "
                            "(! = more than 10% from theory)", check=True)
     bad = [msg for r in results if r["table"] in ("fixed", "eager") for msg in check_split(r)]
-    print(f"  split check (sleep timestamps per action: F ran the x-branch forward only, a "
-          f"full B both backward branches, zb-h1's B only the x branch, W only the w branch): "
+    print("  split check (sleep timestamps per action: F ran the x-branch forward only, a "
+          "full B both backward branches, zb-h1's B only the x branch, W only the w branch): "
           + ("ok" if not bad else f"{len(bad)} FAILURES: " + "; ".join(bad[:5])))
     if flagged:
         print("  rows NOT within 10% of theory: " + "; ".join(flagged))

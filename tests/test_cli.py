@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from helpers import REPO, tiny_config, train
+from helpers import REPO, tiny_config
 from megalite.cli import main
 
 TINY = os.path.join(REPO, "configs", "tiny.yaml")

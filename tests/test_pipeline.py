@@ -56,7 +56,7 @@ def _one_batch_gradients(dims, schedule, family):
     stage = build_model(args, seed=3, plan=model_plan(dims, ParallelConfig(
         pp=dims.pp, schedule=schedule, virtual_stages=v)))
     params = list(stage.parameters())
-    grads = GradBuffer(params, torch.float32)
+    GradBuffer(params, torch.float32)  # gives each parameter its main_grad (as the trainer)
     actions = schedules.build(schedule, dims.pp, MICRO, dims.pp_rank, v)
     trace = []  # zb-h1 on the last stage: (action, does chunk 0's first weight have a grad?)
 

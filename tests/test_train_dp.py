@@ -9,7 +9,6 @@ import os
 import signal
 
 import pytest
-import torch
 
 from distributed import run_distributed
 from helpers import max_abs_diff, tiny_config, train

@@ -1,7 +1,7 @@
 """Model construction: resolve the config, build on the meta device, draw weights from the seed."""
 from __future__ import annotations
 
-from typing import Callable, Optional, Tuple
+from typing import TYPE_CHECKING, Callable, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -9,6 +9,9 @@ import torch.nn as nn
 from megalite.config.schema import ModelConfig
 from megalite.models.transformer import (CausalLM, KVCache, ModelArgs, flops_per_token,
                                          init_tensor, lm_loss, num_params)
+
+if TYPE_CHECKING:
+    from megalite.tensor_parallel.layout import ShardLayout
 
 __all__ = ["CausalLM", "KVCache", "ModelArgs", "build_model", "resolve_model_args", "lm_loss",
            "num_params", "flops_per_token", "init_weights"]

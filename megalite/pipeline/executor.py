@@ -21,7 +21,6 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
-from megalite.parallel import comm
 from megalite.parallel.dims import ParallelDims
 from megalite.pipeline.schedules import Action
 from megalite.pipeline.stage import PipelineStage
