@@ -15,7 +15,8 @@ import torch
 from megalite.config import save_yaml
 from megalite.config.schema import Config
 from megalite.data import build_datasets, ensure_dataset, micro_batch
-from megalite.models import build_model, flops_per_token, num_params, resolve_model_args
+from megalite.models import (CausalLM, build_model, flops_per_token, num_params,
+                             resolve_model_args)
 from megalite.parallel import comm
 from megalite.parallel.dims import ParallelDims
 from megalite.pipeline import schedules
@@ -99,7 +100,9 @@ class Trainer:
         if dims.rank == 0:
             save_yaml(cfg, os.path.join(cfg.run.dir, "config.yaml"))
         self.timers = Timers()
-        self.n_params = num_params(self.model)
+        with torch.device("meta"):  # the whole model's size, whatever this rank holds of it
+            self.n_params = num_params(CausalLM(self.args))
+        self.rank_params = sum(p.numel() for p in params)
         self.flops_per_token = flops_per_token(self.args, cfg.data.seq_len, self.n_params)
         self._stop_signal: Optional[int] = None
 
@@ -114,7 +117,7 @@ class Trainer:
             f"model: {a.family} {self.n_params / 1e6:.2f}M params, {a.num_layers} layers, "
             f"hidden {a.hidden_size}, heads {a.num_heads}/{a.num_kv_heads} kv, ffn "
             f"{a.ffn_hidden_size}, vocab {a.vocab_size}, precision {t.precision}",
-            f"model-state memory per rank: {self.n_params * per_param / 2**20:.1f} MiB "
+            f"model-state memory on this rank: {self.rank_params * per_param / 2**20:.1f} MiB "
             f"({per_param} bytes/param: params, grads, master, AdamW moments)",
             f"batch: global {self.gbs} = micro {self.mbs} x grad_accum {self.ga} x dp "
             f"{self.dims.dp}; {self.gbs * self.cfg.data.seq_len:,} tokens/step",
