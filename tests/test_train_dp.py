@@ -43,7 +43,6 @@ def _dp_world(tmp, cache):
     out = {}
     trainer, result = train(_cfg(f"{tmp}/fp32", cache, dp), distributed=True)
     out["fp32"], out["val"], out["checksum"] = result.losses, result.val_loss, _param_checksum(trainer)
-    out["comm"] = trainer.grads.buffer.numel() * 4  # bytes one all-reduce of the gradients moves
     _, result = train(_cfg(f"{tmp}/bf16", cache, dp, "bf16"), distributed=True)
     out["bf16"] = result.losses
     _, result = train(_cfg(f"{tmp}/bf16g", cache, dp, "bf16", "--train.grad_dtype=bf16"), True)

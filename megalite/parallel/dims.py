@@ -69,6 +69,12 @@ class ParallelDims:
     def is_last_stage(self) -> bool:
         return self.pp_rank == self.pp - 1
 
+    @property
+    def reports_loss(self) -> bool:
+        """One rank per data-parallel replica contributes the loss to the step's all-reduce: TP
+        rank 0 of the last pipeline stage (the other TP ranks hold the same value)."""
+        return self.tp_rank == 0 and self.is_last_stage
+
     def rank_of(self, pp_rank: int, dp_rank: int, tp_rank: int) -> int:
         return (pp_rank * self.dp + dp_rank) * self.tp + tp_rank
 

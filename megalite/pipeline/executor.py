@@ -108,7 +108,6 @@ class PipelineExecutor:
                  act_shape: Tuple[int, ...], dtype: torch.dtype):
         self.stage, self.dims, self.loss_fn = stage, dims, loss_fn
         self.act_shape, self.dtype = act_shape, dtype
-        self.v = len(stage.chunks)
         self.peak_in_flight = 0
         self.wgrad_store = WeightGradStore()  # used by split (zero-bubble) schedules
         self._deferring = False

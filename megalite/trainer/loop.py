@@ -61,9 +61,9 @@ class Trainer:
         t = cfg.train
         self.mbs, self.ga, self.gbs = t.micro_batch_size, t.grad_accum, t.global_batch_size
         if dims.rank == 0:
-            self.prefixes = ensure_dataset(cfg.data)
+            ensure_dataset(cfg.data)  # prepares it (once, on one rank) when not cached yet
         comm.barrier()
-        self.prefixes = ensure_dataset(cfg.data)  # cached now: returns the paths
+        self.prefixes = ensure_dataset(cfg.data)  # cached now: only returns the paths
         num_val = t.eval_iters * self.gbs
         self.train_ds, self.val_ds, self.tokenizer = build_datasets(
             cfg.data, t.seed, t.steps * self.gbs, num_val)
@@ -162,7 +162,7 @@ class Trainer:
         return loss.detach()
 
     def batch(self, micro: int, step: Optional[int] = None, data=None):
-        x, y = micro_batch(data or self.train_ds, self.step if step is None else step, micro,
+        x, y = micro_batch(self.train_ds if data is None else data, self.step if step is None else step, micro,
                            self.dims.dp_rank, self.mbs, self.ga, self.dims.dp)
         return x.to(self.dims.device), y.to(self.dims.device)
 
@@ -207,19 +207,20 @@ class Trainer:
         self.opt.step(lr)
         self.timers.stop("optimizer")
         # One small all-reduce per step: the mean loss and whether any rank was told to stop.
-        owns_loss = self.dims.tp_rank == 0 and self.dims.is_last_stage
         stop_flag = torch.full((), float(self._stop_signal is not None), device=self.dims.device)
         mean = torch.stack(losses).mean().float() if losses else torch.zeros_like(stop_flag)
-        stats = torch.stack([mean * owns_loss, stop_flag])
+        stats = torch.stack([mean * self.dims.reports_loss, stop_flag])
         self.timers.start("comm")
         comm.all_reduce(stats, self.dims.world_group, self.dims.meter)
         self.timers.stop("comm")
-        loss, stop = stats[0].item() / self.dims.dp, stats[1].item() > 0
+        # the step's one host sync: loss, stop flag and gradient norm together
+        loss_sum, stop, grad_norm = torch.cat([stats, grad_norm.reshape(1).float()]).tolist()
+        loss = loss_sum / self.dims.dp
         self.step += 1
         elapsed = time.perf_counter() - start
         tokens = self.gbs * self.cfg.data.seq_len
         tflops = self.flops_per_token * tokens / elapsed / 1e12 / self.dims.world_size
-        record = {"step": self.step, "loss": loss, "lr": lr, "grad_norm": float(grad_norm),
+        record = {"step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                   "tokens_per_s": tokens / elapsed, "tflops": tflops,
                   "mfu": tflops / self.peak_tflops(), "step_time": elapsed,
                   **{f"time.{k}": v for k, v in self.timers.take().items()},
@@ -227,7 +228,7 @@ class Trainer:
         if not math.isfinite(loss):
             raise TrainingDiverged(f"loss is {loss} at step {self.step}; stopping. The last "
                                    f"checkpoint ({checkpoint.latest(self.ckpt_dir)}) is kept.")
-        record["stop"] = stop
+        record["stop"] = stop > 0
         return record
 
     def peak_tflops(self) -> float:
@@ -254,8 +255,7 @@ class Trainer:
                 losses = self.executor.run(actions, self.ga, batch)
             total += sum(loss.float() for loss in losses)
         self.model.train()
-        owns_loss = dims.tp_rank == 0 and dims.is_last_stage
-        total *= owns_loss / (iters * self.ga * dims.dp)
+        total *= dims.reports_loss / (iters * self.ga * dims.dp)
         comm.all_reduce(total, dims.world_group, dims.meter)
         return total.item()
 
