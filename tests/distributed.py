@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import pickle
 import queue
 import traceback
 from typing import Any, Callable, List
@@ -25,7 +26,9 @@ def _worker(fn, rank, world_size, port, args, kwargs, results):
         import torch
 
         torch.set_num_threads(1)
-        results.put((rank, True, fn(*args, **kwargs)))
+        # plain pickle: tensors travel by value, not as shared memory this rank (about to
+        # exit) would have to keep serving until the parent reads them
+        results.put((rank, True, pickle.dumps(fn(*args, **kwargs))))
     except BaseException:  # noqa: BLE001 - every failure must reach the parent
         results.put((rank, False, traceback.format_exc()))
     finally:
@@ -54,7 +57,7 @@ def run_distributed(fn: Callable, world_size: int, *args, timeout_s: float = 120
                                    f"{timeout_s:.0f} s (a hang?)") from None
             if not ok:
                 raise AssertionError(f"rank {rank} of {world_size} failed:\n{value}")
-            out[rank] = value
+            out[rank] = pickle.loads(value)
     finally:
         for p in procs:
             p.join(timeout=5)

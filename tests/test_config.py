@@ -162,11 +162,10 @@ def test_deepspeed_mapping(tmp_path: Path, capsys: pytest.CaptureFixture) -> Non
     assert t.grad_clip == 0.5 and t.precision == "bf16" and cfg.run.log_interval == 50
     unused = [w for w in warnings if "does not use" in w]
     assert len(unused) == 1
-    for key in ("fp16.loss_scale", "fp16.initial_scale_power", "zero_optimization.overlap_comm",
-                "zero_optimization.contiguous_gradients", "wall_clock_breakdown",
-                "comms_logger.enabled"):
+    for key in ("wall_clock_breakdown", "comms_logger.enabled"):
         assert key in unused[0]
-    for key in ("fp16.enabled", "zero_optimization.stage", "bf16.enabled", "train_batch_size"):
+    for key in ("fp16.enabled", "fp16.loss_scale", "zero_optimization.stage",
+                "zero_optimization.overlap_comm", "bf16.enabled", "train_batch_size"):
         assert key not in unused[0]
     err = capsys.readouterr().err
     assert "config: train.lr: 0.001 (yaml) overridden by 0.0003 (deepspeed config)" in err
@@ -180,6 +179,22 @@ def test_deepspeed_then_cli_conflict(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert cfg.train.steps == 500
     assert "train.steps: 1000 (deepspeed config) overridden by 500 (command line)" in \
         capsys.readouterr().err
+
+
+def test_deepspeed_fp16_and_zero() -> None:
+    out, warnings = map_deepspeed({
+        "fp16": {"enabled": True, "loss_scale": 0, "initial_scale_power": 12,
+                 "loss_scale_window": 500, "hysteresis": 1, "min_loss_scale": 2},
+        "zero_optimization": {"stage": 3, "reduce_bucket_size": 2**20, "overlap_comm": True,
+                              "offload_optimizer": {"device": "cpu", "pin_memory": True}}})
+    assert out["train"] == {"precision": "fp16", "loss_scale": 0, "initial_loss_scale": 4096.0,
+                            "loss_scale_window": 500, "loss_scale_hysteresis": 1,
+                            "min_loss_scale": 2}
+    assert out["parallel"] == {"zero_stage": 3, "bucket_mb": 4.0, "offload_optimizer": True}
+    assert not any("does not use" in w for w in warnings)
+    out, _ = map_deepspeed({"fp16": {"enabled": True}, "zero_optimization": {"stage": 1}})
+    assert out["train"]["initial_loss_scale"] == 65536.0  # DeepSpeed's default power 16
+    assert out["train"]["loss_scale_hysteresis"] == 2 and out["parallel"]["zero_stage"] == 1
 
 
 def test_deepspeed_auto_and_schedulers() -> None:
@@ -202,8 +217,10 @@ def test_deepspeed_auto_and_schedulers() -> None:
 
 
 @pytest.mark.parametrize("ds,needle", [
-    ({"fp16": {"enabled": True}}, "fp16 comes with ZeRO"),
-    ({"zero_optimization": {"stage": 2}}, "ZeRO stage 2 is not implemented yet; use stage 0"),
+    ({"fp16": {"enabled": True, "consecutive_hysteresis": True}}, "consecutive_hysteresis"),
+    ({"zero_optimization": {"stage": 4}}, "zero_optimization.stage=4: must be 0, 1, 2 or 3"),
+    ({"zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}}}, "offload_param"),
+    ({"zero_optimization": {"offload_optimizer": {"device": "nvme"}}}, "cpu only"),
     ({"optimizer": {"type": "Adam", "params": {"adam_w_mode": False}}}, "adam_w_mode"),
     ({"optimizer": {"type": "Lamb"}}, "optimizer.type=Lamb"),
     ({"scheduler": {"type": "OneCycle"}}, "scheduler.type=OneCycle"),
@@ -286,8 +303,14 @@ BAD = [
     ({"train": {"beta2": 1.0}}, "train.beta2", "1.0"),
     ({"train": {"eps": 0}}, "train.eps", "0.0"),
     ({"train": {"grad_clip": -1}}, "train.grad_clip", "-1.0"),
-    ({"train": {"precision": "fp16"}}, "train.precision", "fp16"),
-    ({"train": {"grad_dtype": "fp16"}}, "train.grad_dtype", "fp16"),
+    ({"train": {"precision": "fp8"}}, "train.precision", "fp8"),
+    ({"train": {"grad_dtype": "int8"}}, "train.grad_dtype", "int8"),
+    ({"parallel": {"zero_stage": 4}}, "parallel.zero_stage", "4"),
+    ({"parallel": {"zero2_accumulate": "some"}}, "parallel.zero2_accumulate", "some"),
+    ({"parallel": {"zero_stage": 2, "pp": 2, "dp": 1, "schedule": "zb-h1"}}, "parallel.schedule",
+     "zb-h1"),
+    ({"train": {"precision": "fp16", "loss_scale_window": 0}}, "train.loss_scale_window", "0"),
+    ({"train": {"precision": "fp16", "min_loss_scale": 0}}, "train.min_loss_scale", "0"),
     ({"train": {"eval_interval": -5}}, "train.eval_interval", "-5"),
     ({"train": {"eval_iters": 0}}, "train.eval_iters", "0"),
     ({"train": {"micro_batch_size": 0}}, "train.micro_batch_size", "0"),

@@ -42,7 +42,7 @@ def _one_batch_gradients(dims, schedule, family):
     from megalite.pipeline.executor import PipelineExecutor
     from megalite.pipeline.stage import sync_tied_grads
     from megalite.plan import model_plan
-    from megalite.zero import GradBuffer
+    from megalite.zero import ZeroEngine
 
     kv = 2 if family == "llama" else None
     args = resolve_model_args(ModelConfig(family=family, num_layers=LAYERS, hidden_size=32,
@@ -53,10 +53,10 @@ def _one_batch_gradients(dims, schedule, family):
     ref_loss = sum(lm_loss(ref(x), y) / MICRO for x, y in map(batch, range(MICRO)))
     ref_loss.backward()
     v = 2 if schedule == "interleaved" else 1
+    engine = ZeroEngine(0, dims, torch.float32, torch.float32)  # main_grad views, as the trainer
     stage = build_model(args, seed=3, plan=model_plan(dims, ParallelConfig(
-        pp=dims.pp, schedule=schedule, virtual_stages=v)))
-    params = list(stage.parameters())
-    GradBuffer(params, torch.float32)  # gives each parameter its main_grad (as the trainer)
+        pp=dims.pp, schedule=schedule, virtual_stages=v)), materialize=engine.materialize)
+    engine.attach(stage)
     actions = schedules.build(schedule, dims.pp, MICRO, dims.pp_rank, v)
     trace = []  # zb-h1 on the last stage: (action, does chunk 0's first weight have a grad?)
 

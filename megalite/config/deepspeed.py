@@ -149,16 +149,29 @@ def _scheduler(r: _Reader, opt_lr: Optional[float], base_lr: Optional[float]) ->
         r.put("train.steps", total)
 
 
-def _precision_and_zero(r: _Reader) -> None:
-    for key in ("bf16", "bfloat16"):
-        enabled = r.get(f"{key}.enabled")
-        if enabled is True:
-            r.put("train.precision", "bf16")
-        elif enabled is False:
-            r.put("train.precision", "fp32")
-    if r.get("fp16.enabled") is True:
-        r.error("fp16.enabled", True, "fp16 comes with ZeRO loss scaling (not supported yet); "
-                "use bf16.enabled=true")
+def _fp16(r: _Reader) -> None:
+    """The fp16 block: dynamic (loss_scale 0) or static loss scaling, DeepSpeed's defaults."""
+    if r.get("fp16.enabled") is not True:
+        for key in ("loss_scale", "initial_scale_power", "loss_scale_window", "hysteresis",
+                    "min_loss_scale", "consecutive_hysteresis"):
+            r.get(f"fp16.{key}")  # fp16 off: its knobs are moot, not unknown
+        return
+    r.put("train.precision", "fp16")
+    r.put("train.loss_scale", r.get("fp16.loss_scale", 0))
+    power = r.get("fp16.initial_scale_power", 16)
+    if isinstance(power, int) and not isinstance(power, bool):
+        r.put("train.initial_loss_scale", float(2 ** power))
+    elif power != "auto":
+        r.error("fp16.initial_scale_power", power, "must be an integer (the scale is 2**power)")
+    r.put("train.loss_scale_window", r.get("fp16.loss_scale_window", 1000))
+    r.put("train.loss_scale_hysteresis", r.get("fp16.hysteresis", 2))
+    r.put("train.min_loss_scale", r.get("fp16.min_loss_scale", 1))
+    if r.get("fp16.consecutive_hysteresis", False) is True:
+        r.error("fp16.consecutive_hysteresis", True, "megalite refills the hysteresis only "
+                "when the scale grows (DeepSpeed's default); remove it")
+
+
+def _zero(r: _Reader) -> None:
     zero = r.get("zero_optimization")
     stage: Any = None
     if isinstance(zero, bool):
@@ -166,9 +179,46 @@ def _precision_and_zero(r: _Reader) -> None:
     elif isinstance(zero, dict):
         r.used.discard("zero_optimization")  # only the keys read below count as used
         stage = r.get("zero_optimization.stage", 0)
-    if stage not in (None, 0, "auto"):
-        r.error("zero_optimization.stage", stage,
-                f"ZeRO stage {stage} is not implemented yet; use stage 0")
+    if stage is None or stage == "auto":
+        return
+    if stage not in (0, 1, 2, 3):
+        r.error("zero_optimization.stage", stage, "must be 0, 1, 2 or 3")
+        return
+    r.put("parallel.zero_stage", stage)
+    z = "zero_optimization."
+    # how megalite always works (overlapped, contiguous buckets): nothing to map
+    for key in ("overlap_comm", "contiguous_gradients", "reduce_scatter",
+                "allgather_partitions", "round_robin_gradients"):
+        r.get(z + key)
+    size = r.get(z + "reduce_bucket_size")
+    if isinstance(size, (int, float)) and not isinstance(size, bool):
+        r.put("parallel.bucket_mb", size * 4 / 2**20)  # DeepSpeed counts elements
+    device = r.get(z + "offload_optimizer.device")
+    if device == "cpu":
+        r.put("parallel.offload_optimizer", True)
+        r.get(z + "offload_optimizer.pin_memory")  # megalite pins whenever the model is on a GPU
+    elif device not in (None, "none"):
+        r.error(z + "offload_optimizer.device", device, "megalite offloads to cpu only; use "
+                "cpu or none")
+    if r.get(z + "offload_param.device") not in (None, "none"):
+        r.error(z + "offload_param.device", r.get(z + "offload_param.device"),
+                "parameter offload is not supported; remove it (offload_optimizer is)")
+    reshard = r.get(z + "stage3_param_persistence_threshold")
+    if reshard is not None:
+        r.warnings.append(f"deepspeed {z}stage3_param_persistence_threshold={fmt(reshard)}: "
+                          "megalite shards every parameter; see "
+                          "parallel.zero3_reshard_after_forward")
+
+
+def _precision_and_zero(r: _Reader) -> None:
+    for key in ("bf16", "bfloat16"):
+        enabled = r.get(f"{key}.enabled")
+        if enabled is True:
+            r.put("train.precision", "bf16")
+        elif enabled is False:
+            r.put("train.precision", "fp32")
+    _fp16(r)
+    _zero(r)
 
 
 def map_deepspeed(ds: Dict[str, Any],

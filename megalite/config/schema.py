@@ -82,6 +82,23 @@ class ParallelConfig:
     gradients are ready, overlapping communication with the rest of backward."""
     timeout_s: float = 600.0
     """Collective timeout in seconds: a rank stuck longer than this in a collective raises."""
+    zero_stage: int = 0
+    """ZeRO sharding over the data-parallel group (Rajbhandari et al. 2020): 0 none (gradients
+    all-reduced); 1 fp32 master weights and AdamW states sharded (gradients reduce-scattered,
+    parameters all-gathered after the update: the same bytes as an all-reduce); 2 gradients
+    sharded too; 3 parameters sharded too (each unit gathered for its forward and its backward,
+    then freed). Works with tp and pp."""
+    zero2_accumulate: str = "shard"
+    """ZeRO-2 with grad_accum > 1: `shard` reduce-scatters every micro-batch's gradients into
+    the owned fp32 shard (least memory) or `full` accumulates full gradients and
+    reduce-scatters once per step (least traffic). ZeRO-3 always works as `shard`."""
+    zero3_reshard_after_forward: bool = True
+    """ZeRO-3: free a unit's gathered parameters after its forward and gather them again for
+    its backward (least memory). false keeps them gathered until the optimizer step, so
+    micro-batches after the first (and pipeline schedules) gather nothing more."""
+    offload_optimizer: bool = False
+    """ZeRO-Offload (Ren et al. 2021): fp32 master weights, AdamW moments and an fp32 gradient
+    copy live in CPU buffers (pinned on GPU machines) and the update runs on the CPU."""
 
 
 @dataclass
@@ -118,9 +135,22 @@ class TrainConfig:
     grad_clip: float = 1.0
     """Clip the global gradient norm to this value; 0 disables clipping."""
     precision: str = "fp32"
-    """`fp32` or `bf16` (bf16 parameters and compute, fp32 master weights in the optimizer)."""
+    """`fp32`, `bf16` (bf16 parameters and compute, fp32 master weights in the optimizer) or
+    `fp16` (as bf16, plus dynamic loss scaling: see loss_scale)."""
     grad_dtype: str = "fp32"
     """Dtype gradients are accumulated and all-reduced in: `fp32` (default) or `bf16`."""
+    loss_scale: float = 0.0
+    """fp16: a fixed loss scale, or 0 for dynamic scaling (DeepSpeed fp16.loss_scale). A step
+    whose gradients overflow on any rank is skipped on every rank."""
+    initial_loss_scale: float = 65536.0
+    """fp16, dynamic: the starting scale (DeepSpeed 2**initial_scale_power)."""
+    loss_scale_window: int = 1000
+    """fp16, dynamic: double the scale after this many steps without overflow."""
+    loss_scale_hysteresis: int = 2
+    """fp16, dynamic: halve the scale at the this-many-th overflow since it last grew
+    (DeepSpeed fp16.hysteresis; 1 halves at every overflow)."""
+    min_loss_scale: float = 1.0
+    """fp16, dynamic: the scale never drops below this."""
     seed: int = 1234
     """Seed of weight initialisation, data order and dropout; the same for every layout."""
     peak_tflops: float = 0.0

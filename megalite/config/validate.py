@@ -192,6 +192,18 @@ def _check_parallel(cfg: Config, err: _Errors) -> None:
     _choice(err, "parallel.backend", p.backend, ["auto", "gloo", "nccl"])
     err.check(p.bucket_mb > 0, "parallel.bucket_mb", p.bucket_mb, "must be positive")
     err.check(p.timeout_s > 0, "parallel.timeout_s", p.timeout_s, "must be positive")
+    _check_zero(cfg, err)
+
+
+def _check_zero(cfg: Config, err: _Errors) -> None:
+    p = cfg.parallel
+    if p.zero_stage not in (0, 1, 2, 3):
+        err.add("parallel.zero_stage", p.zero_stage, "must be 0, 1, 2 or 3")
+    _choice(err, "parallel.zero2_accumulate", p.zero2_accumulate, ["shard", "full"])
+    if p.zero_stage >= 2 and p.pp > 1 and p.schedule == "zb-h1":
+        err.add("parallel.schedule", p.schedule,
+                f"zb-h1 defers weight gradients past the backward that ZeRO-{p.zero_stage} "
+                "reduce-scatters them in; use 1f1b or interleaved, or parallel.zero_stage=1")
 
 
 def _check_train(cfg: Config, err: _Errors) -> None:
@@ -211,12 +223,19 @@ def _check_train(cfg: Config, err: _Errors) -> None:
         err.check(0 <= value < 1, f"train.{name}", value, "must be in [0, 1)")
     err.check(t.eps > 0, "train.eps", t.eps, "must be positive")
     err.check(t.grad_clip >= 0, "train.grad_clip", t.grad_clip, "must be >= 0 (0 disables)")
-    if t.precision == "fp16":
-        err.add("train.precision", t.precision,
-                "fp16 comes with ZeRO loss scaling (not supported yet); use bf16")
-    else:
-        _choice(err, "train.precision", t.precision, ["fp32", "bf16"])
-    _choice(err, "train.grad_dtype", t.grad_dtype, ["fp32", "bf16"])
+    _choice(err, "train.precision", t.precision, ["fp32", "bf16", "fp16"])
+    err.check(t.loss_scale >= 0, "train.loss_scale", t.loss_scale,
+              "must be >= 0 (0: dynamic scaling)")
+    err.check(t.initial_loss_scale > 0, "train.initial_loss_scale", t.initial_loss_scale,
+              "must be positive")
+    err.check(t.loss_scale_window >= 1, "train.loss_scale_window", t.loss_scale_window,
+              "must be at least 1")
+    err.check(t.loss_scale_hysteresis >= 1, "train.loss_scale_hysteresis",
+              t.loss_scale_hysteresis, "must be at least 1")
+    err.check(0 < t.min_loss_scale <= t.initial_loss_scale, "train.min_loss_scale",
+              t.min_loss_scale, f"must be in (0, train.initial_loss_scale="
+              f"{fmt(t.initial_loss_scale)}]")
+    _choice(err, "train.grad_dtype", t.grad_dtype, ["fp32", "bf16", "fp16"])
     err.check(t.seed >= 0, "train.seed", t.seed, "must be >= 0")
     err.check(t.peak_tflops >= 0, "train.peak_tflops", t.peak_tflops, "must be >= 0 (0 guesses)")
     err.check(t.eval_interval >= 0, "train.eval_interval", t.eval_interval, "must be >= 0")

@@ -47,11 +47,13 @@ def init_weights(model: CausalLM, seed: int) -> None:
 
 ValueFn = Callable[[str, torch.Size], torch.Tensor]
 Plan = Callable[[CausalLM], Tuple[nn.Module, "ShardLayout"]]
+Materialize = Callable[[nn.Module, ValueFn], None]
 
 
 def build_model(args: ModelArgs, seed: int, device: torch.device | str = "cpu",
                 dtype: torch.dtype = torch.float32, plan: Optional[Plan] = None,
-                values: Optional[ValueFn] = None) -> nn.Module:
+                values: Optional[ValueFn] = None,
+                materialize: Optional[Materialize] = None) -> nn.Module:
     """Build on the meta device (no memory), let ``plan`` swap in parallel modules and cut this
     rank's pipeline stage, allocate on ``device`` and fill every parameter with this rank's slice
     of its full value — so a rank never holds more than its own part.
@@ -65,16 +67,24 @@ def build_model(args: ModelArgs, seed: int, device: torch.device | str = "cpu",
         model = CausalLM(args)
         full_shapes = {n: p.shape for n, p in model.named_parameters()}
         model, layout = plan(model) if plan is not None else (model, ShardLayout())
-    model.to_empty(device=device)
-    embed, head = getattr(model, "embed", None), getattr(model, "head", None)
-    if args.tie_embeddings and embed is not None and head is not None:
-        head.output.weight = embed.tok.weight  # to_empty re-creates parameters: re-tie
     values = values or (lambda name, shape: init_tensor(name, shape, args, seed))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            # a last pipeline stage's tied head starts as a copy of the embedding
-            full = "embed.tok.weight" if name not in full_shapes else name
-            p.copy_(layout.local(name, values(full, full_shapes[full]), p.shape))
+
+    def fill(name: str, local_shape: torch.Size) -> torch.Tensor:
+        # a last pipeline stage's tied head starts as a copy of the embedding
+        full = "embed.tok.weight" if name not in full_shapes else name
+        return layout.local(name, values(full, full_shapes[full]), local_shape)
+
+    if materialize is not None:
+        materialize(model, fill)
+    else:
+        model.to_empty(device=device)
+        embed, head = getattr(model, "embed", None), getattr(model, "head", None)
+        if args.tie_embeddings and embed is not None and head is not None:
+            head.output.weight = embed.tok.weight  # to_empty re-creates parameters: re-tie
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                p.copy_(fill(name, p.shape))
+        model = model.to(dtype)
     layout.annotate(model)
     model.shard_layout = layout  # checkpoints record it so shards can be merged back
-    return model.to(dtype)
+    return model

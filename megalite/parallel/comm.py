@@ -17,20 +17,37 @@ _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_t
 _reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
+# Bytes a rank sends per byte of message in the ring/tree algorithms of NCCL and gloo, for a
+# group of n: an all-reduce is a reduce-scatter plus an all-gather.
+_WIRE = {"all_reduce": lambda n: 2 * (n - 1) / n, "all_gather": lambda n: (n - 1) / n,
+         "reduce_scatter": lambda n: (n - 1) / n}
+
+
 class CommMeter:
-    """Bytes handed to each kind of collective since the last ``take()``."""
+    """Per kind of collective since the last ``take()``: ``bytes`` is the message size (for
+    all-gather and reduce-scatter the full, gathered size), ``wire`` the bytes one rank sends
+    (``bytes`` x 2(n-1)/n for an all-reduce, x (n-1)/n for all-gather and reduce-scatter)."""
 
     def __init__(self):
         self.bytes: Dict[str, int] = defaultdict(int)
+        self.wire: Dict[str, float] = defaultdict(float)
         self.calls: Dict[str, int] = defaultdict(int)
 
-    def record(self, kind: str, tensor: torch.Tensor) -> None:
-        self.bytes[kind] += tensor.numel() * tensor.element_size()
+    def record(self, kind: str, tensor: torch.Tensor, group=None) -> None:
+        size = tensor.numel() * tensor.element_size()
+        self.bytes[kind] += size
+        n = group_size(group)
+        self.wire[kind] += size * _WIRE[kind](n) if kind in _WIRE else size
         self.calls[kind] += 1
 
-    def take(self) -> Dict[str, int]:
+    def take(self, wire: bool = False) -> Dict[str, int]:
+        """Message bytes per kind (with ``wire``, also the wire bytes as ``wire.<kind>``);
+        resets the counts."""
         out = dict(self.bytes)
+        if wire:
+            out.update({f"wire.{k}": int(round(v)) for k, v in self.wire.items()})
         self.bytes.clear()
+        self.wire.clear()
         self.calls.clear()
         return out
 
@@ -45,7 +62,7 @@ def all_reduce(tensor: torch.Tensor, group, meter: Optional[CommMeter] = None,
     if group_size(group) == 1:
         return None
     if meter is not None:
-        meter.record("all_reduce", tensor)
+        meter.record("all_reduce", tensor, group)
     return dist.all_reduce(tensor, op=op, group=group, async_op=async_op)
 
 
@@ -54,7 +71,7 @@ def broadcast(tensor: torch.Tensor, src: int, group, meter: Optional[CommMeter] 
     if group_size(group) == 1:
         return
     if meter is not None:
-        meter.record("broadcast", tensor)
+        meter.record("broadcast", tensor, group)
     dist.broadcast(tensor, src=src, group=group)
 
 
@@ -64,19 +81,25 @@ def barrier(group=None) -> None:
 
 
 def all_gather_into(output: torch.Tensor, tensor: torch.Tensor, group,
-                    meter: Optional[CommMeter] = None) -> None:
+                    meter: Optional[CommMeter] = None, async_op: bool = False):
     """``output`` (every rank's ``tensor`` concatenated along dim 0). The meter counts the
     gathered (full) size, like an all-reduce of that tensor: in a ring, an all-reduce of N bytes
     is a reduce-scatter plus an all-gather of N, so AG + RS of a tensor move what one AR does."""
+    if group_size(group) == 1:
+        output.copy_(tensor.reshape(output.shape))
+        return None
     if meter is not None:
-        meter.record("all_gather", output)
-    _all_gather(output, tensor.contiguous(), group=group)
+        meter.record("all_gather", output, group)
+    return _all_gather(output, tensor.contiguous(), group=group, async_op=async_op)
 
 
 def reduce_scatter_into(output: torch.Tensor, tensor: torch.Tensor, group,
-                        meter: Optional[CommMeter] = None) -> None:
+                        meter: Optional[CommMeter] = None, async_op: bool = False):
     """``output`` <- this rank's dim-0 chunk of the sum over ranks of ``tensor``. The meter
     counts the full (input) size, the same convention as ``all_gather_into``."""
+    if group_size(group) == 1:
+        output.copy_(tensor.reshape(output.shape))
+        return None
     if meter is not None:
-        meter.record("reduce_scatter", tensor)
-    _reduce_scatter(output, tensor.contiguous(), group=group)
+        meter.record("reduce_scatter", tensor, group)
+    return _reduce_scatter(output, tensor.contiguous(), group=group, async_op=async_op)

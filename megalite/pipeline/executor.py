@@ -111,6 +111,7 @@ class PipelineExecutor:
         self.peak_in_flight = 0
         self.wgrad_store = WeightGradStore()  # used by split (zero-bubble) schedules
         self._deferring = False
+        self.loss_scale = 1.0  # fp16: the trainer's current loss scale
 
     def vstage(self, chunk: int) -> int:
         return chunk * self.dims.pp + self.dims.pp_rank
@@ -170,7 +171,8 @@ class PipelineExecutor:
         out = self.stage.forward_chunk(a.chunk, x)
         if self.stage.is_last(a.chunk):
             loss = self.loss_fn(out, labels)
-            slot.output = loss / num_micro
+            scaled = loss if self.loss_scale == 1.0 else loss * self.loss_scale
+            slot.output = scaled / num_micro
             return loss.detach()
         self.p2p.send(out, rank + 1, s, a.micro, 0)
         slot.output = out

@@ -52,6 +52,10 @@ class PipelineStage(nn.Module):
         mine = [ranges[c * pp + pp_rank] for c in range(v)]
         return cls(model, mine, first=pp_rank == 0, last=pp_rank == pp - 1)
 
+    def units(self) -> List[nn.Module]:
+        """This rank's layer units in forward order (chunk by chunk)."""
+        return [u for u in (self.embed, *self.layers.values(), self.head) if u is not None]
+
     def is_first(self, chunk: int) -> bool:
         """Is (this rank, chunk) the first virtual stage (it embeds tokens)?"""
         return chunk == 0 and self.embed is not None
@@ -81,12 +85,14 @@ def mark_tied_copy(stage: nn.Module, tie_embeddings: bool, pp: int) -> None:
 
 
 def sync_tied_grads(stage: nn.Module, tie_embeddings: bool, pp: int, embed_group,
-                    meter=None) -> None:
+                    meter=None, grad_of=lambda p: p.main_grad) -> None:
     """Sum the gradients of the embedding (first stage) and its tied copy in the head (last
-    stage), so both take the same optimizer step and stay equal."""
+    stage), so both take the same optimizer step and stay equal. ``grad_of`` gives the
+    (reduced) gradient tensor of a parameter: both stages lay it out alike, so with ZeRO it can
+    be this rank's shard of it."""
     if not tie_embeddings or pp == 1:
         return
     embed, head = getattr(stage, "embed", None), getattr(stage, "head", None)
     weight = embed.tok.weight if embed is not None else head.output.weight if head else None
     if weight is not None:
-        comm.all_reduce(weight.main_grad, embed_group, meter)
+        comm.all_reduce(grad_of(weight), embed_group, meter)

@@ -3,7 +3,10 @@
 
 Layout of ``CKPT_DIR/step_00000100/``:
 - ``model_tp{t}_pp{p}.pt``: per model-parallel rank (written by data-parallel rank 0): the fp32
-  master weights (as a model state dict), the optimizer state, the step.
+  master weights (as a model state dict, gathered over dp when ZeRO shards them), the step, and
+  without dp sharding the optimizer state.
+- ``optim_tp{t}_pp{p}_dp{d}.pt``: with ZeRO stage >= 1, every rank's own optimizer shard (AdamW
+  moments of its segments, loss scaler).
 - ``meta.json``: step, resolved config, parallel layout.
 - ``tokenizer.json``: the tokenizer, so generate/eval need nothing else.
 """
@@ -28,6 +31,10 @@ def shard_name(dims: ParallelDims) -> str:
     return f"model_tp{dims.tp_rank:02d}_pp{dims.pp_rank:02d}.pt"
 
 
+def dp_shard_name(dims: ParallelDims) -> str:
+    return f"optim_tp{dims.tp_rank:02d}_pp{dims.pp_rank:02d}_dp{dims.dp_rank:02d}.pt"
+
+
 def latest(ckpt_dir: str) -> Optional[str]:
     """Path of the newest complete checkpoint, or None."""
     pointer = os.path.join(ckpt_dir, "latest")
@@ -48,8 +55,10 @@ def _write_atomic(path: str, text: str) -> None:
 
 
 def save(ckpt_dir: str, step: int, dims: ParallelDims, shard: Dict[str, Any],
-         meta: Dict[str, Any], tokenizer_file: Optional[str] = None, keep: int = 0) -> str:
-    """Collective: every rank calls it; dp-rank-0 ranks write their model-parallel shard."""
+         meta: Dict[str, Any], tokenizer_file: Optional[str] = None, keep: int = 0,
+         dp_shard: Optional[Dict[str, Any]] = None) -> str:
+    """Collective: every rank calls it; dp-rank-0 ranks write their model-parallel shard, and
+    every rank its ``dp_shard`` when given (ZeRO's sharded optimizer state)."""
     final = step_dir(ckpt_dir, step)
     tmp = os.path.join(ckpt_dir, f".tmp_step_{step:08d}")
     if dims.rank == 0:
@@ -58,6 +67,8 @@ def save(ckpt_dir: str, step: int, dims: ParallelDims, shard: Dict[str, Any],
     comm.barrier()
     if dims.dp_rank == 0:
         torch.save(shard, os.path.join(tmp, shard_name(dims)))
+    if dp_shard is not None:
+        torch.save(dp_shard, os.path.join(tmp, dp_shard_name(dims)))
     comm.barrier()
     if dims.rank == 0:
         meta = dict(meta, step=step, layout={"dp": dims.dp, "tp": dims.tp, "pp": dims.pp})
@@ -94,3 +105,9 @@ def load_shard(path: str, dims: ParallelDims) -> Dict[str, Any]:
                          f"this run has tp={dims.tp}, pp={dims.pp}: resharding is not supported "
                          f"yet, resume with the same tp and pp")
     return torch.load(os.path.join(path, shard_name(dims)), map_location="cpu", weights_only=False)
+
+
+def load_dp_shard(path: str, dims: ParallelDims) -> Dict[str, Any]:
+    """This rank's own optimizer shard (ZeRO stage >= 1) of a checkpoint."""
+    return torch.load(os.path.join(path, dp_shard_name(dims)), map_location="cpu",
+                      weights_only=False)

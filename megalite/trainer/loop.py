@@ -29,10 +29,10 @@ from megalite.tensor_parallel.random import SplitRegionRNG, cover_split_regions
 from megalite.trainer import checkpoint
 from megalite.trainer.metrics import MetricsLogger, Timers
 from megalite.trainer.schedule import accumulate
-from megalite.zero import GradBuffer, MixedPrecisionAdamW
+from megalite.zero import LossScaler, ShardedAdamW, ZeroEngine
 from megalite.zero.optimizer import lr_at
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class TrainingDiverged(RuntimeError):
@@ -70,8 +70,12 @@ class Trainer:
         self.tokenizer_file = self.prefixes[0] + ".tokenizer.json"
         self.args = resolve_model_args(cfg.model, self.tokenizer.vocab_size)
         p = cfg.parallel
+        tied = self.args.tie_embeddings and dims.pp > 1  # tied copies: alone in their group
+        self.engine = ZeroEngine(p.zero_stage, dims, DTYPES[t.precision], DTYPES[t.grad_dtype],
+                                 p.bucket_mb, p.zero2_accumulate, p.zero3_reshard_after_forward,
+                                 solo=("embed.tok.weight", "head.output.weight") if tied else ())
         self.model = build_model(self.args, t.seed, dims.device, DTYPES[t.precision],
-                                 plan=model_plan(dims, p))
+                                 plan=model_plan(dims, p), materialize=self.engine.materialize)
         self.loss_fn = loss_fn(self.args, dims, p.vocab_multiple)
         self.executor = None  # pipeline parallelism: runs the schedule's actions
         if dims.pp > 1:
@@ -89,10 +93,14 @@ class Trainer:
             self.split_rng = SplitRegionRNG(dims.device)
             cover_split_regions(self.model, self.split_rng, p.sequence_parallel)
         params = list(self.model.parameters())
-        self.grads = GradBuffer(params, DTYPES[t.grad_dtype], dims.dp_group,
-                                cfg.parallel.bucket_mb, dims.meter)
-        self.opt = MixedPrecisionAdamW(params, self.grads, t.lr, (t.beta1, t.beta2), t.eps,
-                                       t.weight_decay)
+        self.engine.attach(self.model)
+        self.opt = ShardedAdamW(self.engine, t.lr, (t.beta1, t.beta2), t.eps, t.weight_decay,
+                                offload=p.offload_optimizer)
+        self.scaler = None  # fp16 only
+        if t.precision == "fp16":
+            self.scaler = LossScaler(t.loss_scale or t.initial_loss_scale, t.loss_scale_window,
+                                     t.loss_scale_hysteresis, t.min_loss_scale,
+                                     static=t.loss_scale > 0)
         self.ckpt_dir = cfg.checkpoint.dir or os.path.join(cfg.run.dir, "checkpoints")
         self.step = 0
         self.log = MetricsLogger(cfg.run.dir, t.steps, dims.rank == 0, cfg.run.tensorboard,
@@ -102,45 +110,60 @@ class Trainer:
         self.timers = Timers()
         with torch.device("meta"):  # the whole model's size, whatever this rank holds of it
             self.n_params = num_params(CausalLM(self.args))
-        self.rank_params = sum(p.numel() for p in params)
+        self.rank_params = sum(p.numel() for p in params)  # before ZeRO-3 sharding
         self.flops_per_token = flops_per_token(self.args, cfg.data.seq_len, self.n_params)
         self._stop_signal: Optional[int] = None
 
     # ---- start-up ---------------------------------------------------------------------------
     def describe(self) -> str:
-        t, a = self.cfg.train, self.args
-        master = 4 if self.opt.separate_master else 0
-        per_param = (next(self.model.parameters()).element_size() + self.grads.buffer.element_size()
-                     + master + 8)  # param + grad + fp32 master + Adam m, v
+        t, a, p = self.cfg.train, self.args, self.cfg.parallel
+        mem = self.memory()
+        mib = lambda n: f"{n / 2**20:.1f}"  # noqa: E731
         return "\n".join([
             f"layout: {self.dims.describe()}",
             f"model: {a.family} {self.n_params / 1e6:.2f}M params, {a.num_layers} layers, "
             f"hidden {a.hidden_size}, heads {a.num_heads}/{a.num_kv_heads} kv, ffn "
             f"{a.ffn_hidden_size}, vocab {a.vocab_size}, precision {t.precision}",
-            f"model-state memory on this rank: {self.rank_params * per_param / 2**20:.1f} MiB "
-            f"({per_param} bytes/param: params, grads, master, AdamW moments)",
+            f"model states on this rank (ZeRO-{p.zero_stage}{', optimizer offloaded' if p.offload_optimizer else ''}, "
+            f"{self.rank_params / 1e6:.2f}M params here): "
+            + ", ".join(f"{k} {mib(v)} MiB" for k, v in mem.items() if k != "total")
+            + f"; total {mib(mem['total'])} MiB",
             f"batch: global {self.gbs} = micro {self.mbs} x grad_accum {self.ga} x dp "
             f"{self.dims.dp}; {self.gbs * self.cfg.data.seq_len:,} tokens/step",
             f"data: {len(self.train_ds):,} train samples, "
             f"{len(self.val_ds) if self.val_ds is not None else 0:,} validation samples of "
             f"{self.cfg.data.seq_len} tokens"])
 
+    def memory(self) -> dict:
+        """Model-state bytes on this rank by kind (AdamW moments counted before they exist)."""
+        report = self.engine.memory_report(self.opt)
+        if not self.opt.opt.state:  # allocated by the first step: 2 fp32 moments per element
+            owned = sum(s.numel for g in self.engine.groups for s in g.segments)
+            report["optimizer"] = 8 * owned
+            report["total"] = sum(v for k, v in report.items() if k != "total")
+        return report
+
     def maybe_resume(self) -> None:
         path = checkpoint.latest(self.ckpt_dir) if self.cfg.checkpoint.resume else None
         if path is None:
             return
         shard = checkpoint.load_shard(path, self.dims)
-        names = [n for n, _ in self.model.named_parameters()]
-        self.opt.load_state_dict(shard["optimizer"], [shard["model"][n] for n in names])
+        saved = checkpoint.read_meta(path).get("zero")
+        if saved != self.engine.layout():
+            raise ValueError(
+                f"checkpoint {path} holds optimizer state sharded as {saved}; this run shards it "
+                f"as {self.engine.layout()}: resume with the same parallel.dp (with ZeRO >= 1), "
+                f"parallel.bucket_mb and train.grad_dtype")
+        state = shard if self.engine.shards == 1 else checkpoint.load_dp_shard(path, self.dims)
+        self.opt.load(shard["model"], state["optimizer"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
         self.step = shard["step"]
         self.log.print(f"resumed from {path} at step {self.step}")
 
     def load_weights(self, path: str) -> None:
         """Model weights only (for eval): the master values, cast to the parameter dtype."""
-        shard = checkpoint.load_shard(path, self.dims)
-        with torch.no_grad():
-            for name, p in self.model.named_parameters():
-                p.copy_(shard["model"][name])
+        self.opt.load(checkpoint.load_shard(path, self.dims)["model"], None)
 
     def sample(self, prompt: str, max_new_tokens: int, seed: int = 0) -> str:
         from megalite.trainer.inference import sample_text
@@ -157,7 +180,8 @@ class Trainer:
         loss = self.loss_fn(self.model(x), y)
         self.timers.stop("forward")
         self.timers.start("backward")
-        (loss / self.ga).backward()
+        scaled = loss if self.scaler is None else loss * self.scaler.scale
+        (scaled / self.ga).backward()
         self.timers.stop("backward")
         return loss.detach()
 
@@ -169,15 +193,16 @@ class Trainer:
     def run_schedule(self) -> List[torch.Tensor]:
         """One step's forwards and backwards: gradient accumulation, or a pipeline schedule."""
         if self.executor is None:
-            return accumulate(self.forward_backward, self.ga, self.grads.sync_next_backward)
+            return accumulate(self.forward_backward, self.ga, self.engine.sync_next_backward)
         v = len(self.model.chunks)
 
         def before(index: int, action) -> None:
             # one chunk per rank: reduce gradients during its last gradient pass (overlap);
             # with several chunks they finish at different times: reduce after the schedule
             if v == 1 and index == self._last_grad_action:
-                self.grads.sync_next_backward(True)
+                self.engine.sync_next_backward(True)
 
+        self.executor.loss_scale = 1.0 if self.scaler is None else self.scaler.scale
         self.timers.start("pipeline")
         losses = self.executor.run(self.actions, self.ga, self.batch, before)
         self.timers.stop("pipeline")
@@ -190,21 +215,31 @@ class Trainer:
         torch.manual_seed(seed)  # the same on the TP ranks of a replica
         if self.split_rng is not None:
             self.split_rng.reseed(seed + 1 + self.dims.tp_rank)
-        self.grads.zero()
+        self.engine.zero_grad()
+        scale = 1.0 if self.scaler is None else self.scaler.scale
         losses = self.run_schedule()
         self.timers.start("comm")
-        self.grads.finish()
-        self.grads.reduce_partial(self.dims.tp_group, self.dims.meter)
+        self.engine.finish()
+        self.engine.reduce_partial(self.dims.tp_group)
         if self.executor is not None:
             sync_tied_grads(self.model, self.args.tie_embeddings, self.dims.pp,
-                            self.dims.embed_group, self.dims.meter)
+                            self.dims.embed_group, self.dims.meter, self.engine.grad_of)
         self.timers.stop("comm")
         self.timers.start("optimizer")
-        grad_norm = self.opt.clip_grad_norm(t.grad_clip, self.dims.mp_group, self.dims.tp_rank,
-                                            self.dims.meter)
+        # the norm sums each rank's owned gradients: over dp too once ZeRO shards them
+        norm_group = self.dims.world_group if self.engine.shards > 1 else self.dims.mp_group
+        grad_norm = self.opt.clip_grad_norm(t.grad_clip, norm_group, self.dims.tp_rank,
+                                            self.dims.meter, scale)
         lr = lr_at(self.step, t.steps, t.lr, t.min_lr, t.warmup_steps, t.lr_schedule,
                    t.decay_fraction)
-        self.opt.step(lr)
+        skipped = False
+        if self.scaler is not None:  # fp16: every rank sees the same reduced norm
+            skipped = not math.isfinite(grad_norm.item())
+            self.scaler.update(skipped)
+        if skipped:
+            self.engine.release()
+        else:
+            self.opt.step(lr)
         self.timers.stop("optimizer")
         # One small all-reduce per step: the mean loss and whether any rank was told to stop.
         stop_flag = torch.full((), float(self._stop_signal is not None), device=self.dims.device)
@@ -215,6 +250,7 @@ class Trainer:
         self.timers.stop("comm")
         # the step's one host sync: loss, stop flag and gradient norm together
         loss_sum, stop, grad_norm = torch.cat([stats, grad_norm.reshape(1).float()]).tolist()
+        grad_norm = float("nan") if skipped else grad_norm
         loss = loss_sum / self.dims.dp
         self.step += 1
         elapsed = time.perf_counter() - start
@@ -224,7 +260,12 @@ class Trainer:
                   "tokens_per_s": tokens / elapsed, "tflops": tflops,
                   "mfu": tflops / self.peak_tflops(), "step_time": elapsed,
                   **{f"time.{k}": v for k, v in self.timers.take().items()},
-                  **{f"comm_bytes.{k}": v for k, v in self.dims.meter.take().items()}}
+                  **{f"comm_bytes.{k}": v for k, v in self.dims.meter.take(wire=True).items()},
+                  **{f"mem.{k}": v for k, v in self.memory().items()}}
+        if self.engine.stage == 3:
+            record["mem.peak_gathered_params"] = self.engine.peak_param_bytes
+        if self.scaler is not None:
+            record.update(loss_scale=scale, skipped=skipped)
         if not math.isfinite(loss):
             raise TrainingDiverged(f"loss is {loss} at step {self.step}; stopping. The last "
                                    f"checkpoint ({checkpoint.latest(self.ckpt_dir)}) is kept.")
@@ -260,14 +301,17 @@ class Trainer:
         return total.item()
 
     def save_checkpoint(self) -> str:
-        names = [n for n, _ in self.model.named_parameters()]
-        shard = {"model": dict(zip(names, self.opt.master_state())),
-                 "optimizer": self.opt.state_dict(), "step": self.step}
+        shard = {"model": self.engine.full_values(self.opt.masters), "step": self.step}
+        state = {"optimizer": self.opt.state_dict(),
+                 "scaler": self.scaler.state_dict() if self.scaler is not None else None}
+        if self.engine.shards == 1:
+            shard.update(state)
         layout = self.model.shard_layout
         meta = {"config": asdict(self.cfg), "model_args": asdict(self.args),
-                "tp_shard_dims": layout.shard_dim}
+                "tp_shard_dims": layout.shard_dim, "zero": self.engine.layout()}
         return checkpoint.save(self.ckpt_dir, self.step, self.dims, shard, meta,
-                               self.tokenizer_file, self.cfg.checkpoint.keep)
+                               self.tokenizer_file, self.cfg.checkpoint.keep,
+                               dp_shard=state if self.engine.shards > 1 else None)
 
     # ---- the loop ---------------------------------------------------------------------------
     def _on_signal(self, signum, frame) -> None:
