@@ -8,8 +8,9 @@ Two spawned worlds carry every check (spawning costs seconds):
   ZeRO-2 accumulation modes, fp16 with a forced overflow on one rank, model-state bytes per
   rank against ZeRO's accounting, bytes communicated per step, ZeRO-3's peak parameter bytes,
   exact resume for ZeRO-1 and ZeRO-3.
-- 4 ranks: ZeRO-3 with dp2 x tp2, ZeRO-2/3 with dp2 x pp2 (and ZeRO-3 keeping parameters
-  gathered across micro-batches), each against the single-process run.
+- 4 ranks: ZeRO-3 with dp2 x tp2 (sequence parallel), ZeRO-2/3 with dp2 x pp2 (1F1B; ZeRO-3
+  also interleaved, and keeping parameters gathered across micro-batches), ZeRO-1 with zb-h1,
+  each against the single-process run.
 
 Tolerances: fp32 runs differ from the reference only in the order gradients are summed
 (reduce-scatter vs all-reduce, shards of the norm), a relative 1e-7 effect per step; over 20
@@ -82,8 +83,9 @@ def _dp_world(tmp, cache):
     out = {}
     # each stage x precision; ZeRO-2 in both accumulation modes
     for precision in ("fp32", "bf16"):
-        for name, extra in (("0", []), ("1", []), ("2", []), ("2full", ["--parallel.zero2_accumulate=full"]),
-                            ("3", [])):
+        for name, extra in (("0", []), ("1", []), ("2", []),
+                            ("2full", ["--parallel.zero2_accumulate=full"]), ("3", []),
+                            ("3offload", ["--parallel.offload_optimizer=true"])):
             cfg = _cfg(f"{tmp}/{precision}{name}", cache, "--parallel.dp=2",
                        f"--parallel.zero_stage={name[0]}", f"--train.precision={precision}",
                        "--model.family=llama", *extra)
@@ -93,6 +95,10 @@ def _dp_world(tmp, cache):
             if precision == "bf16":  # model-state bytes with Adam, K = 4 (fp32 gradients)
                 out[f"mem/{name}/4"] = (records[-1], trainer.rank_params,
                                         len(trainer.engine.groups))
+            if name == "3offload":
+                mem = records[-1]
+                assert mem["mem.master"] > 0 and mem["mem.offload_grads"] > 0
+                assert all(m.device.type == "cpu" for m in trainer.opt.masters)
             if name == "3":
                 out[f"peak/{precision}"] = (trainer.engine.peak_param_bytes,
                                             sum(g.shard.numel() * g.shard.element_size()
@@ -170,7 +176,7 @@ def test_stages_equal_plain_data_parallel(dp_world):
     for precision, tol in (("fp32", FP32_TOL), ("bf16", LOW_TOL)):
         ref = r[f"{precision}/0"]
         assert ref[-1] < ref[0] - 0.5  # the runs learn
-        for name in ("1", "2", "2full", "3"):
+        for name in ("1", "2", "2full", "3", "3offload"):
             got = r[f"{precision}/{name}"]
             assert max_abs_diff(got, ref) <= tol, (precision, name, got, ref)
             norms, ref_norms = r[f"{precision}/{name}/norm"], r[f"{precision}/0/norm"]
@@ -256,7 +262,12 @@ def _composed_world(tmp, cache):
             "pp2_z2": ["--parallel.dp=2", "--parallel.pp=2", "--parallel.zero_stage=2"],
             "pp2_z3": ["--parallel.dp=2", "--parallel.pp=2", "--parallel.zero_stage=3"],
             "pp2_z3_keep": ["--parallel.dp=2", "--parallel.pp=2", "--parallel.zero_stage=3",
-                            "--parallel.zero3_reshard_after_forward=false"]}
+                            "--parallel.zero3_reshard_after_forward=false"],
+            "pp2_z3_interleaved": ["--parallel.dp=2", "--parallel.pp=2", "--parallel.zero_stage=3",
+                                   "--parallel.schedule=interleaved",
+                                   "--parallel.virtual_stages=2"],
+            "pp2_z1_zbh1": ["--parallel.dp=2", "--parallel.pp=2", "--parallel.zero_stage=1",
+                            "--parallel.schedule=zb-h1"]}
     for name, extra in runs.items():
         cfg = _cfg(f"{tmp}/{name}", cache, "--train.grad_accum=4", "--train.micro_batch_size=1",
                    "--model.num_layers=4", *extra)
@@ -280,7 +291,8 @@ def reference(tmp_path_factory, data_cache):
 def test_zero_composes_with_tp_and_pp(reference, tmp_path, data_cache):
     ranks = run_distributed(_composed_world, 4, str(tmp_path), data_cache, timeout_s=900)
     for rank in ranks:
-        for name in ("tp2_z3", "pp2_z2", "pp2_z3", "pp2_z3_keep"):
+        for name in ("tp2_z3", "pp2_z2", "pp2_z3", "pp2_z3_keep", "pp2_z3_interleaved",
+                     "pp2_z1_zbh1"):
             losses = rank[name][0]
             if losses:  # the last pipeline stage reports them on every rank
                 assert max_abs_diff(losses, reference) <= FP32_TOL, (name, losses, reference)
