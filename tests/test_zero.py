@@ -99,6 +99,9 @@ def _dp_world(tmp, cache):
                 mem = records[-1]
                 assert mem["mem.master"] > 0 and mem["mem.offload_grads"] > 0
                 assert all(m.device.type == "cpu" for m in trainer.opt.masters)
+            if name in ("2", "3"):  # gradient buckets in flight: at most 3 (2 reducing, 1 filling)
+                biggest = max(g.numel for g in trainer.engine.groups) * 4
+                assert 0 < trainer.engine.peak_temp_bytes <= 3 * biggest
             if name == "3":
                 out[f"peak/{precision}"] = (trainer.engine.peak_param_bytes,
                                             sum(g.shard.numel() * g.shard.element_size()

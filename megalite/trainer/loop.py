@@ -264,6 +264,8 @@ class Trainer:
                   **{f"mem.{k}": v for k, v in self.memory().items()}}
         if self.engine.stage == 3:
             record["mem.peak_gathered_params"] = self.engine.peak_param_bytes
+        if self.engine.grad_mode == "shard":
+            record["mem.peak_grad_buckets"] = self.engine.peak_temp_bytes
         if self.scaler is not None:
             record.update(loss_scale=scale, skipped=skipped)
         if not math.isfinite(loss):

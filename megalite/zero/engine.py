@@ -116,10 +116,12 @@ class ZeroEngine:
             for members in groups:
                 g = FlatGroup([names[id(p)] for p in members], members, self.shards,
                               self.shard_rank)
-                new = g.materialize(fill, self.dtype, device, keep_full=self.stage < 3)
+                new = g.materialize(fill, self.dtype, device)
                 _replace_params(model, dict(zip(map(id, members), new)))
                 self.groups.append(g)
-                self._track_params()
+                self._track_params()  # ZeRO-3: earlier groups' shards + this full group
+                if self.stage == 3:
+                    g.keep_shard_only()
         self.group_of: Dict[nn.Parameter, FlatGroup] = {}
         for g in self.groups:
             for p in g.params:

@@ -74,10 +74,9 @@ class FlatGroup:
         self.handle = None  # an all-gather in flight
 
     # ---- parameters -----------------------------------------------------------------------
-    def materialize(self, fill, dtype: torch.dtype, device, keep_full: bool) -> List[nn.Parameter]:
+    def materialize(self, fill, dtype: torch.dtype, device) -> List[nn.Parameter]:
         """Allocate the flat tensor, fill each parameter's values (``fill(name, shape)``),
-        return the new parameters (views). ``keep_full=False`` (ZeRO-3) keeps only this rank's
-        shard and frees the flat storage."""
+        return the new parameters (views)."""
         self.flat = torch.zeros(self.numel, dtype=dtype, device=device)
         new = []
         with torch.no_grad():
@@ -86,10 +85,12 @@ class FlatGroup:
                 view.copy_(fill(name, p.shape))
                 new.append(nn.Parameter(view, requires_grad=p.requires_grad))
         self.params = new
-        if not keep_full:
-            self.shard = self.flat[self.lo:self.hi].clone()
-            self.free()
         return new
+
+    def keep_shard_only(self) -> None:
+        """ZeRO-3: keep this rank's shard, free the full flat storage."""
+        self.shard = self.flat[self.lo:self.hi].clone()
+        self.free()
 
     @property
     def full_bytes(self) -> int:
