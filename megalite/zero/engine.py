@@ -184,11 +184,20 @@ class ZeroEngine:
                 p.main_grad.add_(p.grad)
                 p.grad = None
         else:
-            if g.temp is None:
-                g.temp = torch.zeros(g.numel, dtype=self.grad_dtype, device=p.device)
+            if g.temp is None:  # only the padding needs zeros: each parameter writes its part
+                g.temp = torch.empty(g.numel, dtype=self.grad_dtype, device=p.device)
+                g.temp[g.used:].zero_()
+                g.filled = set()
                 self._track_temp()
-            o = g.offsets[g.index[p]]
-            g.temp[o:o + p.numel()].view_as(p).add_(p.grad)
+            i = g.index[p]
+            o = g.offsets[i]
+            # pre-divided by dp (sum of grad/dp == mean), in the copy's pass when dtypes agree
+            view = g.temp[o:o + p.numel()].view_as(p)
+            if p.grad.dtype == view.dtype:
+                torch.div(p.grad, self.dp, out=view)
+            else:  # bf16/fp16 gradient into fp32: divide after the exact upcast
+                view.copy_(p.grad).div_(self.dp)
+            g.filled.add(i)
             p.grad = None
         g.pending -= 1
         if g.pending == 0:
@@ -214,7 +223,9 @@ class ZeroEngine:
                 self._inflight.append((g, work, out))
         else:
             temp, g.temp = g.temp, None
-            temp.div_(self.dp)
+            for i in set(range(len(g.params))) - g.filled:  # no gradient this backward
+                o = g.offsets[i]
+                temp[o:o + g.params[i].numel()].zero_()
             out = torch.empty(g.shard_numel, dtype=self.grad_dtype, device=temp.device)
             work = comm.reduce_scatter_into(out, temp, self.group, self.meter, async_op=True)
             self._inflight.append((g, work, out, temp))
