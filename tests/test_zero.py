@@ -2,12 +2,12 @@
 paper says it does.
 
 Two spawned worlds carry every check (spawning costs seconds):
-- dp=2: each stage x {fp32, bf16} for 20 steps (LLaMA: untied, so every unit's parameters are
-  gathered exactly twice per micro-batch; GPT's tied embedding, which ZeRO-3 keeps gathered from
-  the embedding's forward to the head's, is covered by the fp16 and pipeline runs) with gradient accumulation and clipping, both
-  ZeRO-2 accumulation modes, fp16 with a forced overflow on one rank, model-state bytes per
-  rank against ZeRO's accounting, bytes communicated per step, ZeRO-3's peak parameter bytes,
-  exact resume for ZeRO-1 and ZeRO-3.
+- dp=2: each stage x {fp32, bf16} for 20 steps with gradient accumulation and clipping (LLaMA:
+  untied, so every unit's parameters are gathered exactly twice per micro-batch; GPT's tied
+  embedding, which ZeRO-3 keeps gathered from the embedding's forward to the head's, is covered
+  by the fp16 and pipeline runs), CPU offload, both ZeRO-2 accumulation modes, fp16 with a
+  forced overflow on one rank, model-state bytes per rank against ZeRO's accounting, bytes
+  communicated per step, ZeRO-3's peak parameter bytes, exact resume for ZeRO-1 and ZeRO-3.
 - 4 ranks: ZeRO-3 with dp2 x tp2 (sequence parallel), ZeRO-2/3 with dp2 x pp2 (1F1B; ZeRO-3
   also interleaved, and keeping parameters gathered across micro-batches), ZeRO-1 with zb-h1,
   each against the single-process run.

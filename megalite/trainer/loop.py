@@ -119,12 +119,13 @@ class Trainer:
         t, a, p = self.cfg.train, self.args, self.cfg.parallel
         mem = self.memory()
         mib = lambda n: f"{n / 2**20:.1f}"  # noqa: E731
+        offload = ", optimizer offloaded" if p.offload_optimizer else ""
         return "\n".join([
             f"layout: {self.dims.describe()}",
             f"model: {a.family} {self.n_params / 1e6:.2f}M params, {a.num_layers} layers, "
             f"hidden {a.hidden_size}, heads {a.num_heads}/{a.num_kv_heads} kv, ffn "
             f"{a.ffn_hidden_size}, vocab {a.vocab_size}, precision {t.precision}",
-            f"model states on this rank (ZeRO-{p.zero_stage}{', optimizer offloaded' if p.offload_optimizer else ''}, "
+            f"model states on this rank (ZeRO-{p.zero_stage}{offload}, "
             f"{self.rank_params / 1e6:.2f}M params here): "
             + ", ".join(f"{k} {mib(v)} MiB" for k, v in mem.items() if k != "total")
             + f"; total {mib(mem['total'])} MiB",
@@ -186,8 +187,9 @@ class Trainer:
         return loss.detach()
 
     def batch(self, micro: int, step: Optional[int] = None, data=None):
-        x, y = micro_batch(self.train_ds if data is None else data, self.step if step is None else step, micro,
-                           self.dims.dp_rank, self.mbs, self.ga, self.dims.dp)
+        x, y = micro_batch(self.train_ds if data is None else data,
+                           self.step if step is None else step, micro, self.dims.dp_rank,
+                           self.mbs, self.ga, self.dims.dp)
         return x.to(self.dims.device), y.to(self.dims.device)
 
     def run_schedule(self) -> List[torch.Tensor]:

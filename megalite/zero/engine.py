@@ -174,7 +174,7 @@ class ZeroEngine:
     def sync_next_backward(self, enabled: bool) -> None:
         """Full-gradient modes: reduce during the coming backward (the step's last
         micro-batch) or not. The sharded mode reduces every micro-batch anyway."""
-        self._sync = enabled and (self.dp > 1 or self.shards > 1)
+        self._sync = enabled and self.dp > 1
 
     @torch.no_grad()
     def _on_grad_ready(self, p: nn.Parameter) -> None:
