@@ -3,7 +3,9 @@
 #   1. build megalite from source (CPU + CUDA kernels, sm_80/sm_90; nothing compiled elsewhere),
 #   2. run tests/test_ops.py, whose CUDA cases run here (CPU cases too),
 #   3. run the kernel benchmark on the GPU (bf16 and fp32, vs eager and torch.compile, % of the
-#      copy bandwidth measured in the same run).
+#      copy bandwidth measured in the same run),
+#   4. ZeRO on CUDA (issue 5), one GPU so dp=1: ZeRO-3 with the optimizer offloaded to pinned CPU
+#      buffers, bf16 and fp16 (loss scaling), 20 steps each (fails when a run fails).
 # Usage: bash bench/gpu_check.sh            (about 3-4 minutes; exits non-zero on any failure)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -27,4 +29,11 @@ echo "== tests done at $(( $(date +%s) - start )) s"
 
 # 3. benchmark (forward and backward; torch.compile forward)
 timeout 150 $PY bench/kernels.py --device cuda --dtypes bf16,fp32
+
+# 4. ZeRO-3 + offload on CUDA (NCCL, one rank)
+for precision in bf16 fp16; do
+  timeout 120 $PY -m megalite.cli train --config configs/tiny.yaml --parallel.zero_stage=3 \
+    --parallel.offload_optimizer=true --train.precision=$precision --run.dir=/tmp/gpu-zero-$precision \
+    --run.tensorboard=false 2>&1 | grep -E "model states|step 20|validation|error" || exit 1
+done
 echo "== gpu_check finished in $(( $(date +%s) - start )) s"

@@ -257,6 +257,20 @@ def test_exact_resume(dp_world, stage):
     assert second == first[10:]
 
 
+def test_zero3_offload_fp16_in_one_process(tmp_path, data_cache):
+    """dp=1: ZeRO-3's gathers are local copies, offload still moves the update to CPU buffers;
+    the run equals stage 0 (fp16: within the low-precision tolerance)."""
+    from helpers import train
+
+    runs = {}
+    for name, extra in (("0", []), ("3", ["--parallel.zero_stage=3",
+                                          "--parallel.offload_optimizer=true"])):
+        cfg = _cfg(str(tmp_path / name), data_cache, "--train.precision=fp16", *extra)
+        runs[name] = train(cfg, distributed=False)[1].losses
+    assert runs["0"][-1] < runs["0"][0] - 0.5
+    assert max_abs_diff(runs["3"], runs["0"]) <= LOW_TOL
+
+
 # ---- composition with tensor and pipeline parallelism (4 ranks) ------------------------------
 def _composed_world(tmp, cache):
     out = {}

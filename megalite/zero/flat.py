@@ -111,10 +111,9 @@ class FlatGroup:
         self.flat.untyped_storage().resize_(self.full_bytes)
         self._version = preserve_version(self.flat)
         self._version.__enter__()
-        self.handle = comm.all_gather_into(self.flat, self.shard, group, meter,
-                                           async_op=async_op)
+        handle = comm.all_gather_into(self.flat, self.shard, group, meter, async_op=async_op)
+        self.handle = handle if handle is not None else _Done()  # None: done (or no peers)
         if not async_op:
-            self.handle = _Done()
             self.wait()
 
     def wait(self) -> None:
