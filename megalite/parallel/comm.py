@@ -83,8 +83,8 @@ def barrier(group=None) -> None:
 def all_gather_into(output: torch.Tensor, tensor: torch.Tensor, group,
                     meter: Optional[CommMeter] = None, async_op: bool = False):
     """``output`` (every rank's ``tensor`` concatenated along dim 0). The meter counts the
-    gathered (full) size, like an all-reduce of that tensor: in a ring, an all-reduce of N bytes
-    is a reduce-scatter plus an all-gather of N, so AG + RS of a tensor move what one AR does."""
+    gathered (full) size as the message and (n-1)/n of it as wire bytes: in a ring an all-reduce
+    of N bytes is a reduce-scatter plus an all-gather of N, so AG + RS send what one AR sends."""
     if group_size(group) == 1:
         output.copy_(tensor.reshape(output.shape))
         return None
