@@ -257,6 +257,26 @@ def test_exact_resume(dp_world, stage):
     assert second == first[10:]
 
 
+def test_loss_scaler_hysteresis_growth_floor_and_state():
+    from megalite.zero import LossScaler
+
+    s = LossScaler(1024.0, window=3, hysteresis=2, min_scale=256.0)
+    seen = []
+    for overflow in (True, True, True, True, False, False, False, True, True):
+        s.update(overflow)
+        seen.append(s.scale)
+    # 1st overflow uses up the hysteresis, then every overflow halves down to the floor; three
+    # good steps double it and refill the hysteresis, so the next overflow does not halve
+    assert seen == [1024, 512, 256, 256, 256, 256, 512, 512, 256]
+    assert s.skipped == 6
+    copy = LossScaler()
+    copy.load_state_dict(s.state_dict())
+    assert copy == s
+    static = LossScaler(128.0, static=True)
+    static.update(True)
+    assert static.scale == 128.0 and static.skipped == 1
+
+
 def test_zero3_offload_fp16_in_one_process(tmp_path, data_cache):
     """dp=1: ZeRO-3's gathers are local copies, offload still moves the update to CPU buffers;
     the run equals stage 0 (fp16: within the low-precision tolerance)."""

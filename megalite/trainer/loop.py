@@ -232,7 +232,9 @@ class Trainer:
         norm_group = self.dims.world_group if self.engine.shards > 1 else self.dims.mp_group
         grad_norm = self.opt.clip_grad_norm(t.grad_clip, norm_group, self.dims.tp_rank,
                                             self.dims.meter, scale)
-        lr = lr_at(self.step, t.steps, t.lr, t.min_lr, t.warmup_steps, t.lr_schedule,
+        # fp16: steps skipped on overflow do not advance the schedule (DeepSpeed, Megatron)
+        updates = self.step - (self.scaler.skipped if self.scaler is not None else 0)
+        lr = lr_at(updates, t.steps, t.lr, t.min_lr, t.warmup_steps, t.lr_schedule,
                    t.decay_fraction)
         skipped = False
         if self.scaler is not None:  # fp16: every rank sees the same reduced norm

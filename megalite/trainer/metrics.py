@@ -45,6 +45,7 @@ class MetricsLogger:
         self.t0 = time.perf_counter()
         self.first_step: Optional[int] = None
         self._window: List[float] = []
+        self.skipped = 0  # fp16 steps skipped on overflow
         if not enabled:
             return
         os.makedirs(run_dir, exist_ok=True)
@@ -78,6 +79,9 @@ class MetricsLogger:
         loss = sum(self._window) / len(self._window)  # mean since the last printed line
         line = (f"step {step}/{self.total} | loss {loss:.4f} | "
                 f"{r['tokens_per_s']:,.0f} tok/s | lr {r['lr']:.2e} | ETA {_fmt_duration(eta)}")
+        if "loss_scale" in r:  # fp16: the scale and the overflowed (skipped) steps so far
+            self.skipped += bool(r["skipped"])
+            line += f" | loss scale {r['loss_scale']:g}, {self.skipped} skipped"
         if self.tty:
             width = 20
             filled = int(width * step / self.total)

@@ -5,7 +5,8 @@ zero. A step whose gradients overflowed (a non-finite global norm, seen by every
 norm's all-reduce) is skipped on every rank; then the scale halves once ``hysteresis``
 overflows have been seen since it last grew (never below ``min_scale``). After ``window``
 consecutive good steps the scale doubles and the hysteresis budget refills. A ``static`` scale
-never changes (overflowed steps are still skipped).
+never changes (overflowed steps are still skipped). As in DeepSpeed and Megatron, a skipped step
+consumes its data but does not advance the learning-rate schedule.
 """
 from __future__ import annotations
 
@@ -21,11 +22,13 @@ class LossScaler:
     static: bool = False
     good_steps: int = 0
     hysteresis_left: int = 0
+    skipped: int = 0  # steps skipped so far (the learning-rate schedule does not advance on them)
 
     def __post_init__(self):
         self.hysteresis_left = self.hysteresis_left or self.hysteresis
 
     def update(self, overflow: bool) -> None:
+        self.skipped += bool(overflow)
         if self.static:
             return
         if overflow:
