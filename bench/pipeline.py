@@ -114,7 +114,6 @@ def worker(rank: int, p: int, port: int, a, runs: List[dict], out_path: str) -> 
         ex.run(actions, m, batch, before)
         return actions, ex, rec.sleeps
 
-    real_cache: Dict = {}
 
     def real_run(name: str, m: int, v: int):
         from megalite.config.schema import ModelConfig, ParallelConfig
@@ -187,7 +186,7 @@ def idle_fractions(ranks: List[dict]):
 def check_split(run: dict) -> List[str]:
     """From the sleep timestamps: every action ran exactly the branches it should."""
     bad = []
-    p, v, split = run["p"], run["v"], run["name"] == "zb-h1"
+    split = run["name"] == "zb-h1"
     for r, rk in enumerate(run["ranks"]):
         tags: Dict[int, List[str]] = {}
         for tag, index, *_ in rk["sleeps"]:
@@ -248,7 +247,6 @@ def report_fixed(runs: List[dict], a, title: str, check: bool) -> List[str]:
         th = theory(name, p, m, v)
         rel = (bubble - th) / th
         ideal = sim(name, p, m, v, a, eager=True)
-        eager = rs[0]["table"] == "eager"
         execsim = sim(name, p, m, v, a, eager=True)  # the executor posts sends at action end
         latsim = sim(name, p, m, v, a, eager=True, lat=rs[0]["lat"] * 1e3)
         sp = [r["sched_peak"] for r in rs[0]["ranks"]]

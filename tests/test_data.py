@@ -114,7 +114,7 @@ def test_prepare_bpe_dtype_and_worker_equivalence(tmp_path) -> None:
     for i, t in enumerate(synthetic_texts()[:60]):
         (src / f"d{i:03d}.txt").write_text(t)
     a = prepare([str(src)], str(tmp_path / "a"), "bpe:300", num_workers=2)
-    b = prepare([str(src)], str(tmp_path / "b"), "bpe:300", num_workers=1)
+    prepare([str(src)], str(tmp_path / "b"), "bpe:300", num_workers=1)
     assert a["dtype"] == "uint16" and a["vocab_size"] == 300 and a["num_docs"] == 60
     assert open(tmp_path / "a.bin", "rb").read() == open(tmp_path / "b.bin", "rb").read()
     t = IndexedTokens(str(tmp_path / "a"))

@@ -47,7 +47,9 @@ def _run(cfg, poison_step=None):
     from megalite.trainer.loop import Trainer
 
     class Recording(Trainer):
-        records, checksums = [], []
+        def __init__(self, *args):
+            super().__init__(*args)
+            self.records, self.checksums = [], []
 
         def train_step(self):
             if poison_step is not None and self.step + 1 == poison_step and self.dims.rank == 1:
@@ -69,7 +71,6 @@ def _run(cfg, poison_step=None):
     p = cfg.parallel
     dims = ParallelDims.initialize(p.dp, p.tp, p.pp, discover(), "gloo", timeout_s=120)
     trainer = Recording(cfg, dims)
-    trainer.records, trainer.checksums = [], []
     return trainer, trainer.fit(), trainer.records
 
 

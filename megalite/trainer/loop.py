@@ -137,12 +137,7 @@ class Trainer:
 
     def memory(self) -> dict:
         """Model-state bytes on this rank by kind (AdamW moments counted before they exist)."""
-        report = self.engine.memory_report(self.opt)
-        if not self.opt.opt.state:  # allocated by the first step: 2 fp32 moments per element
-            owned = sum(s.numel for g in self.engine.groups for s in g.segments)
-            report["optimizer"] = 8 * owned
-            report["total"] = sum(v for k, v in report.items() if k != "total")
-        return report
+        return self.engine.memory_report(self.opt)
 
     def maybe_resume(self) -> None:
         path = checkpoint.latest(self.ckpt_dir) if self.cfg.checkpoint.resume else None
@@ -236,14 +231,6 @@ class Trainer:
         updates = self.step - (self.scaler.skipped if self.scaler is not None else 0)
         lr = lr_at(updates, t.steps, t.lr, t.min_lr, t.warmup_steps, t.lr_schedule,
                    t.decay_fraction)
-        skipped = False
-        if self.scaler is not None:  # fp16: every rank sees the same reduced norm
-            skipped = not math.isfinite(grad_norm.item())
-            self.scaler.update(skipped)
-        if skipped:
-            self.engine.release()
-        else:
-            self.opt.step(lr)
         self.timers.stop("optimizer")
         # One small all-reduce per step: the mean loss and whether any rank was told to stop.
         stop_flag = torch.full((), float(self._stop_signal is not None), device=self.dims.device)
@@ -252,8 +239,21 @@ class Trainer:
         self.timers.start("comm")
         comm.all_reduce(stats, self.dims.world_group, self.dims.meter)
         self.timers.stop("comm")
-        # the step's one host sync: loss, stop flag and gradient norm together
-        loss_sum, stop, grad_norm = torch.cat([stats, grad_norm.reshape(1).float()]).tolist()
+        summary = torch.cat([stats, grad_norm.reshape(1).float()])
+        # the step's one host sync: loss, stop flag and gradient norm together; fp16 needs the
+        # norm before the update (a non-finite one, the same on every rank, skips the step)
+        values, skipped = None, False
+        if self.scaler is not None:
+            values = summary.tolist()
+            skipped = not math.isfinite(values[2])
+            self.scaler.update(skipped)
+        self.timers.start("optimizer")
+        if skipped:
+            self.engine.release()
+        else:
+            self.opt.step(lr)
+        self.timers.stop("optimizer")
+        loss_sum, stop, grad_norm = values if values is not None else summary.tolist()
         grad_norm = float("nan") if skipped else grad_norm
         loss = loss_sum / self.dims.dp
         self.step += 1

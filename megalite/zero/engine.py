@@ -42,11 +42,6 @@ from megalite.zero.flat import FlatGroup
 Fill = Callable[[str, torch.Size], torch.Tensor]
 
 
-def model_units(model: nn.Module) -> List[nn.Module]:
-    """The layer units of a ``CausalLM`` or a ``PipelineStage``, in forward order."""
-    return list(model.units())
-
-
 class _PreBackward(torch.autograd.Function):
     """Identity whose backward first calls ``hook`` (gathers a unit's parameters before the
     unit's own backward runs)."""
@@ -92,7 +87,7 @@ class ZeroEngine:
         fill it (``fill(name, shape)`` gives a parameter's values). With ZeRO-3 each group keeps
         only this rank's shard once filled, so the full model never exists on one rank."""
         names = {id(p): n for n, p in model.named_parameters()}
-        units = model_units(model)
+        units = model.units()  # CausalLM or PipelineStage, in forward order
         unit_params = [list(u.parameters()) for u in units]  # before any is replaced
         bucket = max(1, int(self.bucket_mb * 2**20 * 8 / torch.finfo(self.grad_dtype).bits))
         seen: Set[int] = set()
@@ -158,7 +153,7 @@ class ZeroEngine:
                     p.register_post_accumulate_grad_hook(self._on_grad_ready)
         self._point_grads()
         if self.stage == 3:
-            for i, unit in enumerate(model_units(model)):
+            for i, unit in enumerate(model.units()):
                 unit.register_forward_pre_hook(functools.partial(self._pre_forward, i))
                 unit.register_forward_hook(functools.partial(self._post_forward, i))
 
@@ -209,40 +204,38 @@ class ZeroEngine:
                     g.free()
 
     def _launch(self, g: FlatGroup) -> None:
+        """Reduce a group's gradients asynchronously. Reduce-scatters run in place: the output
+        is this rank's chunk of the input (the full buffer, or the bucket), so no extra shard
+        buffer exists; a bucket's chunk is added into the owned shard once it is done."""
         if self.grad_mode == "full":
             if self.dp == 1:
                 return
             g.grad_full.div_(self.dp)  # sum of grad/dp == mean, on every backend
             if self.shards == 1:
                 work = comm.all_reduce(g.grad_full, self.group, self.meter, async_op=True)
-                self._inflight.append((g, work, None))
-            else:
-                out = torch.empty(g.shard_numel, dtype=self.grad_dtype, device=g.flat.device)
-                work = comm.reduce_scatter_into(out, g.grad_full, self.group, self.meter,
-                                                async_op=True)
-                self._inflight.append((g, work, out))
+            else:  # into grad_shard, the owned chunk of grad_full
+                work = comm.reduce_scatter_into(g.grad_shard, g.grad_full, self.group,
+                                                self.meter, async_op=True)
+            self._inflight.append((g, work, None))
         else:
-            temp, g.temp = g.temp, None
-            for i in set(range(len(g.params))) - g.filled:  # no gradient this backward
-                o = g.offsets[i]
-                temp[o:o + g.params[i].numel()].zero_()
-            out = torch.empty(g.shard_numel, dtype=self.grad_dtype, device=temp.device)
-            work = comm.reduce_scatter_into(out, temp, self.group, self.meter, async_op=True)
-            self._inflight.append((g, work, out, temp))
+            bucket, g.temp = g.temp, None
+            if len(g.filled) < len(g.params):
+                for i in set(range(len(g.params))) - g.filled:  # no gradient this backward
+                    o = g.offsets[i]
+                    bucket[o:o + g.params[i].numel()].zero_()
+            work = comm.reduce_scatter_into(bucket[g.lo:g.hi], bucket, self.group, self.meter,
+                                            async_op=True)
+            self._inflight.append((g, work, bucket))
         g.launched = True
         while len(self._inflight) > 2:
             self._complete(self._inflight.pop(0))
 
     def _complete(self, entry) -> None:
-        g, work, out = entry[:3]
+        g, work, bucket = entry
         if work is not None:
             work.wait()
-        if out is None:
-            return
-        if self.grad_mode == "full":
-            g.grad_shard.copy_(out)
-        else:
-            g.grad_shard.add_(out)
+        if bucket is not None:
+            g.grad_shard.add_(bucket[g.lo:g.hi])
 
     def finish(self) -> None:
         """Wait for every reduction, first launching those not launched during backward
@@ -345,7 +338,8 @@ class ZeroEngine:
     def _track_temp(self) -> None:
         live = sum(g.numel * g.grad_shard.element_size() for g in self.groups
                    if g.temp is not None)
-        live += sum(e[3].numel() * e[3].element_size() for e in self._inflight if len(e) > 3)
+        live += sum(e[2].numel() * e[2].element_size() for e in self._inflight
+                    if e[2] is not None)
         self.peak_temp_bytes = max(self.peak_temp_bytes, live)
 
     # ---- after the optimizer step -----------------------------------------------------------

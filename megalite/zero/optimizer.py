@@ -59,10 +59,6 @@ class ShardedAdamW:
         self.opt = torch.optim.AdamW([x for x in groups if x["params"]], lr=lr, betas=betas,
                                      eps=eps)
 
-    @property
-    def separate_master(self) -> bool:
-        return not all(self.aliased)
-
     # ---- gradients ----------------------------------------------------------------------------
     @torch.no_grad()
     def grad_norm_sq(self, tp_rank: int) -> torch.Tensor:
@@ -129,9 +125,12 @@ class ShardedAdamW:
             return sum(t.numel() * t.element_size() for t in ts if t is not None)
 
         masters = [m for m, aliased in zip(self.masters, self.aliased) if not aliased]
-        states = [t for st in self.opt.state.values() for t in st.values()
-                  if isinstance(t, torch.Tensor) and t.numel() > 1]
-        out = {"master": nbytes(masters), "optimizer": nbytes(states)}
+        if self.opt.state:
+            states = nbytes(t for st in self.opt.state.values() for t in st.values()
+                            if isinstance(t, torch.Tensor) and t.numel() > 1)
+        else:  # AdamW allocates its two fp32 moments at the first step: count them already
+            states = 8 * sum(m.numel() for m in self.masters)
+        out = {"master": nbytes(masters), "optimizer": states}
         if self.offload:
             out["offload_grads"] = nbytes(self.grad_copies)
         return out
@@ -150,9 +149,6 @@ class ShardedAdamW:
         self.engine.publish()
         if state is not None:
             self.opt.load_state_dict(state)
-
-    def masters_for_save(self) -> List[torch.Tensor]:
-        return self.masters
 
 
 def lr_at(step: int, steps: int, lr: float, min_lr: float, warmup: int, schedule: str,
