@@ -1,5 +1,8 @@
 # `make demo`: set up (virtualenv, torch, megalite) and run the main job.
-# `make test`: set up and run the test suite.
+# `make test`: set up and run the test suite (everything; CI and the README run this).
+# `make test-fast`: single-process and layer-level tests plus one small 2-rank world, a few
+#   minutes on 2 cores: no `slow`, `world` (process worlds; tests/conftest.py marks them) or
+#   `cluster` tests.
 # An active virtualenv ($VIRTUAL_ENV) is used as is; otherwise .venv is created here.
 PYTHON ?= python3
 VENV ?= .venv
@@ -12,7 +15,7 @@ STAMP := $(BIN)/.megalite-installed
 DEMO_ARGS ?=
 TEST_ARGS ?=
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test test-fast bench clean
 
 $(STAMP): setup.py pyproject.toml $(wildcard csrc/* csrc/*/*)
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,6 +31,10 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q --durations=20 $(TEST_ARGS) tests
+
+test-fast: setup
+	$(BIN)/python -m pytest -q --durations=10 -m "not slow and not world and not cluster" \
+		$(TEST_ARGS) tests
 
 bench: setup
 	$(BIN)/python bench/overhead.py

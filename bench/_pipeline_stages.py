@@ -109,9 +109,9 @@ class TimedExecutor(PipelineExecutor):
     only queued inside an action, so the interval is compute plus queueing. ``eager_sends``
     (what-if, not the shipped behaviour) posts every send as soon as it is queued."""
 
-    def __init__(self, *a, eager_sends: bool = False, **k):
+    def __init__(self, *a, eager_sends: bool = False, on_action=None, **k):
         super().__init__(*a, **k)
-        self.eager_sends = eager_sends
+        self.eager_sends, self.on_action, self.index = eager_sends, on_action, 0
         self.intervals: List[Tuple[str, int, int, float, float]] = []
         self._recv_end: Optional[float] = None
 
@@ -138,14 +138,17 @@ class TimedExecutor(PipelineExecutor):
     def _timed(self, fn, a, *args):
         self._instrument()
         self._recv_end = None
+        if self.on_action is not None:
+            self.on_action(self.index)
+        self.index += 1
         t0 = now()
         out = fn(a, *args)
         t1 = now()
         self.intervals.append((a.kind, a.chunk, a.micro, self._recv_end or t0, t1))
         return out
 
-    def _forward(self, a, slot, batch, num_micro):
-        return self._timed(super()._forward, a, slot, batch, num_micro)
+    def _forward(self, a, slot, batch):
+        return self._timed(super()._forward, a, slot, batch)
 
     def _backward_input(self, a, slot, split):
         return self._timed(super()._backward_input, a, slot, split)

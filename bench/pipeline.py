@@ -103,15 +103,12 @@ def worker(rank: int, p: int, port: int, a, runs: List[dict], out_path: str) -> 
         rec = Recorder()
         stage = SleepStage(p, dims.pp_rank, v, f, b, w, rec)
         ex = TimedExecutor(stage, dims, lambda out, labels: out.mean(), act, torch.float32,
-                           eager_sends=eager)
+                           eager_sends=eager, on_action=lambda index: setattr(rec, "current",
+                                                                              index))
         actions = schedules.build(name, p, m, dims.pp_rank, v)
-        batch = lambda i: (torch.zeros(act), torch.zeros(1))  # noqa: E731
-
-        def before(index, action):
-            rec.current = index
-
+        batches = [{"tokens": torch.zeros(act), "labels": torch.zeros(1)} for _ in range(m)]
         dist.barrier()
-        ex.run(actions, m, batch, before)
+        ex.run(actions, batches)
         return actions, ex, rec.sleeps
 
 
@@ -125,19 +122,19 @@ def worker(rank: int, p: int, port: int, a, runs: List[dict], out_path: str) -> 
         args = resolve_model_args(mc)
         pc = ParallelConfig(pp=p, schedule=name, virtual_stages=v)
         model = build_model(args, 1234, "cpu", torch.float32, plan=model_plan(dims, pc))
-        ex = TimedExecutor(model, dims, lm_loss, (a.real_mbs, a.real_seq, a.real_hidden),
-                           torch.float32)
+        ex = TimedExecutor(model, dims, lambda o, y: lm_loss(o, y, reduction="sum"),
+                           (a.real_mbs, a.real_seq, a.real_hidden), torch.float32)
         actions = schedules.build(name, p, m, dims.pp_rank, v)
         g = torch.Generator().manual_seed(0)
         data = [torch.randint(0, 256, (a.real_mbs, a.real_seq + 1), generator=g)
                 for _ in range(m)]
-        batch = lambda i: (data[i][:, :-1], data[i][:, 1:])  # noqa: E731
-        ex.run(actions, m, batch)  # warm-up step (allocations, first-call costs)
+        batches = [{"tokens": d[:, :-1], "labels": d[:, 1:]} for d in data]
+        ex.run(actions, batches)  # warm-up step (allocations, first-call costs)
         model.zero_grad(set_to_none=True)
         ex.intervals.clear()
         ex.peak_in_flight = 0
         dist.barrier()
-        ex.run(actions, m, batch)
+        ex.run(actions, batches)
         return actions, ex, []
 
     fake_run("1f1b", max(p, 2), 1, False, 0.002, 0.002, 0.0)  # warm-up: connections, imports

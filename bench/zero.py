@@ -26,7 +26,7 @@ for every configuration, read after the timed steps; the delta over its RSS befo
 built is printed too), bytes communicated per step, and the first losses.
 
 Model state, per rank:
-  megalite: ``Trainer.memory()`` (= ``engine.memory_report(opt)``: params, grads, master,
+  megalite: ``Trainer.memory()`` (= ``engine.memory()`` + ``opt.memory()``: params, grads, master,
     optimizer, buffers; persistent tensors, ZeRO-3's transiently gathered units not included),
     read after the last step.
   DDP / DeepSpeed: counted between backward and optimizer step (gradients alive) of an untimed
@@ -330,12 +330,12 @@ def run_megalite(ctx, v: Variant) -> RankRun:
         raise RuntimeError(f"megalite resolved other model args: {trainer.args} != {ctx['args']}")
     batches, rank = ctx["batches"], dims.dp_rank
 
-    def batch(micro: int, step: Optional[int] = None, data=None) -> Batch:
+    def micro_batches(step: int, data=None) -> List[Dict[str, torch.Tensor]]:
         if data is not None:
             raise RuntimeError("the benchmark feeds training batches only")
-        return batches[trainer.step if step is None else step][rank][micro]
+        return [{"tokens": x, "labels": y} for x, y in batches[step][rank]]
 
-    trainer.batch = batch  # the benchmark's batches, the same for every system
+    trainer.micro_batches = micro_batches  # the benchmark's batches, the same for every system
     records: List[dict] = []  # the timed steps' records: megalite's meter is always on
     on = {"timed": False}
 

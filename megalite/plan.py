@@ -1,5 +1,7 @@
-"""The parallel plan of a run: tensor parallelism by module replacement, then the pipeline cut.
-Both act on the meta-device model before anything is allocated (``models.build_model``)."""
+"""The parallel plan of a run: tensor parallelism by module replacement, then the pipeline cut
+(pp = 1 too: the whole model is then one stage, so every layout trains through the same
+executor). Both act on the meta-device model before anything is allocated
+(``models.build_model``)."""
 from __future__ import annotations
 
 from typing import Tuple
@@ -19,9 +21,8 @@ def model_plan(dims: ParallelDims, cfg: ParallelConfig):
 
     def plan(model: CausalLM) -> Tuple[nn.Module, ShardLayout]:
         layout = parallelize(model, dims, cfg.sequence_parallel, cfg.vocab_multiple)
-        if dims.pp > 1:
-            model = PipelineStage.cut(model, dims.pp, dims.pp_rank, cfg.virtual_stages,
-                                      cfg.layers_per_stage)
-        return model, layout
+        stage = PipelineStage.cut(model, dims.pp, dims.pp_rank, cfg.virtual_stages,
+                                  cfg.layers_per_stage)
+        return stage, layout
 
     return plan

@@ -83,9 +83,9 @@ def test_nan_loss_stops_with_step_and_keeps_checkpoint(tmp_path, data_cache):
     from megalite.trainer.loop import Trainer, TrainingDiverged
 
     class Diverging(Trainer):
-        def forward_backward(self, micro):
-            loss = super().forward_backward(micro)
-            return loss * math.nan if self.step == 4 else loss
+        def _summary(self, loss, grad_norm):
+            summary = super()._summary(loss, grad_norm)
+            return summary * math.nan if self.step == 4 else summary
 
     cfg = tiny_config(str(tmp_path), data_cache, "--train.steps=8", "--checkpoint.interval=2")
     trainer = Diverging(cfg, ParallelDims.single())

@@ -7,8 +7,11 @@ machine built the fused kernels — they fall back to PyTorch without a compiler
 different summation order moves bf16 losses by ~1e-4 after Adam's normalisation. The fused
 kernels have their own training-equivalence test in test_ops.py.
 
-Tolerance 1e-4: a real change to the model, data order, init or optimizer moves these losses by
-> 1e-3 within a few steps, while CPU kernels of other vector widths differ by ~1e-6."""
+Tolerance 1e-4 (fp32): a real change to the model, data order, init or optimizer moves these
+losses by > 1e-3 within a few steps, while CPU kernels of other vector widths differ by ~1e-6.
+bf16 5e-4: bf16 matmuls accumulate in an order that depends on the CPU (oneDNN's avx512_bf16
+path against AVX2 conversion): the same code gave 4.832458 and 4.832347 at step 8 on two
+machines of this workplace, a gap that Adam's normalisation grows by about 1e-5 per step."""
 from __future__ import annotations
 
 import os
@@ -39,5 +42,6 @@ def test_golden_losses(name, tmp_path, data_cache):
         golden = [float(line) for line in f if line.strip()]
     assert len(golden) == len(result.losses)
     assert result.losses[-1] < result.losses[0] - 0.5  # the run learns
+    tol = 5e-4 if "bf16" in name else 1e-4
     for step, (got, want) in enumerate(zip(result.losses, golden), 1):
-        assert abs(got - want) <= 1e-4, f"step {step}: loss {got:.6f}, golden {want:.6f}"
+        assert abs(got - want) <= tol, f"step {step}: loss {got:.6f}, golden {want:.6f}"

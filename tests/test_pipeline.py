@@ -40,38 +40,41 @@ def _one_batch_gradients(dims, schedule, family):
     from megalite.models import build_model, lm_loss, resolve_model_args
     from megalite.pipeline import schedules
     from megalite.pipeline.executor import PipelineExecutor
-    from megalite.pipeline.stage import sync_tied_grads
     from megalite.plan import model_plan
+    from megalite.trainer.loss import loss_sum_fn
     from megalite.zero import ZeroEngine
 
     kv = 2 if family == "llama" else None
     args = resolve_model_args(ModelConfig(family=family, num_layers=LAYERS, hidden_size=32,
                                           num_heads=4, num_kv_heads=kv, max_seq_len=16), 200)
     data = torch.randint(0, 200, (MICRO, 1, 17), generator=torch.Generator().manual_seed(5))
-    batch = lambda i: (data[i, :, :-1], data[i, :, 1:])
+    batches = [{"tokens": data[i, :, :-1], "labels": data[i, :, 1:]} for i in range(MICRO)]
     ref = build_model(args, seed=3)
-    ref_loss = sum(lm_loss(ref(x), y) / MICRO for x, y in map(batch, range(MICRO)))
+    ref_loss = sum(lm_loss(ref(b["tokens"]), b["labels"]) / MICRO for b in batches)
     ref_loss.backward()
     v = 2 if schedule == "interleaved" else 1
-    engine = ZeroEngine(0, dims, torch.float32, torch.float32)  # main_grad views, as the trainer
+    engine = ZeroEngine(0, dims, torch.float32, torch.float32,  # main_grad views, as the trainer
+                        tied_across_stages=args.tie_embeddings)
     stage = build_model(args, seed=3, plan=model_plan(dims, ParallelConfig(
         pp=dims.pp, schedule=schedule, virtual_stages=v)), materialize=engine.materialize)
     engine.attach(stage)
     actions = schedules.build(schedule, dims.pp, MICRO, dims.pp_rank, v)
+    executor = PipelineExecutor(stage, dims, loss_sum_fn(args, dims), (1, 16, args.hidden_size),
+                                torch.float32, grads=engine)
     trace = []  # zb-h1 on the last stage: (action, does chunk 0's first weight have a grad?)
-
-    def before(index, action):
-        if schedule == "zb-h1" and dims.is_last_stage:
-            block = stage.layers[str(stage.chunks[0][0])]
-            w = block.mlp.fc_in.weight if family == "gpt" else block.mlp.gate_proj.weight
-            trace.append((action.kind, action.micro, bool(w.main_grad.abs().sum() > 0)))
-
-    executor = PipelineExecutor(stage, dims, lm_loss, (1, 16, args.hidden_size), torch.float32)
-    losses = executor.run(actions, MICRO, batch, before)
-    sync_tied_grads(stage, args.tie_embeddings, dims.pp, dims.embed_group)
+    if schedule == "zb-h1" and dims.is_last_stage:
+        block = stage.layers[str(stage.chunks[0][0])]
+        w = block.mlp.fc_in.weight if family == "gpt" else block.mlp.gate_proj.weight
+        for method in ("_forward", "_backward_input", "_backward_weight"):
+            def traced(a, *rest, run=getattr(executor, method)):
+                trace.append((a.kind, a.micro, bool(w.main_grad.abs().sum() > 0)))
+                return run(a, *rest)
+            setattr(executor, method, traced)
+    loss = executor.run(actions, batches)
+    engine.finalize_grads()  # with dp = tp = 1: the tied-embedding sum over the two stages
     ref_grads = dict(ref.named_parameters())
     if dims.is_last_stage:
-        torch.testing.assert_close(torch.stack(losses).mean(), ref_loss.detach(), atol=1e-5,
+        torch.testing.assert_close(loss.total / loss.tokens, ref_loss.detach(), atol=1e-5,
                                    rtol=0)
     for name, p in stage.named_parameters():
         want = ref_grads.get(name, ref_grads.get("embed.tok.weight")).grad

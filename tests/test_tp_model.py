@@ -66,7 +66,7 @@ def _check_model_equivalence(dims, family: str, sp: bool) -> None:
     layout, ref_params = tp_model.shard_layout, dict(ref.named_parameters())
     for name, p in tp_model.named_parameters():
         grad = p.grad.clone()
-        if getattr(p, "tp_partial_grad", False):
+        if name in layout.partial_grad:
             dist.all_reduce(grad, group=dims.tp_group)
         full = _full(name, grad, layout, dims.tp_group, ref_params[name].shape)
         torch.testing.assert_close(full, ref_params[name].grad, atol=1e-5, rtol=0,

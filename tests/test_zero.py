@@ -50,18 +50,36 @@ def _run(cfg, poison_step=None):
         def __init__(self, *args):
             super().__init__(*args)
             self.records, self.checksums = [], []
+            # gradient reductions launched [while the schedule runs, after it]
+            self.launches, self.in_schedule = [0, 0], False
+            launch, run = self.engine._launch, self.executor.run
+
+            def counted_launch(g):
+                self.launches[0 if self.in_schedule else 1] += 1
+                return launch(g)
+
+            def flagged_run(*a, **k):
+                self.in_schedule = True
+                try:
+                    return run(*a, **k)
+                finally:
+                    self.in_schedule = False
+
+            self.engine._launch, self.executor.run = counted_launch, flagged_run
 
         def train_step(self):
             if poison_step is not None and self.step + 1 == poison_step and self.dims.rank == 1:
-                finish = self.engine.finish
+                finalize = self.engine.finalize_grads
 
                 def poisoned():
-                    finish()
-                    self.engine.groups[0].grad_shard[0] = float("inf")
-                    self.engine.finish = finish
+                    finalize()
+                    self.engine.groups[0].grad.shard[0] = float("inf")
+                    self.engine.finalize_grads = finalize
 
-                self.engine.finish = poisoned
+                self.engine.finalize_grads = poisoned
             record = super().train_step()
+            record["launches"] = self.launches
+            self.launches = [0, 0]
             self.records.append(record)
             if self.engine.stage < 3:  # full parameters on every rank
                 self.checksums.append(sum(float(p.detach().double().sum())
@@ -293,25 +311,75 @@ def test_zero3_offload_fp16_in_one_process(tmp_path, data_cache):
 
 
 # ---- composition with tensor and pipeline parallelism (4 ranks) ------------------------------
-def _composed_world(tmp, cache):
+def _state_boxes(tmp, cache):
+    """dp=2 x tp=2, ZeRO-1 and ZeRO-3 at initialisation: this rank's engine and optimizer
+    ``state_dict()`` entries (boxes and values), and a save -> clobber -> load round trip."""
+    import torch
+
+    from megalite.parallel.dims import ParallelDims
+    from megalite.parallel.env import discover
+    from megalite.trainer.loop import Trainer
+
     out = {}
+    for stage in (1, 3):
+        cfg = _cfg(f"{tmp}/state{stage}", cache, "--parallel.dp=2", "--parallel.tp=2",
+                   f"--parallel.zero_stage={stage}", "--model.family=llama",
+                   "--model.num_kv_heads=2", "--train.precision=bf16")
+        dims = ParallelDims.initialize(2, 2, 1, discover(), "gloo", timeout_s=120)
+        trainer = Trainer(cfg, dims)
+        engine, opt = trainer.engine, trainer.opt
+        take = lambda entries: {n: (e.global_shape, e.replica, [  # noqa: E731
+            (box, t.detach().float().clone()) for box, t in zip(e.boxes, e.tensors)])
+            for n, e in entries.items()}
+        out[stage] = {"args": trainer.args, "engine": take(engine.state_dict()),
+                      "master": take(opt.state_dict()["master"])}
+        # round trip: the optimizer's state back after the masters and moments are clobbered
+        state = opt.state_dict()
+        saved = {k: {n: type(e)(e.global_shape, list(e.boxes), [t.clone() for t in e.tensors])
+                     for n, e in state[k].items()} for k in ("master", "exp_avg", "exp_avg_sq")}
+        saved["step"] = 7
+        for m in opt.masters:
+            m.fill_(3.0)
+        opt.load_state_dict(saved)
+        again = opt.state_dict()
+        out[stage]["round_trip"] = again["step"] == 7 and all(
+            torch.equal(a, b) for k in ("master", "exp_avg", "exp_avg_sq")
+            for n in saved[k] for a, b in zip(saved[k][n].tensors, again[k][n].tensors))
+        params = engine.state_dict()  # the parameters followed the masters (bf16 copies)
+        out[stage]["params_follow"] = all(
+            torch.equal(t.float(), m.bfloat16().float()) for n in params
+            for t, m in zip(params[n].tensors, again["master"][n].tensors))
+    return out
+
+
+def _composed_world(tmp, cache):
+    out = {"state": _state_boxes(tmp, cache)}
     runs = {"tp2_z3": ["--parallel.dp=2", "--parallel.tp=2", "--parallel.zero_stage=3",
                        "--parallel.sequence_parallel=true"],
             "pp2_z2": ["--parallel.dp=2", "--parallel.pp=2", "--parallel.zero_stage=2"],
-            "pp2_z3": ["--parallel.dp=2", "--parallel.pp=2", "--parallel.zero_stage=3"],
+            "pp2_z3": ["--parallel.dp=2", "--parallel.pp=2", "--parallel.zero_stage=3",
+                       "--parallel.zero3_reshard_after_forward=true"],
             "pp2_z3_keep": ["--parallel.dp=2", "--parallel.pp=2", "--parallel.zero_stage=3",
                             "--parallel.zero3_reshard_after_forward=false"],
             "pp2_z3_interleaved": ["--parallel.dp=2", "--parallel.pp=2", "--parallel.zero_stage=3",
                                    "--parallel.schedule=interleaved",
                                    "--parallel.virtual_stages=2"],
             "pp2_z1_zbh1": ["--parallel.dp=2", "--parallel.pp=2", "--parallel.zero_stage=1",
+                            "--parallel.schedule=zb-h1"],
+            "pp2_z2_zbh1": ["--parallel.dp=2", "--parallel.pp=2", "--parallel.zero_stage=2",
+                            "--parallel.schedule=zb-h1"],
+            "pp2_z3_zbh1": ["--parallel.dp=2", "--parallel.pp=2", "--parallel.zero_stage=3",
                             "--parallel.schedule=zb-h1"]}
     for name, extra in runs.items():
         cfg = _cfg(f"{tmp}/{name}", cache, "--train.grad_accum=4", "--train.micro_batch_size=1",
                    "--model.num_layers=4", *extra)
         trainer, result, records = _run(cfg)
         gathered = sum(r["comm_bytes.all_gather"] for r in records[1:]) / (len(records) - 1)
-        out[name] = (result.losses, gathered, trainer.engine.peak_param_bytes)
+        engine = trainer.engine  # ZeRO-3 bound with pp > 1: every group of the stage gathered
+        bound = sum(g.full_bytes + g.shard.numel() * g.shard.element_size()
+                    for g in engine.groups) if engine.stage == 3 else 0
+        out[name] = (result.losses, gathered, engine.peak_param_bytes, records[-1]["launches"],
+                     bound)
     return out
 
 
@@ -326,17 +394,64 @@ def reference(tmp_path_factory, data_cache):
     return result.losses
 
 
+def _check_state_boxes(ranks) -> None:
+    """Boxes of every rank, replicas left out, tile each global tensor exactly once, and their
+    values are the single-process model's initial weights (TP slices, ZeRO ranges and the
+    vocabulary padding undone)."""
+    import torch
+
+    from megalite.models import build_model
+
+    for stage in (1, 3):
+        args = ranks[0]["state"][stage]["args"]
+        ref = {n: p.detach().float() for n, p in build_model(args, 1234).named_parameters()}
+        # bf16 run: the fp32 masters start from the bf16 parameters (as Megatron's)
+        for kind, dtype in (("engine", torch.bfloat16), ("master", torch.bfloat16)):
+            names = {n for r in ranks for n in r["state"][stage][kind]}  # ZeRO: some ranks
+            assert names == set(ref), sorted(set(ref) ^ names)  # own nothing of a parameter
+            for name in names:
+                shape = ref[name].shape
+                value, hits = torch.zeros(shape), torch.zeros(shape, dtype=torch.int32)
+                for rank in ranks:
+                    if name not in rank["state"][stage][kind]:
+                        continue
+                    global_shape, replica, boxes = rank["state"][stage][kind][name]
+                    assert tuple(global_shape) == tuple(shape), name
+                    if replica:
+                        continue
+                    for (offsets, sizes), t in boxes:
+                        where = tuple(slice(o, o + n) for o, n in zip(offsets, sizes))
+                        value[where] = t
+                        hits[where] += 1
+                assert torch.all(hits == 1), (stage, kind, name, hits.unique())
+                torch.testing.assert_close(value, ref[name].to(dtype).float(), rtol=0, atol=0,
+                                           msg=lambda m: f"ZeRO-{stage} {kind} {name}: {m}")
+        assert all(r["state"][stage]["round_trip"] and r["state"][stage]["params_follow"]
+                   for r in ranks)
+
+
 def test_zero_composes_with_tp_and_pp(reference, tmp_path, data_cache):
     ranks = run_distributed(_composed_world, 4, str(tmp_path), data_cache, timeout_s=900)
+    _check_state_boxes(ranks)
     for rank in ranks:
         for name in ("tp2_z3", "pp2_z2", "pp2_z3", "pp2_z3_keep", "pp2_z3_interleaved",
-                     "pp2_z1_zbh1"):
+                     "pp2_z1_zbh1", "pp2_z2_zbh1", "pp2_z3_zbh1"):
             losses = rank[name][0]
             if losses:  # the last pipeline stage reports them on every rank
                 assert max_abs_diff(losses, reference) <= FP32_TOL, (name, losses, reference)
+        # every gradient reduction is launched while the schedule still runs (its group's last
+        # contribution, a W pass's included, is in), none is left for after it: zb-h1's
+        # cool-down W passes and the interleaved chunks overlap with the reductions
+        for name in ("pp2_z1_zbh1", "pp2_z2_zbh1", "pp2_z3_zbh1", "pp2_z3_interleaved"):
+            during, after = rank[name][3]
+            assert during > 0 and after == 0, (name, during, after)
         # keeping parameters gathered across the 4 micro-batches gathers once per step instead
-        # of twice per micro-batch, and holds more at the peak
-        _, reshard_bytes, reshard_peak = rank["pp2_z3"]
-        _, keep_bytes, keep_peak = rank["pp2_z3_keep"]
+        # of twice per micro-batch, and holds more at the peak (auto keeps them with pp > 1)
+        _, reshard_bytes, reshard_peak, _, _ = rank["pp2_z3"]
+        _, keep_bytes, keep_peak, _, bound = rank["pp2_z3_keep"]
+        # kept gathered (auto with pp > 1), a rank holds at most its whole stage's parameters
+        # gathered plus its shards: the model-parallel share of the model, not the model
+        assert 0 < keep_peak <= bound, (keep_peak, bound)
+        assert rank["pp2_z3_interleaved"][1] == pytest.approx(keep_bytes, rel=0.01)
         assert keep_bytes * 8 == pytest.approx(reshard_bytes, rel=0.01)
         assert keep_peak > reshard_peak

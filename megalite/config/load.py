@@ -94,6 +94,8 @@ def _coerce(value: Any, tp: Any) -> Any:
         if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
             return value.strip().lower() in _TRUE
         raise _BadType
+    if tp is str and isinstance(value, bool):  # YAML's false in an auto|true|false field
+        return "true" if value else "false"
     if isinstance(value, bool) or value is None or isinstance(value, (list, dict)):
         raise _BadType
     if tp is int:

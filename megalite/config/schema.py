@@ -92,10 +92,12 @@ class ParallelConfig:
     """ZeRO-2 with grad_accum > 1: `shard` reduce-scatters every micro-batch's gradients into
     the owned fp32 shard (least memory) or `full` accumulates full gradients and
     reduce-scatters once per step (least traffic). ZeRO-3 always works as `shard`."""
-    zero3_reshard_after_forward: bool = True
-    """ZeRO-3: free a unit's gathered parameters after its forward and gather them again for
-    its backward (least memory). false keeps them gathered until the optimizer step, so
-    micro-batches after the first (and pipeline schedules) gather nothing more."""
+    zero3_reshard_after_forward: str = "auto"
+    """ZeRO-3: `true` frees a unit's gathered parameters after its forward and gathers them
+    again for its backward (least memory); `false` keeps them gathered until the optimizer
+    step, so micro-batches after the first gather nothing more; `auto` (torchtitan's default)
+    is `true` without pipeline parallelism and `false` with it, where other micro-batches'
+    forwards run between a unit's forward and its backward."""
     offload_optimizer: bool = False
     """ZeRO-Offload (Ren et al. 2021): fp32 master weights, AdamW moments and an fp32 gradient
     copy live in CPU buffers (pinned on GPU machines) and the update runs on the CPU."""

@@ -77,10 +77,38 @@ def _check_pipeline(cfg: Config, err: _Errors) -> None:
     elif L > 0 and L % stages:
         err.add("parallel.pp", p.pp, f"pp*virtual_stages = {stages} must divide "
                 f"model.num_layers = {L}; change them or give parallel.layers_per_stage")
-    ga = cfg.train.grad_accum
-    if p.pp > 1 and p.schedule == "interleaved" and ga is not None and ga % p.pp:
-        err.add("train.grad_accum", ga, f"the interleaved schedule needs micro-batches per step "
-                f"(grad_accum) to be a multiple of parallel.pp={p.pp}")
+
+
+def _check_pipeline_batch(cfg: Config, err: _Errors, given: Config) -> None:
+    """Pipeline checks of the *resolved* batch (run after ``resolve_batch``, which may derive
+    grad_accum from global_batch_size): interleaved 1F1B runs micro-batches in groups of pp.
+
+    ``given`` holds the batch fields as the user set them, to word the fix in their terms."""
+    p, t = cfg.parallel, cfg.train
+    ga = t.grad_accum
+    if p.pp <= 1 or p.schedule != "interleaved" or ga is None or ga % p.pp == 0:
+        return
+    per = t.micro_batch_size * p.dp  # samples per step for each micro-batch
+    options = sorted({k for k in (ga // p.pp * p.pp, -(-ga // p.pp) * p.pp) if k > 0})
+    m, a, g = (given.train.micro_batch_size, given.train.grad_accum,
+               given.train.global_batch_size)
+    how = ""
+    if a is None and m is None and g is not None:  # global alone: grad_accum defaults to 1
+        how = " (grad_accum is 1 when only global_batch_size is set)"
+        fix = "set " + " or ".join(f"train.micro_batch_size={t.micro_batch_size} with "
+                                   f"train.global_batch_size={k * per}" for k in options)
+    elif a is None and g is not None:  # derived: the user thinks in global batch sizes
+        how = (f" (global_batch_size {g} / (micro_batch_size {t.micro_batch_size} x dp "
+               f"{p.dp}))")
+        fix = "set train.global_batch_size=" + " or ".join(str(k * per) for k in options)
+    elif g is not None:  # both given: both must change
+        fix = "set " + " or ".join(f"train.grad_accum={k} with train.global_batch_size="
+                                   f"{k * per}" for k in options)
+    else:
+        fix = "set train.grad_accum=" + " or ".join(str(k) for k in options)
+    err.add("train.grad_accum", ga, f"micro-batches per step {ga}{how} must be a multiple of "
+            f"parallel.pp={p.pp} for the interleaved schedule; {fix}, or use another "
+            "parallel.schedule")
 
 
 def _check_tensor_parallel(cfg: Config, err: _Errors) -> None:
@@ -200,10 +228,8 @@ def _check_zero(cfg: Config, err: _Errors) -> None:
     if p.zero_stage not in (0, 1, 2, 3):
         err.add("parallel.zero_stage", p.zero_stage, "must be 0, 1, 2 or 3")
     _choice(err, "parallel.zero2_accumulate", p.zero2_accumulate, ["shard", "full"])
-    if p.zero_stage >= 2 and p.pp > 1 and p.schedule == "zb-h1":
-        err.add("parallel.schedule", p.schedule,
-                f"zb-h1 defers weight gradients past the backward that ZeRO-{p.zero_stage} "
-                "reduce-scatters them in; use 1f1b or interleaved, or parallel.zero_stage=1")
+    _choice(err, "parallel.zero3_reshard_after_forward", p.zero3_reshard_after_forward,
+            ["auto", "true", "false"])
 
 
 def _check_train(cfg: Config, err: _Errors) -> None:
@@ -291,11 +317,16 @@ def _check_rest(cfg: Config, err: _Errors) -> None:
 
 def validate(cfg: Config) -> Config:
     """Return a copy with batch sizes resolved; raise ConfigError listing every problem."""
-    cfg = copy.deepcopy(cfg)
+    given, cfg = cfg, copy.deepcopy(cfg)
     err = _Errors()
     _check_model(cfg, err)
     _check_parallel(cfg, err)
+    before = len(err.lines)
     resolve_batch(cfg, err)
+    # checks of the resolved batch sizes go after resolve_batch (grad_accum may be derived
+    # there), and only when it succeeded: with conflicting sizes the final values are unknown
+    if len(err.lines) == before and cfg.parallel.dp >= 1:
+        _check_pipeline_batch(cfg, err, given)
     _check_train(cfg, err)
     _check_data(cfg, err)
     _check_rest(cfg, err)

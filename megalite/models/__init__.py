@@ -1,17 +1,16 @@
 """Model construction: resolve the config, build on the meta device, draw weights from the seed."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 import torch.nn as nn
 
 from megalite.config.schema import ModelConfig
+from megalite.parallel.params import ParamTable
 from megalite.models.transformer import (CausalLM, KVCache, ModelArgs, flops_per_token,
                                          init_tensor, lm_loss, num_params)
 
-if TYPE_CHECKING:
-    from megalite.tensor_parallel.layout import ShardLayout
 
 __all__ = ["CausalLM", "KVCache", "ModelArgs", "build_model", "resolve_model_args", "lm_loss",
            "num_params", "flops_per_token", "init_weights"]
@@ -46,7 +45,7 @@ def init_weights(model: CausalLM, seed: int) -> None:
 
 
 ValueFn = Callable[[str, torch.Size], torch.Tensor]
-Plan = Callable[[CausalLM], Tuple[nn.Module, "ShardLayout"]]
+Plan = Callable[[CausalLM], Tuple[nn.Module, ParamTable]]
 Materialize = Callable[[nn.Module, ValueFn], None]
 
 
@@ -61,17 +60,18 @@ def build_model(args: ModelArgs, seed: int, device: torch.device | str = "cpu",
     ``values(name, full_shape)`` gives a parameter's full single-process value (default: the
     seeded initialisation), so a sharded model holds exactly the slices of the unsharded one.
     """
-    from megalite.tensor_parallel.layout import ShardLayout
-
     with torch.device("meta"):
         model = CausalLM(args)
         full_shapes = {n: p.shape for n, p in model.named_parameters()}
-        model, layout = plan(model) if plan is not None else (model, ShardLayout())
+        model, layout = plan(model) if plan is not None else (model, ParamTable())
     values = values or (lambda name, shape: init_tensor(name, shape, args, seed))
+    for name, _ in model.named_parameters():
+        if name not in full_shapes:  # a last pipeline stage's copy of the tied embedding
+            layout.tied_copy.add(name)
+        layout.global_shape[name] = tuple(full_shapes[_full_name(name, full_shapes)])
 
     def fill(name: str, local_shape: torch.Size) -> torch.Tensor:
-        # a last pipeline stage's tied head starts as a copy of the embedding
-        full = "embed.tok.weight" if name not in full_shapes else name
+        full = _full_name(name, full_shapes)  # the tied copy starts as the embedding
         return layout.local(name, values(full, full_shapes[full]), local_shape)
 
     if materialize is not None:
@@ -85,6 +85,9 @@ def build_model(args: ModelArgs, seed: int, device: torch.device | str = "cpu",
             for name, p in model.named_parameters():
                 p.copy_(fill(name, p.shape))
         model = model.to(dtype)
-    layout.annotate(model)
-    model.shard_layout = layout  # checkpoints record it so shards can be merged back
+    model.shard_layout = layout  # the per-parameter record (ParamTable) everyone reads
     return model
+
+
+def _full_name(name: str, full_shapes) -> str:
+    return name if name in full_shapes else "embed.tok.weight"

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -134,11 +134,17 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(args.hidden_size, args.num_kv_heads * d, bias=bias)
         self.o_proj = nn.Linear(args.num_heads * d, args.hidden_size, bias=bias)
 
+    def project(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v of ``x``: [b, s, nh*d], [b, s, nkv*d], [b, s, nkv*d]. The seam of tensor
+        parallelism, which computes the three as one column-parallel layer."""
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+
     def forward(self, x: torch.Tensor, cache: Optional[KVCache] = None) -> torch.Tensor:
         b, s, _ = x.shape
-        q = self.q_proj(x).view(b, s, -1, self.head_dim).transpose(1, 2)  # [b, nh, s, d]
-        k = self.k_proj(x).view(b, s, -1, self.head_dim).transpose(1, 2)  # [b, nkv, s, d]
-        v = self.v_proj(x).view(b, s, -1, self.head_dim).transpose(1, 2)
+        q, k, v = self.project(x)
+        q = q.view(b, s, -1, self.head_dim).transpose(1, 2)  # [b, nh, s, d]
+        k = k.view(b, s, -1, self.head_dim).transpose(1, 2)  # [b, nkv, s, d]
+        v = v.view(b, s, -1, self.head_dim).transpose(1, 2)
         if self.kv_heads_slice is not None:
             k, v = k[:, self.kv_heads_slice], v[:, self.kv_heads_slice]
         start = cache.length if cache is not None else 0
@@ -174,10 +180,19 @@ class MLP(nn.Module):
             self.fc_in = nn.Linear(h, f)
             self.fc_out = nn.Linear(f, h)
 
+    def project(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        """The input projections of ``x``, [b, s, f] each: (gate, up) for SwiGLU, (fc_in,) for
+        GPT-2. The seam of tensor parallelism, which computes them as one column-parallel layer."""
+        if self.swiglu:
+            return self.gate_proj(x), self.up_proj(x)
+        return (self.fc_in(x),)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.swiglu:
-            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-        return self.fc_out(F.gelu(self.fc_in(x), approximate="tanh"))
+            gate, up = self.project(x)
+            return self.down_proj(F.silu(gate) * up)
+        (hidden,) = self.project(x)
+        return self.fc_out(F.gelu(hidden, approximate="tanh"))
 
 
 class Block(nn.Module):
@@ -247,9 +262,10 @@ class CausalLM(nn.Module):
         return self.head(x)
 
 
-def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy in fp32; labels equal to -100 are ignored."""
-    return F.cross_entropy(logits.float().flatten(0, -2), labels.flatten(), ignore_index=-100)
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Next-token cross-entropy in fp32, mean (or sum) over the tokens whose label is not -100."""
+    return F.cross_entropy(logits.float().flatten(0, -2), labels.flatten(), ignore_index=-100,
+                           reduction=reduction)
 
 
 def num_params(model: nn.Module, exclude_embeddings: bool = False) -> int:

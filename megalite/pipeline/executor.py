@@ -1,6 +1,13 @@
 """Runs a schedule's actions on one pipeline rank: forward/backward of its chunks, and the
 point-to-point transfers they imply, with shapes known ahead from the config (no metadata round
-trip per micro-batch).
+trip per micro-batch). Every layout takes this one path: with pp = 1 the rank is a single stage
+(first and last) and the schedule is plain gradient accumulation (1F1B with p = 1).
+
+A step gets one batch dict per micro-batch (``tokens``, ``labels``, and whatever later models
+need, e.g. masks), on every stage. Loss normalisation lives here: each micro-batch's summed
+token loss is divided by the number of loss-bearing tokens in the whole global batch (counted
+over micro-batches and data-parallel ranks) and multiplied by the loss scale, so any mask keeps
+every layout equal to one process.
 
 Communication: an action's sends are posted when it ends — together with the next action's
 receive in one ``batch_isend_irecv`` when that action receives (Megatron's
@@ -15,16 +22,21 @@ Memory: once an activation has been sent, its data is freed and only its autogra
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 
+from megalite.parallel import comm
 from megalite.parallel.dims import ParallelDims
 from megalite.pipeline.schedules import Action
 from megalite.pipeline.stage import PipelineStage
 from megalite.pipeline.zero_bubble import WeightGradStore, defer_weight_grads
+
+Batch = Dict[str, torch.Tensor]  # one micro-batch: "tokens", "labels", ...
+IGNORE_INDEX = -100  # labels that carry no loss
 
 _engine = torch.autograd.Variable._execution_engine  # backward without the shape check
 
@@ -103,79 +115,112 @@ class P2P:
         self.inflight = still
 
 
+class _NoTimers:
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        yield
+
+
+@dataclass
+class StepLoss:
+    """A step's loss on this rank: the sum of its micro-batches' token losses (last stage;
+    zero elsewhere) and the global number of loss-bearing tokens."""
+    total: torch.Tensor
+    tokens: torch.Tensor
+
+
 class PipelineExecutor:
     def __init__(self, stage: PipelineStage, dims: ParallelDims, loss_fn: Callable,
-                 act_shape: Tuple[int, ...], dtype: torch.dtype):
+                 act_shape: Tuple[int, ...], dtype: torch.dtype,
+                 grads=None, timers=None):
+        """``loss_fn(logits, labels)`` sums the token losses of a micro-batch. ``grads`` (the
+        ZeRO engine) is told when a training step starts — ``begin_step(num_micro, split)``
+        — and when a split backward's W pass has added a deferred weight gradient —
+        ``on_weight_grad(param)`` — so it reduces a group once its last contribution is in;
+        ``timers`` (``trainer.metrics.Timers``) accumulate forward and backward seconds."""
         self.stage, self.dims, self.loss_fn = stage, dims, loss_fn
         self.act_shape, self.dtype = act_shape, dtype
+        self.grads = grads
         self.peak_in_flight = 0
         self.wgrad_store = WeightGradStore()  # used by split (zero-bubble) schedules
+        if grads is not None:
+            self.wgrad_store.on_accumulate = grads.on_weight_grad
         self._deferring = False
-        self.loss_scale = 1.0  # fp16: the trainer's current loss scale
+        self.timers = timers if timers is not None else _NoTimers()
 
     def vstage(self, chunk: int) -> int:
         return chunk * self.dims.pp + self.dims.pp_rank
 
-    def run(self, actions: List[Action], num_micro: int,
-            batch: Callable[[int], Tuple[torch.Tensor, torch.Tensor]],
-            before: Optional[Callable[[int, Action], None]] = None) -> List[torch.Tensor]:
-        """Execute ``actions``; returns the last stage's per-micro-batch losses (unscaled).
-        ``before(index, action)`` is called ahead of each action (the trainer uses it to turn
-        on gradient reduction before the last gradient-accumulating pass)."""
-        self.p2p = P2P(self.dims, num_micro)
+    def global_tokens(self, batches: List[Batch]) -> torch.Tensor:
+        """Loss-bearing tokens of the global batch (every stage computes it from its copy of
+        the micro-batches; one small all-reduce over dp)."""
+        count = sum((b["labels"] != IGNORE_INDEX).sum() for b in batches).to(torch.float32)
+        comm.all_reduce(count, self.dims.dp_group, self.dims.meter)
+        return count
+
+    def run(self, actions: List[Action], batches: List[Batch],
+            loss_scale: float = 1.0) -> StepLoss:
+        """Execute ``actions`` over ``batches``; backward passes (if any) leave gradients of
+        sum(loss) / tokens * loss_scale. Returns the unscaled loss sum and token count."""
+        tokens = self.global_tokens(batches)
+        self._scale = loss_scale / tokens.clamp(min=1)
+        self.p2p = P2P(self.dims, len(batches))
         state: Dict[Tuple[int, int], _Micro] = {}
-        losses: List[torch.Tensor] = []
+        total = torch.zeros((), dtype=torch.float32, device=self.dims.device)
         split = any(a.kind == "W" for a in actions)
         if split and not self._deferring:
             defer_weight_grads(self.stage, self.wgrad_store)
             self._deferring = True
+        if self.grads is not None and torch.is_grad_enabled():
+            self.grads.begin_step(len(batches), split)
         live = self.peak_in_flight = 0
         for index, action in enumerate(actions):
-            if before is not None:
-                before(index, action)
-            if action.kind == "W":
-                self._backward_weight(action)
             slot = state.setdefault((action.chunk, action.micro), _Micro())
             if action.kind == "F":
-                loss = self._forward(action, slot, batch, num_micro)
+                with self.timers.phase("forward"):
+                    loss = self._forward(action, slot, batches[action.micro])
                 if loss is not None:
-                    losses.append(loss)
+                    total += loss
                 live += 1
                 self.peak_in_flight = max(self.peak_in_flight, live)
             elif action.kind == "B":
-                self._backward_input(action, slot, split)
+                with self.timers.phase("backward"):
+                    self._backward_input(action, slot, split)
                 live -= 1
+            else:  # W
+                with self.timers.phase("backward"):
+                    self._backward_weight(action)
             if action.kind != "F":
                 del state[(action.chunk, action.micro)]  # done: free its graph
             following = actions[index + 1] if index + 1 < len(actions) else None
             if following is None or not self._receives(following):
                 self.p2p.post_sends()  # nothing to pair with: do not hold the peer up
         self.p2p.flush()
-        return losses
+        return StepLoss(total, tokens)
 
     def _receives(self, a: Action) -> bool:
         if a.kind == "F":
             return not self.stage.is_first(a.chunk)
         return a.kind == "B" and not self.stage.is_last(a.chunk)
 
-    def _forward(self, a: Action, slot: _Micro, batch, num_micro: int) -> Optional[torch.Tensor]:
+    def _forward(self, a: Action, slot: _Micro, batch: Batch) -> Optional[torch.Tensor]:
         rank, s = self.dims.pp_rank, self.vstage(a.chunk)
-        tokens, labels = batch(a.micro)
         if self.stage.is_first(a.chunk):
-            x = tokens
+            x = batch["tokens"]
         else:
-            x = self.p2p.recv(self.act_shape, self.dtype, tokens.device, rank - 1, s - 1,
+            x = self.p2p.recv(self.act_shape, self.dtype, self.dims.device, rank - 1, s - 1,
                               a.micro, 0)
             x.requires_grad_(torch.is_grad_enabled())
             slot.inputs = x
         out = self.stage.forward_chunk(a.chunk, x)
         if self.stage.is_last(a.chunk):
-            loss = self.loss_fn(out, labels)
-            scaled = loss if self.loss_scale == 1.0 else loss * self.loss_scale
-            slot.output = scaled / num_micro
+            loss = self.loss_fn(out, batch["labels"])
+            if torch.is_grad_enabled():
+                slot.output = loss * self._scale
             return loss.detach()
+        if torch.is_grad_enabled():
+            slot.output = out
         self.p2p.send(out, rank + 1, s, a.micro, 0)
-        slot.output = out
         return None
 
     def _backward_input(self, a: Action, slot: _Micro, split: bool) -> None:

@@ -91,6 +91,10 @@ def forward_only(p: int, m: int, r: int, v: int = 1) -> List[Action]:
 
 
 def build(name: str, p: int, m: int, r: int, v: int = 1) -> List[Action]:
+    """This rank's actions for one step. One stage (p = 1) is plain gradient accumulation,
+    F0 B0 F1 B1 ... (1F1B with p = 1), whatever the configured pipeline schedule."""
+    if p == 1:
+        return one_f_one_b(1, m, 0)
     if name == "gpipe":
         return gpipe(p, m, r)
     if name == "1f1b":

@@ -15,7 +15,6 @@ import torch
 import torch.nn as nn
 
 from megalite.models.transformer import CausalLM, KVCache
-from megalite.parallel import comm
 
 
 def split_layers(num_layers: int, pp: int, v: int = 1,
@@ -52,6 +51,14 @@ class PipelineStage(nn.Module):
         mine = [ranges[c * pp + pp_rank] for c in range(v)]
         return cls(model, mine, first=pp_rank == 0, last=pp_rank == pp - 1)
 
+    def forward(self, tokens: torch.Tensor,
+                caches: Optional[List[KVCache]] = None) -> torch.Tensor:
+        """The whole model on one stage (pp = 1): tokens [b, s] -> logits, like ``CausalLM``."""
+        if len(self.chunks) != 1 or not (self.is_first(0) and self.is_last(0)):
+            raise RuntimeError("PipelineStage.forward needs the whole model on one stage; "
+                               "a pipelined model runs through forward_chunk")
+        return self.forward_chunk(0, tokens, caches)
+
     def units(self) -> List[nn.Module]:
         """This rank's layer units in forward order (chunk by chunk)."""
         return [u for u in (self.embed, *self.layers.values(), self.head) if u is not None]
@@ -74,25 +81,3 @@ class PipelineStage(nn.Module):
         if self.is_last(chunk):
             x = self.head(x)
         return x
-
-
-def mark_tied_copy(stage: nn.Module, tie_embeddings: bool, pp: int) -> None:
-    """With tied embeddings across stages the last stage holds a copy of the embedding as its
-    head; mark it so the gradient norm counts the pair once."""
-    head = getattr(stage, "head", None)
-    if tie_embeddings and pp > 1 and head is not None:
-        head.output.weight.pp_tied_copy = True
-
-
-def sync_tied_grads(stage: nn.Module, tie_embeddings: bool, pp: int, embed_group,
-                    meter=None, grad_of=lambda p: p.main_grad) -> None:
-    """Sum the gradients of the embedding (first stage) and its tied copy in the head (last
-    stage), so both take the same optimizer step and stay equal. ``grad_of`` gives the
-    (reduced) gradient tensor of a parameter: both stages lay it out alike, so with ZeRO it can
-    be this rank's shard of it."""
-    if not tie_embeddings or pp == 1:
-        return
-    embed, head = getattr(stage, "embed", None), getattr(stage, "head", None)
-    weight = embed.tok.weight if embed is not None else head.output.weight if head else None
-    if weight is not None:
-        comm.all_reduce(grad_of(weight), embed_group, meter)

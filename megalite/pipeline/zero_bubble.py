@@ -30,6 +30,7 @@ class WeightGradStore:
 
     def __init__(self):
         self.key: Optional[Key] = None  # set by the executor around a B pass
+        self.on_accumulate = None
         self._pending: Dict[Key, List[Callable[[], None]]] = defaultdict(list)
 
     def defer(self, fn: Callable[[], None]) -> bool:
@@ -76,6 +77,8 @@ class _DeferrableLinear(torch.autograd.Function):
         def deferred() -> None:  # runs in the W pass, outside autograd
             with torch.no_grad():
                 _accumulate(weight, weight_grad())
+                if ctx.store.on_accumulate is not None:
+                    ctx.store.on_accumulate(weight)
 
         if ctx.store.defer(deferred):
             return dx, None, db, None

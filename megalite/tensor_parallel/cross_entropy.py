@@ -8,7 +8,7 @@ token with label ``y``:
     z_y  = sum_r [y in r's range] z_r[y]         (all-reduce SUM, same call as S)
     loss = log S - (z_y - m)
 
-and the loss is averaged over the tokens whose label is not ``ignore_index``. Backward, on the
+and the loss is summed, or averaged, over the tokens whose label is not ``ignore_index``. Backward, on the
 local slice only: ``dL/dz_r = (softmax_r - onehot_r(y)) * grad_output / num_valid`` (zero rows
 for ignored tokens). Columns whose GLOBAL index is >= ``vocab_size`` are vocab padding: they are
 set to -inf first, so they get probability 0 and a gradient of exactly 0.
@@ -29,7 +29,8 @@ __all__ = ["vocab_parallel_cross_entropy"]
 class _VocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, logits: torch.Tensor, labels: torch.Tensor, group, vocab_start: int,
-                vocab_size: int, meter: Optional[CommMeter], ignore_index: int) -> torch.Tensor:
+                vocab_size: int, meter: Optional[CommMeter], ignore_index: int,
+                reduction: str) -> torch.Tensor:
         v_local = logits.shape[-1]
         # fp32 working copy (never modify the caller's logits): [N, V_local]
         z = logits.reshape(-1, v_local).to(torch.float32, copy=True)
@@ -58,7 +59,10 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         sum_exp, target = sums[0], sums[1]
 
         per_token = torch.where(valid, torch.log(sum_exp) - target, torch.zeros_like(target))
-        num_valid = valid.sum().clamp(min=1).to(torch.float32)
+        if reduction == "sum":
+            num_valid = torch.ones((), dtype=torch.float32, device=z.device)
+        else:
+            num_valid = valid.sum().clamp(min=1).to(torch.float32)
         loss = per_token.sum() / num_valid
 
         z.div_(sum_exp.unsqueeze(-1))  # softmax over the full vocab, local slice
@@ -73,14 +77,16 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         rows = torch.arange(grad.shape[0], device=grad.device)
         grad[rows, local] -= mine.to(grad.dtype)
         grad.mul_((valid.to(grad.dtype) * (grad_output / num_valid)).unsqueeze(-1))
-        return grad.reshape(ctx.shape).to(ctx.dtype), None, None, None, None, None, None
+        return grad.reshape(ctx.shape).to(ctx.dtype), None, None, None, None, None, None, None
 
 
 def vocab_parallel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, group,
                                  vocab_start: int, vocab_size: int,
                                  meter: Optional[CommMeter] = None,
-                                 ignore_index: int = -100) -> torch.Tensor:
-    """Mean cross-entropy over non-ignored tokens (a scalar, fp32).
+                                 ignore_index: int = -100,
+                                 reduction: str = "mean") -> torch.Tensor:
+    """Mean (or with ``reduction="sum"`` summed) cross-entropy over non-ignored tokens (a
+    scalar, fp32).
 
     ``logits``: ``[..., V_local]``, this rank's vocab slice starting at global id
     ``vocab_start`` (any float dtype; computed in fp32). ``labels``: ``[...]`` full-vocab ids or
@@ -90,4 +96,4 @@ def vocab_parallel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, gro
     SUM of ``[2, N]`` fp32 values (sum-exp and target logit), N = number of tokens.
     """
     return _VocabParallelCrossEntropy.apply(logits, labels, group, vocab_start, vocab_size,
-                                            meter, ignore_index)
+                                            meter, ignore_index, reduction)

@@ -1,14 +1,14 @@
-"""The step loop: data -> schedule (forward/backward per micro-batch) -> grad sync -> clip ->
-AdamW; with metrics, evaluation, checkpoints and preemption handling around it."""
+"""The step loop: micro-batches -> executor (the schedule's forwards and backwards) -> engine
+(finished gradients) -> optimizer (clip, AdamW); with metrics, evaluation, checkpoints and
+preemption handling around it."""
 from __future__ import annotations
 
-import functools
 import math
 import os
 import signal
 import time
 from dataclasses import asdict, dataclass, field
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 import torch
 
@@ -20,17 +20,15 @@ from megalite.models import (CausalLM, build_model, flops_per_token, num_params,
 from megalite.parallel import comm
 from megalite.parallel.dims import ParallelDims
 from megalite.pipeline import schedules
-from megalite.pipeline.executor import PipelineExecutor
-from megalite.pipeline.stage import mark_tied_copy, sync_tied_grads
-from megalite.plan import model_plan
+from megalite.pipeline.executor import PipelineExecutor, StepLoss
 from megalite.pipeline.inference import inference_view
-from megalite.tensor_parallel.plan import loss_fn
+from megalite.plan import model_plan
 from megalite.tensor_parallel.random import SplitRegionRNG, cover_split_regions
 from megalite.trainer import checkpoint
+from megalite.trainer.loss import loss_sum_fn
+from megalite.trainer.lr import lr_at
 from megalite.trainer.metrics import MetricsLogger, Timers
-from megalite.trainer.schedule import accumulate
 from megalite.zero import LossScaler, ShardedAdamW, ZeroEngine
-from megalite.zero.optimizer import lr_at
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -56,44 +54,44 @@ def step_seed(seed: int, step: int, dims: ParallelDims) -> int:
 
 
 class Trainer:
+    """Builds one rank of the job (data, model through the plan, ZeRO engine, executor,
+    optimizer) and runs the step loop. Every layout takes the same path: the executor runs the
+    schedule's actions (pp = 1 is a one-stage schedule), the engine finishes the gradients, the
+    optimizer clips and steps — whatever differs between layouts lives in those three."""
+
     def __init__(self, cfg: Config, dims: ParallelDims):
         self.cfg, self.dims = cfg, dims
-        t = cfg.train
+        t, p = cfg.train, cfg.parallel
         self.mbs, self.ga, self.gbs = t.micro_batch_size, t.grad_accum, t.global_batch_size
         if dims.rank == 0:
             ensure_dataset(cfg.data)  # prepares it (once, on one rank) when not cached yet
         comm.barrier()
         self.prefixes = ensure_dataset(cfg.data)  # cached now: only returns the paths
-        num_val = t.eval_iters * self.gbs
         self.train_ds, self.val_ds, self.tokenizer = build_datasets(
-            cfg.data, t.seed, t.steps * self.gbs, num_val)
+            cfg.data, t.seed, t.steps * self.gbs, t.eval_iters * self.gbs)
         self.tokenizer_file = self.prefixes[0] + ".tokenizer.json"
         self.args = resolve_model_args(cfg.model, self.tokenizer.vocab_size)
-        p = cfg.parallel
-        tied = self.args.tie_embeddings and dims.pp > 1  # tied copies: alone in their group
-        self.engine = ZeroEngine(p.zero_stage, dims, DTYPES[t.precision], DTYPES[t.grad_dtype],
-                                 p.bucket_mb, p.zero2_accumulate, p.zero3_reshard_after_forward,
-                                 solo=("embed.tok.weight", "head.output.weight") if tied else ())
-        self.model = build_model(self.args, t.seed, dims.device, DTYPES[t.precision],
+        dtype = DTYPES[t.precision]
+        self.timers = Timers()  # seconds per phase of a step: forward, backward, comm, optimizer
+        self.engine = ZeroEngine(p.zero_stage, dims, dtype, DTYPES[t.grad_dtype], p.bucket_mb,
+                                 p.zero2_accumulate, p.zero3_reshard_after_forward,
+                                 tied_across_stages=self.args.tie_embeddings and dims.pp > 1)
+        self.model = build_model(self.args, t.seed, dims.device, dtype,
                                  plan=model_plan(dims, p), materialize=self.engine.materialize)
-        self.loss_fn = loss_fn(self.args, dims, p.vocab_multiple)
-        self.executor = None  # pipeline parallelism: runs the schedule's actions
-        if dims.pp > 1:
-            seq = cfg.data.seq_len // (dims.tp if p.sequence_parallel else 1)
-            self.executor = PipelineExecutor(self.model, dims, self.loss_fn,
-                                             (self.mbs, seq, self.args.hidden_size),
-                                             DTYPES[t.precision])
-            self.actions = schedules.build(p.schedule, dims.pp, self.ga, dims.pp_rank,
-                                           p.virtual_stages)
-            self._last_grad_action = max(i for i, a in enumerate(self.actions)
-                                         if a.kind == ("W" if p.schedule == "zb-h1" else "B"))
-            mark_tied_copy(self.model, self.args.tie_embeddings, dims.pp)
+        self.rank_params = sum(q.numel() for q in self.model.parameters())  # before ZeRO-3
+        self.engine.attach(self.model)
+        seq = cfg.data.seq_len // (dims.tp if p.sequence_parallel else 1)
+        self.executor = PipelineExecutor(self.model, dims,
+                                         loss_sum_fn(self.args, dims, p.vocab_multiple),
+                                         (self.mbs, seq, self.args.hidden_size), dtype,
+                                         grads=self.engine, timers=self.timers)
+        chunks = len(self.model.chunks)
+        self.actions = schedules.build(p.schedule, dims.pp, self.ga, dims.pp_rank, chunks)
+        self.eval_actions = schedules.forward_only(dims.pp, self.ga, dims.pp_rank, chunks)
         self.split_rng = None  # per-TP-rank dropout stream where activations are split
         if dims.tp > 1 and self.args.dropout > 0:
             self.split_rng = SplitRegionRNG(dims.device)
             cover_split_regions(self.model, self.split_rng, p.sequence_parallel)
-        params = list(self.model.parameters())
-        self.engine.attach(self.model)
         self.opt = ShardedAdamW(self.engine, t.lr, (t.beta1, t.beta2), t.eps, t.weight_decay,
                                 offload=p.offload_optimizer)
         self.scaler = None  # fp16 only
@@ -107,10 +105,8 @@ class Trainer:
                                  cfg.run.log_interval)
         if dims.rank == 0:
             save_yaml(cfg, os.path.join(cfg.run.dir, "config.yaml"))
-        self.timers = Timers()
         with torch.device("meta"):  # the whole model's size, whatever this rank holds of it
             self.n_params = num_params(CausalLM(self.args))
-        self.rank_params = sum(p.numel() for p in params)  # before ZeRO-3 sharding
         self.flops_per_token = flops_per_token(self.args, cfg.data.seq_len, self.n_params)
         self._stop_signal: Optional[int] = None
 
@@ -137,7 +133,9 @@ class Trainer:
 
     def memory(self) -> dict:
         """Model-state bytes on this rank by kind (AdamW moments counted before they exist)."""
-        return self.engine.memory_report(self.opt)
+        report = {**self.engine.memory(), **self.opt.memory()}
+        report["total"] = sum(report.values())
+        return report
 
     def maybe_resume(self) -> None:
         path = checkpoint.latest(self.ckpt_dir) if self.cfg.checkpoint.resume else None
@@ -150,7 +148,8 @@ class Trainer:
                 f"checkpoint {path} holds optimizer state sharded as {saved}; this run shards it "
                 f"as {self.engine.layout()}: resume with the same parallel.dp (with ZeRO >= 1), "
                 f"parallel.bucket_mb and train.grad_dtype")
-        state = shard if self.engine.shards == 1 else checkpoint.load_dp_shard(path, self.dims)
+        sharded = self.engine.shards_over_dp
+        state = checkpoint.load_dp_shard(path, self.dims) if sharded else shard
         self.opt.load(shard["model"], state["optimizer"])
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
@@ -170,93 +169,64 @@ class Trainer:
         return text
 
     # ---- one step ---------------------------------------------------------------------------
-    def forward_backward(self, micro: int) -> torch.Tensor:
-        x, y = self.batch(micro)
-        self.timers.start("forward")
-        loss = self.loss_fn(self.model(x), y)
-        self.timers.stop("forward")
-        self.timers.start("backward")
-        scaled = loss if self.scaler is None else loss * self.scaler.scale
-        (scaled / self.ga).backward()
-        self.timers.stop("backward")
-        return loss.detach()
-
-    def batch(self, micro: int, step: Optional[int] = None, data=None):
-        x, y = micro_batch(self.train_ds if data is None else data,
-                           self.step if step is None else step, micro, self.dims.dp_rank,
-                           self.mbs, self.ga, self.dims.dp)
-        return x.to(self.dims.device), y.to(self.dims.device)
-
-    def run_schedule(self) -> List[torch.Tensor]:
-        """One step's forwards and backwards: gradient accumulation, or a pipeline schedule."""
-        if self.executor is None:
-            return accumulate(self.forward_backward, self.ga, self.engine.sync_next_backward)
-        v = len(self.model.chunks)
-
-        def before(index: int, action) -> None:
-            # one chunk per rank: reduce gradients during its last gradient pass (overlap);
-            # with several chunks they finish at different times: reduce after the schedule
-            if v == 1 and index == self._last_grad_action:
-                self.engine.sync_next_backward(True)
-
-        self.executor.loss_scale = 1.0 if self.scaler is None else self.scaler.scale
-        self.timers.start("pipeline")
-        losses = self.executor.run(self.actions, self.ga, self.batch, before)
-        self.timers.stop("pipeline")
-        return losses
+    def micro_batches(self, step: int, data=None) -> List[Dict[str, torch.Tensor]]:
+        """This rank's micro-batches of global batch ``step``, one batch dict each."""
+        out = []
+        for micro in range(self.ga):
+            x, y = micro_batch(self.train_ds if data is None else data, step, micro,
+                               self.dims.dp_rank, self.mbs, self.ga, self.dims.dp)
+            out.append({"tokens": x.to(self.dims.device), "labels": y.to(self.dims.device)})
+        return out
 
     def train_step(self) -> dict:
-        t = self.cfg.train
         start = time.perf_counter()
-        seed = step_seed(t.seed, self.step, self.dims)
+        self._seed_dropout()
+        scale = 1.0 if self.scaler is None else self.scaler.scale
+        loss = self.executor.run(self.actions, self.micro_batches(self.step), scale)
+        with self.timers.phase("comm"):  # what backward left unfinished
+            self.engine.finalize_grads()
+        with self.timers.phase("optimizer"):
+            grad_norm = self.opt.clip_grad_norm(self.cfg.train.grad_clip, scale)
+        summary = self._summary(loss, grad_norm)  # loss, stop flag, norm: one all-reduce
+        # fp16 needs the norm on the host before the update (a non-finite one, the same on
+        # every rank, skips the step); otherwise the one host sync comes after the update
+        values = summary.tolist() if self.scaler is not None else None
+        skipped = values is not None and not math.isfinite(values[2])
+        if self.scaler is not None:
+            self.scaler.update(skipped)
+        lr = self.lr()
+        with self.timers.phase("optimizer"):
+            self.engine.skip_step() if skipped else self.opt.step(lr)
+        loss_value, stop, norm = values if values is not None else summary.tolist()
+        self.step += 1
+        return self._record(start, loss_value, lr, float("nan") if skipped else norm,
+                            stop > 0, scale, skipped)
+
+    def _seed_dropout(self) -> None:
+        seed = step_seed(self.cfg.train.seed, self.step, self.dims)
         torch.manual_seed(seed)  # the same on the TP ranks of a replica
         if self.split_rng is not None:
             self.split_rng.reseed(seed + 1 + self.dims.tp_rank)
-        self.engine.zero_grad()
-        scale = 1.0 if self.scaler is None else self.scaler.scale
-        losses = self.run_schedule()
-        self.timers.start("comm")
-        self.engine.finish()
-        self.engine.reduce_partial(self.dims.tp_group)
-        if self.executor is not None:
-            sync_tied_grads(self.model, self.args.tie_embeddings, self.dims.pp,
-                            self.dims.embed_group, self.dims.meter, self.engine.grad_of)
-        self.timers.stop("comm")
-        self.timers.start("optimizer")
-        # the norm sums each rank's owned gradients: over dp too once ZeRO shards them
-        norm_group = self.dims.world_group if self.engine.shards > 1 else self.dims.mp_group
-        grad_norm = self.opt.clip_grad_norm(t.grad_clip, norm_group, self.dims.tp_rank,
-                                            self.dims.meter, scale)
-        # fp16: steps skipped on overflow do not advance the schedule (DeepSpeed, Megatron)
+
+    def lr(self) -> float:
+        """This step's learning rate; fp16 steps skipped on overflow do not advance the
+        schedule (DeepSpeed, Megatron)."""
+        t = self.cfg.train
         updates = self.step - (self.scaler.skipped if self.scaler is not None else 0)
-        lr = lr_at(updates, t.steps, t.lr, t.min_lr, t.warmup_steps, t.lr_schedule,
-                   t.decay_fraction)
-        self.timers.stop("optimizer")
-        # One small all-reduce per step: the mean loss and whether any rank was told to stop.
-        stop_flag = torch.full((), float(self._stop_signal is not None), device=self.dims.device)
-        mean = torch.stack(losses).mean().float() if losses else torch.zeros_like(stop_flag)
-        stats = torch.stack([mean * self.dims.reports_loss, stop_flag])
-        self.timers.start("comm")
-        comm.all_reduce(stats, self.dims.world_group, self.dims.meter)
-        self.timers.stop("comm")
-        summary = torch.cat([stats, grad_norm.reshape(1).float()])
-        # the step's one host sync: loss, stop flag and gradient norm together; fp16 needs the
-        # norm before the update (a non-finite one, the same on every rank, skips the step)
-        values, skipped = None, False
-        if self.scaler is not None:
-            values = summary.tolist()
-            skipped = not math.isfinite(values[2])
-            self.scaler.update(skipped)
-        self.timers.start("optimizer")
-        if skipped:
-            self.engine.release()
-        else:
-            self.opt.step(lr)
-        self.timers.stop("optimizer")
-        loss_sum, stop, grad_norm = values if values is not None else summary.tolist()
-        grad_norm = float("nan") if skipped else grad_norm
-        loss = loss_sum / self.dims.dp
-        self.step += 1
+        return lr_at(updates, t.steps, t.lr, t.min_lr, t.warmup_steps, t.lr_schedule,
+                     t.decay_fraction)
+
+    def _summary(self, loss: StepLoss, grad_norm: torch.Tensor) -> torch.Tensor:
+        """[mean token loss, stop flag, grad norm]: one small all-reduce over every rank."""
+        stop = torch.full((), float(self._stop_signal is not None), device=self.dims.device)
+        stats = torch.stack([loss.total * self.dims.reports_loss, stop])
+        with self.timers.phase("comm"):
+            comm.all_reduce(stats, self.dims.world_group, self.dims.meter)
+        mean = stats[0] / loss.tokens.clamp(min=1)
+        return torch.stack([mean, stats[1], grad_norm.reshape(()).float()])
+
+    def _record(self, start: float, loss: float, lr: float, grad_norm: float, stop: bool,
+                scale: float, skipped: bool) -> dict:
         elapsed = time.perf_counter() - start
         tokens = self.gbs * self.cfg.data.seq_len
         tflops = self.flops_per_token * tokens / elapsed / 1e12 / self.dims.world_size
@@ -265,17 +235,13 @@ class Trainer:
                   "mfu": tflops / self.peak_tflops(), "step_time": elapsed,
                   **{f"time.{k}": v for k, v in self.timers.take().items()},
                   **{f"comm_bytes.{k}": v for k, v in self.dims.meter.take(wire=True).items()},
-                  **{f"mem.{k}": v for k, v in self.memory().items()}}
-        if self.engine.stage == 3:
-            record["mem.peak_gathered_params"] = self.engine.peak_param_bytes
-        if self.engine.grad_mode == "shard":
-            record["mem.peak_grad_buckets"] = self.engine.peak_temp_bytes
+                  **{f"mem.{k}": v for k, v in self.memory().items()}, **self.engine.metrics()}
         if self.scaler is not None:
             record.update(loss_scale=scale, skipped=skipped)
         if not math.isfinite(loss):
             raise TrainingDiverged(f"loss is {loss} at step {self.step}; stopping. The last "
                                    f"checkpoint ({checkpoint.latest(self.ckpt_dir)}) is kept.")
-        record["stop"] = stop > 0
+        record["stop"] = stop
         return record
 
     def peak_tflops(self) -> float:
@@ -286,38 +252,36 @@ class Trainer:
     # ---- evaluation, checkpoints ------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self) -> Optional[float]:
-        """Mean validation loss, or None when the split leaves no validation documents."""
+        """Mean validation loss per token, or None when the split leaves no validation
+        documents. Global batches split like training, through the same executor
+        (forward-only actions): layout-independent."""
         if self.val_ds is None:
             return None
         self.model.eval()
         total = torch.zeros((), dtype=torch.float32, device=self.dims.device)
-        iters, dims = self.cfg.train.eval_iters, self.dims
-        for it in range(iters):  # global batches, split like training: layout-independent
-            batch = functools.partial(self.batch, step=it, data=self.val_ds)
-            if self.executor is None:
-                losses = [self.loss_fn(self.model(x), y) for x, y in map(batch, range(self.ga))]
-            else:
-                actions = schedules.forward_only(dims.pp, self.ga, dims.pp_rank,
-                                                 len(self.model.chunks))
-                losses = self.executor.run(actions, self.ga, batch)
-            total += sum(loss.float() for loss in losses)
+        tokens = torch.zeros_like(total)
+        for it in range(self.cfg.train.eval_iters):
+            loss = self.executor.run(self.eval_actions, self.micro_batches(it, self.val_ds))
+            total += loss.total
+            tokens += loss.tokens
         self.model.train()
-        total *= dims.reports_loss / (iters * self.ga * dims.dp)
-        comm.all_reduce(total, dims.world_group, dims.meter)
-        return total.item()
+        total *= self.dims.reports_loss
+        comm.all_reduce(total, self.dims.world_group, self.dims.meter)
+        return (total / tokens.clamp(min=1)).item()
 
     def save_checkpoint(self) -> str:
         shard = {"model": self.engine.full_values(self.opt.masters), "step": self.step}
-        state = {"optimizer": self.opt.state_dict(),
+        state = {"optimizer": self.opt.adamw_state(),
                  "scaler": self.scaler.state_dict() if self.scaler is not None else None}
-        if self.engine.shards == 1:
+        sharded = self.engine.shards_over_dp
+        if not sharded:
             shard.update(state)
         layout = self.model.shard_layout
         meta = {"config": asdict(self.cfg), "model_args": asdict(self.args),
                 "tp_shard_dims": layout.shard_dim, "zero": self.engine.layout()}
         return checkpoint.save(self.ckpt_dir, self.step, self.dims, shard, meta,
                                self.tokenizer_file, self.cfg.checkpoint.keep,
-                               dp_shard=state if self.engine.shards > 1 else None)
+                               dp_shard=state if sharded else None)
 
     # ---- the loop ---------------------------------------------------------------------------
     def _on_signal(self, signum, frame) -> None:

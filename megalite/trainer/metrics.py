@@ -1,11 +1,12 @@
 """Per-step metrics: ``metrics.jsonl``, TensorBoard events when installed, a progress line."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
 import time
-from typing import Dict, List, Optional
+from typing import Dict, Iterator, List, Optional
 
 
 class Timers:
@@ -20,6 +21,14 @@ class Timers:
 
     def stop(self, name: str) -> None:
         self.totals[name] = self.totals.get(name, 0.0) + time.perf_counter() - self._start.pop(name)
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        self.start(name)
+        try:
+            yield
+        finally:
+            self.stop(name)
 
     def take(self) -> Dict[str, float]:
         out, self.totals = self.totals, {}

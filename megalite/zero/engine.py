@@ -7,8 +7,10 @@ owns slice r. What each stage keeps on a rank:
 =====  ==================  ==========================================  ================
 stage  parameters          gradients                                   master + AdamW
 =====  ==================  ==========================================  ================
-0      full                full; all-reduced (mean) on the last micro  full
-1      full                full; reduce-scattered on the last micro    owned shard
+0      full                full; all-reduced (summed: the loss is      full
+                           already a global mean) once the step's
+                           last contribution is in
+1      full                full; reduce-scattered likewise             owned shard
 2      full                owned shard: each micro-batch's gradients   owned shard
                            are reduce-scattered and added into it
                            (``zero2_accumulate=shard``); or as stage 1
@@ -17,29 +19,36 @@ stage  parameters          gradients                                   master + 
        unit's groups are
        gathered before its
        forward and its
-       backward, freed after
+       backward
 =====  ==================  ==========================================  ================
 
 After the optimizer updates the owned shard, stages 1-2 all-gather the parameters (so stage 1
 moves reduce-scatter + all-gather = what one all-reduce moves); stage 3 just keeps the shard.
 
-Gradients arrive through post-accumulate hooks. A group whose gradients are all in is reduced
-asynchronously while backward carries on (at most two reductions in flight, so no more than two
-groups' temporary buffers exist at once).
+Gradients arrive through post-accumulate hooks and, for the weight gradients a split backward
+(zb-h1) defers to its W pass, through ``on_grad_ready`` called by the weight-gradient store. A
+group is reduced asynchronously as soon as its contributions are in (``zero/grads.py``): the
+step's last one with full gradients — counted, so it is the last B or W pass of the group's
+chunk whatever the schedule — or each bucket's with sharded ones. At most two reductions are in
+flight. ``finalize_grads`` waits for them and adds the TP partial sums and the tied-embedding
+sync: afterwards ``owned_grads()`` are the finished gradients.
 """
 from __future__ import annotations
 
 import functools
-from typing import Callable, Dict, List, Sequence, Set
+from typing import Dict, List, Sequence, Set, Union
 
 import torch
 import torch.nn as nn
 
 from megalite.parallel import comm
 from megalite.parallel.dims import ParallelDims
+from megalite.parallel.params import ParamTable
+from megalite.zero import state as shard_state
 from megalite.zero.flat import FlatGroup
+from megalite.zero.grads import FullGrads, ShardGrads
 
-Fill = Callable[[str, torch.Size], torch.Tensor]
+TIED = ("embed.tok.weight", "head.output.weight")  # alone in their group when tied across stages
 
 
 class _PreBackward(torch.autograd.Function):
@@ -60,173 +69,131 @@ class _PreBackward(torch.autograd.Function):
 class ZeroEngine:
     def __init__(self, stage: int, dims: ParallelDims, dtype: torch.dtype,
                  grad_dtype: torch.dtype, bucket_mb: float = 25.0,
-                 zero2_accumulate: str = "shard", reshard_after_forward: bool = True,
-                 solo: Sequence[str] = ()):
+                 zero2_accumulate: str = "shard", reshard_after_forward: Union[bool, str] = "auto",
+                 tied_across_stages: bool = False):
         self.stage, self.dims = stage, dims
-        self.dtype, self.grad_dtype = dtype, grad_dtype
-        self.bucket_mb, self.solo = bucket_mb, set(solo)
-        self.group = dims.dp_group
+        self.dtype, self.grad_dtype, self.bucket_mb = dtype, grad_dtype, bucket_mb
+        self.group, self.meter = dims.dp_group, dims.meter
         self.dp = comm.group_size(self.group)
         self.shards = self.dp if stage >= 1 else 1
         self.shard_rank = dims.dp_rank if stage >= 1 else 0
-        # gradients: "full" buffer reduced once per step, or reduced into the owned "shard"
-        self.grad_mode = "shard" if stage == 3 or (stage == 2 and zero2_accumulate == "shard") \
-            else "full"
-        self.reshard_after_forward = reshard_after_forward
-        self.meter = dims.meter
+        if stage == 3 or (stage == 2 and zero2_accumulate == "shard"):
+            self.policy: Union[FullGrads, ShardGrads] = ShardGrads(grad_dtype, self.group,
+                                                                   self.meter)
+        else:
+            self.policy = FullGrads(grad_dtype, self.group, self.dp, self.shards, self.meter)
+        # auto: keep a unit gathered from its forward to its backward when pp > 1 (other
+        # micro-batches' forwards come between them; torchtitan's default), else free it
+        if str(reshard_after_forward) not in ("auto", "true", "false", "True", "False"):
+            raise ValueError(f"zero3_reshard_after_forward={reshard_after_forward!r}: use auto, "
+                             f"true or false")
+        if reshard_after_forward == "auto":
+            reshard_after_forward = dims.pp == 1
+        self.reshard_after_forward = str(reshard_after_forward).lower() == "true"
+        self.solo: Set[str] = set(TIED) if tied_across_stages else set()
         self.groups: List[FlatGroup] = []
         self.unit_groups: List[List[FlatGroup]] = []
-        self._sync = False
         self._inflight: list = []
         self.peak_param_bytes = 0  # ZeRO-3: shards + gathered groups, highest seen
-        self.peak_temp_bytes = 0  # gradient temporaries of reductions, highest seen
+        self.peak_temp_bytes = 0  # gradient buckets of sharded reductions, highest seen
+
+    @property
+    def shards_over_dp(self) -> bool:
+        """Does each dp rank own a different part of the gradients and optimizer state?"""
+        return self.shards > 1
 
     # ---- build --------------------------------------------------------------------------------
-    def materialize(self, model: nn.Module, fill: Fill) -> None:
+    def materialize(self, model: nn.Module, fill) -> None:
         """``models.build_model`` hook: allocate the meta-device ``model`` group by group and
         fill it (``fill(name, shape)`` gives a parameter's values). With ZeRO-3 each group keeps
         only this rank's shard once filled, so the full model never exists on one rank."""
         names = {id(p): n for n, p in model.named_parameters()}
-        units = model.units()  # CausalLM or PipelineStage, in forward order
+        units = model.units()  # in forward order
         unit_params = [list(u.parameters()) for u in units]  # before any is replaced
         bucket = max(1, int(self.bucket_mb * 2**20 * 8 / torch.finfo(self.grad_dtype).bits))
         seen: Set[int] = set()
-        device = self.dims.device
-        for params in unit_params:
+        for u, params in enumerate(unit_params):
             mine = [p for p in params if id(p) not in seen]
             seen.update(id(p) for p in mine)
-            groups: List[List[nn.Parameter]] = []
-            run: List[nn.Parameter] = []
-            for p in reversed(mine):  # roughly the order backward produces gradients
-                solo = names[id(p)] in self.solo
-                if run and (solo or sum(q.numel() for q in run) + p.numel() > bucket):
-                    groups.append(run)
-                    run = []
-                run.append(p)
-                if solo:
-                    groups.append(run)
-                    run = []
-            if run:
-                groups.append(run)
-            for members in groups:
+            for members in self._cut(mine, names, bucket):
                 g = FlatGroup([names[id(p)] for p in members], members, self.shards,
-                              self.shard_rank)
-                new = g.materialize(fill, self.dtype, device)
+                              self.shard_rank, unit=u)
+                new = g.materialize(fill, self.dtype, self.dims.device)
                 _replace_params(model, dict(zip(map(id, members), new)))
                 self.groups.append(g)
                 self._track_params()  # ZeRO-3: earlier groups' shards + this full group
                 if self.stage == 3:
                     g.keep_shard_only()
-        self.group_of: Dict[nn.Parameter, FlatGroup] = {}
-        for g in self.groups:
-            for p in g.params:
-                self.group_of[p] = g
-        self.unit_groups = []
+        self.group_of: Dict[nn.Parameter, FlatGroup] = {p: g for g in self.groups
+                                                        for p in g.params}
+        self.unit_groups = [[] for _ in units]
         self.last_use: Dict[FlatGroup, int] = {}  # the last unit (in forward order) using it
         for i, unit in enumerate(units):
-            gs = []
             for p in unit.parameters():
-                if self.group_of[p] not in gs:
-                    gs.append(self.group_of[p])
-                self.last_use[self.group_of[p]] = i
-            self.unit_groups.append(gs)
+                g = self.group_of[p]
+                if g not in self.unit_groups[i]:
+                    self.unit_groups[i].append(g)
+                self.last_use[g] = i
+
+    def _cut(self, params: List[nn.Parameter], names, bucket: int) -> List[List[nn.Parameter]]:
+        """Runs of at most one bucket, in roughly the order backward produces gradients."""
+        groups, run = [], []
+        for p in reversed(params):
+            solo = names[id(p)] in self.solo
+            if run and (solo or sum(q.numel() for q in run) + p.numel() > bucket):
+                groups.append(run)
+                run = []
+            run.append(p)
+            if solo:
+                groups.append(run)
+                run = []
+        return groups + ([run] if run else [])
 
     def attach(self, model: nn.Module) -> None:
-        """Gradient storage and hooks; call once the model is built (and annotated)."""
+        """Gradient storage and hooks; call once the model is built."""
         self.model = model
+        self.table: ParamTable = model.shard_layout
         for g in self.groups:
-            g.n_grads = sum(p.requires_grad for p in g.params)
-            g.index = {p: i for i, p in enumerate(g.params)}
-            g.pending = g.n_grads
-            g.temp = None
-            if self.grad_mode == "full":
-                g.grad_full = torch.zeros(g.numel, dtype=self.grad_dtype, device=g.flat.device)
-                g.grad_shard = g.grad_full[g.lo:g.hi]
-                for p, view in zip(g.params, g.param_views(g.grad_full)):
-                    p.main_grad = view
-            else:
-                g.grad_full = None
-                g.grad_shard = torch.zeros(g.shard_numel, dtype=self.grad_dtype,
-                                           device=g.flat.device)
+            g.grad = self.policy.allocate(g)
             for p in g.params:
                 if p.requires_grad:
-                    p.register_post_accumulate_grad_hook(self._on_grad_ready)
-        self._point_grads()
+                    p.register_post_accumulate_grad_hook(self.on_grad_ready)
         if self.stage == 3:
             for i, unit in enumerate(model.units()):
                 unit.register_forward_pre_hook(functools.partial(self._pre_forward, i))
                 unit.register_forward_hook(functools.partial(self._post_forward, i))
 
-    def _point_grads(self) -> None:
-        """Same dtype: autograd accumulates straight into the full buffer (no copy)."""
-        if self.grad_mode == "full":
-            for g in self.groups:
-                for p in g.params:
-                    if p.dtype == self.grad_dtype:
-                        p.grad = p.main_grad
-
     # ---- gradients ----------------------------------------------------------------------------
-    def sync_next_backward(self, enabled: bool) -> None:
-        """Full-gradient modes: reduce during the coming backward (the step's last
-        micro-batch) or not. The sharded mode reduces every micro-batch anyway."""
-        self._sync = enabled and self.dp > 1
+    def begin_step(self, num_micro: int, split: bool = False) -> None:
+        """Zero the gradients for a step of ``num_micro`` micro-batches: each parameter gets
+        one contribution per micro-batch, from its backward or, when the backward is ``split``
+        (zb-h1), for deferred weights from the W pass. Called by the executor."""
+        for g in self.groups:
+            self.policy.begin(g, num_micro, split)
+        self._inflight = []
 
     @torch.no_grad()
-    def _on_grad_ready(self, p: nn.Parameter) -> None:
+    def on_grad_ready(self, p: nn.Parameter) -> None:
+        """A contribution to ``p``'s gradient is in ``p.grad`` (or added to its ``main_grad``).
+        A call with no gradient (autograd's hook on a weight whose dW was deferred) is none."""
+        if p.grad is not None:
+            self.on_weight_grad(p)
+
+    @torch.no_grad()
+    def on_weight_grad(self, p: nn.Parameter) -> None:
+        """A split backward's W pass added a deferred weight gradient (into ``main_grad`` or
+        ``p.grad``): one contribution."""
         g = self.group_of[p]
-        if self.grad_mode == "full":
-            if p.grad is not p.main_grad:
-                p.main_grad.add_(p.grad)
-                p.grad = None
-        else:
-            if g.temp is None:  # only the padding needs zeros: each parameter writes its part
-                g.temp = torch.empty(g.numel, dtype=self.grad_dtype, device=p.device)
-                g.temp[g.used:].zero_()
-                g.filled = set()
-                self._track_temp()
-            i = g.index[p]
-            o = g.offsets[i]
-            # pre-divided by dp (sum of grad/dp == mean), in the copy's pass when dtypes agree
-            view = g.temp[o:o + p.numel()].view_as(p)
-            if p.grad.dtype == view.dtype:
-                torch.div(p.grad, self.dp, out=view)
-            else:  # bf16/fp16 gradient into fp32: divide after the exact upcast
-                view.copy_(p.grad).div_(self.dp)
-            g.filled.add(i)
-            p.grad = None
-        g.pending -= 1
-        if g.pending == 0:
-            g.pending = g.n_grads
-            if self.grad_mode == "shard" or self._sync:
-                self._launch(g)
-                if self.stage == 3 and self.reshard_after_forward:
-                    g.wait()
-                    g.free()
+        if self.policy.on_grad(g, p):
+            self._launch(g)
+            if self.stage == 3 and self.reshard_after_forward:
+                g.wait()
+                g.free()
+        self._track_temp()
 
     def _launch(self, g: FlatGroup) -> None:
-        """Reduce a group's gradients asynchronously. Reduce-scatters run in place: the output
-        is this rank's chunk of the input (the full buffer, or the bucket), so no extra shard
-        buffer exists; a bucket's chunk is added into the owned shard once it is done."""
-        if self.grad_mode == "full":
-            if self.dp == 1:
-                return
-            g.grad_full.div_(self.dp)  # sum of grad/dp == mean, on every backend
-            if self.shards == 1:
-                work = comm.all_reduce(g.grad_full, self.group, self.meter, async_op=True)
-            else:  # into grad_shard, the owned chunk of grad_full
-                work = comm.reduce_scatter_into(g.grad_shard, g.grad_full, self.group,
-                                                self.meter, async_op=True)
-            self._inflight.append((g, work, None))
-        else:
-            bucket, g.temp = g.temp, None
-            if len(g.filled) < len(g.params):
-                for i in set(range(len(g.params))) - g.filled:  # no gradient this backward
-                    o = g.offsets[i]
-                    bucket[o:o + g.params[i].numel()].zero_()
-            work = comm.reduce_scatter_into(bucket[g.lo:g.hi], bucket, self.group, self.meter,
-                                            async_op=True)
-            self._inflight.append((g, work, bucket))
-        g.launched = True
+        work, bucket = self.policy.launch(g)
+        self._inflight.append((g, work, bucket))
         while len(self._inflight) > 2:
             self._complete(self._inflight.pop(0))
 
@@ -234,41 +201,33 @@ class ZeroEngine:
         g, work, bucket = entry
         if work is not None:
             work.wait()
-        if bucket is not None:
-            g.grad_shard.add_(bucket[g.lo:g.hi])
+        self.policy.complete(g, bucket)
 
-    def finish(self) -> None:
-        """Wait for every reduction, first launching those not launched during backward
-        (parameters without a gradient, or a schedule that reduces only at the end)."""
+    def finalize_grads(self) -> None:
+        """Finish the step's gradients: launch what backward did not (parameters without a
+        gradient), wait for every reduction, sum TP-partial gradients over the TP group and
+        the tied embedding's over its two stages."""
         for g in self.groups:
-            pending_full = self.grad_mode == "full" and self.dp > 1 and not g.launched
-            if pending_full or (self.grad_mode == "shard" and g.temp is not None):
+            if self.policy.needs_launch(g):
                 self._launch(g)
         while self._inflight:
             self._complete(self._inflight.pop(0))
-        self._sync = False
-
-    def zero_grad(self) -> None:
-        """Start a step: zero gradients, no reduction in flight."""
-        for g in self.groups:
-            g.grad_shard.zero_() if g.grad_full is None else g.grad_full.zero_()
-            g.temp, g.launched, g.pending = None, False, g.n_grads
-        self._sync = False
-        self._point_grads()
+        self._reduce_partial()
+        self._sync_tied()
 
     def owned_grads(self) -> List[torch.Tensor]:
-        """This rank's reduced gradient shard of each group (after ``finish``)."""
-        return [g.grad_shard for g in self.groups]
+        """This rank's reduced gradient shard of each group (after ``finalize_grads``)."""
+        return [g.grad.shard for g in self.groups]
 
-    def reduce_partial(self, tp_group) -> None:
-        """Sum over the TP group the gradients of replicated parameters that each TP rank only
-        partly computed (``tp_partial_grad``: sequence-parallel norms, replicated kv heads), in
-        one all-reduce of their owned segments (TP ranks share the flat layout). Sums commute,
-        so doing it after the dp reduction is equivalent."""
+    def _reduce_partial(self) -> None:
+        """Replicated parameters each TP rank only partly computed (sequence-parallel norms,
+        replicated kv heads): one all-reduce of their owned segments over TP (TP ranks share
+        the flat layout; sums commute, so after the dp reduction is equivalent)."""
+        tp_group = self.dims.tp_group
         if comm.group_size(tp_group) == 1:
             return
-        parts = [(g.grad_shard, s) for g in self.groups for s in g.segments
-                 if getattr(g.params[s.index], "tp_partial_grad", False)]
+        parts = [(g.grad.shard, s) for g in self.groups for s in g.segments
+                 if self.table.info(g.names[s.index]).partial_grad]
         if not parts:
             return
         flat = torch.cat([t[s.start:s.start + s.numel] for t, s in parts])
@@ -278,12 +237,13 @@ class ZeroEngine:
             t[s.start:s.start + s.numel].copy_(flat[offset:offset + s.numel])
             offset += s.numel
 
-    def grad_of(self, p: nn.Parameter) -> torch.Tensor:
-        """The owned, reduced gradient of a parameter that is alone in its group (``solo``:
-        the tied embedding and its copy on the last pipeline stage), flat."""
-        g = self.group_of[p]
-        assert len(g.params) == 1, "grad_of needs a parameter alone in its group"
-        return g.grad_shard
+    def _sync_tied(self) -> None:
+        """Sum the gradients of the embedding (first stage) and its tied copy (last stage), so
+        both take the same step; both are alone in a group laid out alike, so the owned
+        shards line up."""
+        for g in self.groups:
+            if g.names[0] in self.solo:
+                comm.all_reduce(g.grad.shard, self.dims.embed_group, self.meter)
 
     # ---- ZeRO-3 parameter gathering -------------------------------------------------------
     def _gather(self, groups: List[FlatGroup], async_op: bool) -> None:
@@ -318,10 +278,8 @@ class ZeroEngine:
         if i > 0:
             self._gather(self.unit_groups[i - 1], async_op=True)
 
-    def release(self) -> None:
+    def _release(self) -> None:
         """ZeRO-3: free every gathered group (after the optimizer step: they are stale)."""
-        if self.stage != 3:
-            return
         for g in self.groups:
             g.wait()
             if g.gathered:
@@ -336,8 +294,9 @@ class ZeroEngine:
         self.peak_param_bytes = max(self.peak_param_bytes, live)
 
     def _track_temp(self) -> None:
-        live = sum(g.numel * g.grad_shard.element_size() for g in self.groups
-                   if g.temp is not None)
+        if not self.policy.sharded:
+            return
+        live = sum(self.policy.bucket_bytes(g) for g in self.groups)
         live += sum(e[2].numel() * e[2].element_size() for e in self._inflight
                     if e[2] is not None)
         self.peak_temp_bytes = max(self.peak_temp_bytes, live)
@@ -347,7 +306,7 @@ class ZeroEngine:
         """The owned parameter shards were updated: stages 1-2 all-gather them into every
         rank's full parameters; stage 3 frees stale gathered copies."""
         if self.stage == 3:
-            self.release()
+            self._release()
             return
         if self.shards == 1:
             return
@@ -356,28 +315,46 @@ class ZeroEngine:
             if w is not None:
                 w.wait()
 
+    def skip_step(self) -> None:
+        """The step is skipped (fp16 overflow): parameters are unchanged, but ZeRO-3's groups
+        gathered for the backward must still be freed."""
+        if self.stage == 3:
+            self._release()
+
     # ---- accounting -----------------------------------------------------------------------------
-    def memory_report(self, optimizer=None) -> Dict[str, int]:
+    def memory(self) -> Dict[str, int]:
         """Model-state bytes held on this rank, by kind (persistent tensors only; ZeRO-3's
         transiently gathered groups are in ``peak_param_bytes``)."""
         def nbytes(ts) -> int:
             return sum(t.numel() * t.element_size() for t in ts if t is not None)
 
-        if self.stage == 3:
-            params = nbytes(g.shard for g in self.groups)
-        else:
-            params = nbytes(g.flat for g in self.groups)
-        grads = nbytes(g.grad_full if g.grad_full is not None else g.grad_shard
+        params = nbytes(g.shard if self.stage == 3 else g.flat for g in self.groups)
+        grads = nbytes(g.grad.full if g.grad.full is not None else g.grad.shard
                        for g in self.groups)
-        report = {"params": params, "grads": grads, "master": 0, "optimizer": 0,
-                  "buffers": nbytes(b for b in self.model.buffers())}
-        if optimizer is not None:
-            report.update(optimizer.memory())
-        report["total"] = sum(report.values())
-        return report
+        return {"params": params, "grads": grads,
+                "buffers": nbytes(b for b in self.model.buffers())}
 
-    # ---- checkpoints ------------------------------------------------------------------------
-    def full_values(self, shards: List[torch.Tensor]) -> Dict[str, torch.Tensor]:
+    def metrics(self) -> Dict[str, int]:
+        """Peaks worth a line in the step record (bytes)."""
+        out = {}
+        if self.stage == 3:
+            out["mem.peak_gathered_params"] = self.peak_param_bytes
+        if self.policy.sharded:
+            out["mem.peak_grad_buckets"] = self.peak_temp_bytes
+        return out
+
+    # ---- state -------------------------------------------------------------------------------
+    def state_dict(self) -> Dict[str, shard_state.ShardEntry]:
+        """This rank's part of the model parameters as N-d boxes of each global tensor (see
+        ``zero/state.py``): views into the owned shards, so loading writes in place."""
+        return shard_state.entries(self, [g.owned() for g in self.groups])
+
+    def load_state_dict(self, entries: Dict[str, shard_state.ShardEntry]) -> None:
+        shard_state.load_entries(self.state_dict(), entries)
+        self.publish()
+
+    # ---- checkpoints (same-layout format) ------------------------------------------------------
+    def full_values(self, shards: Sequence[torch.Tensor]) -> Dict[str, torch.Tensor]:
         """Collective over dp: name -> full value of every parameter, from each group's owned
         shard of some per-group tensor (the fp32 master weights), one group at a time."""
         out: Dict[str, torch.Tensor] = {}

@@ -41,6 +41,23 @@ class _Done:
         pass
 
 
+class GradState:
+    """A group's gradient storage and bookkeeping for the current step (see ``zero/grads.py``
+    for the two policies that use it)."""
+    __slots__ = ("full", "shard", "bucket", "pending", "launched", "filled", "seen")
+    full: Optional[torch.Tensor]  # full-size accumulation buffer (FullGrads), else None
+    shard: torch.Tensor  # the owned, reduced gradient shard the optimizer reads
+    bucket: Optional[torch.Tensor]  # ShardGrads: the bucket being filled
+    pending: int  # FullGrads: contributions still to come this step
+    launched: bool  # FullGrads: reduction started this step
+    filled: int  # ShardGrads: members with a contribution in the bucket
+    seen: bytearray  # ShardGrads: which members those are
+
+    def __init__(self, shard: torch.Tensor, full: Optional[torch.Tensor] = None):
+        self.full, self.shard, self.bucket = full, shard, None
+        self.pending, self.launched, self.filled, self.seen = 0, False, 0, bytearray()
+
+
 @dataclass
 class Segment:
     """The part of parameter ``index`` that lies in this rank's shard."""
@@ -51,8 +68,14 @@ class Segment:
 
 
 class FlatGroup:
-    def __init__(self, names: List[str], params: List[nn.Parameter], shards: int, rank: int):
+    __slots__ = ("names", "params", "offsets", "used", "numel", "shards", "rank", "shard_numel",
+                 "lo", "hi", "segments", "flat", "shard", "gathered", "handle", "_version",
+                 "index", "num_grads", "grad", "unit")
+
+    def __init__(self, names: List[str], params: List[nn.Parameter], shards: int, rank: int,
+                 unit: int = 0):
         self.names, self.params = names, params
+        self.unit = unit  # index of the layer unit the group belongs to (forward order)
         self.offsets, off = [], 0
         for p in params:
             self.offsets.append(off)
@@ -72,6 +95,10 @@ class FlatGroup:
         self.shard: Optional[torch.Tensor] = None  # ZeRO-3: this rank's persistent shard
         self.gathered = True
         self.handle = None  # an all-gather in flight
+        self._version = None  # version-counter guard held while an all-gather writes
+        self.index: dict = {}  # parameter -> its position in ``params`` (after materialize)
+        self.num_grads = 0  # members that receive gradients
+        self.grad: Optional[GradState] = None  # set by the engine's gradient policy
 
     # ---- parameters -----------------------------------------------------------------------
     def materialize(self, fill, dtype: torch.dtype, device) -> List[nn.Parameter]:
@@ -85,6 +112,8 @@ class FlatGroup:
                 view.copy_(fill(name, p.shape))
                 new.append(nn.Parameter(view, requires_grad=p.requires_grad))
         self.params = new
+        self.index = {p: i for i, p in enumerate(new)}
+        self.num_grads = sum(p.requires_grad for p in new)
         return new
 
     def keep_shard_only(self) -> None:

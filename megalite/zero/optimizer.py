@@ -13,17 +13,18 @@ not of biases and norm weights (ndim < 2).
   (pinned when the model is on a GPU) and the update runs there (ZeRO-Offload).
 
 Gradient clipping and the fp16 overflow check share one all-reduce of the squared norm of the
-owned gradient segments: over dp x tp x pp when gradients are sharded over dp, else over tp x
-pp; parameters replicated over TP count on TP rank 0 only, a last stage's tied copy not at all.
+owned gradient segments. The optimizer picks the group: every rank when the engine shards
+gradients over dp, else the model-parallel group (tp x pp); parameters replicated over TP count
+on TP rank 0 only, a last stage's tied copy of the embedding not at all (``ParamTable``).
 """
 from __future__ import annotations
 
-import math
 from typing import Dict, List, Optional
 
 import torch
 
 from megalite.parallel import comm
+from megalite.zero import state as shard_state
 from megalite.zero.engine import ZeroEngine
 
 
@@ -60,31 +61,37 @@ class ShardedAdamW:
                                      eps=eps)
 
     # ---- gradients ----------------------------------------------------------------------------
-    @torch.no_grad()
-    def grad_norm_sq(self, tp_rank: int) -> torch.Tensor:
-        """Sum of squares (fp32) of the owned gradient segments this rank counts."""
+        dims = engine.dims
+        self.norm_group = dims.world_group if engine.shards_over_dp else dims.mp_group
+        self._norm_parts = self._counted_segments(engine, dims.tp_rank)
+
+    @staticmethod
+    def _counted_segments(engine: ZeroEngine, tp_rank: int) -> List[torch.Tensor]:
+        """The owned gradient segments this rank counts in the global norm (views)."""
         parts = []
-        for g in self.engine.groups:
+        for g, grad in zip(engine.groups, engine.owned_grads()):
             for s in g.segments:
-                p = g.params[s.index]
-                if getattr(p, "pp_tied_copy", False):
-                    continue
-                if getattr(p, "tp_sharded", False) or tp_rank == 0:
-                    parts.append(g.grad_shard[s.start:s.start + s.numel])
+                info = engine.table.info(g.names[s.index])
+                if not info.tied_copy and (info.tp_dim is not None or tp_rank == 0):
+                    parts.append(grad[s.start:s.start + s.numel])
+        return parts
+
+    @torch.no_grad()
+    def grad_norm_sq(self) -> torch.Tensor:
+        """Sum of squares (fp32) of the owned gradient segments this rank counts."""
         sq = torch.zeros((), dtype=torch.float32, device=self.engine.dims.device)
-        if parts:
-            sq += torch.stack(torch._foreach_norm(parts)).float().pow(2).sum()
+        if self._norm_parts:
+            sq += torch.stack(torch._foreach_norm(self._norm_parts)).float().pow(2).sum()
         return sq
 
     @torch.no_grad()
-    def clip_grad_norm(self, max_norm: float, norm_group, tp_rank: int = 0, meter=None,
-                       loss_scale: float = 1.0) -> torch.Tensor:
+    def clip_grad_norm(self, max_norm: float, loss_scale: float = 1.0) -> torch.Tensor:
         """The true global L2 norm of the gradients (divided by ``loss_scale``); scales the
         owned gradients by ``min(1, max_norm / norm) / loss_scale`` (unscale and clip in one
         multiply). A non-finite norm means an fp16 overflow somewhere: the caller skips the
         step (every rank sees the same reduced norm)."""
-        sq = self.grad_norm_sq(tp_rank)
-        comm.all_reduce(sq, norm_group, meter)
+        sq = self.grad_norm_sq()
+        comm.all_reduce(sq, self.norm_group, self.engine.meter)
         norm = sq.sqrt() / loss_scale
         coef = torch.ones_like(norm) if max_norm <= 0 else torch.clamp(
             max_norm / (norm + 1e-6), max=1.0)
@@ -99,8 +106,9 @@ class ShardedAdamW:
     def step(self, lr: float) -> None:
         for group in self.opt.param_groups:
             group["lr"] = lr
-        for g, segs, copy in zip(self.engine.groups, self.segments, self.grad_copies):
-            grad = g.grad_shard
+        grads = self.engine.owned_grads()
+        for g, grad, segs, copy in zip(self.engine.groups, grads, self.segments,
+                                       self.grad_copies):
             if copy is not None:
                 copy.copy_(grad, non_blocking=True)
                 grad = copy
@@ -135,8 +143,49 @@ class ShardedAdamW:
             out["offload_grads"] = nbytes(self.grad_copies)
         return out
 
-    def state_dict(self) -> Dict:
+    def adamw_state(self) -> Dict:
+        """torch AdamW's own state dict (the same-layout checkpoint format)."""
         return self.opt.state_dict()
+
+    def state_dict(self) -> Dict[str, object]:
+        """fp32 master weights and AdamW moments as N-d boxes of the global tensors (views of
+        this rank's state, see ``zero/state.py``), and the step count."""
+        self._ensure_moments()
+        moments = {k: [[self.opt.state[v][k] for v in segs] for segs in self.segments]
+                   for k in ("exp_avg", "exp_avg_sq")}
+        out: Dict[str, object] = {"master": shard_state.entries(self.engine, self.segments)}
+        out.update({k: shard_state.entries(self.engine, m) for k, m in moments.items()})
+        out["step"] = self._step_count()
+        return out
+
+    @torch.no_grad()
+    def load_state_dict(self, state: Dict[str, object]) -> None:
+        """Inverse of ``state_dict`` for this rank's boxes; the parameters follow the masters."""
+        mine = self.state_dict()
+        for key in ("master", "exp_avg", "exp_avg_sq"):
+            shard_state.load_entries(mine[key], state[key])
+        for segs in self.segments:
+            for v in segs:
+                self.opt.state[v]["step"].fill_(float(state["step"]))
+        for g, master, aliased in zip(self.engine.groups, self.masters, self.aliased):
+            if not aliased:
+                g.owned().copy_(master)
+        self.engine.publish()
+
+    def _ensure_moments(self) -> None:
+        """AdamW creates its state at the first step; create it (zeros) for state I/O."""
+        for segs in self.segments:
+            for v in segs:
+                if v not in self.opt.state or not self.opt.state[v]:
+                    self.opt.state[v] = {"step": torch.zeros((), dtype=torch.float32),
+                                         "exp_avg": torch.zeros_like(v),
+                                         "exp_avg_sq": torch.zeros_like(v)}
+
+    def _step_count(self) -> int:
+        for st in self.opt.state.values():
+            if "step" in st:
+                return int(st["step"])
+        return 0
 
     @torch.no_grad()
     def load(self, values: Dict[str, torch.Tensor], state: Optional[Dict]) -> None:
@@ -149,25 +198,3 @@ class ShardedAdamW:
         self.engine.publish()
         if state is not None:
             self.opt.load_state_dict(state)
-
-
-def lr_at(step: int, steps: int, lr: float, min_lr: float, warmup: int, schedule: str,
-          decay_fraction: float = 0.2) -> float:
-    """Learning rate for optimizer step ``step`` (0-based): linear warm-up to ``lr`` over
-    ``warmup`` steps, then ``schedule`` down to ``min_lr`` at the last step."""
-    if warmup > 0 and step < warmup:
-        return lr * (step + 1) / warmup
-    if schedule == "constant":
-        return lr
-    if schedule == "wsd":  # warm-up, stable, then linear decay over the last decay_fraction
-        decay_steps = max(1, int(round(steps * decay_fraction)))
-        start = steps - decay_steps
-        if step < start:
-            return lr
-        return lr - (lr - min_lr) * min(1.0, (step - start + 1) / decay_steps)
-    progress = min(1.0, (step - warmup + 1) / max(1, steps - warmup))
-    if schedule == "linear":
-        return lr - (lr - min_lr) * progress
-    if schedule == "cosine":
-        return min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * progress))
-    raise ValueError(f"train.lr_schedule={schedule!r}: use cosine, linear, constant or wsd")
