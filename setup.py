@@ -23,7 +23,7 @@ from setuptools.command.build_ext import build_ext
 ROOT = os.path.dirname(os.path.abspath(__file__))
 CPU_SOURCES = ["csrc/bind_cpu.cpp", "csrc/cpu/convert.cpp", "csrc/cpu/norm.cpp",
                "csrc/cpu/softmax.cpp"]
-CUDA_SOURCES = ["csrc/cuda/norm.cu", "csrc/cuda/softmax.cu"]
+CUDA_SOURCES = ["csrc/cuda/common.cu", "csrc/cuda/norm.cu", "csrc/cuda/softmax.cu"]
 
 
 def find_nvcc():

@@ -12,7 +12,8 @@
  *            mask [batch, 1, mask_sq, sk] (mask_sq is sq or 1; 1 = masked out, may be NULL);
  *            causal != 0: key j is visible to query i when j <= i (upper triangle masked).
  *            A row with no visible key is all zeros. Backward: dx = scale * y * (dy - sum(dy*y)).
- * Every function returns 0 on success, or an error code (ML_ERR_*); ml_last_error() says what.
+ * Every function returns 0 on success, or an error code (ML_ERR_*); for CUDA, ml_cuda_last_error()
+ * says what (csrc/cuda/common.cu).
  */
 #ifndef MEGALITE_KERNELS_H
 #define MEGALITE_KERNELS_H

@@ -106,6 +106,111 @@ def test_norm_shape_errors_name_the_shapes():
         ops.layer_norm(torch.randn(2, 4), torch.ones(5))
 
 
+# ---------------------------------------------------------------- argument checks (megalite/ops/_checks.py)
+
+@pytest.fixture
+def no_pointers(monkeypatch):
+    """Taking a tensor's address for a kernel fails the test: a refused argument must be refused
+    before any pointer is handed out (the kernels cannot check what a pointer points to)."""
+    from megalite.ops import norm, softmax
+
+    def ptr(t):
+        raise AssertionError("a pointer was taken before the arguments were checked")
+    monkeypatch.setattr(norm, "ptr", ptr)
+    monkeypatch.setattr(softmax, "ptr", ptr)
+
+
+def refused(match, fn, *args):
+    with pytest.raises(ValueError, match=match) as e:
+        fn(*args)
+    assert "\n" not in str(e.value), "one line"
+
+
+NORM_OPS = {"layer_norm": lambda x, w, b: ops.layer_norm(x, w, b),
+            "rms_norm": lambda x, w, b: ops.rms_norm(x, w),
+            # the custom op itself (what torch.compile calls), without the public function's checks
+            "norm_forward": lambda x, w, b: torch.ops.megalite.norm_forward(x, w, b, 1e-5, False)}
+
+
+@pytest.mark.parametrize("op", sorted(NORM_OPS))
+def test_norm_refuses_weight_of_wrong_dtype(op, no_pointers):
+    x = torch.randn(3, 8)
+    refused(r"weight has dtype torch.float64, expected torch.float32 \(the input's\)$",
+            NORM_OPS[op], x, torch.ones(8, dtype=torch.float64), None)
+    refused(r"weight has dtype torch.int64, expected torch.bfloat16 \(the input's\) or "
+            r"torch.float32$", NORM_OPS[op], x.bfloat16(), torch.ones(8, dtype=torch.long), None)
+    refused(r"weight has dtype torch.float16, expected torch.bfloat16", NORM_OPS[op], x.bfloat16(),
+            torch.ones(8, dtype=torch.float16), None)
+    if op != "rms_norm":
+        refused(r"bias has dtype torch.float64, expected torch.float32", NORM_OPS[op], x,
+                torch.ones(8), torch.zeros(8, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("op", sorted(NORM_OPS))
+def test_norm_refuses_weight_of_wrong_shape(op, no_pointers):
+    x = torch.randn(2, 3, 8)
+    refused(r"weight has shape \(8, 1\), expected \(8,\) for input of shape \(2, 3, 8\)",
+            NORM_OPS[op], x, torch.ones(8, 1), None)
+    if op != "rms_norm":
+        refused(r"bias has shape \(7,\), expected \(8,\)", NORM_OPS[op], x, torch.ones(8),
+                torch.zeros(7))
+
+
+@pytest.mark.parametrize("op", sorted(NORM_OPS))
+def test_norm_refuses_weight_on_another_device(op, no_pointers):
+    """'meta' stands in for another device on a CPU-only machine: same check as CPU vs CUDA."""
+    x = torch.randn(3, 8)
+    refused(r"weight has device meta, expected cpu \(the input's\)$", NORM_OPS[op], x,
+            torch.ones(8, device="meta"), None)
+    if op != "rms_norm":
+        refused(r"bias has device meta, expected cpu", NORM_OPS[op], x, torch.ones(8),
+                torch.zeros(8, device="meta"))
+
+
+def test_norm_backward_op_refuses_bad_statistics(no_pointers):
+    x, w = torch.randn(3, 8), torch.ones(8)
+    mean, rstd = torch.zeros(3), torch.ones(3)
+    bwd = torch.ops.megalite.norm_backward
+    refused(r"mean has dtype torch.float64, expected torch.float32", bwd, x, x, w,
+            mean.double(), rstd, False)
+    refused(r"rstd has shape \(4,\), expected \(3,\)", bwd, x, x, w, mean, torch.ones(4), False)
+    refused(r"dy has shape \(3, 7\), expected \(3, 8\)", bwd, torch.randn(3, 7), x, w, mean,
+            rstd, False)
+    refused(r"weight has device meta", bwd, x, x, w.to("meta"), mean, rstd, False)
+
+
+def test_softmax_refuses_mask_on_another_device(no_pointers):
+    x = torch.randn(2, 3, 4, 5)
+    mask = torch.zeros(2, 1, 4, 5, dtype=torch.bool, device="meta")
+    refused(r"scaled_masked_softmax: mask has device meta, expected cpu \(x's\)$",
+            ops.scaled_masked_softmax, x, mask)
+    refused(r"mask has device meta", torch.ops.megalite.softmax_forward, x, mask, 1.0, False)
+    refused(r"mask must be bool", torch.ops.megalite.softmax_forward, x, mask.float(), 1.0, False)
+    refused(r"dy has shape \(2, 3, 4, 4\), expected \(2, 3, 4, 5\)",
+            torch.ops.megalite.softmax_backward, torch.randn(2, 3, 4, 4), x, 1.0, True)
+
+
+def test_reference_backend_checks_the_same(monkeypatch):
+    """No kernel library (or a device without one) refuses the same arguments the kernels do."""
+    monkeypatch.setattr(_backend, "cpu_lib", None)
+    refused(r"weight has dtype torch.float64", ops.layer_norm, torch.randn(3, 8),
+            torch.ones(8, dtype=torch.float64))
+    refused(r"weight has device cpu, expected meta", ops.rms_norm, torch.randn(3, 8, device="meta"),
+            torch.ones(8))
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="CUDA is not available")
+def test_cuda_kernels_refuse_cpu_weight_and_mask(no_pointers):
+    x = torch.randn(3, 8, device="cuda")
+    refused(r"weight has device cpu, expected cuda:0 \(the input's\)$", ops.layer_norm, x,
+            torch.ones(8))
+    refused(r"bias has device cpu, expected cuda:0", ops.layer_norm, x, torch.ones(8, device="cuda"),
+            torch.zeros(8))
+    s = torch.randn(2, 3, 4, 5, device="cuda")
+    refused(r"mask has device cpu, expected cuda:0", ops.scaled_masked_softmax, s,
+            torch.zeros(2, 1, 4, 5, dtype=torch.bool))
+
+
 # ---------------------------------------------------------------- softmax
 
 def reference_softmax(x, mask, scale, causal):
@@ -251,20 +356,45 @@ def test_kernels_config_choice_and_old_checkpoints():
 
 # ---------------------------------------------------------------- CUDA sources
 
+def cuda_sources():
+    """setup.py's CUDA_SOURCES, which must list every .cu file of csrc/cuda."""
+    import ast
+
+    with open(os.path.join(REPO, "setup.py")) as f:
+        tree = ast.parse(f.read())
+    listed = next(ast.literal_eval(node.value) for node in ast.walk(tree)
+                  if isinstance(node, ast.Assign)
+                  and any(getattr(t, "id", None) == "CUDA_SOURCES" for t in node.targets))
+    on_disk = sorted(f"csrc/cuda/{n}" for n in os.listdir(os.path.join(REPO, "csrc", "cuda"))
+                     if n.endswith(".cu"))
+    assert sorted(listed) == on_disk, "setup.py CUDA_SOURCES and csrc/cuda/*.cu differ"
+    return listed
+
+
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not on PATH")
 def test_cuda_sources_compile(tmp_path):
     """A broken kernel fails CI here even without a GPU. PTX for one arch is enough to catch C++
     and template errors quickly; the install (pip install -e .) builds the full sm_80/sm_90 code and
-    the next test checks that it did."""
-    sources = ["csrc/cuda/norm.cu", "csrc/cuda/softmax.cu"]
+    the next test checks that it did. Each kernel file then links with common.cu alone (no symbol
+    of another kernel file), as a shared library with no undefined symbol."""
+    sources = cuda_sources()
+    objects = {src: str(tmp_path / (os.path.basename(src) + ".o")) for src in sources}
     procs = [subprocess.Popen(["nvcc", "-O3", "-std=c++17", "-Xcompiler", "-fPIC", "-Icsrc",
                                "-gencode=arch=compute_80,code=compute_80", "-c", src, "-o",
-                               str(tmp_path / (os.path.basename(src) + ".o"))], cwd=REPO,
+                               objects[src]], cwd=REPO,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for src in sources]
     for src, p in zip(sources, procs):
         out, _ = p.communicate(timeout=300)
         assert p.returncode == 0, f"nvcc failed on {src}:\n{out}"
+    common = objects["csrc/cuda/common.cu"]
+    for src in sources:
+        if src.endswith("common.cu"):
+            continue
+        lib = str(tmp_path / (os.path.basename(src) + ".so"))
+        p = subprocess.run(["nvcc", "-shared", "-Xlinker", "--no-undefined", objects[src], common,
+                            "-o", lib], cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert p.returncode == 0, f"{src} does not link with common.cu alone:\n{p.stderr}"
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None or os.environ.get("MEGALITE_CUDA") == "0",

@@ -1,5 +1,8 @@
 // Shared pieces of the CUDA kernels: error checks that name file and line, dtype dispatch,
-// packed vector loads and block-wide reductions. Only CUDA headers: no torch.
+// packed vector loads, block-wide reductions and the register-tile launch shape. Only CUDA
+// headers: no torch. Inline and templated helpers only: the one definition they need (the error
+// state behind ml_cuda_last_error) lives in common.cu, so every kernel file links with common.cu
+// alone.
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -7,15 +10,13 @@
 #include <stdint.h>
 #include <stdio.h>
 
+#include <type_traits>
+
 #include "../megalite_kernels.h"
 
 namespace ml {
 
-// Last error message of this host thread, returned by ml_cuda_last_error().
-inline char* error_buffer() {
-  static thread_local char buf[512] = "";
-  return buf;
-}
+// Records msg as this host thread's last error, returned by ml_cuda_last_error() (common.cu).
 void set_error(const char* msg);
 
 // Returns ML_ERR_CUDA from the calling C entry point with "file:line: cuda error" recorded.
@@ -95,11 +96,30 @@ __device__ __forceinline__ float block_max(float v, float* smem) {
   return warp_max(v);
 }
 
+constexpr int kMaxThreads = 1024;
+
+// Packs held per thread when a block keeps a row of `packs` vectors in registers: the smallest
+// ITEMS in {1, 2, 4} with at most 512 threads per row, else 4 with up to kMaxThreads; 0 when the
+// row does not fit (the generic kernels then re-read it from L1/L2).
+inline int items_for(int64_t packs) {
+  for (int items : {1, 2, 4})
+    if (packs <= (int64_t)items * 512) return items;
+  return packs <= 4 * kMaxThreads ? 4 : 0;
+}
+
 // Threads per block for a row of `packs` vectors held `items` per thread: a multiple of 32.
-inline int threads_for(int64_t packs, int items, int max_threads) {
+inline int threads_for(int64_t packs, int items) {
   int64_t t = (packs + items - 1) / items;
   t = (t + 31) / 32 * 32;
-  return (int)(t < 32 ? 32 : (t > max_threads ? max_threads : t));
+  return (int)(t < 32 ? 32 : (t > kMaxThreads ? kMaxThreads : t));
+}
+
+// Calls fn(std::integral_constant<int, I>()) for I = items (1, 2 or 4, from items_for), so that a
+// launch can name the register tile as a template argument: decltype(I)::value.
+template <class Fn> void with_items(int items, Fn&& fn) {
+  if (items == 1) fn(std::integral_constant<int, 1>());
+  else if (items == 2) fn(std::integral_constant<int, 2>());
+  else fn(std::integral_constant<int, 4>());
 }
 
 }  // namespace ml

@@ -9,9 +9,6 @@
 #include "common.cuh"
 
 namespace ml {
-
-void set_error(const char* msg) { snprintf(error_buffer(), 512, "%s", msg); }
-
 namespace {
 
 template <class T, int VEC, int ITEMS>
@@ -205,16 +202,6 @@ __global__ void sum_partials_kernel(const float* __restrict__ partial, int num_b
   if (db != nullptr) db[c] = sb;
 }
 
-constexpr int kMaxThreads = 1024;
-
-// Smallest ITEMS in {1, 2, 4} with at most 512 threads per row, else 4 with up to 1024; 0 when
-// the row does not fit in registers.
-inline int items_for(int64_t packs) {
-  for (int items : {1, 2, 4})
-    if (packs <= (int64_t)items * 512) return items;
-  return packs <= 4 * kMaxThreads ? 4 : 0;
-}
-
 template <class T, int VEC> int launch_forward(const void* x, const float* w, const float* b,
                                                void* y, float* mean, float* rstd, int64_t rows,
                                                int cols, float eps, bool rms, cudaStream_t st) {
@@ -225,12 +212,11 @@ template <class T, int VEC> int launch_forward(const void* x, const float* w, co
   if (items == 0) {
     norm_forward_generic<T><<<rows, 512, 0, st>>>(xp, w, b, yp, mean, rstd, cols, eps, rms);
   } else {
-    const int threads = threads_for(packs, items, kMaxThreads);
-#define ML_FWD(I) norm_forward_kernel<T, VEC, I><<<rows, threads, 0, st>>>(xp, w, b, yp, mean, rstd, cols, eps, rms)
-    if (items == 1) ML_FWD(1);
-    else if (items == 2) ML_FWD(2);
-    else ML_FWD(4);
-#undef ML_FWD
+    const int threads = threads_for(packs, items);
+    with_items(items, [&](auto I) {
+      norm_forward_kernel<T, VEC, decltype(I)::value>
+          <<<rows, threads, 0, st>>>(xp, w, b, yp, mean, rstd, cols, eps, rms);
+    });
   }
   ML_LAUNCH_CHECK();
   return ML_OK;
@@ -260,12 +246,11 @@ int launch_backward(const void* dy, const void* x, const float* w, const float* 
     norm_backward_generic<T><<<blocks, 512, 0, st>>>(dyp, xp, w, mean, rstd, dxp, partial, rows,
                                                      cols, rms, bias);
   } else {
-    const int threads = threads_for(packs, items, kMaxThreads);
-#define ML_BWD(I) norm_backward_kernel<T, VEC, I><<<blocks, threads, 0, st>>>(dyp, xp, w, mean, rstd, dxp, partial, rows, cols, rms, bias)
-    if (items == 1) ML_BWD(1);
-    else if (items == 2) ML_BWD(2);
-    else ML_BWD(4);
-#undef ML_BWD
+    const int threads = threads_for(packs, items);
+    with_items(items, [&](auto I) {
+      norm_backward_kernel<T, VEC, decltype(I)::value><<<blocks, threads, 0, st>>>(
+          dyp, xp, w, mean, rstd, dxp, partial, rows, cols, rms, bias);
+    });
   }
   ML_LAUNCH_CHECK();
   sum_partials_kernel<<<(cols + 255) / 256, 256, 0, st>>>(partial, blocks, cols, dw, db);
@@ -322,5 +307,3 @@ extern "C" int ml_cuda_norm_backward(int dtype, int rms, const void* dy, const v
                                  partial, st);
   });
 }
-
-extern "C" const char* ml_cuda_last_error(void) { return error_buffer(); }

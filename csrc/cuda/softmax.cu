@@ -153,15 +153,6 @@ __global__ void softmax_backward_generic(const T* __restrict__ dy, const T* __re
         from_f<T>(j < ri.visible ? scale * to_f(yr[j]) * (to_f(gr[j]) - d) : 0.0f);
 }
 
-constexpr int kMaxThreads = 1024;
-
-// ITEMS in {1, 2, 4}: the fewest that keep a row within 512 threads, else 4 up to 1024 threads.
-inline int items_for(int64_t packs) {
-  for (int items : {1, 2, 4})
-    if (packs <= (int64_t)items * 512) return items;
-  return packs <= 4 * kMaxThreads ? 4 : 0;
-}
-
 template <class T, int VEC>
 void launch_forward(const void* x, const uint8_t* mask, void* y, int64_t rows, int64_t heads,
                     int64_t sq, int sk, int64_t mask_sq, float scale, bool causal,
@@ -175,12 +166,11 @@ void launch_forward(const void* x, const uint8_t* mask, void* y, int64_t rows, i
                                                      causal);
     return;
   }
-  const int threads = threads_for(packs, items, kMaxThreads);
-#define ML_FWD(I) softmax_forward_kernel<T, VEC, I><<<rows, threads, 0, st>>>(xp, mask, yp, heads, sq, sk, mask_sq, scale, causal)
-  if (items == 1) ML_FWD(1);
-  else if (items == 2) ML_FWD(2);
-  else ML_FWD(4);
-#undef ML_FWD
+  const int threads = threads_for(packs, items);
+  with_items(items, [&](auto I) {
+    softmax_forward_kernel<T, VEC, decltype(I)::value>
+        <<<rows, threads, 0, st>>>(xp, mask, yp, heads, sq, sk, mask_sq, scale, causal);
+  });
 }
 
 template <class T, int VEC>
@@ -195,12 +185,11 @@ void launch_backward(const void* dy, const void* y, void* dx, int64_t rows, int6
     softmax_backward_generic<T><<<rows, 512, 0, st>>>(dyp, yp, dxp, sq, sk, scale, causal);
     return;
   }
-  const int threads = threads_for(packs, items, kMaxThreads);
-#define ML_BWD(I) softmax_backward_kernel<T, VEC, I><<<rows, threads, 0, st>>>(dyp, yp, dxp, sq, sk, scale, causal)
-  if (items == 1) ML_BWD(1);
-  else if (items == 2) ML_BWD(2);
-  else ML_BWD(4);
-#undef ML_BWD
+  const int threads = threads_for(packs, items);
+  with_items(items, [&](auto I) {
+    softmax_backward_kernel<T, VEC, decltype(I)::value>
+        <<<rows, threads, 0, st>>>(dyp, yp, dxp, sq, sk, scale, causal);
+  });
 }
 
 }  // namespace

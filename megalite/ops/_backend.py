@@ -1,17 +1,20 @@
-"""Loading the compiled kernel libraries, and which one serves a tensor.
+"""Loading the compiled kernel libraries, which one serves a tensor (``library_for``) and how a
+kernel of it is called on that tensor's device (``launch``): the one place that knows CPU from CUDA.
 
 ``megalite._kernels_cpu`` / ``megalite._kernels_cuda`` are built by ``pip install -e .`` (see
 setup.py); either may be absent (no compiler, no nvcc), and then the ops run the PyTorch reference
-with one log line saying so.
+with one log line saying so. Arguments are checked and converted in ``megalite.ops._checks``.
 """
 from __future__ import annotations
 
 import logging
 import os
 from types import ModuleType
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
+
+from megalite.ops._checks import DTYPE_CODES
 
 log = logging.getLogger("megalite.ops")
 
@@ -19,8 +22,6 @@ log = logging.getLogger("megalite.ops")
 # models use PyTorch for CUDA tensors unless MEGALITE_CUDA_KERNELS=1. Set to True (and record it in
 # the README) once the GPU check has passed.
 CUDA_KERNELS_VERIFIED = False
-
-DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 
 def _load(name: str) -> tuple[Optional[ModuleType], str]:
@@ -76,3 +77,23 @@ def num_threads() -> int:
 
 def cuda_stream(x: torch.Tensor) -> int:
     return torch.cuda.current_stream(x.device).cuda_stream
+
+
+def launch(lib: ModuleType, kernel: str, x: torch.Tensor, *args,
+           workspace: Optional[Callable[[], int]] = None) -> None:
+    """Runs ``lib.<kernel>(*args, ...)`` for the tensor ``x`` (``lib`` is ``library_for(x)``).
+
+    The CPU kernels get torch's thread count as their last argument; the CUDA kernels run with
+    x's device current and get its current stream last, preceded, when ``workspace`` is given, by
+    the address of a scratch buffer of ``workspace()`` bytes (asked on that device, kept alive
+    for the call; stream-ordered by the caching allocator)."""
+    fn = getattr(lib, kernel)
+    if x.device.type == "cpu":
+        fn(*args, num_threads())
+        return
+    with torch.cuda.device(x.device):
+        scratch = ()
+        if workspace is not None:
+            buf = torch.empty(max(workspace(), 1), dtype=torch.uint8, device=x.device)
+            scratch = (buf.data_ptr(),)
+        fn(*args, *scratch, cuda_stream(x))

@@ -18,30 +18,34 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from megalite.ops import _backend, reference
+from megalite.ops import _backend, _checks, reference
+from megalite.ops._checks import ptr
+
+
+def _name(rms: bool) -> str:
+    return "rms_norm" if rms else "layer_norm"
 
 
 def _forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], eps: float,
-                 rms: bool) -> Tuple[Tensor, Tensor, Tensor]:
+             rms: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    """The custom op's implementation: checks its arguments (it may be called directly)."""
+    _checks.norm_params(_name(rms), x, weight, bias)
+    return _forward_checked(x, weight, bias, eps, rms)
+
+
+def _forward_checked(x: Tensor, weight: Tensor, bias: Optional[Tensor], eps: float,
+                     rms: bool) -> Tuple[Tensor, Tensor, Tensor]:
     lib = _backend.library_for(x)
     if lib is None:
         return reference.norm_forward(x, weight, bias, eps, rms)
     x = x.contiguous()
     h = x.shape[-1]
-    rows = x.numel() // h
     y = torch.empty_like(x)
     mean = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
     rstd = torch.empty_like(mean)
-    w = weight.float().contiguous()
-    b = bias.float().contiguous() if bias is not None and not rms else None
-    args = (_backend.DTYPE_CODES[x.dtype], rms, x.data_ptr(), w.data_ptr(),
-            b.data_ptr() if b is not None else 0, y.data_ptr(), mean.data_ptr(), rstd.data_ptr(),
-            rows, h, eps)
-    if x.device.type == "cpu":
-        lib.norm_forward(*args, _backend.num_threads())
-    else:
-        with torch.cuda.device(x.device):
-            lib.norm_forward(*args, _backend.cuda_stream(x))
+    w, b = _checks.as_fp32(weight), _checks.as_fp32(None if rms else bias)
+    _backend.launch(lib, "norm_forward", x, _checks.dtype_code(x), rms, ptr(x), ptr(w), ptr(b),
+                    ptr(y), ptr(mean), ptr(rstd), x.numel() // h, h, eps)
     return y, mean, rstd
 
 
@@ -50,12 +54,20 @@ norm_forward = torch.library.custom_op("megalite::norm_forward", _forward, mutat
 
 @norm_forward.register_fake
 def _(x, weight, bias, eps, rms):
+    _checks.norm_params(_name(rms), x, weight, bias)
     mean = x.new_empty(x.shape[:-1], dtype=torch.float32)
     return torch.empty_like(x), mean, torch.empty_like(mean)
 
 
 def _backward_impl(dy: Tensor, x: Tensor, weight: Tensor, mean: Tensor, rstd: Tensor,
-                  rms: bool) -> Tuple[Tensor, Tensor, Tensor]:
+                   rms: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    """The custom op's implementation: checks its arguments (it may be called directly)."""
+    _checks.norm_backward_args(_name(rms), dy, x, weight, mean, rstd)
+    return _backward_checked(dy, x, weight, mean, rstd, rms)
+
+
+def _backward_checked(dy: Tensor, x: Tensor, weight: Tensor, mean: Tensor, rstd: Tensor,
+                      rms: bool) -> Tuple[Tensor, Tensor, Tensor]:
     lib = _backend.library_for(x)
     if lib is None or dy.dtype != x.dtype:
         return reference.norm_backward(dy, x, weight, mean, rstd, rms)
@@ -65,18 +77,11 @@ def _backward_impl(dy: Tensor, x: Tensor, weight: Tensor, mean: Tensor, rstd: Te
     dx = torch.empty_like(x)
     dw = torch.empty(h, dtype=torch.float32, device=x.device)
     db = torch.zeros_like(dw) if rms else torch.empty_like(dw)
-    w = weight.float().contiguous()
+    w = _checks.as_fp32(weight)
     mean, rstd = mean.contiguous(), rstd.contiguous()
-    args = (_backend.DTYPE_CODES[x.dtype], rms, dy.data_ptr(), x.data_ptr(), w.data_ptr(),
-            mean.data_ptr(), rstd.data_ptr(), dx.data_ptr(), dw.data_ptr(),
-            0 if rms else db.data_ptr(), rows, h)
-    if x.device.type == "cpu":
-        lib.norm_backward(*args, _backend.num_threads())
-    else:
-        with torch.cuda.device(x.device):
-            size = lib.norm_backward_workspace(rows, h)
-            workspace = torch.empty(max(size, 1), dtype=torch.uint8, device=x.device)
-            lib.norm_backward(*args, workspace.data_ptr(), _backend.cuda_stream(x))
+    _backend.launch(lib, "norm_backward", x, _checks.dtype_code(x), rms, ptr(dy), ptr(x), ptr(w),
+                    ptr(mean), ptr(rstd), ptr(dx), ptr(dw), 0 if rms else ptr(db), rows, h,
+                    workspace=lambda: lib.norm_backward_workspace(rows, h))
     return dx, dw, db
 
 
@@ -86,6 +91,7 @@ norm_backward = torch.library.custom_op("megalite::norm_backward", _backward_imp
 
 @norm_backward.register_fake
 def _(dy, x, weight, mean, rstd, rms):
+    _checks.norm_backward_args(_name(rms), dy, x, weight, mean, rstd)
     h = x.shape[-1]
     return torch.empty_like(x), x.new_empty(h, dtype=torch.float32), x.new_empty(h, dtype=torch.float32)
 
@@ -111,16 +117,16 @@ class _Norm(torch.autograd.Function):
     """The same forward/backward as the custom op, without the dispatcher (eager mode)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, eps, rms):
-        y, mean, rstd = _forward(x, weight, bias, eps, rms)
+    def forward(ctx, x, weight, bias, eps, rms):  # arguments checked by layer_norm / rms_norm
+        y, mean, rstd = _forward_checked(x, weight, bias, eps, rms)
         ctx.save_for_backward(x, weight, mean, rstd)
         ctx.rms, ctx.has_bias = rms, bias is not None
         return y
 
     @staticmethod
-    def backward(ctx, dy):
+    def backward(ctx, dy):  # dy as autograd gives it; the rest as forward checked or made it
         x, weight, mean, rstd = ctx.saved_tensors
-        dx, dw, db = _backward_impl(dy, x, weight, mean, rstd, ctx.rms)
+        dx, dw, db = _backward_checked(dy, x, weight, mean, rstd, ctx.rms)
         db = db.to(weight.dtype) if ctx.has_bias else None
         return dx, dw.to(weight.dtype), db, None, None
 
@@ -131,23 +137,14 @@ def _apply(x, weight, bias, eps, rms):
     return _Norm.apply(x, weight, bias, eps, rms)
 
 
-def _check(x: Tensor, weight: Tensor, bias: Optional[Tensor], name: str) -> None:
-    h = x.shape[-1] if x.dim() else 0
-    if weight.shape != (h,):
-        raise ValueError(f"{name}: weight has shape {tuple(weight.shape)}, expected ({h},) for "
-                         f"input of shape {tuple(x.shape)} (normalised over the last dim)")
-    if bias is not None and bias.shape != (h,):
-        raise ValueError(f"{name}: bias has shape {tuple(bias.shape)}, expected ({h},)")
-
-
 def layer_norm(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
                eps: float = 1e-5) -> Tensor:
     """LayerNorm over the last dim (as ``F.layer_norm(x, (h,), weight, bias, eps)``)."""
-    _check(x, weight, bias, "layer_norm")
+    _checks.norm_params("layer_norm", x, weight, bias)
     return _apply(x, weight, bias, eps, False)
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-6) -> Tensor:
     """RMSNorm over the last dim: x / sqrt(mean(x^2) + eps) * weight (statistics in fp32)."""
-    _check(x, weight, None, "rms_norm")
+    _checks.norm_params("rms_norm", x, weight, None)
     return _apply(x, weight, None, eps, True)

@@ -15,10 +15,21 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from megalite.ops import _backend, reference
+from megalite.ops import _backend, _checks, reference
+from megalite.ops._checks import ptr
+
+
+def _name(causal: bool) -> str:
+    return "scaled_causal_softmax" if causal else "scaled_masked_softmax"
 
 
 def _forward(x: Tensor, mask: Optional[Tensor], scale: float, causal: bool) -> Tensor:
+    """The custom op's implementation: checks its arguments (it may be called directly)."""
+    _checks.softmax_mask(_name(causal), x, mask)
+    return _forward_checked(x, mask, scale, causal)
+
+
+def _forward_checked(x: Tensor, mask: Optional[Tensor], scale: float, causal: bool) -> Tensor:
     """x [b, heads, sq, sk]; mask None or bool [b, 1, mask_sq, sk] with mask_sq in (1, sq)."""
     lib = _backend.library_for(x)
     if lib is None:
@@ -30,13 +41,8 @@ def _forward(x: Tensor, mask: Optional[Tensor], scale: float, causal: bool) -> T
     if mask is not None:
         mask = mask.expand(b, 1, mask.shape[2], sk).contiguous()
         mask_sq = mask.shape[2]
-    args = (_backend.DTYPE_CODES[x.dtype], x.data_ptr(), 0 if mask is None else mask.data_ptr(),
-            y.data_ptr(), b, heads, sq, sk, mask_sq, scale, causal)
-    if x.device.type == "cpu":
-        lib.softmax_forward(*args, _backend.num_threads())
-    else:
-        with torch.cuda.device(x.device):
-            lib.softmax_forward(*args, _backend.cuda_stream(x))
+    _backend.launch(lib, "softmax_forward", x, _checks.dtype_code(x), ptr(x), ptr(mask), ptr(y),
+                    b, heads, sq, sk, mask_sq, scale, causal)
     return y
 
 
@@ -46,23 +52,25 @@ softmax_forward = torch.library.custom_op("megalite::softmax_forward", _forward,
 
 @softmax_forward.register_fake
 def _(x, mask, scale, causal):
+    _checks.softmax_mask(_name(causal), x, mask)
     return torch.empty_like(x)
 
 
 def _backward_impl(dy: Tensor, y: Tensor, scale: float, causal: bool) -> Tensor:
+    """The custom op's implementation: checks its arguments (it may be called directly)."""
+    _checks.same_as(_name(causal), "dy", dy, y, "the output")
+    return _backward_checked(dy, y, scale, causal)
+
+
+def _backward_checked(dy: Tensor, y: Tensor, scale: float, causal: bool) -> Tensor:
     lib = _backend.library_for(y)
     if lib is None or dy.dtype != y.dtype:
         return reference.softmax_backward(dy, y, scale)
     dy, y = dy.contiguous(), y.contiguous()
     sq, sk = y.shape[-2], y.shape[-1]
     dx = torch.empty_like(y)
-    args = (_backend.DTYPE_CODES[y.dtype], dy.data_ptr(), y.data_ptr(), dx.data_ptr(),
-            y.numel() // sk, sq, sk, scale, causal)
-    if y.device.type == "cpu":
-        lib.softmax_backward(*args, _backend.num_threads())
-    else:
-        with torch.cuda.device(y.device):
-            lib.softmax_backward(*args, _backend.cuda_stream(y))
+    _backend.launch(lib, "softmax_backward", y, _checks.dtype_code(y), ptr(dy), ptr(y), ptr(dx),
+                    y.numel() // sk, sq, sk, scale, causal)
     return dx
 
 
@@ -72,6 +80,7 @@ softmax_backward = torch.library.custom_op("megalite::softmax_backward", _backwa
 
 @softmax_backward.register_fake
 def _(dy, y, scale, causal):
+    _checks.same_as(_name(causal), "dy", dy, y, "the output")
     return torch.empty_like(y)
 
 
@@ -93,16 +102,16 @@ class _Softmax(torch.autograd.Function):
     """The same forward/backward as the custom op, without the dispatcher (eager mode)."""
 
     @staticmethod
-    def forward(ctx, x, mask, scale, causal):
-        y = _forward(x, mask, scale, causal)
+    def forward(ctx, x, mask, scale, causal):  # arguments checked by the public functions
+        y = _forward_checked(x, mask, scale, causal)
         ctx.save_for_backward(y)
         ctx.scale, ctx.causal = scale, causal
         return y
 
     @staticmethod
-    def backward(ctx, dy):
+    def backward(ctx, dy):  # dy as autograd gives it, for the y forward made
         (y,) = ctx.saved_tensors
-        return _backward_impl(dy, y, ctx.scale, ctx.causal), None, None, None
+        return _backward_checked(dy, y, ctx.scale, ctx.causal), None, None, None
 
 
 def _apply(x, mask, scale, causal):
@@ -117,20 +126,7 @@ def scaled_masked_softmax(x: Tensor, mask: Optional[Tensor], scale: float = 1.0)
     ``mask``: bool, True = masked out (as ``masked_fill``), shaped [b, 1, sq, sk] or [b, 1, 1, sk]
     (a batch of 1 broadcasts); None = no mask. Fully masked rows give zeros, not NaN.
     """
-    if x.dim() != 4:
-        raise ValueError(f"scaled_masked_softmax: x must be [b, heads, sq, sk], got shape "
-                         f"{tuple(x.shape)}")
-    if mask is not None:
-        b, _, sq, sk = x.shape
-        ok = (mask.dim() == 4 and mask.shape[0] in (1, b) and mask.shape[1] == 1
-              and mask.shape[2] in (1, sq) and mask.shape[3] == sk)
-        if not ok:
-            raise ValueError(f"scaled_masked_softmax: mask of shape {tuple(mask.shape)} does not "
-                             f"broadcast over heads to x {tuple(x.shape)}: expected [{b}, 1, {sq} "
-                             f"or 1, {sk}]")
-        if mask.dtype != torch.bool:
-            raise ValueError(f"scaled_masked_softmax: mask must be bool (True = masked), got "
-                             f"{mask.dtype}")
+    _checks.softmax_mask("scaled_masked_softmax", x, mask)
     return _apply(x, mask, float(scale), False)
 
 
