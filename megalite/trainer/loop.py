@@ -192,9 +192,9 @@ class Trainer:
         # every rank, skips the step); otherwise the one host sync comes after the update
         values = summary.tolist() if self.scaler is not None else None
         skipped = values is not None and not math.isfinite(values[2])
+        lr = self.lr()
         if self.scaler is not None:
             self.scaler.update(skipped)
-        lr = self.lr()
         with self.timers.phase("optimizer"):
             self.engine.skip_step() if skipped else self.opt.step(lr)
         loss_value, stop, norm = values if values is not None else summary.tolist()
