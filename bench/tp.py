@@ -1,18 +1,24 @@
-"""Tensor parallelism on 2 gloo ranks: megalite's Column -> GELU -> Row MLP and one whole GPT
-transformer block through the TP plan, with and without sequence parallelism; the bytes each
-collective kind moved against the theory, and (when megatron-core imports) megatron-core's
-ColumnParallelLinear/RowParallelLinear on the same MLP shapes.
+"""Tensor parallelism on p gloo ranks (p = 2 and 4) through the layers a run trains with: the MLP
+and the whole GPT block of a model built by the TP plan (``build_model`` + ``parallelize``), with
+and without sequence parallelism, each with the bytes per collective kind against theory; and
+that MLP timed against megatron-core's ColumnParallelLinear -> GELU -> RowParallelLinear on the
+same weights (without SP: megatron-core's SP path needs CUDA, and its block needs CUDA kernels).
 
 Theory per MLP and iteration (forward + backward), N = b*s*h*4 bytes (fp32):
-  without SP: one all-reduce of N forward (g) and one backward (f);
+  without SP: one all-reduce of N forward (the row exit, g) and one backward (the column entry,
+  f, overlapped with the dW matmuls);
   with SP: an all-gather + a reduce-scatter of N in each direction (comm.py's meter counts the
   full gathered / reduced size for both kinds), so 2N all-gather + 2N reduce-scatter.
 A block has two such regions (attention and MLP): 4N all-reduce, or 4N + 4N with SP.
 
-Timing: median over iterations of forward+backward on rank 0, after warm-up; the variants run in
-interleaved blocks so machine noise hits all alike; one torch thread per rank.
+Timing: forward+backward on rank 0, ranks in step (a barrier before each iteration), one torch
+thread per rank. The ratio megalite / megatron-core is the median of per-block ratios over
+``--blocks`` (>= 5) blocks of ``--iters`` (>= 20) iterations of each, interleaved iteration by
+iteration (a block's time: the median of its iterations), measured in two runs. A run whose per-block ratios spread beyond +-10% of its median is repeated, not scored
+(at most ``--tries`` attempts per run). The megalite-only rows (block, SP) are timed the same
+way, without a ratio.
 
-    python bench/tp.py [--b 4 --s 256 --h 512 --ffn 2048 --iters 12 --blocks 3]
+    python bench/tp.py [--tp 2 4 --b 2 --s 256 --h 512 --ffn 2048 --iters 20 --blocks 5]
 """
 from __future__ import annotations
 
@@ -28,6 +34,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as tmp
+import torch.nn as nn
 import torch.nn.functional as F
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -35,116 +42,118 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
 Step = Callable[[], None]
+MAX_SPREAD = 0.10
 
 
-def reference(a) -> Tuple[torch.nn.Linear, torch.nn.Linear, torch.Tensor]:
-    """The full MLP weights and input [b, s, h], identical on every rank."""
-    torch.manual_seed(0)
-    return torch.nn.Linear(a.h, a.ffn), torch.nn.Linear(a.ffn, a.h), torch.randn(a.b, a.s, a.h)
+def plan_block(a, p: int, rank: int, group, meter, sp: bool) -> nn.Module:
+    """Layer 0 of a one-layer GPT built exactly as training builds it (meta device, the TP
+    plan's module replacement, then this rank's slices of the seeded weights)."""
+    from megalite.config.schema import ModelConfig
+    from megalite.models import build_model, resolve_model_args
+    from megalite.parallel.dims import ParallelDims
+    from megalite.tensor_parallel.plan import parallelize
+
+    dims = ParallelDims(dp=1, tp=p, pp=1, rank=rank, meter=meter, tp_group=group)
+    args = resolve_model_args(ModelConfig(num_layers=1, hidden_size=a.h, num_heads=a.h // 64,
+                                          ffn_hidden_size=a.ffn, max_seq_len=a.s), 128)
+    return build_model(args, 0, plan=lambda m: (m, parallelize(m, dims, sp))).layers[0]
 
 
-def megalite_mlp(a, group, sp: bool, meter) -> Tuple[Step, torch.Tensor]:
-    from megalite.tensor_parallel import ColumnParallelLinear, RowParallelLinear
-
-    p, r = dist.get_world_size(group), dist.get_rank(group)
-    fc1, fc2, x = reference(a)
-    col = ColumnParallelLinear.from_linear(fc1, group, meter, sequence_parallel=sp)
-    row = RowParallelLinear.from_linear(fc2, group, meter, sequence_parallel=sp)
-    x = (x.chunk(p, 1)[r] if sp else x).contiguous().requires_grad_()
-    g = torch.randn(a.b, a.s // p if sp else a.s, a.h)
+def make_step(module: nn.Module, a, p: int, rank: int, sp: bool) -> Tuple[Step, torch.Tensor]:
+    """forward+backward of ``module`` on a fixed [b, s, h] input (with SP this rank's sequence
+    chunk of it) and output gradient; also returns the full input."""
+    x_full = torch.randn(a.b, a.s, a.h, generator=torch.Generator().manual_seed(1))
+    dy_full = torch.randn(a.b, a.s, a.h, generator=torch.Generator().manual_seed(2))
+    x = (x_full.chunk(p, 1)[rank] if sp else x_full).clone().requires_grad_()
+    dy = dy_full.chunk(p, 1)[rank] if sp else dy_full
 
     def step() -> None:
         x.grad = None
-        for m in (col, row):
-            m.zero_grad(set_to_none=True)
-        row(F.gelu(col(x))).backward(g)
+        module.zero_grad(set_to_none=True)
+        module(x).backward(dy)
 
-    with torch.no_grad():
-        y = row(F.gelu(col(x)))
-    return step, y
+    return step, x_full
 
 
-def megatron_mlp(a, sp: bool, y_megalite: torch.Tensor) -> Tuple[Optional[Step], str]:
-    """megatron-core's column/row layers on CPU (seq-first [s, b, h]); (None, why) if unusable."""
+def megatron_mlp(a, p: int, mlp: nn.Module, x_full: torch.Tensor) -> Tuple[Optional[Step], str]:
+    """megatron-core's column/row layers on CPU (sequence-first [s, b, h]) holding the plan's
+    MLP shards; (None, why) when unusable."""
     try:
         from megatron.core import ModelParallelConfig, parallel_state
         from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
     except ImportError:
-        return None, "skipped: megatron-core not installed"
+        return None, "skipped: megatron-core not installed (pip install megatron-core)"
     try:
         if not parallel_state.model_parallel_is_initialized():
-            parallel_state.initialize_model_parallel(tensor_model_parallel_size=2)
-        cfg = ModelParallelConfig(tensor_model_parallel_size=2, sequence_parallel=sp,
+            parallel_state.initialize_model_parallel(tensor_model_parallel_size=p)
+        cfg = ModelParallelConfig(tensor_model_parallel_size=p, sequence_parallel=False,
                                   use_cpu_initialization=True, params_dtype=torch.float32)
         init = torch.nn.init.xavier_normal_
         col = ColumnParallelLinear(a.h, a.ffn, config=cfg, init_method=init, bias=True,
                                    gather_output=False)
         row = RowParallelLinear(a.ffn, a.h, config=cfg, init_method=init, bias=True,
                                 input_is_parallel=True, skip_bias_add=False)
-        fc1, fc2, x = reference(a)
-        r = parallel_state.get_tensor_model_parallel_rank()
-        with torch.no_grad():  # same weights as megalite (same [out, in] shard convention)
-            col.weight.copy_(fc1.weight.chunk(2, 0)[r])
-            col.bias.copy_(fc1.bias.chunk(2, 0)[r])
-            row.weight.copy_(fc2.weight.chunk(2, 1)[r])
-            row.bias.copy_(fc2.bias)
-        x = x.transpose(0, 1)  # megatron-core is sequence-first: [s, b, h]
-        x = (x.chunk(2, 0)[r] if sp else x).contiguous().requires_grad_()
-        g = torch.randn(x.shape)
+        with torch.no_grad():  # the same [out, in] shard convention as megalite's layers
+            col.weight.copy_(mlp.fc_in.weight)
+            col.bias.copy_(mlp.fc_in.bias)
+            row.weight.copy_(mlp.fc_out.weight)
+            row.bias.copy_(mlp.fc_out.bias)
+        x = x_full.transpose(0, 1).contiguous().requires_grad_()
+        dy = torch.randn(a.b, a.s, a.h, generator=torch.Generator().manual_seed(2))
+        dy = dy.transpose(0, 1).contiguous()
+
+        def forward(inp: torch.Tensor) -> torch.Tensor:
+            h, _ = col(inp)
+            return row(F.gelu(h, approximate="tanh"))[0]
 
         def step() -> None:
             x.grad = None
-            for m in (col, row):
-                m.zero_grad(set_to_none=True)
-            h, _ = col(x)
-            y, _ = row(F.gelu(h))
-            y.backward(g)
+            col.zero_grad(set_to_none=True)
+            row.zero_grad(set_to_none=True)
+            forward(x).backward(dy)
 
         step()  # fail here, not in the timed loop
         with torch.no_grad():
-            diff = (row(F.gelu(col(x)[0]))[0].transpose(0, 1) - y_megalite).abs().max()
-        return step, f"ok (max |y - y_megalite| = {diff.item():.2e})"
+            diff = (forward(x).transpose(0, 1) - mlp(x_full)).abs().max().item()
+        return step, f"ok, max |y - y_megalite| = {diff:.1e}"
     except Exception as e:  # noqa: BLE001 - report why and go on
         return None, f"failed on CPU/gloo: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
 
 
-def megalite_block(a, group, sp: bool, meter, rank: int) -> Step:
-    """One GPT transformer block (LayerNorm, attention, LayerNorm, MLP) through megalite's TP
-    plan: the region entry collective on each norm's output, row-parallel exits."""
-    from megalite.config.schema import ModelConfig
-    from megalite.models import build_model, resolve_model_args
-    from megalite.parallel.dims import ParallelDims
-    from megalite.tensor_parallel.plan import parallelize
-
-    dims = ParallelDims(dp=1, tp=2, pp=1, rank=rank, meter=meter, tp_group=group)
-    args = resolve_model_args(ModelConfig(num_layers=1, hidden_size=a.h, num_heads=a.h // 64,
-                                          ffn_hidden_size=a.ffn, max_seq_len=a.s), 128)
-    block = build_model(args, 0, plan=lambda m: (m, parallelize(m, dims, sp))).layers[0]
-    s_local = a.s // 2 if sp else a.s
-    x = torch.randn(a.b, s_local, a.h, generator=torch.Generator().manual_seed(1),
-                    requires_grad=True)
-    dy = torch.randn(a.b, s_local, a.h, generator=torch.Generator().manual_seed(2))
-
-    def step() -> None:
-        block(x).backward(dy)
-
-    return step
+def block_times(steps: Dict[str, Step], iters: int) -> Dict[str, float]:
+    """One block: ``iters`` iterations of each step, interleaved iteration by iteration (in an
+    order that alternates, ABBA...), so both see the same machine load; each step's median."""
+    times: Dict[str, List[float]] = {name: [] for name in steps}
+    names = list(steps)
+    for i in range(iters):
+        for name in (names if i % 2 == 0 else names[::-1]):
+            dist.barrier()
+            t0 = time.perf_counter()
+            steps[name]()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
-def time_interleaved(steps: Dict[str, Step], a) -> Dict[str, List[float]]:
-    for step in steps.values():
-        for _ in range(a.warmup):
-            step()
-    times: Dict[str, List[float]] = {k: [] for k in steps}
-    per_block = max(1, -(-a.iters // a.blocks))
+def ratio_run(ours: Step, theirs: Step, a) -> Dict[str, object]:
+    """One run: per-block ratios of medians, their median and spread."""
+    ratios, mine, ref = [], [], []
     for _ in range(a.blocks):
-        for name, step in steps.items():
-            for _ in range(per_block):
-                dist.barrier()
-                t0 = time.perf_counter()
-                step()
-                times[name].append(time.perf_counter() - t0)
-    return times
+        t = block_times({"ours": ours, "theirs": theirs}, a.iters)
+        ratios.append(t["ours"] / t["theirs"])
+        mine.append(t["ours"])
+        ref.append(t["theirs"])
+    med = statistics.median(ratios)
+    spread = max(abs(r / med - 1) for r in ratios)
+    return {"ratio": med, "spread": spread, "ratios": ratios,
+            "ms": (statistics.median(mine) * 1e3, statistics.median(ref) * 1e3)}
+
+
+def _rank0_accepts(run: Dict[str, object]) -> bool:
+    """Rank 0's timings decide whether a run is scored; every rank follows, so all of them
+    run the same number of steps (and collectives)."""
+    keep = torch.tensor([float(run["spread"] <= MAX_SPREAD)])
+    dist.broadcast(keep, src=0)
+    return bool(keep.item())
 
 
 def _rank(rank: int, world: int, port: int, a, out) -> None:
@@ -160,29 +169,34 @@ def _rank(rank: int, world: int, port: int, a, out) -> None:
         meter = CommMeter()
         steps: Dict[str, Step] = {}
         measured: Dict[str, Dict[str, int]] = {}
-        outputs: Dict[bool, torch.Tensor] = {}
+        mlp_no_sp, x_full = None, None
         for sp in (False, True):
-            name = f"megalite{' SP' if sp else ''}"
-            steps[name], outputs[sp] = megalite_mlp(a, group, sp, meter)
-            meter.take()
-            steps[name]()
-            measured[name] = meter.take()
-        for sp in (False, True):
-            name = f"megalite block{' SP' if sp else ''}"
-            steps[name] = megalite_block(a, group, sp, meter, rank)
-            meter.take()
-            steps[name]()
-            measured[name] = meter.take()
-        notes = {}
-        for sp in (False, True):
-            step, why = megatron_mlp(a, sp, outputs[sp])
-            notes[f"megatron-core{' SP' if sp else ''}"] = why
-            if step is not None:
-                steps[f"megatron-core{' SP' if sp else ''}"] = step
-        times = time_interleaved(steps, a)
+            block = plan_block(a, world, rank, group, meter, sp)
+            suffix = " SP" if sp else ""
+            for name, module in ((f"megalite MLP{suffix}", block.mlp),
+                                 (f"megalite block{suffix}", block)):
+                steps[name], x = make_step(module, a, world, rank, sp)
+                for _ in range(a.warmup):
+                    steps[name]()
+                meter.take()
+                steps[name]()
+                measured[name] = meter.take()
+            if not sp:
+                mlp_no_sp, x_full = block.mlp, x
+        theirs, note = megatron_mlp(a, world, mlp_no_sp, x_full)
+        runs: List[Dict[str, object]] = []
+        rejected: List[Dict[str, object]] = []
+        if theirs is not None:
+            for _ in range(a.warmup):
+                theirs()
+            while len(runs) < 2 and len(rejected) < a.tries:
+                run = ratio_run(steps["megalite MLP"], theirs, a)
+                (runs if _rank0_accepts(run) else rejected).append(run)
+        others = {k: v for k, v in steps.items() if k != "megalite MLP"}
+        per_block = [block_times(others, a.iters) for _ in range(a.blocks)]
+        medians = {k: statistics.median(b[k] for b in per_block) * 1e3 for k in others}
         if rank == 0:
-            out.put(("ok", {k: statistics.median(v) for k, v in times.items()}, measured,
-                     notes, {k: len(v) for k, v in times.items()}))
+            out.put(("ok", measured, note, runs, rejected, medians))
     except BaseException:  # noqa: BLE001
         out.put(("error", traceback.format_exc()))
     finally:
@@ -190,52 +204,74 @@ def _rank(rank: int, world: int, port: int, a, out) -> None:
             dist.destroy_process_group()
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    for k, v in dict(b=4, s=256, h=512, ffn=2048, iters=12, blocks=3, warmup=3).items():
-        ap.add_argument(f"--{k}", type=int, default=v)
-    a = ap.parse_args()
+def run_world(p: int, a) -> Optional[tuple]:
     from megalite.launcher.local import free_port
 
     ctx = tmp.get_context("spawn")
     out = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_rank, args=(r, 2, port, a, out), daemon=True) for r in range(2)]
-    for p in procs:
-        p.start()
-    result = out.get(timeout=900)
-    for p in procs:
-        p.join(timeout=30)
+    procs = [ctx.Process(target=_rank, args=(r, p, port, a, out), daemon=True) for r in range(p)]
+    for proc in procs:
+        proc.start()
+    result = out.get(timeout=3600)
+    for proc in procs:
+        proc.join(timeout=30)
     if result[0] != "ok":
         print(result[1], file=sys.stderr)
-        return 1
-    _, med, measured, notes, counts = result
+        return None
+    return result[1:]
+
+
+def report(p: int, a, result: tuple) -> None:
+    measured, note, runs, rejected, medians = result
     n = a.b * a.s * a.h * 4
-    # MLP: one exit all-reduce forward, one entry all-reduce backward. A block has two regions
-    # (attention, MLP): twice that. With SP each all-reduce becomes an all-gather + a
-    # reduce-scatter of the same full size (the meter counts full sizes; ring traffic is equal).
-    # The SP input gathered by the entry is kept for backward, not re-gathered: no extra gather.
-    theory = {"megalite": {"all_reduce": 2 * n},
-              "megalite SP": {"all_gather": 2 * n, "reduce_scatter": 2 * n},
+    theory = {"megalite MLP": {"all_reduce": 2 * n},
+              "megalite MLP SP": {"all_gather": 2 * n, "reduce_scatter": 2 * n},
               "megalite block": {"all_reduce": 4 * n},
               "megalite block SP": {"all_gather": 4 * n, "reduce_scatter": 4 * n}}
-    print(f"TP=2 gloo, MLP b={a.b} s={a.s} h={a.h} ffn={a.ffn} fp32, 1 thread/rank; "
+    print(f"\nTP={p} gloo, b={a.b} s={a.s} h={a.h} ffn={a.ffn} fp32, 1 thread/rank; "
           f"N = b*s*h*4 = {n} bytes")
     print("bytes per iteration (forward+backward), measured vs theory:")
     for name, got in measured.items():
         for kind in sorted(set(got) | set(theory[name])):
+            ok = "ok" if got.get(kind, 0) == theory[name].get(kind, 0) else "DIFFERS"
             print(f"  {name:18s} {kind:15s} {got.get(kind, 0):>10d}   theory "
-                  f"{theory[name].get(kind, 0):>10d}")
-    print("forward+backward time, median (iterations):")
-    for name, t in med.items():
-        print(f"  {name:16s} {t * 1e3:8.2f} ms  ({counts[name]})")
-    for name, why in notes.items():
-        print(f"  {name:16s} {why}")
-    for sp in ("", " SP"):
-        if f"megatron-core{sp}" in med:
-            ratio = med[f"megalite{sp}"] / med[f"megatron-core{sp}"]
-            print(f"ratio megalite{sp} / megatron-core{sp}: {ratio:.3f}")
-    return 0
+                  f"{theory[name].get(kind, 0):>10d}  {ok}")
+    print(f"megatron-core MLP: {note}")
+    for i, run in enumerate(runs, 1):
+        ours, theirs = run["ms"]
+        print(f"  run {i}: megalite MLP / megatron-core MLP = {run['ratio']:.3f} "
+              f"(spread of {len(run['ratios'])} block ratios +-{run['spread'] * 100:.1f}%: "
+              f"{', '.join(f'{r:.3f}' for r in run['ratios'])}); "
+              f"medians {ours:.2f} vs {theirs:.2f} ms")
+    for run in rejected:
+        print(f"  rejected (spread +-{run['spread'] * 100:.1f}% > "
+              f"{MAX_SPREAD * 100:.0f}%): ratio {run['ratio']:.3f}")
+    if len(runs) < 2 and note.startswith("ok"):
+        print(f"  fewer than 2 runs within +-{MAX_SPREAD * 100:.0f}% after {a.tries} tries: "
+              f"not scored")
+    print("megalite-only rows, forward+backward median of block medians:")
+    for name, ms in medians.items():
+        print(f"  {name:18s} {ms:8.2f} ms")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--tp", type=int, nargs="+", default=[2, 4])
+    for k, v in dict(b=2, s=256, h=512, ffn=2048, iters=20, blocks=5, warmup=3,
+                     tries=4).items():
+        ap.add_argument(f"--{k}", type=int, default=v)
+    a = ap.parse_args()
+    if a.iters < 20 or a.blocks < 5:
+        print("note: fewer than 5 blocks of 20 iterations: a smoke run, not a measurement")
+    status = 0
+    for p in a.tp:
+        result = run_world(p, a)
+        if result is None:
+            status = 1
+            continue
+        report(p, a, result)
+    return status
 
 
 if __name__ == "__main__":

@@ -41,7 +41,7 @@ def _one_batch_gradients(dims, schedule, family):
     from megalite.pipeline import schedules
     from megalite.pipeline.executor import PipelineExecutor
     from megalite.plan import model_plan
-    from megalite.trainer.loss import loss_sum_fn
+    from megalite.tensor_parallel.plan import loss_fn
     from megalite.zero import ZeroEngine
 
     kv = 2 if family == "llama" else None
@@ -59,7 +59,8 @@ def _one_batch_gradients(dims, schedule, family):
         pp=dims.pp, schedule=schedule, virtual_stages=v)), materialize=engine.materialize)
     engine.attach(stage)
     actions = schedules.build(schedule, dims.pp, MICRO, dims.pp_rank, v)
-    executor = PipelineExecutor(stage, dims, loss_sum_fn(args, dims), (1, 16, args.hidden_size),
+    executor = PipelineExecutor(stage, dims, loss_fn(args, dims, reduction="sum"),
+                                (1, 16, args.hidden_size),
                                 torch.float32, grads=engine)
     trace = []  # zb-h1 on the last stage: (action, does chunk 0's first weight have a grad?)
     if schedule == "zb-h1" and dims.is_last_stage:

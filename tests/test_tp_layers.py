@@ -1,5 +1,6 @@
 """Tensor-parallel collectives, layers and vocab-parallel cross-entropy against single-device
-PyTorch references (nn.Linear, nn.Embedding, F.cross_entropy).
+PyTorch references (nn.Linear, nn.Embedding, F.cross_entropy), and zero-bubble deferral of the
+layers' weight gradients.
 
 One spawned gloo world per TP size runs every check. Each rank builds the reference from the same
 seed (identical on all ranks), the parallel module from exact slices of it, runs the same input
@@ -10,6 +11,8 @@ which moves results by a few ulp (~1e-7 relative on values of order 1), far belo
 """
 from __future__ import annotations
 
+from collections import Counter
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -17,11 +20,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from megalite.parallel.comm import CommMeter
+from megalite.pipeline.zero_bubble import DeferrableLinear, WeightGradStore, defer_weight_grads
 from megalite.tensor_parallel import (ColumnParallelLinear, RowParallelLinear,
-                                      VocabParallelEmbedding, copy_to_tp, gather_from_tp,
-                                      gather_seq, pad_vocab, reduce_from_tp, reduce_scatter_seq,
-                                      scatter_seq, scatter_to_tp, vocab_parallel_cross_entropy)
-from megalite.tensor_parallel.collectives import all_reduce_copy, gather_along
+                                      VocabParallelEmbedding, column_parallel, gather_from_tp,
+                                      pad_vocab, reduce_from_tp, reduce_scatter_seq,
+                                      vocab_parallel_cross_entropy)
+from megalite.tensor_parallel.collectives import (all_reduce_copy, gather_along,
+                                                  start_all_reduce, start_reduce_scatter)
 from tests.distributed import run_distributed
 
 B, S, H, FFN = 2, 8, 8, 16  # S, FFN divisible by TP in {2, 4}
@@ -46,14 +51,6 @@ def check_collectives(group, p: int, r: int) -> None:
     x, g = torch.randn(B, S, H), torch.randn(B, S, H)  # identical on every rank
     ranks_sum = sum(range(1, p + 1))
 
-    # f: identity forward, all-reduce backward
-    xi = x.clone().requires_grad_()
-    y = copy_to_tp(xi, group, meter)
-    assert torch.equal(y, x) and meter.take() == {}
-    y.backward(g * (r + 1))
-    close(xi.grad, g * ranks_sum)
-    assert meter.take() == {"all_reduce": full}
-
     # g: all-reduce forward (one all-reduce of b*s*h*4 bytes), identity backward
     xi = (x * (r + 1)).requires_grad_()
     y = reduce_from_tp(xi, group, meter)
@@ -67,26 +64,12 @@ def check_collectives(group, p: int, r: int) -> None:
         n = x.shape[dim] // p
         if x.shape[dim] % p:
             continue
-        # scatter: own chunk forward, all-gather backward
-        xi = x.clone().requires_grad_()
-        y = scatter_to_tp(xi, group, dim=dim, meter=meter)
-        assert torch.equal(y, x.chunk(p, dim)[r]) and meter.take() == {}
-        y.backward(g.chunk(p, dim)[r])
-        assert torch.equal(xi.grad, g) and meter.take() == {"all_gather": full}
         # gather: all-gather forward, own chunk backward
         xi = x.chunk(p, dim)[r].clone().requires_grad_()
         y = gather_from_tp(xi, group, dim=dim, meter=meter)
         assert torch.equal(y, x) and meter.take() == {"all_gather": full}
         y.backward(g)
         assert torch.equal(xi.grad, g.narrow(dim % 3, r * n, n))
-
-    # ḡ: all-gather along the sequence forward, reduce-scatter backward
-    xi = x.chunk(p, 1)[r].clone().requires_grad_()
-    y = gather_seq(xi, group, meter)
-    assert torch.equal(y, x) and meter.take() == {"all_gather": full}
-    y.backward(g * (r + 1))
-    close(xi.grad, (g * ranks_sum).chunk(p, 1)[r])
-    assert meter.take() == {"reduce_scatter": full}
 
     # reduce-scatter along the sequence forward, all-gather backward
     xi = (x * (r + 1)).requires_grad_()
@@ -96,40 +79,55 @@ def check_collectives(group, p: int, r: int) -> None:
     y.backward(g.chunk(p, 1)[r])
     assert torch.equal(xi.grad, g) and meter.take() == {"all_gather": full}
 
-    # scatter_seq: own sequence chunk forward, all-gather backward
-    xi = x.clone().requires_grad_()
-    y = scatter_seq(xi, group, meter=meter)
-    assert torch.equal(y, x.chunk(p, 1)[r])
-    y.backward(g.chunk(p, 1)[r])
-    assert torch.equal(xi.grad, g) and meter.take() == {"all_gather": full}
+    # the asynchronous starters the column-parallel backward uses
+    close(start_all_reduce(x * (r + 1), group, meter)(), x * ranks_sum)
+    close(start_reduce_scatter(x * (r + 1), group, 1, meter)(), (x * ranks_sum).chunk(p, 1)[r])
+    assert meter.take() == {"all_reduce": full, "reduce_scatter": full}
 
     bad = torch.randn(B, p + 1, H)  # every rank raises before any collective: no hang
-    raises(lambda: scatter_seq(bad, group), f"size {p + 1}", f"group size {p}")
     raises(lambda: reduce_scatter_seq(bad, group), f"size {p + 1}", f"group size {p}")
 
 
-def check_linears(group, p: int, r: int) -> None:
+def _region_refs():
+    """A q/k/v-like region: three projections of one input, the last one replicated."""
     torch.manual_seed(2)
-    ref = nn.Linear(H, FFN)
-    x, g = torch.randn(B, S, H), torch.randn(B, S, FFN)
-    xr = x.clone().requires_grad_()
-    ref(xr).backward(g)
-    y_ref = ref(x).detach()
-    for gather_output in (False, True):
-        col = ColumnParallelLinear.from_linear(ref, group, gather_output=gather_output)
-        assert col.weight.shape == (FFN // p, H) and col.weight.tp_sharded and col.bias.tp_sharded
-        assert (col.in_features, col.out_features, col.tp_size, col.tp_rank) == (H, FFN, p, r)
-        xi = x.clone().requires_grad_()
-        y = col(xi)
-        if gather_output:
-            close(y, y_ref)
-            y.backward(g)
-        else:
-            close(y, y_ref.chunk(p, -1)[r])
-            y.backward(g.chunk(p, -1)[r])
-        close(xi.grad, xr.grad)
-        close(gather_along(col.weight.grad, group, 0), ref.weight.grad)
-        close(gather_along(col.bias.grad, group, 0), ref.bias.grad)
+    return nn.Linear(H, FFN), nn.Linear(H, FFN // 2, bias=False), nn.Linear(H, 4)
+
+
+def check_linears(group, p: int, r: int) -> None:
+    full_x = B * S * H * 4
+    for sp in (False, True):
+        q_ref, k_ref, v_ref = _region_refs()
+        x = torch.randn(B, S, H)
+        gq, gk, gv = torch.randn(B, S, FFN), torch.randn(B, S, FFN // 2), torch.randn(B, S, 4)
+        xr = x.clone().requires_grad_()
+        torch.autograd.backward([q_ref(xr), k_ref(xr), v_ref(xr)], [gq, gk, gv])
+        meter = CommMeter()
+        q = ColumnParallelLinear.from_linear(q_ref, group, meter, sequence_parallel=sp)
+        k = ColumnParallelLinear.from_linear(k_ref, group, meter, sequence_parallel=sp)
+        v = ColumnParallelLinear(H, 4, True, group, meter, sp, split=False)
+        v.load_full(v_ref.weight.detach(), v_ref.bias.detach())
+        assert q.weight.shape == (FFN // p, H) and v.weight.shape == (4, H)
+        assert (q.in_features, q.out_features, q.tp_size, q.tp_rank) == (H, FFN, p, r)
+        xi = (x.chunk(p, 1)[r] if sp else x).clone().requires_grad_()
+        yq, yk, yv = column_parallel(xi, (q, k, v))  # one entry collective for all three
+        close(yq, q_ref(x).detach().chunk(p, -1)[r])
+        close(yk, k_ref(x).detach().chunk(p, -1)[r])
+        close(yv, v_ref(x).detach())
+        assert meter.take() == ({"all_gather": full_x} if sp else {})
+        # the replicated projection: each rank sends back 1/p of its output's gradient
+        torch.autograd.backward([yq, yk, yv], [gq.chunk(p, -1)[r], gk.chunk(p, -1)[r], gv / p])
+        assert meter.take() == ({"reduce_scatter": full_x} if sp else {"all_reduce": full_x})
+        close(xi.grad, xr.grad.chunk(p, 1)[r] if sp else xr.grad)
+        close(gather_along(q.weight.grad, group, 0), q_ref.weight.grad)
+        close(gather_along(q.bias.grad, group, 0), q_ref.bias.grad)
+        close(gather_along(k.weight.grad, group, 0), k_ref.weight.grad)
+        assert k.bias is None
+        close(all_reduce_copy(v.weight.grad, group), v_ref.weight.grad)  # partial: TP sum
+        close(all_reduce_copy(v.bias.grad, group), v_ref.bias.grad)
+        # a single layer is the same call
+        xi = (x.chunk(p, 1)[r] if sp else x).clone().requires_grad_()
+        torch.testing.assert_close(q(xi), column_parallel(xi, (q,))[0], atol=0, rtol=0)
 
     torch.manual_seed(3)
     ref = nn.Linear(FFN, H)
@@ -138,8 +136,7 @@ def check_linears(group, p: int, r: int) -> None:
     y_ref = ref(xr)
     y_ref.backward(g)
     row = RowParallelLinear.from_linear(ref, group)
-    assert row.weight.shape == (H, FFN // p) and row.weight.tp_sharded
-    assert not hasattr(row.bias, "tp_sharded") and not hasattr(row.bias, "tp_partial_grad")
+    assert row.weight.shape == (H, FFN // p)
     xi = x.chunk(p, -1)[r].clone().requires_grad_()
     y = row(xi)
     close(y, y_ref.detach())
@@ -165,7 +162,6 @@ def check_mlp(group, p: int, r: int, sequence_parallel: bool) -> None:
     row = RowParallelLinear.from_linear(fc2, group, meter, sequence_parallel=sequence_parallel)
     full = B * S * H * 4
     if sequence_parallel:
-        assert row.bias.tp_partial_grad
         xi = x.chunk(p, 1)[r].clone().requires_grad_()
         y = row(F.gelu(col(xi)))
         assert y.shape == (B, S // p, H)
@@ -176,7 +172,7 @@ def check_mlp(group, p: int, r: int, sequence_parallel: bool) -> None:
         assert meter.take() == {"all_gather": full, "reduce_scatter": full}
         close(xi.grad, xr.grad.chunk(p, 1)[r])
         close(gather_along(xi.grad, group, 1), xr.grad)
-        close(all_reduce_copy(row.bias.grad, group), fc2.bias.grad)  # the trainer's TP sum
+        close(all_reduce_copy(row.bias.grad, group), fc2.bias.grad)  # partial: the TP sum
     else:
         xi = x.clone().requires_grad_()
         y = row(F.gelu(col(xi)))
@@ -193,6 +189,54 @@ def check_mlp(group, p: int, r: int, sequence_parallel: bool) -> None:
     close(gather_along(row.weight.grad, group, 1), fc2.weight.grad)
 
 
+def check_deferral(group, p: int, r: int) -> None:
+    """Zero-bubble at the layer level: with a deferring store the backward leaves every dW unset
+    (input and bias gradients are computed), ``store.run(key)`` then gives the dW of the
+    non-deferred backward, into ``main_grad`` where a weight has one, and ``on_accumulate``
+    hears of each weight once."""
+
+    def region():  # the same weights each call: a q/k/v-like column region and a row layer
+        q_ref, k_ref, v_ref = _region_refs()
+        q = ColumnParallelLinear.from_linear(q_ref, group)
+        k = ColumnParallelLinear.from_linear(k_ref, group)
+        v = ColumnParallelLinear(H, 4, True, group, split=False)
+        v.load_full(v_ref.weight.detach(), v_ref.bias.detach())
+        return nn.ModuleList([q, k, v, RowParallelLinear.from_linear(nn.Linear(FFN, H), group)])
+
+    torch.manual_seed(8)
+    x, g, gk, gv = (torch.randn(B, S, n) for n in (H, H, FFN // 2 // p, 4))
+    store = WeightGradStore()
+    heard = Counter()
+    store.on_accumulate = lambda weight: heard.update([id(weight)])
+    plain, deferred = region(), region()
+    defer_weight_grads(deferred, store)
+    deferred[2].weight.main_grad = torch.zeros_like(deferred[2].weight)
+    input_grads = []
+    for (q, k, v, row), key in ((plain, None), (deferred, (0, 1))):
+        store.key = key  # what the executor does around a B pass
+        xi = x.clone().requires_grad_()
+        yq, yk, yv = column_parallel(xi, (q, k, v))
+        loss = (row(F.gelu(yq)) * g).sum() + (yk * gk).sum() + (yv * gv).sum()
+        loss.backward()
+        store.key = None
+        input_grads.append(xi.grad)
+    close(input_grads[1], input_grads[0])
+    for m in deferred:
+        assert m.weight.grad is None, "dW must wait for the W pass"
+    for i in (0, 2, 3):
+        close(deferred[i].bias.grad, plain[i].bias.grad)  # biases: computed in B
+    assert not heard
+    store.run((0, 1))
+    for i in (0, 1, 3):
+        close(deferred[i].weight.grad, plain[i].weight.grad)
+    assert deferred[2].weight.grad is None  # into main_grad instead
+    close(deferred[2].weight.main_grad, plain[2].weight.grad)
+    assert sorted(heard.values()) == [1] * 4
+    assert set(heard) == {id(m.weight) for m in deferred}
+    store.run((0, 1))  # a key's W pass runs once
+    assert sorted(heard.values()) == [1] * 4
+
+
 def check_embedding(group, p: int, r: int) -> None:
     torch.manual_seed(5)
     per = B * S // (2 * p)
@@ -203,20 +247,19 @@ def check_embedding(group, p: int, r: int) -> None:
     g = torch.randn(B, S, H)
     y_ref = ref(tokens)
     y_ref.backward(g)
-    for reduce in ("all", "scatter_seq", "none"):
-        emb = VocabParallelEmbedding.from_embedding(ref, group, reduce=reduce)
+    for sp in (False, True):
+        meter = CommMeter()
+        emb = VocabParallelEmbedding.from_embedding(ref, group, meter, sequence_parallel=sp)
         assert (emb.vocab_start, emb.vocab_end) == (r * per, (r + 1) * per)
-        assert emb.weight.tp_sharded
         y = emb(tokens)
-        if reduce == "all":
-            close(y, y_ref.detach())
-            y.backward(g)
-        elif reduce == "scatter_seq":
+        kind = "reduce_scatter" if sp else "all_reduce"
+        assert meter.take() == {kind: B * S * H * 4}  # it reduces its own partial sums
+        if sp:
             assert y.shape == (B, S // p, H)
             close(y, y_ref.detach().chunk(p, 1)[r])
             y.backward(g.chunk(p, 1)[r])
         else:
-            close(all_reduce_copy(y.detach(), group), y_ref.detach())
+            close(y, y_ref.detach())
             y.backward(g)
         close(gather_along(emb.weight.grad, group, 0), ref.weight.grad)
     raises(lambda: VocabParallelEmbedding(vocab + 1, H, group), str(vocab + 1), str(p))
@@ -265,6 +308,7 @@ def _tp_world() -> int:
     check_linears(group, p, r)
     check_mlp(group, p, r, sequence_parallel=False)
     check_mlp(group, p, r, sequence_parallel=True)
+    check_deferral(group, p, r)
     check_embedding(group, p, r)
     check_cross_entropy(group, p, r)
     return r
@@ -279,7 +323,7 @@ def test_no_group_is_plain_pytorch():
     """group None: the layers are nn.Linear / nn.Embedding, the loss is F.cross_entropy."""
     torch.manual_seed(0)
     lin, emb, x = nn.Linear(H, FFN), nn.Embedding(64, H), torch.randn(B, S, H)
-    assert torch.equal(ColumnParallelLinear.from_linear(lin, None, gather_output=True)(x), lin(x))
+    close(ColumnParallelLinear.from_linear(lin, None)(x), lin(x))
     y = torch.randn(B, S, FFN)
     lin2 = nn.Linear(FFN, H)
     close(RowParallelLinear.from_linear(lin2, None, sequence_parallel=True)(y), lin2(y))
@@ -296,3 +340,32 @@ def test_pad_vocab():
     assert pad_vocab(50, 1) == 64 and pad_vocab(50, 4, 16) == 64 and pad_vocab(64, 2, 32) == 64
     assert pad_vocab(50257, 2) == 50304 and pad_vocab(50257, 8) == 50688
     raises(lambda: pad_vocab(0, 2), "vocab_size=0")
+
+
+def test_deferrable_linear_twin():
+    """Pipeline without TP: ``defer_weight_grads`` swaps each nn.Linear for its deferring twin
+    (the same parameter objects, same names); the W pass gives nn.Linear's dW."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(H, FFN), nn.GELU(), nn.Linear(FFN, H, bias=False))
+    ref = nn.Sequential(nn.Linear(H, FFN), nn.GELU(), nn.Linear(FFN, H, bias=False))
+    ref.load_state_dict(model.state_dict())
+    params = dict(model.named_parameters())
+    store, heard = WeightGradStore(), []
+    store.on_accumulate = heard.append
+    defer_weight_grads(model, store)
+    assert isinstance(model[0], DeferrableLinear) and model[0].wgrad_store is store
+    assert dict(model.named_parameters()) == params  # the very same tensors
+    x = torch.randn(B, S, H)
+    ref(x).square().sum().backward()
+    xi = x.clone().requires_grad_()
+    store.key = (0, 0)
+    model(xi).square().sum().backward()
+    store.key = None
+    assert model[0].weight.grad is None and model[2].weight.grad is None
+    close(model[0].bias.grad, ref[0].bias.grad)
+    store.run((0, 0))
+    close(model[0].weight.grad, ref[0].weight.grad)
+    close(model[2].weight.grad, ref[2].weight.grad)
+    assert [id(w) for w in heard] == [id(model[2].weight), id(model[0].weight)]  # once each
+    model(xi).square().sum().backward()  # no key: an ordinary backward
+    close(model[0].weight.grad, 2 * ref[0].weight.grad)

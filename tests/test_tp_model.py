@@ -2,9 +2,12 @@
 
 Each spawned world (TP = world size) checks, for both families, with and without sequence
 parallelism, with grouped-query attention (kv heads split at TP=2, replicated at TP=4):
-logits and every parameter gradient equal the unsharded model's; 20 training steps give the same
-losses and gradient norms; resume, generation, dropout reproducibility, HF weights loaded into TP,
-and (at 4 ranks) DP=2 x TP=2.
+logits and every parameter gradient equal the unsharded model's; the model a run builds
+(``megalite.plan.model_plan``) is made of the layers ``bench/tp.py`` measures, its overlapped
+column-parallel backward runs once per region, and one forward + backward moves exactly the
+collectives the plan's docstring counts; 20 training steps give the same losses and gradient
+norms; resume, generation, dropout reproducibility, HF weights loaded into TP, and (at 4 ranks)
+DP=2 x TP=2.
 
 Tolerances (fp32): the sharded model sums the same products in another order (partial matmuls
 reduced over ranks), a relative ~1e-7 effect per op; 1e-5 absolute on logits/losses of magnitude
@@ -78,6 +81,84 @@ def _check_model_equivalence(dims, family: str, sp: bool) -> None:
                 assert grad[max(pad_start, 0):].abs().max() == 0, name
 
 
+def _column_backward_nodes(root) -> list:
+    """The autograd nodes of the column-parallel layers' Function reachable from ``root``."""
+    seen, stack, found = set(), [root], []
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if type(node).__name__ == "_ColumnParallelBackward":
+            found.append(node)
+        stack.extend(n for n, _ in node.next_functions)
+    return found
+
+
+def _check_trained_layers_and_bytes(dims, family: str) -> None:
+    """The model a run trains (``build_model`` with ``megalite.plan.model_plan``) is made of the
+    layers ``bench/tp.py`` measures, its column-parallel backward (the one that overlaps its dX
+    all-reduce with the dW matmuls) runs once per region, and one forward + backward moves, with
+    L layers, tokens N = b*s and A = b*s*h*4 bytes (one fp32 activation):
+
+      without SP: all-reduces, forward 2L (the row exits) + 1 (embedding) + 2 (the loss's MAX of
+      [N] and SUM of [2N]) and backward 2L (the column entries) + 1 (the head's column entry);
+      every one but the loss's of A bytes;
+      with SP: each of those A-sized all-reduces becomes an all-gather or a reduce-scatter
+      (entries gather forward and reduce-scatter backward, exits the reverse), so all-gathers
+      and reduce-scatters each move the bytes the all-reduces did, and the wire bytes equal.
+    """
+    from megalite.config.schema import ParallelConfig
+    from megalite.models import build_model
+    from megalite.plan import model_plan
+    from megalite.tensor_parallel import (ColumnParallelLinear, RowParallelLinear,
+                                          VocabParallelEmbedding)
+    from megalite.tensor_parallel.plan import loss_fn
+
+    args = _args(family)
+    L, b, s = args.num_layers, 2, 16
+    A, loss_bytes = b * s * args.hidden_size * 4, 3 * b * s * 4
+    tokens = torch.randint(0, args.vocab_size, (b, s + 1),
+                           generator=torch.Generator().manual_seed(4))
+    x, y = tokens[:, :-1], tokens[:, 1:]
+    meter, wire = dims.meter, {}
+    for sp in (False, True):
+        plan = model_plan(dims, ParallelConfig(tp=dims.tp, sequence_parallel=sp))
+        model = build_model(args, seed=7, plan=plan)
+        kinds = [type(m) for m in model.modules()]
+        for m in model.modules():  # every weight matrix is a benchmarked layer's...
+            if isinstance(m, (torch.nn.Linear, torch.nn.Embedding)):
+                assert family == "gpt" and m is model.embed.pos, m  # ...but GPT's positions
+        assert kinds.count(RowParallelLinear) == 2 * L
+        assert kinds.count(ColumnParallelLinear) == (5 if family == "llama" else 4) * L + 1
+        assert kinds.count(VocabParallelEmbedding) == 1
+        meter.take()
+        loss = loss_fn(args, dims)(model(x), y)
+        forward = (dict(meter.calls), meter.take(wire=True))
+        nodes, ran = _column_backward_nodes(loss.grad_fn), []
+        for node in nodes:
+            node.register_hook(lambda grad_inputs, grad_outputs: ran.append(1))
+        loss.backward()
+        backward = (dict(meter.calls), meter.take(wire=True))
+        assert len(nodes) == len(ran) == 2 * L + 1  # q/k/v, MLP entry per layer; the head
+        if sp:
+            assert forward[0] == {"all_gather": 2 * L + 1, "reduce_scatter": 2 * L + 1,
+                                  "all_reduce": 2}, forward
+            assert backward[0] == {"all_gather": 2 * L + 1, "reduce_scatter": 2 * L + 1}
+            for kind in ("all_gather", "reduce_scatter"):
+                assert forward[1][kind] == backward[1][kind] == (2 * L + 1) * A
+            assert forward[1]["all_reduce"] == loss_bytes
+        else:
+            assert forward[0] == {"all_reduce": 2 * L + 1 + 2}, forward
+            assert backward[0] == {"all_reduce": 2 * L + 1}, backward
+            assert forward[1]["all_reduce"] == (2 * L + 1) * A + loss_bytes
+            assert backward[1]["all_reduce"] == (2 * L + 1) * A
+        wire[sp] = sum(v for d in (forward[1], backward[1]) for k, v in d.items()
+                       if k.startswith("wire."))
+    # ring traffic: an all-reduce is a reduce-scatter plus an all-gather
+    assert abs(wire[True] - wire[False]) <= 2, wire
+
+
 def _metrics(run_dir):
     return [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
 
@@ -91,6 +172,7 @@ def _tp_world(tmp, cache):
     for family in FAMILIES:
         for sp in (False, True):
             _check_model_equivalence(dims, family, sp)
+        _check_trained_layers_and_bytes(dims, family)
     out = {}
     for family, extra in FAMILIES.items():
         for sp in (False, True):

@@ -140,8 +140,8 @@ class Attention(nn.Module):
         return self.q_proj(x), self.k_proj(x), self.v_proj(x)
 
     def forward(self, x: torch.Tensor, cache: Optional[KVCache] = None) -> torch.Tensor:
-        b, s, _ = x.shape
         q, k, v = self.project(x)
+        b, s, _ = q.shape  # of the projections: under sequence parallelism x is a chunk
         q = q.view(b, s, -1, self.head_dim).transpose(1, 2)  # [b, nh, s, d]
         k = k.view(b, s, -1, self.head_dim).transpose(1, 2)  # [b, nkv, s, d]
         v = v.view(b, s, -1, self.head_dim).transpose(1, 2)

@@ -6,8 +6,15 @@ holding (X, dY) and run later by the W pass, where the schedule has a bubble to 
 else — the activation-gradient chain, norm/bias/embedding gradients — happens in B, so W
 recomputes nothing.
 
-Linear modules are switched to this behaviour by class (same parameters and names):
-``nn.Linear``, the plan's ``ColumnInRegion`` and ``RowParallelLinear``.
+The layers defer by themselves: every linear layer of ``megalite.tensor_parallel.layers`` has a
+``wgrad_store`` attribute (None: no deferral), and so does :class:`DeferrableLinear`, the twin
+of ``nn.Linear`` that ``defer_weight_grads`` puts in place of plain linears (pipeline without
+tensor parallelism). In a backward, a layer whose store's ``defer(fn)`` returns True leaves
+dW to ``fn``, which adds it with :meth:`WeightGradStore.accumulate`.
+
+With tensor parallelism the column-parallel backward normally hides its dX all-reduce behind the
+dW matmuls; in a B pass dW is deferred, so it waits on that all-reduce with only the bias sums
+to overlap, and the dW matmuls fill the bubble in W instead.
 """
 from __future__ import annotations
 
@@ -16,11 +23,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from megalite.tensor_parallel.collectives import reduce_from_tp, reduce_scatter_seq
-from megalite.tensor_parallel.layers import RowParallelLinear
-from megalite.tensor_parallel.plan import ColumnInRegion
+from megalite.tensor_parallel.layers import deferrable_linear
 
 Key = Tuple[int, int]  # (chunk, micro-batch)
 
@@ -30,7 +34,10 @@ class WeightGradStore:
 
     def __init__(self):
         self.key: Optional[Key] = None  # set by the executor around a B pass
-        self.on_accumulate = None
+        # Called with each weight once a deferred dW was added to its gradient: the ZeRO
+        # engine's gradient-ready bookkeeping, so a weight whose last contribution is deferred
+        # is reduced right after the W pass.
+        self.on_accumulate: Optional[Callable[[nn.Parameter], None]] = None
         self._pending: Dict[Key, List[Callable[[], None]]] = defaultdict(list)
 
     def defer(self, fn: Callable[[], None]) -> bool:
@@ -41,82 +48,55 @@ class WeightGradStore:
         return True
 
     def run(self, key: Key) -> None:
-        """The W pass of ``key``: every stored weight-gradient matmul."""
-        for fn in self._pending.pop(key, []):
-            fn()
+        """The W pass of ``key``: every stored weight-gradient matmul (outside autograd)."""
+        with torch.no_grad():
+            for fn in self._pending.pop(key, []):
+                fn()
 
-
-def _accumulate(weight: nn.Parameter, grad: torch.Tensor) -> None:
-    target = getattr(weight, "main_grad", None)
-    if target is not None:
-        target.add_(grad)
-    elif weight.grad is None:
-        weight.grad = grad.to(weight.dtype)
-    else:
-        weight.grad.add_(grad)
-
-
-class _DeferrableLinear(torch.autograd.Function):
-    """y = x Wᵀ (+ b). Backward returns dX (and db) at once; dW now or, in a B pass, later."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, store):
-        ctx.save_for_backward(x, weight)
-        ctx.store, ctx.has_bias = store, bias is not None
-        return F.linear(x, weight, bias)
-
-    @staticmethod
-    def backward(ctx, dy):
-        x, weight = ctx.saved_tensors
-        dx = dy.matmul(weight)
-        db = dy.flatten(0, -2).sum(0) if ctx.has_bias else None
-
-        def weight_grad() -> torch.Tensor:
-            return dy.flatten(0, -2).t().matmul(x.flatten(0, -2))
-
-        def deferred() -> None:  # runs in the W pass, outside autograd
-            with torch.no_grad():
-                _accumulate(weight, weight_grad())
-                if ctx.store.on_accumulate is not None:
-                    ctx.store.on_accumulate(weight)
-
-        if ctx.store.defer(deferred):
-            return dx, None, db, None
-        return dx, weight_grad(), db, None
-
-
-class _Linear(nn.Linear):
-    def forward(self, x):
-        return _DeferrableLinear.apply(x, self.weight, self.bias, self.wgrad_store)
-
-
-class _Column(ColumnInRegion):
-    def forward(self, x):
-        return _DeferrableLinear.apply(x, self.weight, self.bias, self.wgrad_store)
-
-
-class _Row(RowParallelLinear):
-    def forward(self, x):
-        y = _DeferrableLinear.apply(x, self.weight, None, self.wgrad_store)
-        if self.sequence_parallel:
-            y = reduce_scatter_seq(y, self.group, self.meter)
+    def accumulate(self, weight: nn.Parameter, grad: torch.Tensor) -> None:
+        """Add a deferred ``grad`` into ``weight.main_grad`` when it has one, else into
+        ``weight.grad``; then tell ``on_accumulate``."""
+        target = getattr(weight, "main_grad", None)
+        if target is not None:
+            target.add_(grad)
+        elif weight.grad is None:
+            weight.grad = grad.to(weight.dtype)
         else:
-            y = reduce_from_tp(y, self.group, self.meter)
-        return y if self.bias is None else y + self.bias
+            weight.grad.add_(grad)
+        if self.on_accumulate is not None:
+            self.on_accumulate(weight)
 
 
-_SWAP = [(ColumnInRegion, _Column), (RowParallelLinear, _Row), (nn.Linear, _Linear)]
+class DeferrableLinear(nn.Linear):
+    """``nn.Linear`` (same parameters and names) whose dW can be deferred into
+    ``wgrad_store``."""
+
+    wgrad_store: Optional[WeightGradStore] = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return deferrable_linear(x, self, self.bias)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> "DeferrableLinear":
+        """A twin holding the very same parameter objects (nothing is copied)."""
+        twin = cls(linear.in_features, linear.out_features, linear.bias is not None,
+                   device="meta")
+        twin.weight, twin.bias = linear.weight, linear.bias
+        return twin
 
 
 def defer_weight_grads(module: nn.Module, store: WeightGradStore) -> None:
-    """Make every linear layer of ``module`` defer its dW into ``store`` during B passes
-    (a module with its own ``use_wgrad_store(store)`` is told the store instead)."""
+    """Make every linear layer of ``module`` defer its dW into ``store`` during B passes: plain
+    ``nn.Linear`` children are replaced by their :class:`DeferrableLinear` twins, then every
+    layer with a ``wgrad_store`` is given ``store`` (a module with its own
+    ``use_wgrad_store(store)`` is told the store instead)."""
     if hasattr(module, "use_wgrad_store"):
         module.use_wgrad_store(store)
         return
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.Linear:
+                setattr(parent, name, DeferrableLinear.from_linear(child))
     for m in module.modules():
-        for base, deferring in _SWAP:
-            if type(m) is base:
-                m.__class__ = deferring
-                m.wgrad_store = store
-                break
+        if hasattr(m, "wgrad_store"):
+            m.wgrad_store = store

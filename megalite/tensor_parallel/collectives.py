@@ -6,19 +6,19 @@ gradient's space. With ``p`` ranks in ``group`` and activations batch-first ``[b
 ======================  ==========================================  ================================
 op                      forward                                     backward
 ======================  ==========================================  ================================
-``copy_to_tp``    (f)   identity                                    all-reduce (sum)
 ``reduce_from_tp`` (g)  all-reduce (sum)                            identity
-``scatter_to_tp``       keep own chunk of ``dim``                   all-gather along ``dim``
-``gather_from_tp``      all-gather along ``dim``                    keep own chunk of ``dim``
-``gather_seq``    (ḡ)   all-gather along the sequence dim           reduce-scatter along it
 ``reduce_scatter_seq``  reduce-scatter along the sequence dim       all-gather along it
-``scatter_seq``         keep own sequence chunk                     all-gather along it
+``gather_from_tp``      all-gather along ``dim``                    keep own chunk of ``dim``
 ======================  ==========================================  ================================
 
 Megatron-LM's f and g (Shoeybi et al. 2019): ``Y = GeLU(f(X) A) B`` then ``Z = g(Y)`` makes one
-all-reduce per direction. Sequence parallelism (Korthikanti et al. 2022) replaces f by ḡ
-(all-gather of the sequence-split activation) and g by a reduce-scatter: the same bytes, but the
-activations between the blocks live split along the sequence.
+all-reduce per direction. f (identity forward, all-reduce backward) is fused into the
+column-parallel layer (``layers.column_parallel``), whose backward overlaps that all-reduce
+with the weight-gradient matmuls; it uses ``start_all_reduce`` / ``start_reduce_scatter``.
+Sequence parallelism (Korthikanti et al. 2022) replaces f by ḡ (all-gather of the
+sequence-split activation forward, reduce-scatter backward: fused there too) and g by
+``reduce_scatter_seq``: the same bytes, but the activations between the blocks live split
+along the sequence. ``gather_from_tp`` collects vocabulary-sharded logits for generation.
 
 Every collective goes through :mod:`megalite.parallel.comm`, so a ``meter`` counts the bytes.
 A ``group`` of None or of size 1 makes every op the identity. Forwards never modify their input:
@@ -26,7 +26,7 @@ all-reduces run on a copy.
 """
 from __future__ import annotations
 
-from typing import Any, Optional, Tuple
+from typing import Any, Callable, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -34,9 +34,9 @@ import torch.distributed as dist
 from megalite.parallel import comm
 from megalite.parallel.comm import CommMeter
 
-__all__ = ["copy_to_tp", "reduce_from_tp", "scatter_to_tp", "gather_from_tp", "gather_seq",
-           "reduce_scatter_seq", "scatter_seq", "split_along", "gather_along",
-           "reduce_scatter_along", "all_reduce_copy", "tp_rank_of"]
+__all__ = ["reduce_from_tp", "gather_from_tp", "reduce_scatter_seq", "split_along",
+           "gather_along", "reduce_scatter_along", "all_reduce_copy", "start_all_reduce",
+           "start_reduce_scatter", "tp_rank_of"]
 
 
 def tp_rank_of(group) -> int:
@@ -78,15 +78,27 @@ def gather_along(x: torch.Tensor, group, dim: int,
 def reduce_scatter_along(x: torch.Tensor, group, dim: int,
                          meter: Optional[CommMeter] = None) -> torch.Tensor:
     """This rank's chunk along ``dim`` of ``sum_r x^(r)`` (the sum over ranks)."""
+    return start_reduce_scatter(x, group, dim, meter)()
+
+
+def start_reduce_scatter(x: torch.Tensor, group, dim: int,
+                         meter: Optional[CommMeter] = None) -> Callable[[], torch.Tensor]:
+    """Start ``reduce_scatter_along(x, group, dim)`` asynchronously; the returned call waits
+    for it and gives the result."""
     world = comm.group_size(group)
     if world == 1:
-        return x
+        return lambda: x
     dim = dim % x.dim()
     _check_divisible(x, dim, world)
     front = x.movedim(dim, 0).contiguous()
     out = front.new_empty((front.shape[0] // world, *front.shape[1:]))
-    comm.reduce_scatter_into(out, front, group, meter)
-    return out.movedim(0, dim).contiguous() if dim != 0 else out
+    work = comm.reduce_scatter_into(out, front, group, meter, async_op=True)
+
+    def wait(_input: torch.Tensor = front) -> torch.Tensor:  # input alive until done
+        work.wait()
+        return out.movedim(0, dim).contiguous() if dim != 0 else out
+
+    return wait
 
 
 def all_reduce_copy(x: torch.Tensor, group, meter: Optional[CommMeter] = None) -> torch.Tensor:
@@ -98,15 +110,18 @@ def all_reduce_copy(x: torch.Tensor, group, meter: Optional[CommMeter] = None) -
     return out
 
 
-class _CopyToTP(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, group, meter) -> torch.Tensor:
-        ctx.group, ctx.meter = group, meter
-        return x.view_as(x)
+def start_all_reduce(x: torch.Tensor, group,
+                     meter: Optional[CommMeter] = None) -> Callable[[], torch.Tensor]:
+    """Start an in-place sum of ``x`` over ``group`` asynchronously (``x`` must be a tensor the
+    caller owns); the returned call waits for it and gives ``x``."""
+    work = comm.all_reduce(x, group, meter, async_op=True)
 
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> Tuple[Optional[torch.Tensor], None, None]:
-        return all_reduce_copy(grad, ctx.group, ctx.meter), None, None
+    def wait() -> torch.Tensor:
+        if work is not None:
+            work.wait()
+        return x
+
+    return wait
 
 
 class _ReduceFromTP(torch.autograd.Function):
@@ -117,17 +132,6 @@ class _ReduceFromTP(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> Tuple[Optional[torch.Tensor], None, None]:
         return grad, None, None
-
-
-class _Scatter(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, group, dim: int, meter) -> torch.Tensor:
-        ctx.group, ctx.dim, ctx.meter = group, dim, meter
-        return split_along(x, group, dim)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor):
-        return gather_along(grad, ctx.group, ctx.dim, ctx.meter), None, None, None
 
 
 class _Gather(torch.autograd.Function):
@@ -141,17 +145,6 @@ class _Gather(torch.autograd.Function):
         return split_along(grad, ctx.group, ctx.dim), None, None, None
 
 
-class _GatherSeq(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, group, dim: int, meter) -> torch.Tensor:
-        ctx.group, ctx.dim, ctx.meter = group, dim, meter
-        return gather_along(x, group, dim, meter)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor):
-        return reduce_scatter_along(grad, ctx.group, ctx.dim, ctx.meter), None, None, None
-
-
 class _ReduceScatterSeq(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, group, dim: int, meter) -> torch.Tensor:
@@ -163,21 +156,9 @@ class _ReduceScatterSeq(torch.autograd.Function):
         return gather_along(grad, ctx.group, ctx.dim, ctx.meter), None, None, None
 
 
-def copy_to_tp(x: torch.Tensor, group, meter: Optional[CommMeter] = None) -> torch.Tensor:
-    """f: forward ``Y = X`` (X replicated), backward ``dL/dX = sum_r dL/dX^(r)`` (all-reduce)."""
-    return x if comm.group_size(group) == 1 else _CopyToTP.apply(x, group, meter)
-
-
 def reduce_from_tp(x: torch.Tensor, group, meter: Optional[CommMeter] = None) -> torch.Tensor:
     """g: forward ``Y = sum_r X^(r)`` (all-reduce of partial sums), backward identity."""
     return x if comm.group_size(group) == 1 else _ReduceFromTP.apply(x, group, meter)
-
-
-def scatter_to_tp(x: torch.Tensor, group, dim: int = -1,
-                  meter: Optional[CommMeter] = None) -> torch.Tensor:
-    """Forward ``X = [X_0 ... X_{p-1}]`` (along ``dim``) -> ``X_r``; backward all-gather of the
-    chunk gradients along ``dim``."""
-    return x if comm.group_size(group) == 1 else _Scatter.apply(x, group, dim, meter)
 
 
 def gather_from_tp(x: torch.Tensor, group, dim: int = -1,
@@ -187,23 +168,8 @@ def gather_from_tp(x: torch.Tensor, group, dim: int = -1,
     return x if comm.group_size(group) == 1 else _Gather.apply(x, group, dim, meter)
 
 
-def gather_seq(x: torch.Tensor, group, meter: Optional[CommMeter] = None,
-               dim: int = 1) -> torch.Tensor:
-    """ḡ of sequence parallelism: forward all-gather ``[b, s/p, h] -> [b, s, h]``; backward
-    reduce-scatter: each rank's gradient w.r.t. the full sequence is a partial sum (the TP
-    shards' contributions), so rank r gets ``sum_q dL/dX^(q)`` restricted to its chunk."""
-    return x if comm.group_size(group) == 1 else _GatherSeq.apply(x, group, dim, meter)
-
-
 def reduce_scatter_seq(x: torch.Tensor, group, meter: Optional[CommMeter] = None,
                        dim: int = 1) -> torch.Tensor:
     """Forward ``Y_r = (sum_q X^(q))_r``: reduce-scatter ``[b, s, h]`` partial sums to
     ``[b, s/p, h]``; backward all-gather of the chunk gradients along ``dim``."""
     return x if comm.group_size(group) == 1 else _ReduceScatterSeq.apply(x, group, dim, meter)
-
-
-def scatter_seq(x: torch.Tensor, group, dim: int = 1,
-                meter: Optional[CommMeter] = None) -> torch.Tensor:
-    """Forward keep this rank's sequence chunk of a replicated ``[b, s, h]``; backward
-    all-gather along the sequence dim (where a replicated activation enters an SP region)."""
-    return x if comm.group_size(group) == 1 else _Scatter.apply(x, group, dim, meter)

@@ -4,81 +4,80 @@ sequence parallelism (Korthikanti et al. 2022).
 
 Per block the plan is the same for both families:
 
-    attn_norm ─▶ [enter] ─▶ q,k,v_proj: column ─▶ attention on local heads ─▶ o_proj: row ─▶ [exit]
-    mlp_norm  ─▶ [enter] ─▶ fc_in | gate,up: column ─▶ act ─▶ fc_out | down: row ─▶ [exit]
+    attn_norm ─▶ q,k,v_proj: ONE column-parallel call ─▶ attention on local heads ─▶ o_proj: row
+    mlp_norm  ─▶ fc_in | gate,up: ONE column-parallel call ─▶ act ─▶ fc_out | down: row
 
-[enter] is ONE collective per region, applied to the norm's output by a forward hook, so q/k/v
-(or gate/up) share it: ``copy_to_tp`` (f: identity forward, all-reduce backward) or, with
-sequence parallelism, ``gather_seq`` (all-gather forward, reduce-scatter backward). [exit] is
-the row-parallel layer's reduction: all-reduce, or reduce-scatter along the sequence with SP.
-So a layer does two all-reduces forward and two backward (without SP), or the same volume as
-all-gathers + reduce-scatters (with SP). The embedding is vocab-parallel; the head is a
-column-parallel projection over the padded vocabulary whose logits stay sharded for the
-vocab-parallel cross-entropy.
+A region starts with the column-parallel call over all its input weights (``Attention.project``
+/ ``MLP.project``, the models' seam): ONE entry collective, f (identity forward, all-reduce of
+dX backward, overlapped with the dW matmuls) or with sequence parallelism ḡ (all-gather
+forward, reduce-scatter backward). It ends with the row-parallel layer's reduction: all-reduce,
+or reduce-scatter along the sequence with SP. So a layer does two all-reduces forward and two
+backward (without SP), or the same bytes as all-gathers + reduce-scatters (with SP). The
+embedding is vocab-parallel and reduces its own partial sums; the head is a column-parallel
+projection over the padded vocabulary whose logits stay sharded for the vocab-parallel
+cross-entropy. The layers are those of ``layers.py``, the ones ``bench/tp.py`` measures.
 """
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, Optional, Tuple
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from megalite.models.transformer import Attention, CausalLM, ModelArgs, lm_loss
-from megalite.parallel.comm import CommMeter
+from megalite.models.transformer import MLP, Attention, CausalLM, ModelArgs, lm_loss
 from megalite.parallel.dims import ParallelDims
-from megalite.tensor_parallel.collectives import (copy_to_tp, gather_from_tp, gather_seq,
-                                                  reduce_from_tp, reduce_scatter_seq)
+from megalite.tensor_parallel.collectives import gather_from_tp
 from megalite.tensor_parallel.cross_entropy import vocab_parallel_cross_entropy
 from megalite.tensor_parallel.layers import (ColumnParallelLinear, RowParallelLinear,
-                                             VocabParallelEmbedding, pad_vocab)
+                                             VocabParallelEmbedding, column_parallel, pad_vocab)
 from megalite.tensor_parallel.layout import ShardLayout
 
 
-class ColumnInRegion(ColumnParallelLinear):
-    """A column-parallel linear whose input already went through the region's entry collective
-    (shared by q/k/v or gate/up), so it adds none of its own: Y_i = X A_i + b_i."""
+class ParallelAttention(Attention):
+    """Attention on this rank's heads: q/k/v_proj are column-parallel layers computed by ONE
+    call, so they share one entry collective. Adds no state to ``Attention``."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+    def project(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return column_parallel(x, (self.q_proj, self.k_proj, self.v_proj))
+
+
+class ParallelMLP(MLP):
+    """The MLP on this rank's slice of the hidden width: gate/up (or fc_in) computed by ONE
+    column-parallel call. Adds no state to ``MLP``."""
+
+    def project(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        return column_parallel(x, (self.gate_proj, self.up_proj) if self.swiglu else
+                               (self.fc_in,))
+
+
+def _to_parallel(module: nn.Module, twin: type) -> None:
+    """Give ``module`` its tensor-parallel class: a subclass that overrides only ``project``
+    (the model's seam) and adds no state, so every attribute carries over unchanged."""
+    assert type(module) is twin.__bases__[0], (type(module), twin)
+    module.__class__ = twin
 
 
 class ParallelEmbedding(nn.Module):
-    """The embedding unit under TP (same child names as ``models.transformer.Embedding``):
-    vocab-parallel token rows give a partial sum, learned positions are added on TP rank 0
-    only, then the partial sums are reduced — all-reduce, or reduce-scatter along the sequence
-    with SP (the output is then this rank's sequence chunk)."""
+    """The embedding unit under TP (same child names as ``models.transformer.Embedding``): the
+    vocab-parallel token rows reduce their partial sums themselves (all-reduce, or with SP a
+    reduce-scatter that leaves this rank's sequence chunk); learned positions are added after,
+    each rank those of the tokens it holds. Without SP every rank adds all positions and gets
+    the whole position gradient; with SP rank r adds those of chunk r, so its position
+    gradient is partial (the plan records it)."""
 
     def __init__(self, tok: VocabParallelEmbedding, pos: Optional[nn.Embedding], drop: nn.Module,
-                 group, meter: Optional[CommMeter], tp_rank: int, sequence_parallel: bool):
+                 tp_rank: int):
         super().__init__()
-        self.tok, self.pos, self.drop = tok, pos, drop
-        self.group, self.meter, self.tp_rank = group, meter, tp_rank
-        self.sequence_parallel = sequence_parallel
+        self.tok, self.pos, self.drop, self.tp_rank = tok, pos, drop, tp_rank
 
     def forward(self, tokens: torch.Tensor, start: int = 0) -> torch.Tensor:
-        x = self.tok(tokens)  # [b, s, h], partial over TP ranks
+        x = self.tok(tokens)  # [b, s, h], or with SP this rank's chunk [b, s/tp, h]
         if self.pos is not None:
-            p = self.pos(torch.arange(start, start + tokens.shape[1], device=tokens.device))
-            x = x + (p if self.tp_rank == 0 else p * 0.0)  # counted once; graph on every rank
-        if self.sequence_parallel:
-            x = reduce_scatter_seq(x, self.group, self.meter)  # [b, s/tp, h]
-        else:
-            x = reduce_from_tp(x, self.group, self.meter)
+            s = x.shape[1]
+            first = start + (self.tp_rank * s if self.tok.sequence_parallel else 0)
+            x = x + self.pos(torch.arange(first, first + s, device=tokens.device))
         return self.drop(x)
-
-
-def _enter_region(norm: nn.Module, group, meter) -> None:
-    """The TP region's entry collective, on the norm's output (see the module docstring)."""
-
-    def hook(module, inputs, output):
-        if getattr(module, "sequence_parallel", False):
-            return gather_seq(output, group, meter)
-        return copy_to_tp(output, group, meter)
-
-    norm.sequence_parallel = False
-    norm.register_forward_hook(hook)
 
 
 def check_divisible(args: ModelArgs, tp: int) -> None:
@@ -108,12 +107,14 @@ def parallelize(model: CausalLM, dims: ParallelDims, sequence_parallel: bool = F
     group, meter, sp = dims.tp_group, dims.meter, sequence_parallel
     h, vocab = args.hidden_size, pad_vocab(args.vocab_size, tp, vocab_multiple)
 
-    def column(linear: nn.Linear, name: str) -> ColumnInRegion:
-        layout.shard_dim[f"{name}.weight"] = 0
-        if linear.bias is not None:
-            layout.shard_dim[f"{name}.bias"] = 0
-        return ColumnInRegion(linear.in_features, linear.out_features, linear.bias is not None,
-                              group, meter)
+    def column(linear: nn.Linear, name: str, split: bool = True) -> ColumnParallelLinear:
+        for n, _ in linear.named_parameters():
+            if split:
+                layout.shard_dim[f"{name}.{n}"] = 0
+            else:  # replicated, but each rank uses only some output rows
+                layout.partial_grad.add(f"{name}.{n}")
+        return ColumnParallelLinear(linear.in_features, linear.out_features,
+                                    linear.bias is not None, group, meter, sp, split)
 
     def row(linear: nn.Linear, name: str) -> RowParallelLinear:
         layout.shard_dim[f"{name}.weight"] = 1
@@ -122,24 +123,20 @@ def parallelize(model: CausalLM, dims: ParallelDims, sequence_parallel: bool = F
         return RowParallelLinear(linear.in_features, linear.out_features,
                                  linear.bias is not None, group, meter, sequence_parallel=sp)
 
-    def split_norm(norm: nn.Module, name: str) -> None:
-        _enter_region(norm, group, meter)
-        norm.sequence_parallel = sp
+    def norm_on_chunk(norm: nn.Module, name: str) -> None:
         if sp:  # the norm sees this rank's sequence chunk: its weight gradient is partial
             layout.partial_grad.update(f"{name}.{n}" for n, _ in norm.named_parameters())
 
-    # embedding: vocab-parallel rows
     layout.shard_dim["embed.tok.weight"] = 0
-    tok = VocabParallelEmbedding(vocab, h, group, meter, reduce="none")
-    if model.embed.pos is not None:
+    if model.embed.pos is not None and sp:
         layout.partial_grad.add("embed.pos.weight")
-    model.embed = ParallelEmbedding(tok, model.embed.pos, model.embed.drop, group, meter,
-                                    dims.tp_rank, sp)
+    model.embed = ParallelEmbedding(VocabParallelEmbedding(vocab, h, group, meter, sp),
+                                    model.embed.pos, model.embed.drop, dims.tp_rank)
     for i, block in enumerate(model.layers):
         pre = f"layers.{i}"
-        split_norm(block.attn_norm, f"{pre}.attn_norm")
+        norm_on_chunk(block.attn_norm, f"{pre}.attn_norm")
         _parallelize_attention(block.attn, f"{pre}.attn", args, dims, layout, column, row)
-        split_norm(block.mlp_norm, f"{pre}.mlp_norm")
+        norm_on_chunk(block.mlp_norm, f"{pre}.mlp_norm")
         mlp = block.mlp
         for name in ("gate_proj", "up_proj", "fc_in"):
             if hasattr(mlp, name):
@@ -147,7 +144,8 @@ def parallelize(model: CausalLM, dims: ParallelDims, sequence_parallel: bool = F
         for name in ("down_proj", "fc_out"):
             if hasattr(mlp, name):
                 setattr(mlp, name, row(getattr(mlp, name), f"{pre}.mlp.{name}"))
-    split_norm(model.head.norm, "head.norm")
+        _to_parallel(mlp, ParallelMLP)
+    norm_on_chunk(model.head.norm, "head.norm")
     model.head.output = column(nn.Linear(h, vocab, bias=False, device="meta"), "head.output")
     if args.tie_embeddings:
         model.head.output.weight = model.embed.tok.weight
@@ -157,22 +155,22 @@ def parallelize(model: CausalLM, dims: ParallelDims, sequence_parallel: bool = F
 def _parallelize_attention(attn: Attention, name: str, args: ModelArgs, dims: ParallelDims,
                            layout: ShardLayout, column, row) -> None:
     """Query heads split over TP; kv heads split too when tp divides them, otherwise k/v_proj
-    are replicated and each rank keeps the one kv head its query heads share."""
+    are replicated (in the same column-parallel call) and each rank keeps the one kv head its
+    query heads share."""
     tp = dims.tp
     attn.q_proj = column(attn.q_proj, f"{name}.q_proj")
     attn.num_heads = args.num_heads // tp
-    if args.num_kv_heads % tp == 0:
-        attn.k_proj = column(attn.k_proj, f"{name}.k_proj")
-        attn.v_proj = column(attn.v_proj, f"{name}.v_proj")
+    kv_split = args.num_kv_heads % tp == 0
+    attn.k_proj = column(attn.k_proj, f"{name}.k_proj", split=kv_split)
+    attn.v_proj = column(attn.v_proj, f"{name}.v_proj", split=kv_split)
+    if kv_split:
         attn.num_kv_heads = args.num_kv_heads // tp
-    else:  # kv_heads < tp: replicated projections, gradients partial (only local q heads)
-        for proj in ("k_proj", "v_proj"):
-            layout.partial_grad.update(f"{name}.{proj}.{n}" for n, _ in
-                                       getattr(attn, proj).named_parameters())
+    else:  # kv_heads < tp: gradients partial (only the local q heads use them)
         kv = dims.tp_rank * args.num_kv_heads // tp
         attn.kv_heads_slice = slice(kv, kv + 1)
         attn.num_kv_heads = 1
     attn.o_proj = row(attn.o_proj, f"{name}.o_proj")
+    _to_parallel(attn, ParallelAttention)
 
 
 @contextlib.contextmanager
@@ -190,16 +188,19 @@ def sequence_parallel_off(model: nn.Module) -> Iterator[None]:
             m.sequence_parallel = value
 
 
-def loss_fn(args: ModelArgs, dims: ParallelDims, vocab_multiple: int = 64) -> Callable:
-    """The training loss for this layout: plain cross-entropy, or with TP the vocab-parallel one
-    on this rank's slice of the (padded) vocabulary — full-vocabulary logits never exist."""
+def loss_fn(args: ModelArgs, dims: ParallelDims, vocab_multiple: int = 64,
+            reduction: str = "mean") -> Callable:
+    """The token loss for this layout, (logits, labels) -> fp32 scalar, labels -100 ignored:
+    plain cross-entropy, or with TP the vocab-parallel one on this rank's slice of the (padded)
+    vocabulary — full-vocabulary logits never exist. Training uses ``reduction="sum"``: the
+    executor divides by the global batch's token count."""
     if dims.tp == 1:
-        return lm_loss
+        return lambda logits, labels: lm_loss(logits, labels, reduction=reduction)
     local = pad_vocab(args.vocab_size, dims.tp, vocab_multiple) // dims.tp
 
     def tp_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return vocab_parallel_cross_entropy(logits, labels, dims.tp_group, dims.tp_rank * local,
-                                            args.vocab_size, dims.meter)
+                                            args.vocab_size, dims.meter, reduction=reduction)
 
     return tp_loss
 

@@ -23,9 +23,9 @@ from megalite.pipeline import schedules
 from megalite.pipeline.executor import PipelineExecutor, StepLoss
 from megalite.pipeline.inference import inference_view
 from megalite.plan import model_plan
+from megalite.tensor_parallel.plan import loss_fn
 from megalite.tensor_parallel.random import SplitRegionRNG, cover_split_regions
 from megalite.trainer import checkpoint
-from megalite.trainer.loss import loss_sum_fn
 from megalite.trainer.lr import lr_at
 from megalite.trainer.metrics import MetricsLogger, Timers
 from megalite.zero import LossScaler, ShardedAdamW, ZeroEngine
@@ -82,7 +82,7 @@ class Trainer:
         self.engine.attach(self.model)
         seq = cfg.data.seq_len // (dims.tp if p.sequence_parallel else 1)
         self.executor = PipelineExecutor(self.model, dims,
-                                         loss_sum_fn(self.args, dims, p.vocab_multiple),
+                                         loss_fn(self.args, dims, p.vocab_multiple, "sum"),
                                          (self.mbs, seq, self.args.hidden_size), dtype,
                                          grads=self.engine, timers=self.timers)
         chunks = len(self.model.chunks)
