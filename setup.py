@@ -165,6 +165,8 @@ setup(
         # every optional package the test suite uses (dev + mpi + deepspeed): .ci/run installs
         # it and fails if it cannot; under MEGALITE_CI=1 a test skipped for a missing package
         # fails (tests/conftest.py)
+        # the side-by-side benchmarks' peers (bench/tp.py, bench/zero.py)
+        "bench": ["megatron-core", "deepspeed"],
         "ci": ["pytest>=7", "transformers>=4.40", "safetensors", "tokenizers>=0.15", "tensorboard",
                "mpi4py", "deepspeed"],
     },
