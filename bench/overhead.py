@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import tempfile
 
-import statistics
-
 import torch
 
-from _ratios import interleaved_ratio
+from _ratios import interleaved_ratio  # bench/ is on sys.path when run as a script
 
 
 def plain_loop(model, batches, lr, betas, eps, wd, clip):

@@ -7,10 +7,9 @@ import torch
 import torch.nn as nn
 
 from megalite.config.schema import ModelConfig
-from megalite.parallel.params import ParamTable
 from megalite.models.transformer import (CausalLM, KVCache, ModelArgs, flops_per_token,
                                          init_tensor, lm_loss, num_params)
-
+from megalite.parallel.params import ParamTable
 
 __all__ = ["CausalLM", "KVCache", "ModelArgs", "build_model", "resolve_model_args", "lm_loss",
            "num_params", "flops_per_token", "init_weights"]

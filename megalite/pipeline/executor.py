@@ -13,9 +13,10 @@ Communication: an action's sends are posted when it ends — together with the n
 receive in one ``batch_isend_irecv`` when that action receives (Megatron's
 send-forward-recv-backward pairing, so two neighbours sending to each other at once cannot
 deadlock on NCCL), on their own otherwise. A receive is waited for; sends only before the step
-ends (a send completes when the peer reaches its matching receive). With TP, every TP rank sends its own copy of the activation to its peer TP rank
-(without sequence parallelism the activation is replicated over TP; with it, each TP rank sends
-only its 1/tp sequence chunk — Megatron's scatter/gather saving, for free).
+ends (a send completes when the peer reaches its matching receive). With TP, every TP rank sends
+its own copy of the activation to its peer TP rank (without sequence parallelism the activation
+is replicated over TP; with it, each TP rank sends only its 1/tp sequence chunk — Megatron's
+scatter/gather saving, for free).
 
 Memory: once an activation has been sent, its data is freed and only its autograd graph kept
 (the next backward needs the graph, not the values) — Megatron's ``deallocate_output_tensor``.
