@@ -265,6 +265,31 @@ def mean_loss(losses: List[torch.Tensor]) -> float:
     return t.item() / dist.get_world_size()
 
 
+PHASES = ("forward", "backward", "comm", "optimizer")
+
+
+class Clock:
+    """Wall-clock seconds per phase of one step (the DDP and DeepSpeed loops; megalite's
+    Trainer keeps its own: ``time.<phase>`` in the step record)."""
+
+    def __init__(self):
+        self.totals: Dict[str, float] = {}
+
+    def reset(self) -> None:
+        self.totals = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.totals[name] = self.totals.get(name, 0.0) + time.perf_counter() - t0
+
+    def take(self) -> Dict[str, float]:
+        return dict(self.totals)
+
+
 @dataclasses.dataclass
 class RankRun:
     """What a system gives the common driver."""
@@ -275,6 +300,7 @@ class RankRun:
     comm_on: Callable[[], None] = lambda: None  # called before the extra steps
     comm_take: Callable[[int], Dict[str, float]] = lambda steps: {}  # full-size bytes/step
     wire_take: Callable[[int], Dict[str, float]] = lambda steps: {}  # reported wire, if any
+    phases: Callable[[], Dict[str, float]] = dict  # seconds per phase of the last step
 
 
 # ---- the three systems -------------------------------------------------------------------------
@@ -291,25 +317,33 @@ def run_ddp(ctx) -> RankRun:
     n_params = sum(p.numel() for p in model.parameters())
     snap: Dict = {}
 
+    clock = Clock()
+
     def step(i: int, snapshot: bool) -> float:
+        clock.reset()
         opt.zero_grad(set_to_none=False)
         micro = ctx["batches"][i][ctx["rank"]]
         losses = []
         for m, (x, y) in enumerate(micro):
             sync = contextlib.nullcontext() if m == len(micro) - 1 else ddp.no_sync()
             with sync:
-                loss = lm_loss(ddp(x), y)
-                (loss / len(micro)).backward()
+                with clock("forward"):
+                    loss = lm_loss(ddp(x), y)
+                with clock("backward"):  # DDP's all-reduce overlaps it; its wait ends it
+                    (loss / len(micro)).backward()
             losses.append(loss)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+        with clock("optimizer"):
+            torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
         if snapshot:
             snap["state"] = count_torch_state(model, opt).report()
-        opt.step()
-        return mean_loss(losses)
+        with clock("optimizer"):
+            opt.step()
+        with clock("comm"):  # the loss all-reduce and its host sync
+            return mean_loss(losses)
 
     how = "counted storages: params, .grad (bucket views), AdamW state"
     return RankRun(step, lambda: (snap["state"], how),
-                   comm_take=lambda steps: {"all_reduce": 4.0 * n_params})
+                   comm_take=lambda steps: {"all_reduce": 4.0 * n_params}, phases=clock.take)
 
 
 def run_megalite(ctx, v: Variant) -> RankRun:
@@ -338,10 +372,13 @@ def run_megalite(ctx, v: Variant) -> RankRun:
     trainer.micro_batches = micro_batches  # the benchmark's batches, the same for every system
     records: List[dict] = []  # the timed steps' records: megalite's meter is always on
     on = {"timed": False}
+    last: Dict[str, float] = {}
 
     def step(i: int, snapshot: bool) -> float:
         assert trainer.step == i, (trainer.step, i)
         record = trainer.train_step()
+        last.clear()
+        last.update({k: record.get(f"time.{k}", 0.0) for k in PHASES})
         if on["timed"]:
             records.append(record)
         return record["loss"]
@@ -374,7 +411,7 @@ def run_megalite(ctx, v: Variant) -> RankRun:
         on["timed"] = True
 
     return RankRun(step, state, timed_start=timed_start, comm_take=lambda n: take(False),
-                   wire_take=lambda n: take(True))
+                   wire_take=lambda n: take(True), phases=lambda: dict(last))
 
 
 def run_deepspeed(ctx, v: Variant) -> RankRun:
@@ -407,18 +444,24 @@ def run_deepspeed(ctx, v: Variant) -> RankRun:
         model=model, model_parameters=adamw_groups(model.parameters(), t.weight_decay),
         config=config)
     snap: Dict = {}
+    clock = Clock()
 
     def step(i: int, snapshot: bool) -> float:
+        clock.reset()
         losses = []
         micro = ctx["batches"][i][ctx["rank"]]
         for m, (x, y) in enumerate(micro):
-            loss = lm_loss(engine(x), y)
-            engine.backward(loss)
+            with clock("forward"):
+                loss = lm_loss(engine(x), y)
+            with clock("backward"):
+                engine.backward(loss)
             if snapshot and m == len(micro) - 1:
                 snap["state"] = count_deepspeed_state(engine)
-            engine.step()
+            with clock("optimizer"):  # the step's gradient reduction waits, clip, AdamW
+                engine.step()
             losses.append(loss)
-        return mean_loss(losses)
+        with clock("comm"):
+            return mean_loss(losses)
 
     def comm_on() -> None:
         comms_logger.reset_data()
@@ -434,7 +477,7 @@ def run_deepspeed(ctx, v: Variant) -> RankRun:
         return out
 
     return RankRun(step, lambda: snap["state"], extra_steps=True, comm_on=comm_on,
-                   comm_take=comm_take)
+                   comm_take=comm_take, phases=clock.take)
 
 
 # ---- one rank of one configuration -------------------------------------------------------------
@@ -468,7 +511,7 @@ def _rank(rank: int, port: int, v: Variant, ctx: dict, log_path: str, out) -> No
         # else the last timed step, where it costs well under a millisecond)
         snap = warmup + steps if n_extra else (warmup - 1 if warmup >= 2 else warmup + steps - 1)
         setup_s = time.perf_counter() - ctx["t_start"]
-        losses, times = [], []
+        losses, times, phases = [], [], []
         for i in range(warmup + steps + n_extra):
             if i == warmup:
                 run.timed_start()
@@ -480,11 +523,15 @@ def _rank(rank: int, port: int, v: Variant, ctx: dict, log_path: str, out) -> No
             losses.append(run.step(i, i == snap))
             if warmup <= i < warmup + steps:
                 times.append(time.perf_counter() - t0)
+                ph = run.phases()
+                ph["other"] = times[-1] - sum(ph.values())  # outside the phases (bench's own too)
+                phases.append(ph)
         if not n_extra:
             rss_peak = rss_mib()
         comm, wire = run.comm_take(n_extra), run.wire_take(n_extra)
         state, how = run.state()
-        out.put((rank, "ok", dict(times=times, losses=losses[:warmup + steps], state=state,
+        out.put((rank, "ok", dict(times=times, rounds=[statistics.median(times)] if times else [],
+                                  phases=phases, losses=losses[:warmup + steps], state=state,
                                   state_how=how, comm=comm, wire=wire, rss_base=rss_base,
                                   rss_peak=rss_peak, setup_s=setup_s)))
     except BaseException:  # noqa: BLE001 - every failure must reach the parent
@@ -540,7 +587,8 @@ def report(done: Dict[Variant, List[dict]], failed: Dict[Variant, str], a, n_par
     MiB = 2**20
     base = statistics.median(done[next(v for v in done if v.system == "ddp")][0]["times"]) \
         if any(v.system == "ddp" for v in done) else None
-    rows, state_rows, comm_rows, loss_rows = [], [], [], []
+    ddp = next((r[0] for v, r in done.items() if v.system == "ddp"), None)
+    rows, state_rows, comm_rows, loss_rows, phase_rows = [], [], [], [], []
     ref_losses = next((r[0]["losses"] for v, r in done.items() if v.system == "ddp"), None)
     for v in variants():
         if v in failed:
@@ -557,10 +605,22 @@ def report(done: Dict[Variant, List[dict]], failed: Dict[Variant, str], a, n_par
         comm = ranks[0]["comm"]
         wire = ranks[0]["wire"] or {k: ring_wire(k, b) for k, b in comm.items()}
         model_state = sum(state.get(k, 0) for k in ("params", "grads", "master", "optimizer"))
-        rows.append([v.label, f"{med * 1e3:.0f}", over, f"{model_state / MiB:.1f}",
+        spread = "-"
+        if ddp is not None and v.system != "ddp":  # per round: its median over DDP's
+            per = [(m / b - 1) * 100 for m, b in zip(ranks[0]["rounds"], ddp["rounds"])]
+            spread = "/".join(f"{x:+.1f}" for x in per)
+        rows.append([v.label, f"{med * 1e3:.0f}", over, spread, f"{model_state / MiB:.1f}",
                      f"{state.get('buffers', 0) / MiB:.1f}", f"{peak:.0f}", f"{delta:+.0f}",
                      f"{sum(comm.values()) / 1e6:.1f}", f"{sum(wire.values()) / 1e6:.1f}",
                      str(len(ranks[0]["times"]))])
+        ph = {k: statistics.median(p.get(k, 0.0) for p in ranks[0]["phases"])
+              for k in PHASES + ("other",)}
+        ref = None if ddp is None else {k: statistics.median(p.get(k, 0.0) for p in ddp["phases"])
+                                        for k in PHASES + ("other",)}
+        phase_rows.append([v.label] + [
+            f"{ph[k] * 1e3:.0f}" + ("" if ref is None or v.system == "ddp"
+                                    else f" ({(ph[k] - ref[k]) * 1e3:+.0f})")
+            for k in PHASES + ("other",)])
         state_rows.append([v.label] + [f"{state.get(k, 0) / MiB:.1f}" for k in
                                        ("params", "grads", "master", "optimizer", "buffers")]
                           + [ranks[0]["state_how"]])
@@ -577,15 +637,29 @@ def report(done: Dict[Variant, List[dict]], failed: Dict[Variant, str], a, n_par
           f"warm-up + {a.steps} timed steps, bf16 {a.bf16_warmup} + {a.bf16_steps}; "
           f"{a.rounds} round(s)")
     print()
-    print(table(rows, ["configuration", "ms/step", "vs DDP", "state MiB", "buffers MiB",
+    print(table(rows, ["configuration", "ms/step", "vs DDP", "per round", "state MiB",
+                       "buffers MiB",
                        "peak RSS MiB", "RSS delta", "comm MB/step", "wire MB/step", "timed"]))
-    print("  ms/step: median on rank 0; vs DDP: against fp32 DDP (the bf16 rows too).\n"
+    print("  ms/step: median on rank 0 (steps of every round pooled); vs DDP: against fp32 "
+          "DDP (the bf16 rows too); per round: each round's median against DDP's in that round."
+          "\n"
           "  state: params + grads + master + optimizer bytes per rank (max over ranks); "
           "buffers: other tensors the system holds (breakdown below).\n"
           "  peak RSS: ru_maxrss of the rank process (a fresh process per configuration); "
           "delta: over its RSS before the model was built.\n"
           "  comm: message sizes per step (all-gather/reduce-scatter at full size); wire: "
           "per-rank ring traffic (megalite's own figure when it reports one, else estimated)")
+    print()
+    print("per-phase ms/step (median over the timed steps, rank 0; in brackets: against DDP)")
+    print(table(phase_rows, ["configuration", "forward", "backward", "comm", "optimizer",
+                             "other"]))
+    print("  forward/backward: the micro-batches' passes (DDP's bucket all-reduces overlap its "
+          "backward and\n  its wait ends it; megalite's hooks launch reductions during it); "
+          "comm: megalite finalize_grads (the\n  reductions left in flight) and the summary "
+          "all-reduce, DDP/DeepSpeed the loss all-reduce; optimizer: clip\n  + AdamW (+ the "
+          "ZeRO-1/2 parameter all-gather; DeepSpeed engine.step: its reductions too); "
+          "other: the rest\n  of the step (megalite: token count all-reduce, zeroing, "
+          "step record)")
     print()
     print("model state per rank, MiB")
     print(table(state_rows, ["configuration", "params", "grads", "master", "optimizer",
@@ -659,7 +733,8 @@ def main() -> int:
                 done[v] = res
             else:  # later rounds: pool the step times, keep the first round's other figures
                 for mine, new in zip(done[v], res):
-                    mine["times"] += new["times"]
+                    for k in ("times", "rounds", "phases"):
+                        mine[k] += new[k]
     print(f"total {time.perf_counter() - start:.0f} s; logs in {run_dir}", file=sys.stderr)
     report(done, failed, a, n_params)
     return 1 if failed else 0
