@@ -9,6 +9,7 @@ clipping at 1.0 and a constant learning rate.
 
 Configurations, run back to back in one invocation, each in its own freshly spawned 2-rank world:
   ddp                 torch DDP (gradient_as_bucket_view) + torch.optim.AdamW: the baseline
+  ddp-fused           the same with AdamW(fused=True), the kernel megalite's optimizer runs
   ml-z0 .. ml-z3      megalite Trainer, parallel.zero_stage=0..3, fp32
   ml-z3-bf16          megalite, stage 3, train.precision=bf16
   ml-z3-keep          megalite stage 3 with parallel.zero3_reshard_after_forward=false
@@ -55,6 +56,10 @@ bf16 matmuls are emulated on CPUs without AVX-512 BF16 (about 15x slower than fp
 bf16 configurations run fewer steps (--bf16-warmup, --bf16-steps) and their time compares with
 each other, not with DDP's fp32.
 
+Per-phase times (forward, backward, comm, optimizer, other) come from megalite's step record
+(``time.<phase>``) and from the same phases timed around the DDP and DeepSpeed loops. Every rank
+pins glibc's heap (``pin_malloc``; ``--no-pin-malloc`` leaves the default trimming).
+
     python bench/zero.py [--warmup 3 --steps 10 --bf16-warmup 1 --bf16-steps 3 --comm-steps 1]
                          [--only ddp,megalite,deepspeed,ml-z2,...] [--rounds 1]
                          [--layers 9 --hidden 384 --heads 6 --vocab 8192 --seq 256 --mbs 2]
@@ -94,11 +99,12 @@ class Variant:
     stage: int = 0
     bf16: bool = False
     reshard: bool = True  # megalite ZeRO-3: parallel.zero3_reshard_after_forward
+    fused: bool = False  # DDP: torch AdamW(fused=True), the kernel megalite's optimizer uses
 
     @property
     def label(self) -> str:
         if self.system == "ddp":
-            return "DDP + AdamW"
+            return "DDP + AdamW" + (" fused" if self.fused else "")
         name = {"megalite": "megalite", "deepspeed": "DeepSpeed"}[self.system]
         keep = "" if self.reshard else " no-reshard"
         return f"{name} ZeRO-{self.stage} {'bf16' if self.bf16 else 'fp32'}{keep}"
@@ -108,7 +114,7 @@ def variants() -> List[Variant]:
     """Side by side: DDP, then each stage as megalite then DeepSpeed, bf16 last. Also megalite
     ZeRO-3 keeping gathered parameters from forward to backward, which is what DeepSpeed's
     defaults (stage3_max_reuse_distance=1e9) amount to for a model this size."""
-    out = [Variant("ddp", "ddp")]
+    out = [Variant("ddp", "ddp"), Variant("ddp-fused", "ddp", fused=True)]
     for stage in range(4):
         out += [Variant(f"ml-z{stage}", "megalite", stage),
                 Variant(f"ds-z{stage}", "deepspeed", stage)]
@@ -155,6 +161,23 @@ def adamw_groups(params, weight_decay: float) -> List[dict]:
 
 
 # ---- measurement helpers -----------------------------------------------------------------------
+def pin_malloc() -> bool:
+    """Stop glibc from trimming the heap and from moving its mmap threshold: otherwise each
+    step returns 30-130 MB at the heap top to the system and faults it back in (10-40k page
+    faults, ~2 us each) or not, depending on which allocation happens to sit at the top — a
+    +-40 ms per step lottery that moved with unrelated changes to any system here. The same
+    in every rank of every system (what jemalloc/tcmalloc set-ups for CPU training do)."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's mallopt parameters
+    return bool(libc.mallopt(m_trim_threshold, 1 << 30)
+                and libc.mallopt(m_mmap_threshold, 32 << 20))
+
+
 def rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
@@ -304,7 +327,7 @@ class RankRun:
 
 
 # ---- the three systems -------------------------------------------------------------------------
-def run_ddp(ctx) -> RankRun:
+def run_ddp(ctx, v: Variant) -> RankRun:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     from megalite.models import build_model, lm_loss
@@ -313,7 +336,7 @@ def run_ddp(ctx) -> RankRun:
     model = build_model(ctx["args"], t.seed)
     ddp = DDP(model, gradient_as_bucket_view=True)
     opt = torch.optim.AdamW(adamw_groups(model.parameters(), t.weight_decay), lr=t.lr,
-                            betas=(t.beta1, t.beta2), eps=t.eps)
+                            betas=(t.beta1, t.beta2), eps=t.eps, fused=v.fused or None)
     n_params = sum(p.numel() for p in model.parameters())
     snap: Dict = {}
 
@@ -491,6 +514,8 @@ def _rank(rank: int, port: int, v: Variant, ctx: dict, log_path: str, out) -> No
     os.dup2(log, 2)
     os.close(log)
     torch.set_num_threads(1)
+    if ctx["pin_malloc"]:
+        pin_malloc()
     ctx = dict(ctx, rank=rank, t_start=time.perf_counter())
     try:
         import warnings
@@ -501,7 +526,7 @@ def _rank(rank: int, port: int, v: Variant, ctx: dict, log_path: str, out) -> No
         if v.system != "megalite":
             dist.init_process_group("gloo", rank=rank, world_size=WORLD)
         rss_base = rss_mib()
-        run = {"ddp": lambda: run_ddp(ctx), "megalite": lambda: run_megalite(ctx, v),
+        run = {"ddp": lambda: run_ddp(ctx, v), "megalite": lambda: run_megalite(ctx, v),
                "deepspeed": lambda: run_deepspeed(ctx, v)}[v.system]()
         warmup, steps = (ctx["bf16_warmup"], ctx["bf16_steps"]) if v.bf16 else \
             (ctx["warmup"], ctx["steps"])
@@ -585,11 +610,10 @@ def table(rows: List[List[str]], header: List[str]) -> str:
 
 def report(done: Dict[Variant, List[dict]], failed: Dict[Variant, str], a, n_params: int) -> None:
     MiB = 2**20
-    base = statistics.median(done[next(v for v in done if v.system == "ddp")][0]["times"]) \
-        if any(v.system == "ddp" for v in done) else None
-    ddp = next((r[0] for v, r in done.items() if v.system == "ddp"), None)
+    ddp = next((r[0] for v, r in done.items() if v.key == "ddp"), None)  # the baseline
+    base = statistics.median(ddp["times"]) if ddp is not None else None
     rows, state_rows, comm_rows, loss_rows, phase_rows = [], [], [], [], []
-    ref_losses = next((r[0]["losses"] for v, r in done.items() if v.system == "ddp"), None)
+    ref_losses = None if ddp is None else ddp["losses"]
     for v in variants():
         if v in failed:
             rows.append([v.label, "failed"] + [""] * 8)
@@ -606,7 +630,7 @@ def report(done: Dict[Variant, List[dict]], failed: Dict[Variant, str], a, n_par
         wire = ranks[0]["wire"] or {k: ring_wire(k, b) for k, b in comm.items()}
         model_state = sum(state.get(k, 0) for k in ("params", "grads", "master", "optimizer"))
         spread = "-"
-        if ddp is not None and v.system != "ddp":  # per round: its median over DDP's
+        if ddp is not None and v.key != "ddp":  # per round: its median over DDP's
             per = [(m / b - 1) * 100 for m, b in zip(ranks[0]["rounds"], ddp["rounds"])]
             spread = "/".join(f"{x:+.1f}" for x in per)
         rows.append([v.label, f"{med * 1e3:.0f}", over, spread, f"{model_state / MiB:.1f}",
@@ -618,7 +642,7 @@ def report(done: Dict[Variant, List[dict]], failed: Dict[Variant, str], a, n_par
         ref = None if ddp is None else {k: statistics.median(p.get(k, 0.0) for p in ddp["phases"])
                                         for k in PHASES + ("other",)}
         phase_rows.append([v.label] + [
-            f"{ph[k] * 1e3:.0f}" + ("" if ref is None or v.system == "ddp"
+            f"{ph[k] * 1e3:.0f}" + ("" if ref is None or v.key == "ddp"
                                     else f" ({(ph[k] - ref[k]) * 1e3:+.0f})")
             for k in PHASES + ("other",)])
         state_rows.append([v.label] + [f"{state.get(k, 0) / MiB:.1f}" for k in
@@ -635,7 +659,7 @@ def report(done: Dict[Variant, List[dict]], failed: Dict[Variant, str], a, n_par
           f"{a.hidden}, {a.heads} heads, vocab {a.vocab}), seq {a.seq}, micro-batch {a.mbs} x "
           f"grad_accum {a.ga} x dp {WORLD}; CPU/gloo, 1 thread per rank; fp32 {a.warmup} "
           f"warm-up + {a.steps} timed steps, bf16 {a.bf16_warmup} + {a.bf16_steps}; "
-          f"{a.rounds} round(s)")
+          f"{a.rounds} round(s); glibc heap {'pinned' if a.pin_malloc else 'trimmed (default)'}")
     print()
     print(table(rows, ["configuration", "ms/step", "vs DDP", "per round", "state MiB",
                        "buffers MiB",
@@ -677,6 +701,10 @@ def report(done: Dict[Variant, List[dict]], failed: Dict[Variant, str], a, n_par
     if ratios:
         print()
         print("step time megalite / DeepSpeed: " + ", ".join(ratios))
+    if "ddp-fused" in med:  # megalite steps AdamW with the fused kernel: the same for DDP
+        over = [f"{k} {(med[k] / med['ddp-fused'] - 1) * 100:+.1f}%" for k in
+                (f"ml-z{s}" for s in range(4)) if k in med]
+        print("step time megalite against DDP with fused AdamW: " + ", ".join(over))
     for v, why in failed.items():
         print(f"{v.label}: FAILED: {why}")
 
@@ -691,6 +719,9 @@ def main() -> int:
     ap.add_argument("--only", default="", help="comma list of systems (ddp, megalite, deepspeed) "
                     "or configuration keys (ml-z2, ds-z3-bf16, ...)")
     ap.add_argument("--timeout", type=float, default=900, help="seconds per configuration")
+    ap.add_argument("--pin-malloc", action=argparse.BooleanOptionalAction, default=True,
+                    help="glibc: no heap trimming, fixed mmap threshold, in every rank "
+                    "(see pin_malloc)")
     a, extra = ap.parse_known_args()
     bad = [x for x in extra if not (x.startswith("--") and "." in x.split("=")[0])]
     if bad:
@@ -714,7 +745,7 @@ def main() -> int:
     chosen = [v for v in variants() if not only or v.system in only or v.key in only]
     ctx = dict(cfg=cfg, args=args, argv=argv, batches=make_batches(cfg, total),
                warmup=a.warmup, steps=a.steps, bf16_warmup=a.bf16_warmup,
-               bf16_steps=a.bf16_steps, comm_steps=a.comm_steps)
+               bf16_steps=a.bf16_steps, comm_steps=a.comm_steps, pin_malloc=a.pin_malloc)
     done: Dict[Variant, List[dict]] = {}
     failed: Dict[Variant, str] = {}
     start = time.perf_counter()
