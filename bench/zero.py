@@ -18,7 +18,8 @@ Configurations, run back to back in one invocation, each in its own freshly spaw
   ds-z3-bf16          DeepSpeed stage 3 with bf16.enabled
 DeepSpeed's ZeRO-3 defaults (stage3_max_reuse_distance=1e9 elements) keep every gathered
 parameter of a model this small from its forward to its backward: one all-gather of the model per
-step, like ml-z3-keep; megalite's default re-gathers for backward (two).
+step, like ml-z3-keep; megalite's default re-gathers for backward (two; the head unit, whose
+backward follows its forward, once).
 
 Per configuration: median step time after warm-up (rank 0; every step includes the loss
 all-reduce and its host sync, as megalite's train_step does), overhead over DDP, model-state
