@@ -9,6 +9,7 @@ clipping at 1.0 and a constant learning rate.
 
 Configurations, run back to back in one invocation, each in its own freshly spawned 2-rank world:
   ddp                 torch DDP (gradient_as_bucket_view) + torch.optim.AdamW: the baseline
+  ddp-fused           the same with AdamW(fused=True), the kernel megalite's optimizer runs
   ml-z0 .. ml-z3      megalite Trainer, parallel.zero_stage=0..3, fp32
   ml-z3-bf16          megalite, stage 3, train.precision=bf16
   ml-z3-keep          megalite stage 3 with parallel.zero3_reshard_after_forward=false
@@ -17,7 +18,8 @@ Configurations, run back to back in one invocation, each in its own freshly spaw
   ds-z3-bf16          DeepSpeed stage 3 with bf16.enabled
 DeepSpeed's ZeRO-3 defaults (stage3_max_reuse_distance=1e9 elements) keep every gathered
 parameter of a model this small from its forward to its backward: one all-gather of the model per
-step, like ml-z3-keep; megalite's default re-gathers for backward (two).
+step, like ml-z3-keep; megalite's default re-gathers for backward (two; the head unit, whose
+backward follows its forward, once).
 
 Per configuration: median step time after warm-up (rank 0; every step includes the loss
 all-reduce and its host sync, as megalite's train_step does), overhead over DDP, model-state
@@ -54,6 +56,10 @@ full, gathered/reduced size; an all-reduce counts its tensor) plus ring traffic 
 bf16 matmuls are emulated on CPUs without AVX-512 BF16 (about 15x slower than fp32 here), so the
 bf16 configurations run fewer steps (--bf16-warmup, --bf16-steps) and their time compares with
 each other, not with DDP's fp32.
+
+Per-phase times (forward, backward, comm, optimizer, other) come from megalite's step record
+(``time.<phase>``) and from the same phases timed around the DDP and DeepSpeed loops. Every rank
+pins glibc's heap (``pin_malloc``; ``--no-pin-malloc`` leaves the default trimming).
 
     python bench/zero.py [--warmup 3 --steps 10 --bf16-warmup 1 --bf16-steps 3 --comm-steps 1]
                          [--only ddp,megalite,deepspeed,ml-z2,...] [--rounds 1]
@@ -94,11 +100,12 @@ class Variant:
     stage: int = 0
     bf16: bool = False
     reshard: bool = True  # megalite ZeRO-3: parallel.zero3_reshard_after_forward
+    fused: bool = False  # DDP: torch AdamW(fused=True), the kernel megalite's optimizer uses
 
     @property
     def label(self) -> str:
         if self.system == "ddp":
-            return "DDP + AdamW"
+            return "DDP + AdamW" + (" fused" if self.fused else "")
         name = {"megalite": "megalite", "deepspeed": "DeepSpeed"}[self.system]
         keep = "" if self.reshard else " no-reshard"
         return f"{name} ZeRO-{self.stage} {'bf16' if self.bf16 else 'fp32'}{keep}"
@@ -108,7 +115,7 @@ def variants() -> List[Variant]:
     """Side by side: DDP, then each stage as megalite then DeepSpeed, bf16 last. Also megalite
     ZeRO-3 keeping gathered parameters from forward to backward, which is what DeepSpeed's
     defaults (stage3_max_reuse_distance=1e9) amount to for a model this size."""
-    out = [Variant("ddp", "ddp")]
+    out = [Variant("ddp", "ddp"), Variant("ddp-fused", "ddp", fused=True)]
     for stage in range(4):
         out += [Variant(f"ml-z{stage}", "megalite", stage),
                 Variant(f"ds-z{stage}", "deepspeed", stage)]
@@ -155,6 +162,23 @@ def adamw_groups(params, weight_decay: float) -> List[dict]:
 
 
 # ---- measurement helpers -----------------------------------------------------------------------
+def pin_malloc() -> bool:
+    """Stop glibc from trimming the heap and from moving its mmap threshold: otherwise each
+    step returns 30-130 MB at the heap top to the system and faults it back in (10-40k page
+    faults, ~2 us each) or not, depending on which allocation happens to sit at the top — a
+    +-40 ms per step lottery that moved with unrelated changes to any system here. The same
+    in every rank of every system (what jemalloc/tcmalloc set-ups for CPU training do)."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's mallopt parameters
+    return bool(libc.mallopt(m_trim_threshold, 1 << 30)
+                and libc.mallopt(m_mmap_threshold, 32 << 20))
+
+
 def rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
@@ -265,6 +289,31 @@ def mean_loss(losses: List[torch.Tensor]) -> float:
     return t.item() / dist.get_world_size()
 
 
+PHASES = ("forward", "backward", "comm", "optimizer")
+
+
+class Clock:
+    """Wall-clock seconds per phase of one step (the DDP and DeepSpeed loops; megalite's
+    Trainer keeps its own: ``time.<phase>`` in the step record)."""
+
+    def __init__(self):
+        self.totals: Dict[str, float] = {}
+
+    def reset(self) -> None:
+        self.totals = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.totals[name] = self.totals.get(name, 0.0) + time.perf_counter() - t0
+
+    def take(self) -> Dict[str, float]:
+        return dict(self.totals)
+
+
 @dataclasses.dataclass
 class RankRun:
     """What a system gives the common driver."""
@@ -275,10 +324,11 @@ class RankRun:
     comm_on: Callable[[], None] = lambda: None  # called before the extra steps
     comm_take: Callable[[int], Dict[str, float]] = lambda steps: {}  # full-size bytes/step
     wire_take: Callable[[int], Dict[str, float]] = lambda steps: {}  # reported wire, if any
+    phases: Callable[[], Dict[str, float]] = dict  # seconds per phase of the last step
 
 
 # ---- the three systems -------------------------------------------------------------------------
-def run_ddp(ctx) -> RankRun:
+def run_ddp(ctx, v: Variant) -> RankRun:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     from megalite.models import build_model, lm_loss
@@ -287,29 +337,37 @@ def run_ddp(ctx) -> RankRun:
     model = build_model(ctx["args"], t.seed)
     ddp = DDP(model, gradient_as_bucket_view=True)
     opt = torch.optim.AdamW(adamw_groups(model.parameters(), t.weight_decay), lr=t.lr,
-                            betas=(t.beta1, t.beta2), eps=t.eps)
+                            betas=(t.beta1, t.beta2), eps=t.eps, fused=v.fused or None)
     n_params = sum(p.numel() for p in model.parameters())
     snap: Dict = {}
 
+    clock = Clock()
+
     def step(i: int, snapshot: bool) -> float:
+        clock.reset()
         opt.zero_grad(set_to_none=False)
         micro = ctx["batches"][i][ctx["rank"]]
         losses = []
         for m, (x, y) in enumerate(micro):
             sync = contextlib.nullcontext() if m == len(micro) - 1 else ddp.no_sync()
             with sync:
-                loss = lm_loss(ddp(x), y)
-                (loss / len(micro)).backward()
+                with clock("forward"):
+                    loss = lm_loss(ddp(x), y)
+                with clock("backward"):  # DDP's all-reduce overlaps it; its wait ends it
+                    (loss / len(micro)).backward()
             losses.append(loss)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+        with clock("optimizer"):
+            torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
         if snapshot:
             snap["state"] = count_torch_state(model, opt).report()
-        opt.step()
-        return mean_loss(losses)
+        with clock("optimizer"):
+            opt.step()
+        with clock("comm"):  # the loss all-reduce and its host sync
+            return mean_loss(losses)
 
     how = "counted storages: params, .grad (bucket views), AdamW state"
     return RankRun(step, lambda: (snap["state"], how),
-                   comm_take=lambda steps: {"all_reduce": 4.0 * n_params})
+                   comm_take=lambda steps: {"all_reduce": 4.0 * n_params}, phases=clock.take)
 
 
 def run_megalite(ctx, v: Variant) -> RankRun:
@@ -338,10 +396,13 @@ def run_megalite(ctx, v: Variant) -> RankRun:
     trainer.micro_batches = micro_batches  # the benchmark's batches, the same for every system
     records: List[dict] = []  # the timed steps' records: megalite's meter is always on
     on = {"timed": False}
+    last: Dict[str, float] = {}
 
     def step(i: int, snapshot: bool) -> float:
         assert trainer.step == i, (trainer.step, i)
         record = trainer.train_step()
+        last.clear()
+        last.update({k: record.get(f"time.{k}", 0.0) for k in PHASES})
         if on["timed"]:
             records.append(record)
         return record["loss"]
@@ -374,7 +435,7 @@ def run_megalite(ctx, v: Variant) -> RankRun:
         on["timed"] = True
 
     return RankRun(step, state, timed_start=timed_start, comm_take=lambda n: take(False),
-                   wire_take=lambda n: take(True))
+                   wire_take=lambda n: take(True), phases=lambda: dict(last))
 
 
 def run_deepspeed(ctx, v: Variant) -> RankRun:
@@ -407,18 +468,24 @@ def run_deepspeed(ctx, v: Variant) -> RankRun:
         model=model, model_parameters=adamw_groups(model.parameters(), t.weight_decay),
         config=config)
     snap: Dict = {}
+    clock = Clock()
 
     def step(i: int, snapshot: bool) -> float:
+        clock.reset()
         losses = []
         micro = ctx["batches"][i][ctx["rank"]]
         for m, (x, y) in enumerate(micro):
-            loss = lm_loss(engine(x), y)
-            engine.backward(loss)
+            with clock("forward"):
+                loss = lm_loss(engine(x), y)
+            with clock("backward"):
+                engine.backward(loss)
             if snapshot and m == len(micro) - 1:
                 snap["state"] = count_deepspeed_state(engine)
-            engine.step()
+            with clock("optimizer"):  # the step's gradient reduction waits, clip, AdamW
+                engine.step()
             losses.append(loss)
-        return mean_loss(losses)
+        with clock("comm"):
+            return mean_loss(losses)
 
     def comm_on() -> None:
         comms_logger.reset_data()
@@ -434,7 +501,7 @@ def run_deepspeed(ctx, v: Variant) -> RankRun:
         return out
 
     return RankRun(step, lambda: snap["state"], extra_steps=True, comm_on=comm_on,
-                   comm_take=comm_take)
+                   comm_take=comm_take, phases=clock.take)
 
 
 # ---- one rank of one configuration -------------------------------------------------------------
@@ -448,6 +515,8 @@ def _rank(rank: int, port: int, v: Variant, ctx: dict, log_path: str, out) -> No
     os.dup2(log, 2)
     os.close(log)
     torch.set_num_threads(1)
+    if ctx["pin_malloc"]:
+        pin_malloc()
     ctx = dict(ctx, rank=rank, t_start=time.perf_counter())
     try:
         import warnings
@@ -458,7 +527,7 @@ def _rank(rank: int, port: int, v: Variant, ctx: dict, log_path: str, out) -> No
         if v.system != "megalite":
             dist.init_process_group("gloo", rank=rank, world_size=WORLD)
         rss_base = rss_mib()
-        run = {"ddp": lambda: run_ddp(ctx), "megalite": lambda: run_megalite(ctx, v),
+        run = {"ddp": lambda: run_ddp(ctx, v), "megalite": lambda: run_megalite(ctx, v),
                "deepspeed": lambda: run_deepspeed(ctx, v)}[v.system]()
         warmup, steps = (ctx["bf16_warmup"], ctx["bf16_steps"]) if v.bf16 else \
             (ctx["warmup"], ctx["steps"])
@@ -468,7 +537,7 @@ def _rank(rank: int, port: int, v: Variant, ctx: dict, log_path: str, out) -> No
         # else the last timed step, where it costs well under a millisecond)
         snap = warmup + steps if n_extra else (warmup - 1 if warmup >= 2 else warmup + steps - 1)
         setup_s = time.perf_counter() - ctx["t_start"]
-        losses, times = [], []
+        losses, times, phases = [], [], []
         for i in range(warmup + steps + n_extra):
             if i == warmup:
                 run.timed_start()
@@ -480,11 +549,15 @@ def _rank(rank: int, port: int, v: Variant, ctx: dict, log_path: str, out) -> No
             losses.append(run.step(i, i == snap))
             if warmup <= i < warmup + steps:
                 times.append(time.perf_counter() - t0)
+                ph = run.phases()
+                ph["other"] = times[-1] - sum(ph.values())  # outside the phases (bench's own too)
+                phases.append(ph)
         if not n_extra:
             rss_peak = rss_mib()
         comm, wire = run.comm_take(n_extra), run.wire_take(n_extra)
         state, how = run.state()
-        out.put((rank, "ok", dict(times=times, losses=losses[:warmup + steps], state=state,
+        out.put((rank, "ok", dict(times=times, rounds=[statistics.median(times)] if times else [],
+                                  phases=phases, losses=losses[:warmup + steps], state=state,
                                   state_how=how, comm=comm, wire=wire, rss_base=rss_base,
                                   rss_peak=rss_peak, setup_s=setup_s)))
     except BaseException:  # noqa: BLE001 - every failure must reach the parent
@@ -538,10 +611,10 @@ def table(rows: List[List[str]], header: List[str]) -> str:
 
 def report(done: Dict[Variant, List[dict]], failed: Dict[Variant, str], a, n_params: int) -> None:
     MiB = 2**20
-    base = statistics.median(done[next(v for v in done if v.system == "ddp")][0]["times"]) \
-        if any(v.system == "ddp" for v in done) else None
-    rows, state_rows, comm_rows, loss_rows = [], [], [], []
-    ref_losses = next((r[0]["losses"] for v, r in done.items() if v.system == "ddp"), None)
+    ddp = next((r[0] for v, r in done.items() if v.key == "ddp"), None)  # the baseline
+    base = statistics.median(ddp["times"]) if ddp is not None else None
+    rows, state_rows, comm_rows, loss_rows, phase_rows = [], [], [], [], []
+    ref_losses = None if ddp is None else ddp["losses"]
     for v in variants():
         if v in failed:
             rows.append([v.label, "failed"] + [""] * 8)
@@ -557,10 +630,22 @@ def report(done: Dict[Variant, List[dict]], failed: Dict[Variant, str], a, n_par
         comm = ranks[0]["comm"]
         wire = ranks[0]["wire"] or {k: ring_wire(k, b) for k, b in comm.items()}
         model_state = sum(state.get(k, 0) for k in ("params", "grads", "master", "optimizer"))
-        rows.append([v.label, f"{med * 1e3:.0f}", over, f"{model_state / MiB:.1f}",
+        spread = "-"
+        if ddp is not None and v.key != "ddp":  # per round: its median over DDP's
+            per = [(m / b - 1) * 100 for m, b in zip(ranks[0]["rounds"], ddp["rounds"])]
+            spread = "/".join(f"{x:+.1f}" for x in per)
+        rows.append([v.label, f"{med * 1e3:.0f}", over, spread, f"{model_state / MiB:.1f}",
                      f"{state.get('buffers', 0) / MiB:.1f}", f"{peak:.0f}", f"{delta:+.0f}",
                      f"{sum(comm.values()) / 1e6:.1f}", f"{sum(wire.values()) / 1e6:.1f}",
                      str(len(ranks[0]["times"]))])
+        ph = {k: statistics.median(p.get(k, 0.0) for p in ranks[0]["phases"])
+              for k in PHASES + ("other",)}
+        ref = None if ddp is None else {k: statistics.median(p.get(k, 0.0) for p in ddp["phases"])
+                                        for k in PHASES + ("other",)}
+        phase_rows.append([v.label] + [
+            f"{ph[k] * 1e3:.0f}" + ("" if ref is None or v.key == "ddp"
+                                    else f" ({(ph[k] - ref[k]) * 1e3:+.0f})")
+            for k in PHASES + ("other",)])
         state_rows.append([v.label] + [f"{state.get(k, 0) / MiB:.1f}" for k in
                                        ("params", "grads", "master", "optimizer", "buffers")]
                           + [ranks[0]["state_how"]])
@@ -575,17 +660,31 @@ def report(done: Dict[Variant, List[dict]], failed: Dict[Variant, str], a, n_par
           f"{a.hidden}, {a.heads} heads, vocab {a.vocab}), seq {a.seq}, micro-batch {a.mbs} x "
           f"grad_accum {a.ga} x dp {WORLD}; CPU/gloo, 1 thread per rank; fp32 {a.warmup} "
           f"warm-up + {a.steps} timed steps, bf16 {a.bf16_warmup} + {a.bf16_steps}; "
-          f"{a.rounds} round(s)")
+          f"{a.rounds} round(s); glibc heap {'pinned' if a.pin_malloc else 'trimmed (default)'}")
     print()
-    print(table(rows, ["configuration", "ms/step", "vs DDP", "state MiB", "buffers MiB",
+    print(table(rows, ["configuration", "ms/step", "vs DDP", "per round", "state MiB",
+                       "buffers MiB",
                        "peak RSS MiB", "RSS delta", "comm MB/step", "wire MB/step", "timed"]))
-    print("  ms/step: median on rank 0; vs DDP: against fp32 DDP (the bf16 rows too).\n"
+    print("  ms/step: median on rank 0 (steps of every round pooled); vs DDP: against fp32 "
+          "DDP (the bf16 rows too); per round: each round's median against DDP's in that round."
+          "\n"
           "  state: params + grads + master + optimizer bytes per rank (max over ranks); "
           "buffers: other tensors the system holds (breakdown below).\n"
           "  peak RSS: ru_maxrss of the rank process (a fresh process per configuration); "
           "delta: over its RSS before the model was built.\n"
           "  comm: message sizes per step (all-gather/reduce-scatter at full size); wire: "
           "per-rank ring traffic (megalite's own figure when it reports one, else estimated)")
+    print()
+    print("per-phase ms/step (median over the timed steps, rank 0; in brackets: against DDP)")
+    print(table(phase_rows, ["configuration", "forward", "backward", "comm", "optimizer",
+                             "other"]))
+    print("  forward/backward: the micro-batches' passes (DDP's bucket all-reduces overlap its "
+          "backward and\n  its wait ends it; megalite's hooks launch reductions during it); "
+          "comm: megalite finalize_grads (the\n  reductions left in flight) and the summary "
+          "all-reduce, DDP/DeepSpeed the loss all-reduce; optimizer: clip\n  + AdamW (+ the "
+          "ZeRO-1/2 parameter all-gather; DeepSpeed engine.step: its reductions too); "
+          "other: the rest\n  of the step (megalite: token count all-reduce, zeroing, "
+          "step record)")
     print()
     print("model state per rank, MiB")
     print(table(state_rows, ["configuration", "params", "grads", "master", "optimizer",
@@ -603,6 +702,10 @@ def report(done: Dict[Variant, List[dict]], failed: Dict[Variant, str], a, n_par
     if ratios:
         print()
         print("step time megalite / DeepSpeed: " + ", ".join(ratios))
+    if "ddp-fused" in med:  # megalite steps AdamW with the fused kernel: the same for DDP
+        over = [f"{k} {(med[k] / med['ddp-fused'] - 1) * 100:+.1f}%" for k in
+                (f"ml-z{s}" for s in range(4)) if k in med]
+        print("step time megalite against DDP with fused AdamW: " + ", ".join(over))
     for v, why in failed.items():
         print(f"{v.label}: FAILED: {why}")
 
@@ -617,6 +720,9 @@ def main() -> int:
     ap.add_argument("--only", default="", help="comma list of systems (ddp, megalite, deepspeed) "
                     "or configuration keys (ml-z2, ds-z3-bf16, ...)")
     ap.add_argument("--timeout", type=float, default=900, help="seconds per configuration")
+    ap.add_argument("--pin-malloc", action=argparse.BooleanOptionalAction, default=True,
+                    help="glibc: no heap trimming, fixed mmap threshold, in every rank "
+                    "(see pin_malloc)")
     a, extra = ap.parse_known_args()
     bad = [x for x in extra if not (x.startswith("--") and "." in x.split("=")[0])]
     if bad:
@@ -640,7 +746,7 @@ def main() -> int:
     chosen = [v for v in variants() if not only or v.system in only or v.key in only]
     ctx = dict(cfg=cfg, args=args, argv=argv, batches=make_batches(cfg, total),
                warmup=a.warmup, steps=a.steps, bf16_warmup=a.bf16_warmup,
-               bf16_steps=a.bf16_steps, comm_steps=a.comm_steps)
+               bf16_steps=a.bf16_steps, comm_steps=a.comm_steps, pin_malloc=a.pin_malloc)
     done: Dict[Variant, List[dict]] = {}
     failed: Dict[Variant, str] = {}
     start = time.perf_counter()
@@ -659,7 +765,8 @@ def main() -> int:
                 done[v] = res
             else:  # later rounds: pool the step times, keep the first round's other figures
                 for mine, new in zip(done[v], res):
-                    mine["times"] += new["times"]
+                    for k in ("times", "rounds", "phases"):
+                        mine[k] += new[k]
     print(f"total {time.perf_counter() - start:.0f} s; logs in {run_dir}", file=sys.stderr)
     report(done, failed, a, n_params)
     return 1 if failed else 0

@@ -141,7 +141,8 @@ def _dp_world(tmp, cache):
                    "--train.micro_batch_size=4", "--model.family=llama")
         trainer, _, records = _run(cfg)
         padded = sum(g.numel for g in trainer.engine.groups)
-        out[f"comm/{stage}"] = (records[-1], trainer.rank_params, padded)
+        last = sum(g.numel for g in trainer.engine.unit_groups[-1])  # the head unit's groups
+        out[f"comm/{stage}"] = (records[-1], trainer.rank_params, padded, last)
 
     # ZeRO-3 build: the full model never exists on a rank
     from megalite.parallel.dims import ParallelDims
@@ -229,23 +230,25 @@ def test_bytes_per_step(dp_world):
     """grad_accum 1, fp32, N=2: stages 1-2 move what plain data parallel moves (reduce-scatter
     + all-gather = one all-reduce); stage 3 moves 1.5x (all-gather in forward and in backward,
     reduce-scatter of gradients). Wire bytes per rank: x (N-1)/N per all-gather/reduce-scatter,
-    x 2(N-1)/N per all-reduce. The small all-reduces of the loss and norm ride along."""
+    x 2(N-1)/N per all-reduce. The small all-reduces of the loss and norm ride along. (Stage 3
+    keeps the last unit gathered from its forward into its backward, which follows at once:
+    that unit is gathered once per micro-batch, the others twice.)"""
     r = dp_world[0]
-    record, psi, padded = r["comm/0"]
+    record, psi, padded, _ = r["comm/0"]
     dp_wire = record["comm_bytes.wire.all_reduce"]
     small = 64  # the loss/stop flag and the squared norm: a few floats
     assert abs(dp_wire - 2 * 0.5 * 4 * psi) <= small
     for stage in ("1", "2"):
-        record, _, padded = r[f"comm/{stage}"]
+        record, _, padded, _ = r[f"comm/{stage}"]
         assert record["comm_bytes.reduce_scatter"] == 4 * padded
         assert record["comm_bytes.all_gather"] == 4 * padded
         wire = sum(v for k, v in record.items() if k.startswith("comm_bytes.wire."))
         assert abs(wire - dp_wire) <= 0.5 * 4 * (padded - psi) * 2 + small
-    record, _, padded = r["comm/3"]
-    assert record["comm_bytes.all_gather"] == 2 * 4 * padded  # forward + backward
+    record, _, padded, last = r["comm/3"]
+    assert record["comm_bytes.all_gather"] == 2 * 4 * padded - 4 * last  # forward + backward
     assert record["comm_bytes.reduce_scatter"] == 4 * padded
     wire = sum(v for k, v in record.items() if k.startswith("comm_bytes.wire."))
-    assert abs(wire - 1.5 * dp_wire) <= 0.5 * 4 * (padded - psi) * 3 + small
+    assert abs(wire + 0.5 * 4 * last - 1.5 * dp_wire) <= 0.5 * 4 * (padded - psi) * 3 + small
 
 
 def test_zero3_peak_parameter_bytes(dp_world):

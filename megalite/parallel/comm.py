@@ -2,6 +2,21 @@
 
 A ``group`` of None (or of size 1) means "no peers": every function is then a no-op, which is
 how the single-process reference runs the same code path as the parallel one.
+
+gloo (CPU) has no native flat all-gather or reduce-scatter: its ``all_gather_into_tensor``
+gathers into a temporary tensor and copies every chunk out, its ``reduce_scatter_tensor``
+all-reduces a clone of the whole input and copies this rank's chunk out. On gloo, therefore:
+
+- ``all_gather_into`` broadcasts each rank's chunk of the output in place from its owner (one
+  broadcast per rank, asynchronous together): the same bytes per rank as a ring all-gather, no
+  temporary, no copy (4.6 -> 2.8 ms for a 7 MB group here);
+- ``reduce_scatter_into`` with the output being this rank's chunk of the input (in place, as
+  ZeRO's flat groups call it) all-reduces the input itself: what gloo does anyway, without the
+  clone and the copy (9.3 -> 6.0 ms). The input then holds the sum in every chunk.
+
+The meter counts them as the all-gather and reduce-scatter they are, at the usual wire factor
+(gloo's reduce-scatter really sends what an all-reduce sends, with or without this shortcut).
+Results are bitwise those of gloo's own collectives (the same all-reduce; copies).
 """
 from __future__ import annotations
 
@@ -56,6 +71,34 @@ def group_size(group) -> int:
     return 1 if group is None else dist.get_world_size(group)
 
 
+_GLOO: Dict[object, bool] = {}
+
+
+def _gloo(group) -> bool:
+    if group not in _GLOO:
+        _GLOO[group] = dist.get_backend(group) == "gloo"
+    return _GLOO[group]
+
+
+class _Works:
+    """Several collectives' works as one."""
+
+    def __init__(self, works):
+        self.works = works
+
+    def wait(self) -> None:
+        for w in self.works:
+            w.wait()
+
+
+def _chunk_of(out: torch.Tensor, full: torch.Tensor, group) -> bool:
+    """Is ``out`` this rank's dim-0 chunk of the contiguous ``full``?"""
+    n = group_size(group)
+    return (full.is_contiguous() and out.is_contiguous() and out.numel() * n == full.numel()
+            and out.data_ptr() == full.data_ptr()
+            + dist.get_rank(group) * out.numel() * full.element_size())
+
+
 def all_reduce(tensor: torch.Tensor, group, meter: Optional[CommMeter] = None,
                op=dist.ReduceOp.SUM, async_op: bool = False):
     """In-place all-reduce over ``group``; returns the work handle when ``async_op``."""
@@ -90,7 +133,22 @@ def all_gather_into(output: torch.Tensor, tensor: torch.Tensor, group,
         return None
     if meter is not None:
         meter.record("all_gather", output, group)
+    if _gloo(group) and output.is_contiguous():
+        return _gather_by_broadcasts(output, tensor, group, async_op)
     return _all_gather(output, tensor.contiguous(), group=group, async_op=async_op)
+
+
+def _gather_by_broadcasts(output: torch.Tensor, tensor: torch.Tensor, group, async_op: bool):
+    chunks = output.chunk(group_size(group))
+    mine = chunks[dist.get_rank(group)]
+    if mine.data_ptr() != tensor.data_ptr():
+        mine.copy_(tensor.reshape(mine.shape))
+    works = _Works([dist.broadcast(c, src=dist.get_global_rank(group, r), group=group,
+                                   async_op=True) for r, c in enumerate(chunks)])
+    if async_op:
+        return works
+    works.wait()
+    return None
 
 
 def reduce_scatter_into(output: torch.Tensor, tensor: torch.Tensor, group,
@@ -102,4 +160,6 @@ def reduce_scatter_into(output: torch.Tensor, tensor: torch.Tensor, group,
         return None
     if meter is not None:
         meter.record("reduce_scatter", tensor, group)
+    if _gloo(group) and _chunk_of(output, tensor, group):  # in place: the input is summed
+        return dist.all_reduce(tensor, group=group, async_op=async_op)
     return _reduce_scatter(output, tensor.contiguous(), group=group, async_op=async_op)

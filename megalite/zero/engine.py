@@ -24,6 +24,8 @@ stage  parameters          gradients                                   master + 
 
 After the optimizer updates the owned shard, stages 1-2 all-gather the parameters (so stage 1
 moves reduce-scatter + all-gather = what one all-reduce moves); stage 3 just keeps the shard.
+With one pipeline stage, stage 3 keeps the last unit gathered from its forward into its
+backward, which comes right after (FSDP2 treats its root module so).
 
 Gradients arrive through post-accumulate hooks and, for the weight gradients a split backward
 (zb-h1) defers to its W pass, through ``on_grad_ready`` called by the weight-gradient store. A
@@ -263,7 +265,10 @@ class ZeroEngine:
             self._gather(self.unit_groups[i + 1], async_op=True)
 
     def _post_forward(self, i: int, module, args, output):
-        if self.reshard_after_forward:
+        # one stage: the last unit's backward follows its forward (only the loss between)
+        backward_next = (i == len(self.unit_groups) - 1 and self.dims.pp == 1
+                         and torch.is_grad_enabled())
+        if self.reshard_after_forward and not backward_next:
             for g in self.unit_groups[i]:
                 if self.last_use[g] > i:  # a tied weight a later unit uses: keep it gathered
                     continue

@@ -51,7 +51,7 @@ class GradState:
     pending: int  # FullGrads: contributions still to come this step
     launched: bool  # FullGrads: reduction started this step
     filled: int  # ShardGrads: members with a contribution in the bucket
-    seen: bytearray  # ShardGrads: which members those are
+    seen: bytearray  # which members hold a contribution (in the bucket; FullGrads: this step)
 
     def __init__(self, shard: torch.Tensor, full: Optional[torch.Tensor] = None):
         self.full, self.shard, self.bucket = full, shard, None

@@ -1,12 +1,15 @@
 """Gradient accumulation and reduction of one ``FlatGroup``: two small policies.
 
 ``FullGrads`` (ZeRO-0, ZeRO-1, ZeRO-2 with ``zero2_accumulate=full``): every micro-batch
-accumulates into a full-size buffer laid out like the group (autograd writes straight into it
-when dtypes agree); once the step's last contribution is in, one all-reduce (no sharding) or
-one reduce-scatter into the owned chunk.
+accumulates into a full-size buffer laid out like the group — a member's first contribution of
+the step is copied in, later ones added, so the buffer is never zeroed as a whole (members
+without a gradient this step are zeroed at the launch; a split backward, whose W passes add
+into the buffer themselves, starts from zeros); once the step's last contribution is in, one
+all-reduce (no sharding) or one reduce-scatter into the owned chunk.
 
-``ShardGrads`` (ZeRO-2 ``shard``, ZeRO-3): each contribution is copied into a transient bucket; when every member has contributed the bucket is reduce-scattered in place
-and its owned chunk added into the persistent owned-shard gradient. A member that contributes
+``ShardGrads`` (ZeRO-2 ``shard``, ZeRO-3): each contribution is copied into a transient bucket;
+when every member has contributed the bucket is reduce-scattered in place and its owned chunk
+added into the persistent owned-shard gradient. A member that contributes
 again before the bucket is launched (split backward: a micro-batch's B pass can come before the
 previous one's W pass) is added, not overwritten — the reduction is linear, and every dp replica
 runs the same actions in the same order, so all issue the same collectives. A bucket is launched
@@ -44,26 +47,37 @@ class FullGrads:
         return st
 
     def begin(self, g: FlatGroup, num_micro: int, split: bool) -> None:
-        g.grad.full.zero_()
-        g.grad.pending = g.num_grads * num_micro  # the whole step's contributions
-        g.grad.launched = False
-        for p in g.params:  # same dtype: autograd accumulates in place, no copy — except
-            # with a split backward, whose B pass calls the hook of a deferred weight with no
-            # gradient: p.grad must then be None to tell it from a contribution
-            p.grad = p.main_grad if p.dtype == self.dtype and not split else None
+        st = g.grad
+        st.pending = g.num_grads * num_micro  # the whole step's contributions
+        st.launched = False
+        if split:  # W passes add deferred weight gradients into main_grad: from zeros
+            st.full.zero_()
+        st.seen = bytearray([split]) * len(g.params)  # members already holding a gradient
+        for p in g.params:  # autograd hands each contribution over in p.grad (None also
+            p.grad = None  # tells a split B pass's hook of a deferred weight from one)
 
     def on_grad(self, g: FlatGroup, p: nn.Parameter) -> bool:
-        if p.grad is not None and p.grad is not p.main_grad:  # None: a W pass added it
-            p.main_grad.add_(p.grad)
+        st = g.grad
+        if p.grad is not None:  # None: a W pass added it into main_grad
+            i = g.index[p]
+            if st.seen[i]:
+                p.main_grad.add_(p.grad)
+            else:  # the step's first: copied (what adding it to zeros gives, in one pass)
+                p.main_grad.copy_(p.grad)
+                st.seen[i] = 1
             p.grad = None
-        g.grad.pending -= 1
-        return g.grad.pending == 0
+        st.pending -= 1
+        return st.pending == 0
 
     def needs_launch(self, g: FlatGroup) -> bool:
         return not g.grad.launched
 
     def launch(self, g: FlatGroup) -> Tuple[Optional[object], Optional[torch.Tensor]]:
-        g.grad.launched = True
+        st = g.grad
+        st.launched = True
+        for i, seen in enumerate(st.seen):  # members without a gradient this step
+            if not seen:
+                g.params[i].main_grad.zero_()
         if self.dp == 1:
             return None, None
         if self.shards == 1:

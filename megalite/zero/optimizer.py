@@ -6,6 +6,12 @@ parameter, so the update is element for element the one ``torch.optim.AdamW`` ma
 whole model, whatever the stage. Weight decay applies to segments of matrices and embeddings,
 not of biases and norm weights (ndim < 2).
 
+torch's fused AdamW kernel runs the update (on CPU and CUDA): one pass over parameter,
+gradient and moments instead of the dozen whole-tensor passes of the per-tensor loop (19M fp32
+parameters on one CPU thread: ~13 against ~75 ms). Its arithmetic is the same update with
+another rounding of the intermediate terms: parameters move by about 1 ulp per step from the
+loop's, far inside any loss tolerance.
+
 - fp32 parameters: the owned parameter shard *is* the master (no copy).
 - bf16/fp16 parameters: a separate fp32 master shard; after the step it is cast back into the
   owned parameter shard (then ``ZeroEngine.publish`` all-gathers stages 1-2).
@@ -57,8 +63,9 @@ class ShardedAdamW:
                 (decay if g.params[s.index].ndim >= 2 else no_decay).append(view)
         groups = [{"params": decay, "weight_decay": weight_decay},
                   {"params": no_decay, "weight_decay": 0.0}]
+        self.fused = device.type in ("cpu", "cuda")  # torch's fused AdamW kernels
         self.opt = torch.optim.AdamW([x for x in groups if x["params"]], lr=lr, betas=betas,
-                                     eps=eps)
+                                     eps=eps, fused=self.fused or None)
 
     # ---- gradients ----------------------------------------------------------------------------
         dims = engine.dims
@@ -177,7 +184,9 @@ class ShardedAdamW:
         for segs in self.segments:
             for v in segs:
                 if v not in self.opt.state or not self.opt.state[v]:
-                    self.opt.state[v] = {"step": torch.zeros((), dtype=torch.float32),
+                    where = v.device if self.fused else "cpu"  # as AdamW's own first step
+                    self.opt.state[v] = {"step": torch.zeros((), dtype=torch.float32,
+                                                             device=where),
                                          "exp_avg": torch.zeros_like(v),
                                          "exp_avg_sq": torch.zeros_like(v)}
 
@@ -198,3 +207,9 @@ class ShardedAdamW:
         self.engine.publish()
         if state is not None:
             self.opt.load_state_dict(state)
+            for group in self.opt.param_groups:  # a checkpoint's groups replace ours: keep
+                group["fused"] = self.fused or None  # this run's kernel choice (its step
+                for v in group["params"]:  # counts live beside the parameters)
+                    st = self.opt.state.get(v, {})
+                    if self.fused and "step" in st:
+                        st["step"] = st["step"].to(v.device)
