@@ -634,6 +634,8 @@ def report(done: Dict[Variant, List[dict]], failed: Dict[Variant, str], a, n_par
         if ddp is not None and v.key != "ddp":  # per round: its median over DDP's
             per = [(m / b - 1) * 100 for m, b in zip(ranks[0]["rounds"], ddp["rounds"])]
             spread = "/".join(f"{x:+.1f}" for x in per)
+            if len(per) > 1:  # a burst of load on the machine spoils one round, not the median
+                spread = f"{statistics.median(per):+.1f} ({spread})"
         rows.append([v.label, f"{med * 1e3:.0f}", over, spread, f"{model_state / MiB:.1f}",
                      f"{state.get('buffers', 0) / MiB:.1f}", f"{peak:.0f}", f"{delta:+.0f}",
                      f"{sum(comm.values()) / 1e6:.1f}", f"{sum(wire.values()) / 1e6:.1f}",
@@ -663,11 +665,13 @@ def report(done: Dict[Variant, List[dict]], failed: Dict[Variant, str], a, n_par
           f"{a.rounds} round(s); glibc heap {'pinned' if a.pin_malloc else 'trimmed (default)'}")
     print()
     print(table(rows, ["configuration", "ms/step", "vs DDP", "per round", "state MiB",
-                       "buffers MiB",
-                       "peak RSS MiB", "RSS delta", "comm MB/step", "wire MB/step", "timed"]))
+                       "buffers MiB", "peak RSS MiB", "RSS delta", "comm MB/step",
+                       "wire MB/step", "timed"]))
     print("  ms/step: median on rank 0 (steps of every round pooled); vs DDP: against fp32 "
-          "DDP (the bf16 rows too); per round: each round's median against DDP's in that round."
-          "\n"
+          "DDP (the bf16 rows too);\n  per round: each round's median against DDP's in that "
+          "round, their median first. The rounds run every\n  configuration in turn, so a "
+          "burst of load from elsewhere on the machine spoils one configuration of one\n"
+          "  round: read the per-round figures, not only the pooled one.\n"
           "  state: params + grads + master + optimizer bytes per rank (max over ranks); "
           "buffers: other tensors the system holds (breakdown below).\n"
           "  peak RSS: ru_maxrss of the rank process (a fresh process per configuration); "
@@ -702,10 +706,16 @@ def report(done: Dict[Variant, List[dict]], failed: Dict[Variant, str], a, n_par
     if ratios:
         print()
         print("step time megalite / DeepSpeed: " + ", ".join(ratios))
-    if "ddp-fused" in med:  # megalite steps AdamW with the fused kernel: the same for DDP
-        over = [f"{k} {(med[k] / med['ddp-fused'] - 1) * 100:+.1f}%" for k in
-                (f"ml-z{s}" for s in range(4)) if k in med]
-        print("step time megalite against DDP with fused AdamW: " + ", ".join(over))
+    fused = next((r[0] for v, r in done.items() if v.key == "ddp-fused"), None)
+    if fused is not None:  # megalite steps AdamW with the fused kernel: so does this DDP
+        over = []
+        for v, r in done.items():
+            if v.key in [f"ml-z{s}" for s in range(4)]:
+                per = [(m / b - 1) * 100 for m, b in zip(r[0]["rounds"], fused["rounds"])]
+                over.append(f"{v.key} {(med[v.key] / med['ddp-fused'] - 1) * 100:+.1f}% "
+                            f"(rounds: median {statistics.median(per):+.1f}, "
+                            + "/".join(f"{x:+.1f}" for x in per) + ")")
+        print("step time megalite against DDP with fused AdamW: " + "; ".join(over))
     for v, why in failed.items():
         print(f"{v.label}: FAILED: {why}")
 
