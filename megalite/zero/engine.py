@@ -86,12 +86,12 @@ class ZeroEngine:
             self.policy = FullGrads(grad_dtype, self.group, self.dp, self.shards, self.meter)
         # auto: keep a unit gathered from its forward to its backward when pp > 1 (other
         # micro-batches' forwards come between them; torchtitan's default), else free it
-        if str(reshard_after_forward) not in ("auto", "true", "false", "True", "False"):
+        choice = {"auto": dims.pp == 1, "true": True, "false": False}.get(
+            str(reshard_after_forward).lower())
+        if choice is None:
             raise ValueError(f"zero3_reshard_after_forward={reshard_after_forward!r}: use auto, "
                              f"true or false")
-        if reshard_after_forward == "auto":
-            reshard_after_forward = dims.pp == 1
-        self.reshard_after_forward = str(reshard_after_forward).lower() == "true"
+        self.reshard_after_forward = choice
         self.solo: Set[str] = set(TIED) if tied_across_stages else set()
         self.groups: List[FlatGroup] = []
         self.unit_groups: List[List[FlatGroup]] = []
@@ -191,11 +191,13 @@ class ZeroEngine:
             if self.stage == 3 and self.reshard_after_forward:
                 g.wait()
                 g.free()
-        self._track_temp()
 
     def _launch(self, g: FlatGroup) -> None:
         work, bucket = self.policy.launch(g)
         self._inflight.append((g, work, bucket))
+        # the bucket peak: nothing is freed between a bucket's allocation and the next launch,
+        # so measuring here (before completing older reductions) sees every peak
+        self._track_temp()
         while len(self._inflight) > 2:
             self._complete(self._inflight.pop(0))
 
@@ -355,6 +357,8 @@ class ZeroEngine:
         return shard_state.entries(self, [g.owned() for g in self.groups])
 
     def load_state_dict(self, entries: Dict[str, shard_state.ShardEntry]) -> None:
+        """Parameters only, in the model's dtype (collective over dp with ZeRO-1/2: publishes
+        them). fp32 masters and moments come from ``ShardedAdamW.load_state_dict``."""
         shard_state.load_entries(self.state_dict(), entries)
         self.publish()
 

@@ -119,7 +119,6 @@ class ShardGrads:
             view.add_(p.grad)
         else:
             view.copy_(p.grad)
-        if not st.seen[i]:
             st.seen[i] = 1
             st.filled += 1
         p.grad = None

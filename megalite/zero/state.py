@@ -51,23 +51,16 @@ def boxes_of(local_shape: Sequence[int], start: int, numel: int, data: torch.Ten
     """Boxes of elements [start, start + numel) of a local tensor placed at ``origin`` in the
     global tensor; ``data`` holds those elements (flat). Rows past ``global_shape`` (vocabulary
     padding) are dropped."""
-    if len(local_shape) == 1:
-        pieces = [(0, start, 1, numel)]
-        cols = None
-    elif len(local_shape) == 2:
-        cols = local_shape[1]
-        pieces = _row_boxes(start, start + numel, cols)
-    else:
+    if len(local_shape) == 1:  # one run along dim 0
+        lo = origin[0] + start
+        n = min(numel, global_shape[0] - lo)
+        return [(((lo,), (n,)), data[:n])] if n > 0 else []
+    if len(local_shape) != 2:
         raise NotImplementedError(f"state boxes for {len(local_shape)}-d parameters")
+    cols = local_shape[1]
     out = []
-    for r, c, nr, nc in pieces:
-        flat_at = (r * cols + c if cols else c) - start
-        if cols is None:  # 1-d: one run along dim 0
-            lo, n = origin[0] + c, nc
-            n = min(n, global_shape[0] - lo)
-            if n > 0:
-                out.append((((lo,), (n,)), data[flat_at:flat_at + n]))
-            continue
+    for r, c, nr, nc in _row_boxes(start, start + numel, cols):
+        flat_at = r * cols + c - start
         row = origin[0] + r
         nr = min(nr, global_shape[0] - row)
         if nr <= 0:
