@@ -147,6 +147,7 @@ def test_bare_run_ranks_do_not_repeat_the_config_lines(monkeypatch: pytest.Monke
     parse_or_exit(argv)
     err = capsys.readouterr().err
     assert "wandb.enabled" in err and "overridden by constant" in err  # a launcher's rank 0
-    monkeypatch.setenv("MEGALITE_CONFIG_SHOWN", local.rank_env(plans[0], 0)["MEGALITE_CONFIG_SHOWN"])
+    rank0 = local.rank_env(plans[0], 0)
+    monkeypatch.setenv("MEGALITE_CONFIG_SHOWN", rank0["MEGALITE_CONFIG_SHOWN"])
     parse_or_exit(argv)
     assert capsys.readouterr().err == ""  # a bare run's rank 0: its parent said it

@@ -1,9 +1,11 @@
 """Translate a DeepSpeed ``ds_config.json`` into megalite overrides.
 
 Users arrive with DeepSpeed configs; reading them keeps their batch/optimizer/schedule intent
-without a manual rewrite. DeepSpeed's own semantics win (e.g. the scheduler's warmup_max_lr, not
-the optimizer lr, is the peak lr), features megalite lacks are errors, and every key megalite does
-not read is named in one warning so nothing is ignored silently. No torch import here.
+without a manual rewrite. DeepSpeed's own semantics win (the scheduler's warmup_max_lr, not the
+optimizer lr, is the peak lr; each step's lr is the one DeepSpeedEngine would use, see
+``train.lr_schedule_style``; no scheduler block means a constant lr), features megalite lacks are
+errors, and every key megalite does not read is named in one warning so nothing is ignored
+silently. No torch import here.
 """
 from __future__ import annotations
 
