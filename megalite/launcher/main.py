@@ -29,7 +29,10 @@ DESCRIPTION = """Start a multi-process job on this machine or on several nodes.
 Every rank gets RANK/LOCAL_RANK/WORLD_SIZE/LOCAL_WORLD_SIZE/MASTER_ADDR/MASTER_PORT. Variables
 named NCCL_*, PYTHON*, MEGALITE_*, OMP_*, GLOO_*, TORCH_*, those in a .megalite_env file (home
 directory, then the current one; KEY=VALUE lines) and each --env KEY=VALUE reach every rank on
-every node. When a rank fails, the whole job stops and the failing rank's log tail is printed."""
+every node. When a rank fails, the whole job stops and the failing rank's log tail is printed.
+Before anything starts, the script, -m module or --no_python program is looked up on this
+machine: every backend runs it with this machine's Python from this directory, so the nodes are
+expected to share the file system."""
 
 
 class _Parser(argparse.ArgumentParser):
