@@ -190,7 +190,8 @@ def test_deepspeed_fp16_and_zero() -> None:
                               "offload_optimizer": {"device": "cpu", "pin_memory": True}}})
     assert out["train"] == {"precision": "fp16", "loss_scale": 0, "initial_loss_scale": 4096.0,
                             "loss_scale_window": 500, "loss_scale_hysteresis": 1,
-                            "min_loss_scale": 2}
+                            "min_loss_scale": 2,
+                            "lr_schedule": "constant", "warmup_steps": 0}  # no scheduler
     assert out["parallel"] == {"zero_stage": 3, "bucket_mb": 4.0, "offload_optimizer": True}
     assert not any("does not use" in w for w in warnings)
     out, _ = map_deepspeed({"fp16": {"enabled": True}, "zero_optimization": {"stage": 1}})
@@ -205,13 +206,14 @@ def test_deepspeed_auto_and_schedulers() -> None:
                                    "scheduler": {"type": "WarmupLR",
                                                  "params": {"warmup_max_lr": 1e-3,
                                                             "warmup_num_steps": 10}}})
-    assert out["train"] == {"lr_schedule": "constant", "warmup_steps": 10, "lr": 1e-3}
-    assert any("warmup_type=log" in w for w in warnings)
-    assert not any("does not use" in w for w in warnings)
+    assert out["train"] == {"lr_schedule": "constant", "lr_schedule_style": "deepspeed",
+                            "warmup_steps": 10, "warmup_type": "log", "lr": 1e-3,
+                            "warmup_min_lr": 0.0}  # log: DeepSpeed's default
+    assert len(warnings) == 1 and "optimizer.params omits betas" in warnings[0]
     out, _ = map_deepspeed({"optimizer": {"type": "adamw", "params": {"lr": 2e-4}},
                             "scheduler": {"type": "WarmupCosineLR",
                                           "params": {"total_num_steps": 300,
-                                                     "warmup_num_steps": 0,
+                                                     "warmup_num_steps": 5,
                                                      "cos_min_ratio": 0.1}}})
     assert out["train"]["lr_schedule"] == "cosine" and out["train"]["steps"] == 300
     assert out["train"]["min_lr"] == pytest.approx(2e-5)
@@ -225,6 +227,9 @@ def test_deepspeed_auto_and_schedulers() -> None:
     ({"optimizer": {"type": "Adam", "params": {"adam_w_mode": False}}}, "adam_w_mode"),
     ({"optimizer": {"type": "Lamb"}}, "optimizer.type=Lamb"),
     ({"scheduler": {"type": "OneCycle"}}, "scheduler.type=OneCycle"),
+    ({"scheduler": {"type": "WarmupLR", "params": {"warmup_num_steps": 0}}},
+     "warmup_num_steps=0: DeepSpeed needs a positive integer"),
+    ({"scheduler": {"params": {"warmup_num_steps": 5}}}, "a scheduler block needs a type"),
 ])
 def test_deepspeed_unsupported(ds: Dict[str, Any], needle: str) -> None:
     with pytest.raises(ConfigError) as info:

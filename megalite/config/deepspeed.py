@@ -1,9 +1,11 @@
 """Translate a DeepSpeed ``ds_config.json`` into megalite overrides.
 
 Users arrive with DeepSpeed configs; reading them keeps their batch/optimizer/schedule intent
-without a manual rewrite. DeepSpeed's own semantics win (e.g. the scheduler's warmup_max_lr, not
-the optimizer lr, is the peak lr), features megalite lacks are errors, and every key megalite does
-not read is named in one warning so nothing is ignored silently. No torch import here.
+without a manual rewrite. DeepSpeed's own semantics win (the scheduler's warmup_max_lr, not the
+optimizer lr, is the peak lr; each step's lr is the one DeepSpeedEngine would use, see
+``train.lr_schedule_style``; no scheduler block means a constant lr), features megalite lacks are
+errors, and every key megalite does not read is named in one warning so nothing is ignored
+silently. No torch import here.
 """
 from __future__ import annotations
 
@@ -88,65 +90,75 @@ def _optimizer(r: _Reader) -> Optional[float]:
     return lr if isinstance(lr, (int, float)) and not isinstance(lr, bool) else None
 
 
-def _warmup(r: _Reader) -> None:
+def _warmup(r: _Reader, kind: str) -> None:
     """Warm-up parameters shared by the three supported schedulers."""
     p = "scheduler.params."
     steps = r.get(p + "warmup_num_steps", 1000)
     if r.get(p + "warmup_num_steps") is None:
-        r.warnings.append("deepspeed scheduler.params.warmup_num_steps unset: "
-                          "DeepSpeed's default 1000 is used")
+        r.warnings.append(f"deepspeed scheduler.params.warmup_num_steps unset: DeepSpeed's "
+                          f"default 1000 is used by {kind}")
+    if steps != "auto" and (not isinstance(steps, int) or isinstance(steps, bool) or steps < 1):
+        r.error(p + "warmup_num_steps", steps, "DeepSpeed needs a positive integer (it warms "
+                "up over at least 2 steps)")
     r.put("train.warmup_steps", steps)
-    wtype = r.get(p + "warmup_type", "log")
-    if wtype == "log" and steps not in (0, "auto"):
-        r.warnings.append("deepspeed scheduler.params.warmup_type=log (DeepSpeed's default when "
-                          "unset): megalite warms up linearly")
-    elif wtype not in ("log", "linear", "auto"):
-        r.error("scheduler.params.warmup_type", wtype, "must be log or linear")
+    wtype = r.get(p + "warmup_type", "log")  # DeepSpeed's default
+    if wtype not in ("log", "linear", "auto"):
+        r.error(p + "warmup_type", wtype, "must be log or linear")
+    r.put("train.warmup_type", wtype)
 
 
 def _scheduler(r: _Reader, opt_lr: Optional[float], base_lr: Optional[float]) -> None:
+    """The scheduler block, step for step as DeepSpeedEngine runs it (lr_schedule_style
+    deepspeed); without one DeepSpeed keeps the optimizer's lr constant."""
     kind = r.get("scheduler.type")
     if kind is None:
+        if r.get("scheduler") is None:
+            r.put("train.lr_schedule", "constant")
+            r.put("train.warmup_steps", 0)
+        else:
+            r.error("scheduler.type", None, "a scheduler block needs a type; use "
+                    + ", ".join(_SCHEDULES) + " (or drop the block for a constant lr)")
         return
     if kind not in _SCHEDULES:
         r.error("scheduler.type", kind, "not supported; use " + ", ".join(_SCHEDULES))
         return
     r.put("train.lr_schedule", _SCHEDULES[kind])
-    _warmup(r)
+    r.put("train.lr_schedule_style", "deepspeed")
+    _warmup(r, kind)
     p = "scheduler.params."
-    if kind == "WarmupCosineLR":
-        # The peak lr is the optimizer's; min_lr is a ratio of it.
-        r.put("train.steps", r.get(p + "total_num_steps"))
-        if r.get(p + "total_num_steps") is None:
-            r.error("scheduler.params.total_num_steps", None, "WarmupCosineLR needs it")
-        ratio = r.get(p + "cos_min_ratio", 0.0001)
-        lr = opt_lr if opt_lr is not None else base_lr
-        if isinstance(ratio, (int, float)) and lr is not None:
-            r.put("train.min_lr", ratio * lr)
-        warm_ratio = r.get(p + "warmup_min_ratio", 0.0)
-        if warm_ratio not in (0, "auto"):
-            r.warnings.append(f"deepspeed scheduler.params.warmup_min_ratio={fmt(warm_ratio)}: "
-                              "megalite warms up from 0")
-        return
-    max_lr = r.get(p + "warmup_max_lr")
-    if max_lr is None:
-        max_lr = 0.001
-        r.warnings.append("deepspeed scheduler.params.warmup_max_lr unset: DeepSpeed's "
-                          "default 0.001 is the peak lr")
-    if opt_lr is not None and max_lr != "auto" and max_lr != opt_lr:
-        r.warnings.append(f"deepspeed optimizer.params.lr={fmt(opt_lr)} is replaced by "
-                          f"scheduler.params.warmup_max_lr={fmt(max_lr)}, as in DeepSpeed")
-    r.put("train.lr", max_lr)
-    min_lr = r.get(p + "warmup_min_lr", 0.0)
-    if min_lr not in (0, "auto"):
-        r.warnings.append(f"deepspeed scheduler.params.warmup_min_lr={fmt(min_lr)}: "
-                          "megalite warms up from 0, not from warmup_min_lr")
-    if kind == "WarmupDecayLR":
-        r.put("train.min_lr", min_lr)  # DeepSpeed decays back down to warmup_min_lr
+    if kind != "WarmupLR":
         total = r.get(p + "total_num_steps")
         if total is None:
-            r.error("scheduler.params.total_num_steps", None, "WarmupDecayLR needs it")
+            r.error(p + "total_num_steps", None, f"{kind} needs it")
         r.put("train.steps", total)
+    if kind == "WarmupCosineLR":
+        # The peak lr is the optimizer's; the warm-up start and the floor are ratios of it.
+        lr = opt_lr if opt_lr is not None else base_lr
+        for key, target, default in (("warmup_min_ratio", "train.warmup_min_lr", 0.0),
+                                     ("cos_min_ratio", "train.min_lr", 0.0001)):
+            ratio = r.get(p + key, default)
+            if _number(ratio) and lr is not None:
+                r.put(target, ratio * lr)
+            elif ratio != "auto":
+                r.error(p + key, ratio, "must be a number")
+        return
+    max_lr = r.get(p + "warmup_max_lr")
+    if max_lr is None and kind == "WarmupDecayLR":
+        max_lr = 0.001
+        r.warnings.append("deepspeed scheduler.params.warmup_max_lr unset: WarmupDecayLR's "
+                          "default 0.001 is the peak lr")
+    if opt_lr is not None and max_lr not in (None, "auto") and max_lr != opt_lr:
+        r.warnings.append(f"deepspeed optimizer.params.lr={fmt(opt_lr)} is replaced by "
+                          f"scheduler.params.warmup_max_lr={fmt(max_lr)}, as in DeepSpeed")
+    r.put("train.lr", max_lr)  # WarmupLR without it peaks at the optimizer's lr
+    min_lr = r.get(p + "warmup_min_lr", 0.0)
+    r.put("train.warmup_min_lr", min_lr)
+    if kind == "WarmupDecayLR":
+        r.put("train.min_lr", min_lr)  # DeepSpeed decays back down to warmup_min_lr
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _fp16(r: _Reader) -> None:
@@ -210,6 +222,21 @@ def _zero(r: _Reader) -> None:
                           "parallel.zero3_reshard_after_forward")
 
 
+def _tensorboard(r: _Reader) -> None:
+    """tensorboard.enabled -> run.tensorboard; the events always go to RUN_DIR/tensorboard."""
+    enabled = r.get("tensorboard.enabled")
+    if isinstance(enabled, bool):
+        r.put("run.tensorboard", enabled)
+    elif enabled is not None:
+        r.error("tensorboard.enabled", enabled, "must be true or false")
+    where = {k: r.get(f"tensorboard.{k}") for k in ("output_path", "job_name")}
+    where = {k: v for k, v in where.items() if v not in (None, "")}
+    if where and enabled is not False:
+        given = ", ".join(f"tensorboard.{k}={fmt(v)}" for k, v in where.items())
+        r.warnings.append(f"deepspeed {given}: megalite writes TensorBoard events to "
+                          "RUN_DIR/tensorboard; choose the folder with --run.dir")
+
+
 def _precision_and_zero(r: _Reader) -> None:
     for key in ("bf16", "bfloat16"):
         enabled = r.get(f"{key}.enabled")
@@ -240,6 +267,7 @@ def map_deepspeed(ds: Dict[str, Any],
     opt_lr = _optimizer(r)
     _scheduler(r, opt_lr, lr)
     _precision_and_zero(r)
+    _tensorboard(r)
     unused = [leaf for leaf in _leaves(ds)
               if leaf not in r.used and not any(leaf.startswith(u + ".") for u in r.used)]
     if unused:

@@ -297,7 +297,10 @@ def parse_args(argv: List[str], verbose: bool = True) -> Tuple[Config, List[str]
 
 def parse_or_exit(argv: List[str]) -> Tuple[Config, List[str]]:
     """``parse_args`` for CLI entry points: print ``error: `` lines and exit 2 on bad input."""
-    speaker = os.environ.get("RANK", "0") == "0"  # other launched ranks would repeat every line
+    # other launched ranks would repeat every line, and so would the ranks of a bare run whose
+    # parent printed them (megalite.launcher.local.launch_local sets MEGALITE_CONFIG_SHOWN)
+    speaker = (os.environ.get("RANK", "0") == "0"
+               and os.environ.get("MEGALITE_CONFIG_SHOWN") != "1")
     try:
         cfg, warnings = parse_args(argv, verbose=speaker)
     except ConfigError as exc:

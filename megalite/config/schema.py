@@ -123,7 +123,19 @@ class TrainConfig:
     """`cosine`, `linear`, `constant` or `wsd` (warm-up, stable, then linear decay over the last
     decay_fraction of the steps)."""
     warmup_steps: int = 0
-    """Steps of linear warm-up from 0 to lr."""
+    """Steps of warm-up from warmup_min_lr to lr."""
+    warmup_type: str = "linear"
+    """Shape of the warm-up: `linear` or `log` (the fraction of the way to lr grows as the log of
+    the step, DeepSpeed's default)."""
+    warmup_min_lr: float = 0.0
+    """Learning rate the warm-up starts from (DeepSpeed warmup_min_lr)."""
+    lr_schedule_style: str = "megalite"
+    """`megalite`: warm-up step s (1-based) is s/warmup_steps of the way to lr, decay ends at
+    min_lr on the last step. `deepspeed` (set by a --deepspeed_config with a scheduler block):
+    step s uses the lr DeepSpeedEngine uses at its s-th optimizer step with WarmupLR (constant),
+    WarmupDecayLR (linear) or WarmupCosineLR (cosine): its scheduler steps after each update, so
+    steps 1-2 use warmup_min_lr (cosine: 0, then warmup_min_lr) and warm-up takes at least 2
+    steps."""
     decay_fraction: float = 0.2
     """For lr_schedule=wsd: fraction of the steps spent decaying to min_lr at the end."""
     weight_decay: float = 0.1

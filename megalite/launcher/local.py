@@ -195,7 +195,10 @@ def stop(ranks: List[Rank], grace_s: float) -> None:
 def launch_local(module_args: List[str], world_size: int, grace_s: float = 3.0) -> int:
     """Run ``python -m <module_args>`` as ``world_size`` ranks on this machine; the job's exit
     code. (A bare multi-rank ``megalite train`` lands here.)"""
+    # this process already printed the config's conflict and warning lines: rank 0 says
+    # them again only under a launcher that parsed nothing (torchrun, megalite launch)
+    env = dict(os.environ, MEGALITE_CONFIG_SHOWN="1")
     plan = NodePlan(cmd=[sys.executable, "-u", "-m", *module_args], world_size=world_size,
                     master_addr="127.0.0.1", master_port=free_port(),
-                    slots=list(range(world_size)))
+                    slots=list(range(world_size)), env=env)
     return run_node(plan, grace_s)

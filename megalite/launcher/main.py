@@ -11,6 +11,8 @@ import time
 from collections import OrderedDict
 from typing import Dict, List, Optional, Tuple
 
+from megalite.launcher.checks import (LaunchError, check_options, check_target, count,
+                                      non_negative, port)
 from megalite.launcher.hostfile import HostfileError, rank_offset, read_hostfile, select
 from megalite.launcher.runners import RUNNERS, Job, decode_world_info
 
@@ -27,35 +29,45 @@ DESCRIPTION = """Start a multi-process job on this machine or on several nodes.
 Every rank gets RANK/LOCAL_RANK/WORLD_SIZE/LOCAL_WORLD_SIZE/MASTER_ADDR/MASTER_PORT. Variables
 named NCCL_*, PYTHON*, MEGALITE_*, OMP_*, GLOO_*, TORCH_*, those in a .megalite_env file (home
 directory, then the current one; KEY=VALUE lines) and each --env KEY=VALUE reach every rank on
-every node. When a rank fails, the whole job stops and the failing rank's log tail is printed."""
+every node. When a rank fails, the whole job stops and the failing rank's log tail is printed.
+Before anything starts, the script, -m module or --no_python program is looked up on this
+machine: every backend runs it with this machine's Python from this directory, so the nodes are
+expected to share the file system."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """A usage error is one ``error:`` line (not argparse's usage block), exit code 2."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"error: {message}; see megalite launch --help\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="megalite launch", description=DESCRIPTION,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _Parser(prog="megalite launch", description=DESCRIPTION,
+                formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     a("-H", "--hostfile", default=None,
       help="lines 'HOST slots=N' ('#' comments); default: this machine only")
     a("-i", "--include", default="", help="only these NODE[:SLOT[,SLOT]][@NODE...]")
     a("-e", "--exclude", default="", help="all but these NODE[:SLOT[,SLOT]][@NODE...]")
-    a("--num_nodes", "--nnodes", type=int, default=-1, help="use the first N hosts")
-    a("--num_gpus", "--nproc_per_node", type=int, default=-1,
+    a("--num_nodes", "--nnodes", type=count, default=-1, help="use the first N hosts")
+    a("--num_gpus", "--nproc_per_node", type=count, default=-1,
       help="ranks per node (slots 0..N-1); default: the hostfile's slots, else the GPU count, "
            "else 1")
     a("--node_rank", default=None,
       help="this node's rank, for a node started by hand or by pdsh/ssh/srun (--launcher local)")
     a("--world_info", default=None, help=argparse.SUPPRESS)  # hosts+slots, from pdsh/ssh
     a("--master_addr", default=None, help="rank 0's address; default: the first host")
-    a("--master_port", type=int, default=None,
+    a("--master_port", type=port, default=None,
       help="rendezvous port (29500); node launchers also use the next one")
     a("--launcher", default="local", choices=sorted(RUNNERS), help="how to start the ranks")
     a("--launcher_args", default="", help="extra arguments for pdsh/ssh/srun/mpirun/sbatch")
-    a("--ssh_port", type=int, default=None, help="ssh port of the nodes (pdsh, ssh)")
+    a("--ssh_port", type=port, default=None, help="ssh port of the nodes (pdsh, ssh)")
     a("--sbatch", action="store_true",
       help="slurm outside an allocation: write an sbatch script and submit it")
     a("-m", "--module", action="store_true", help="the target is a Python module (python -m)")
     a("--no_python", action="store_true", help="the target is a program, run without python")
-    a("--max_restarts", type=int, default=0,
+    a("--max_restarts", type=non_negative, default=0,
       help="restart the whole job up to N times after a failure (it resumes from its latest "
            "checkpoint)")
     a("--log_dir", default=None, help="one log file per rank: LOG_DIR/rank_<RANK>.log")
@@ -64,10 +76,6 @@ def build_parser() -> argparse.ArgumentParser:
     a("user_script", help="script, module (-m) or program (--no_python)")
     a("user_args", nargs=argparse.REMAINDER, help="its arguments")
     return p
-
-
-class LaunchError(ValueError):
-    pass
 
 
 def parse_env_pairs(pairs: List[Tuple[str, str]]) -> Dict[str, str]:
@@ -221,8 +229,14 @@ def launch(args) -> int:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     try:
+        args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    except SystemExit as e:  # --help (0) or a usage error (2, its line already printed)
+        return e.code if isinstance(e.code, int) else 2
+    try:
+        check_options(args)  # everything before any process starts: options, hosts, target
+        resources(args)
+        check_target(args, exports(args))
         return launch(args)
     except (LaunchError, HostfileError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
