@@ -112,6 +112,36 @@ def test_skipped_fp16_step_does_not_advance_the_schedule() -> None:
     assert seen == [plain[0], plain[1], plain[1], plain[1], plain[2], plain[3], plain[3]]
 
 
+def test_skipped_fp16_step_deepspeed_style_follows_the_engine(tmp_path: Path) -> None:
+    """A DeepSpeed scheduler through Trainer.lr against the real scheduler driven as
+    DeepSpeedEngine drives it: on an overflow the engine skips optimizer.step() and
+    scheduler.step(), so the next applied step uses the same lr."""
+    import torch
+
+    from megalite.trainer.loop import Trainer
+
+    schedules = pytest.importorskip(
+        "deepspeed.runtime.lr_schedules",
+        reason="deepspeed is not installed (pip install -e '.[deepspeed]')")
+    params = {"warmup_min_lr": 1e-5, "warmup_max_lr": 3e-3, "warmup_num_steps": 4,
+              "total_num_steps": 10, "warmup_type": "linear"}
+    cfg = _parse(tmp_path, {"optimizer": {"type": "AdamW", "params": {"lr": OPT_LR}},
+                            "scheduler": {"type": "WarmupDecayLR", "params": params}})
+    assert cfg.train.lr_schedule_style == "deepspeed"
+    weight = torch.nn.Parameter(torch.zeros(2))
+    optimizer = torch.optim.AdamW([weight], lr=OPT_LR)
+    scheduler = schedules.WarmupDecayLR(optimizer, **params)
+    trainer = SimpleNamespace(cfg=cfg, step=0, scaler=SimpleNamespace(skipped=0))
+    for overflow in (False, False, True, True, False, False, True, False, False, False):
+        assert Trainer.lr(trainer) == optimizer.param_groups[0]["lr"], trainer.step
+        if not overflow:
+            weight.grad = torch.ones_like(weight)
+            optimizer.step()
+            scheduler.step()
+        trainer.scaler.skipped += overflow
+        trainer.step += 1
+
+
 def test_monitor_blocks_mapped_or_named_once() -> None:
     out, warnings = map_deepspeed({
         "tensorboard": {"enabled": True, "output_path": "logs/", "job_name": "bert"},

@@ -239,7 +239,15 @@ def _check_train(cfg: Config, err: _Errors) -> None:
     if t.min_lr < 0 or (t.lr > 0 and t.min_lr > t.lr):
         err.add("train.min_lr", t.min_lr, f"must be in [0, train.lr={fmt(t.lr)}]")
     _choice(err, "train.lr_schedule", t.lr_schedule, ["cosine", "linear", "constant", "wsd"])
-    if t.warmup_steps < 0 or (t.steps > 0 and t.warmup_steps > t.steps):
+    _choice(err, "train.warmup_type", t.warmup_type, ["linear", "log"])
+    _choice(err, "train.lr_schedule_style", t.lr_schedule_style, ["megalite", "deepspeed"])
+    err.check(t.warmup_min_lr >= 0, "train.warmup_min_lr", t.warmup_min_lr, "must be >= 0")
+    if t.lr_schedule_style == "deepspeed" and t.lr_schedule == "wsd":
+        err.add("train.lr_schedule", t.lr_schedule, "DeepSpeed has no wsd schedule: use "
+                "constant, linear or cosine, or train.lr_schedule_style=megalite")
+    # DeepSpeed's schedulers may warm up for longer than the run (they warn)
+    longer = t.lr_schedule_style == "megalite" and t.steps > 0 and t.warmup_steps > t.steps
+    if t.warmup_steps < 0 or longer:
         err.add("train.warmup_steps", t.warmup_steps, f"must be in [0, train.steps={t.steps}]")
     err.check(0 < t.decay_fraction <= 1, "train.decay_fraction", t.decay_fraction,
               "must be in (0, 1]")

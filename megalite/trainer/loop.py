@@ -26,7 +26,7 @@ from megalite.plan import model_plan
 from megalite.tensor_parallel.plan import loss_fn
 from megalite.tensor_parallel.random import SplitRegionRNG, cover_split_regions
 from megalite.trainer import checkpoint
-from megalite.trainer.lr import lr_at
+from megalite.trainer.lr import train_lr
 from megalite.trainer.metrics import MetricsLogger, Timers
 from megalite.zero import LossScaler, ShardedAdamW, ZeroEngine
 
@@ -213,8 +213,7 @@ class Trainer:
         schedule (DeepSpeed, Megatron)."""
         t = self.cfg.train
         updates = self.step - (self.scaler.skipped if self.scaler is not None else 0)
-        return lr_at(updates, t.steps, t.lr, t.min_lr, t.warmup_steps, t.lr_schedule,
-                     t.decay_fraction)
+        return train_lr(t, updates)
 
     def _summary(self, loss: StepLoss, grad_norm: torch.Tensor) -> torch.Tensor:
         """[mean token loss, stop flag, grad norm]: one small all-reduce over every rank."""
