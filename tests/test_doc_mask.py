@@ -221,8 +221,9 @@ def _full_grads(trainer, dims):
 
 
 def _reference_grads(cfg, gbs: int):
-    """The first step's gradients from the plain single-process model with the flags on (no
-    trainer, no executor): the packed global batch, loss summed over kept tokens / their count."""
+    """The first step's mean loss and gradients from the plain single-process model with the
+    flags on (no trainer, no executor): the packed global batch, loss summed over the kept
+    tokens / their count."""
     from megalite.models import build_model, lm_loss, resolve_model_args
     from megalite.models.documents import mask_eod_labels
 
@@ -231,8 +232,9 @@ def _reference_grads(cfg, gbs: int):
     rows = torch.from_numpy(PackedDocs(gbs, cfg.data.seq_len).rows[:gbs]).long()
     batch = mask_eod_labels({"tokens": rows[:, :-1], "labels": rows[:, 1:]}, args)
     loss = lm_loss(model(batch["tokens"]), batch["labels"], reduction="sum")
-    (loss / (batch["labels"] != -100).sum()).backward()
-    return {n: p.grad for n, p in model.named_parameters()}
+    mean = loss / (batch["labels"] != -100).sum()
+    mean.backward()
+    return mean.item(), {n: p.grad for n, p in model.named_parameters()}
 
 
 def _layout_world(tmp: str, cache: str):
@@ -250,7 +252,7 @@ def _layout_world(tmp: str, cache: str):
             p = cfg.parallel
             dims = ParallelDims.initialize(p.dp, p.tp, p.pp, discover(), "gloo", timeout_s=60)
             result = _run(cfg, dims, with_grads=True)
-            ref = _reference_grads(cfg, 4)
+            ref_loss, ref = _reference_grads(cfg, 4)
             gap, names = 0.0, set()
             for n, g in result["grads"].items():
                 # the last stage's copy of a tied embedding (its gradient summed with stage 0's)
@@ -262,7 +264,8 @@ def _layout_world(tmp: str, cache: str):
                 gap = max(gap, float((g - want).abs().max()))
             out[f"{family}-{name}"] = {"losses": result["losses"], "norms": result["norms"],
                                        "names": names, "want_names": set(ref),
-                                       "grad_gap": gap}
+                                       "grad_gap": gap,
+                                       "loss0_gap": abs(result["losses"][0] - ref_loss)}
     return out
 
 
@@ -280,13 +283,15 @@ def test_layouts_equal_single_process(single_process, tmp_path, data_cache):
     """PP=2 x DP=2 (every stage rebuilds positions and mask from the tokens; LLaMA's RoPE in
     stage 1's layers) and DP=2 x TP=2 with sequence parallelism (GPT's positions sliced per
     sequence chunk, the mask built for the gathered sequence): the first step's gradients equal
-    the plain model's (GPT's tied embedding across stages included), and STEPS steps give the
-    single-process packed run's losses and gradient norms."""
+    the plain model's (GPT's tied embedding across stages included) and its loss their mean over
+    the global batch's kept tokens, and STEPS steps give the single-process packed run's losses
+    and gradient norms."""
     ranks = run_distributed(_layout_world, 4, str(tmp_path), data_cache, timeout_s=300)
     for rank, out in enumerate(ranks):
         for key, got in out.items():
             ref = single_process[key.split("-")[0]]
             assert got["grad_gap"] <= TOL, (rank, key, got["grad_gap"])
+            assert got["loss0_gap"] <= TOL, (rank, key, got["loss0_gap"])  # kept-token mean
             assert max(abs(a - b) for a, b in zip(got["losses"], ref["losses"])) <= TOL, key
             assert max(abs(a - b) for a, b in zip(got["norms"], ref["norms"])) <= TOL, key
     for key in ranks[0]:  # every parameter was compared on some rank (the stages together)
