@@ -44,7 +44,10 @@ class ModelConfig:
     kernels: str = "fused"
     """`fused`: LayerNorm/RMSNorm run megalite's fused kernels (csrc/, `megalite.ops`) where they
     are built, on CPU; on CUDA only once the GPU check has passed (or MEGALITE_CUDA_KERNELS=1),
-    else PyTorch. `torch`: plain PyTorch ops everywhere. Same results within float rounding."""
+    else PyTorch; so does attention's scaled masked softmax under data.reset_attention_mask
+    (elsewhere, and with `torch`, attention is PyTorch's scaled_dot_product_attention, given
+    the document mask as a boolean mask). `torch`: plain PyTorch ops everywhere. Same results
+    within float rounding."""
 
 
 @dataclass
