@@ -14,7 +14,6 @@ unmasked EOD label moves losses by > 1e-2 (asserted below for the flags-off run)
 """
 from __future__ import annotations
 
-import os
 import shutil
 from unittest import mock
 
@@ -171,8 +170,8 @@ def test_packed_documents_equal_unpacked(family, kernels):
 
 
 class PackedDocs:
-    """A training set of packed samples (``seq`` + 1 tokens) of short byte documents: about
-    five EODs per sample, where the synthetic corpus has one every ~350 bytes."""
+    """A training set of packed samples (``seq`` + 1 tokens) of byte documents of 2..9 tokens:
+    about ten EODs per 64-token sample, where the synthetic corpus has one every ~350 bytes."""
 
     def __init__(self, num: int, seq: int):
         self.rows = _packed_rows(EOD_BYTES + 1, EOD_BYTES, num, seq, seed=2).numpy()
