@@ -29,7 +29,10 @@ STEPS = 3
 EOD_BYTES = 256  # the byte tokenizer's EOD (the tiny config's synthetic corpus)
 FLAGS = ["--data.reset_attention_mask=true", "--data.reset_position_ids=true",
          "--data.eod_mask_loss=true", "--train.grad_clip=0"]  # raw gradients stay comparable
-FAMILIES = {"gpt": [], "llama": ["--model.family=llama", "--model.num_kv_heads=2"]}
+# layouts: gpt's attention runs the fused masked softmax (kernels=fused, the default; CPU kernels
+# built), llama's PyTorch's SDPA with the boolean mask (kernels=torch)
+FAMILIES = {"gpt": [], "llama": ["--model.family=llama", "--model.num_kv_heads=2",
+                                 "--model.kernels=torch"]}
 
 
 def _megatron_masks(tokens, eod, reset_attention, reset_positions, eod_loss):
@@ -241,8 +244,8 @@ def _layout_world(tmp: str, cache: str):
     from megalite.parallel.env import discover
 
     layouts = {"pp2dp2": ["--parallel.pp=2", "--parallel.dp=2", "--train.micro_batch_size=1",
-                          "--train.grad_accum=2"],
-               "dp2tp2sp": ["--parallel.dp=2", "--parallel.tp=2",
+                          "--train.grad_accum=2", "--parallel.zero_stage=1"],
+               "dp2tp2sp": ["--parallel.dp=2", "--parallel.tp=2", "--parallel.zero_stage=3",
                             "--parallel.sequence_parallel=true", "--train.micro_batch_size=2"]}
     out = {}
     for family, extra in FAMILIES.items():
@@ -279,12 +282,13 @@ def single_process(tmp_path_factory, data_cache):
 
 
 def test_layouts_equal_single_process(single_process, tmp_path, data_cache):
-    """PP=2 x DP=2 (every stage rebuilds positions and mask from the tokens; LLaMA's RoPE in
-    stage 1's layers) and DP=2 x TP=2 with sequence parallelism (GPT's positions sliced per
-    sequence chunk, the mask built for the gathered sequence): the first step's gradients equal
-    the plain model's (GPT's tied embedding across stages included) and its loss their mean over
-    the global batch's kept tokens, and STEPS steps give the single-process packed run's losses
-    and gradient norms."""
+    """PP=2 x DP=2 with ZeRO-1 (every stage rebuilds positions and mask from the tokens;
+    LLaMA's RoPE in stage 1's layers) and DP=2 x TP=2 with sequence parallelism and ZeRO-3
+    (heads split; GPT's positions sliced per sequence chunk, the mask built for the gathered
+    sequence), GPT through the fused masked softmax, LLaMA through SDPA: the first step's
+    gradients equal the plain model's (GPT's tied embedding across stages included) and its loss
+    is their mean over the global batch's kept tokens, and STEPS steps give the single-process
+    packed run's losses and gradient norms."""
     ranks = run_distributed(_layout_world, 4, str(tmp_path), data_cache, timeout_s=300)
     for rank, out in enumerate(ranks):
         for key, got in out.items():
