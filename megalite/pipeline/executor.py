@@ -217,8 +217,8 @@ class PipelineExecutor:
                               a.micro, 0)
             x.requires_grad_(torch.is_grad_enabled())
             slot.inputs = x
-        out = self.stage.forward_chunk(a.chunk, x, None, context_for(batch["tokens"],
-                                                                      self.stage.args))
+        out = self.stage.forward_chunk(a.chunk, x, doc=context_for(batch["tokens"],
+                                                                    self.stage.args))
         if self.stage.is_last(a.chunk):
             loss = self.loss_fn(out, batch["labels"])
             if torch.is_grad_enabled():
