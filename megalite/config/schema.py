@@ -44,7 +44,10 @@ class ModelConfig:
     kernels: str = "fused"
     """`fused`: LayerNorm/RMSNorm run megalite's fused kernels (csrc/, `megalite.ops`) where they
     are built, on CPU; on CUDA only once the GPU check has passed (or MEGALITE_CUDA_KERNELS=1),
-    else PyTorch. `torch`: plain PyTorch ops everywhere. Same results within float rounding."""
+    else PyTorch; so does attention's scaled masked softmax under data.reset_attention_mask
+    (elsewhere, and with `torch`, attention is PyTorch's scaled_dot_product_attention, given
+    the document mask as a boolean mask). `torch`: plain PyTorch ops everywhere. Same results
+    within float rounding."""
 
 
 @dataclass
@@ -199,6 +202,17 @@ class DataConfig:
     """Train/validation split of documents, as relative weights `train,val`."""
     num_workers: int = 2
     """Processes used to tokenize when preparing data."""
+    reset_attention_mask: bool = False
+    """Packed samples hold several documents, each ending with the tokenizer's end-of-document
+    token (EOD). True: a token attends only to earlier tokens of its own document (block-diagonal
+    causal mask; Megatron-LM --reset-attention-mask). False: to every earlier token."""
+    reset_position_ids: bool = False
+    """True: positions (GPT-2's learned positions, LLaMA's RoPE) restart at 0 after every EOD
+    (Megatron-LM --reset-position-ids). False: 0..seq_len-1 across the packed sample."""
+    eod_mask_loss: bool = False
+    """True: no loss where the input token is EOD, i.e. on predicting a document's first token
+    from the previous document (Megatron-LM --eod-mask-loss); the loss is averaged over the kept
+    tokens of the global batch."""
 
 
 @dataclass

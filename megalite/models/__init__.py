@@ -6,7 +6,7 @@ from typing import Callable, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from megalite.config.schema import ModelConfig
+from megalite.config.schema import DataConfig, ModelConfig
 from megalite.models.transformer import (CausalLM, KVCache, ModelArgs, flops_per_token,
                                          init_tensor, lm_loss, num_params)
 from megalite.parallel.params import ParamTable
@@ -15,8 +15,11 @@ __all__ = ["CausalLM", "KVCache", "ModelArgs", "build_model", "resolve_model_arg
            "num_params", "flops_per_token", "init_weights"]
 
 
-def resolve_model_args(cfg: ModelConfig, vocab_size: Optional[int] = None) -> ModelArgs:
-    """Fill the family defaults (kv heads, FFN width, tying) and the vocabulary size."""
+def resolve_model_args(cfg: ModelConfig, vocab_size: Optional[int] = None,
+                       data: Optional[DataConfig] = None,
+                       eod_id: Optional[int] = None) -> ModelArgs:
+    """Fill the family defaults (kv heads, FFN width, tying) and the vocabulary size; with
+    ``data`` and the tokenizer's ``eod_id``, the packed-document flags (``models.documents``)."""
     llama = cfg.family == "llama"
     ffn = cfg.ffn_hidden_size
     if ffn is None:
@@ -33,7 +36,10 @@ def resolve_model_args(cfg: ModelConfig, vocab_size: Optional[int] = None) -> Mo
         ffn_hidden_size=ffn, vocab_size=vocab, max_seq_len=cfg.max_seq_len, norm_eps=cfg.norm_eps,
         rope_theta=cfg.rope_theta, dropout=cfg.dropout,
         tie_embeddings=(not llama) if cfg.tie_embeddings is None else cfg.tie_embeddings,
-        init_std=cfg.init_std, kernels=cfg.kernels)
+        init_std=cfg.init_std, kernels=cfg.kernels, eod_id=eod_id,
+        reset_attention_mask=bool(data and data.reset_attention_mask),
+        reset_position_ids=bool(data and data.reset_position_ids),
+        eod_mask_loss=bool(data and data.eod_mask_loss))
 
 
 @torch.no_grad()

@@ -6,6 +6,10 @@ the local count), pipeline parallelism cuts the list of units returned by ``unit
 
 Shapes: b = batch, s = sequence, h = hidden, nh/nkv = (local) query/key-value heads, d = head dim.
 Both families equal their Hugging Face counterparts weight for weight (see ``megalite.interop.hf``).
+
+Packed documents (``models.documents``): with ``reset_position_ids`` / ``reset_attention_mask`` the
+forward takes a ``DocumentContext`` built from the tokens — per-token positions for the embedding
+(gpt) or RoPE (llama), and a block-diagonal causal mask for attention. Without them nothing changes.
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from megalite import ops
+from megalite.models.documents import DocumentContext, context_for
 
 
 @dataclass
@@ -37,7 +42,12 @@ class ModelArgs:
     dropout: float
     tie_embeddings: bool
     init_std: float
-    kernels: str = "fused"  # "fused": norms use megalite.ops where it has a kernel; "torch": not
+    kernels: str = "fused"  # "fused": norms (and masked attention) use megalite.ops kernels
+    # packed documents (data.reset_attention_mask, ...): the EOD id the masks are built from
+    eod_id: Optional[int] = None
+    reset_attention_mask: bool = False
+    reset_position_ids: bool = False
+    eod_mask_loss: bool = False
 
     @property
     def head_dim(self) -> int:
@@ -86,10 +96,15 @@ def make_norm(args: ModelArgs) -> nn.Module:
 
 
 def rope_cos_sin(positions: torch.Tensor, dim: int, theta: float, dtype: torch.dtype):
-    """cos/sin tables [s, d] for the given positions, computed in fp32 then cast (as HF does)."""
+    """cos/sin tables for the given positions, computed in fp32 then cast (as HF does):
+    [s, d] for positions [s]; [b, 1, s, d] (broadcast over heads) for per-sample positions
+    [b, s]."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, device=positions.device).float() / dim))
-    freqs = torch.outer(positions.float(), inv_freq)  # [s, d/2]
-    emb = torch.cat((freqs, freqs), dim=-1)  # [s, d]
+    if positions.dim() == 1:
+        freqs = torch.outer(positions.float(), inv_freq)  # [s, d/2]
+    else:
+        freqs = (positions.float()[..., None] * inv_freq).unsqueeze(1)  # [b, 1, s, d/2]
+    emb = torch.cat((freqs, freqs), dim=-1)
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
@@ -126,6 +141,7 @@ class Attention(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = args.num_heads, args.num_kv_heads, d
         self.rope_theta = args.rope_theta if args.is_llama else None
         self.dropout = args.dropout
+        self.fused = args.kernels == "fused"  # a document mask runs the fused masked softmax
         # Tensor parallelism with fewer kv heads than ranks replicates k/v_proj and tells each
         # rank which kv head(s) its query heads use; None means all of them.
         self.kv_heads_slice: Optional[slice] = None
@@ -139,7 +155,8 @@ class Attention(nn.Module):
         parallelism, which computes the three as one column-parallel layer."""
         return self.q_proj(x), self.k_proj(x), self.v_proj(x)
 
-    def forward(self, x: torch.Tensor, cache: Optional[KVCache] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: Optional[KVCache] = None,
+                doc: Optional[DocumentContext] = None) -> torch.Tensor:
         q, k, v = self.project(x)
         b, s, _ = q.shape  # of the projections: under sequence parallelism x is a chunk
         q = q.view(b, s, -1, self.head_dim).transpose(1, 2)  # [b, nh, s, d]
@@ -150,6 +167,8 @@ class Attention(nn.Module):
         start = cache.length if cache is not None else 0
         if self.rope_theta is not None:
             pos = torch.arange(start, start + s, device=x.device)
+            if doc is not None and doc.positions is not None:
+                pos = doc.positions  # [b, s]: the full sequence's (SP gathered it for q, k)
             cos, sin = rope_cos_sin(pos, self.head_dim, self.rope_theta, q.dtype)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
@@ -161,8 +180,22 @@ class Attention(nn.Module):
         if start > 0 and s > 1:  # chunk after a prefix: query i sees keys <= start + i
             mask = torch.ones(s, start + s, dtype=torch.bool, device=x.device).tril(start)
         p = self.dropout if self.training else 0.0
+        if doc is not None and doc.attend is not None:  # packed documents: block-diagonal causal
+            if self.fused and ops.model_uses_kernels(q.device):
+                y = self._fused_masked(q, k, v, doc.blocked, p)
+                return self.o_proj(y.transpose(1, 2).reshape(b, s, -1))
+            mask, causal = doc.attend, False
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=causal)
         return self.o_proj(y.transpose(1, 2).reshape(b, s, -1))
+
+    def _fused_masked(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      blocked: torch.Tensor, p: float) -> torch.Tensor:
+        """softmax(q k^T / sqrt(d), blocked keys -inf) v with megalite's fused scaled masked
+        softmax (Megatron's ``FusedScaleMaskSoftmax``); q, k, v [b, nh, s, d], blocked
+        [b, 1, s, s] True = masked out."""
+        scores = torch.matmul(q, k.transpose(-2, -1))  # [b, nh, s, s]
+        probs = ops.scaled_masked_softmax(scores, blocked, 1.0 / math.sqrt(self.head_dim))
+        return torch.matmul(F.dropout(probs, p, self.training), v)  # [b, nh, s, d]
 
 
 class MLP(nn.Module):
@@ -206,8 +239,9 @@ class Block(nn.Module):
         self.mlp = MLP(args)
         self.drop = nn.Dropout(args.dropout)
 
-    def forward(self, x: torch.Tensor, cache: Optional[KVCache] = None) -> torch.Tensor:
-        x = x + self.drop(self.attn(self.attn_norm(x), cache))
+    def forward(self, x: torch.Tensor, cache: Optional[KVCache] = None,
+                doc: Optional[DocumentContext] = None) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.attn_norm(x), cache, doc))
         return x + self.drop(self.mlp(self.mlp_norm(x)))
 
 
@@ -220,10 +254,14 @@ class Embedding(nn.Module):
         self.pos = None if args.is_llama else nn.Embedding(args.max_seq_len, args.hidden_size)
         self.drop = nn.Dropout(args.dropout)
 
-    def forward(self, tokens: torch.Tensor, start: int = 0) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, start: int = 0,
+                positions: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``positions`` [b, s] (restarting per document) replace start..start+s-1."""
         x = self.tok(tokens)  # [b, s, h]
         if self.pos is not None:
-            x = x + self.pos(torch.arange(start, start + tokens.shape[1], device=tokens.device))
+            if positions is None:
+                positions = torch.arange(start, start + tokens.shape[1], device=tokens.device)
+            x = x + self.pos(positions)
         return self.drop(x)
 
 
@@ -255,10 +293,13 @@ class CausalLM(nn.Module):
         return [self.embed, *self.layers, self.head]
 
     def forward(self, tokens: torch.Tensor, caches: Optional[List[KVCache]] = None) -> torch.Tensor:
+        """Logits [b, s, vocab]. Without caches, packed documents are separated as the model's
+        flags say (``models.documents``); decoding with caches sees one text."""
         start = caches[0].length if caches else 0
-        x = self.embed(tokens, start)
+        doc = context_for(tokens, self.args) if not caches else None
+        x = self.embed(tokens, start, doc.positions if doc is not None else None)
         for i, layer in enumerate(self.layers):
-            x = layer(x, caches[i] if caches else None)
+            x = layer(x, caches[i] if caches else None, doc)
         return self.head(x)
 
 

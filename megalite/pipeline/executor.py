@@ -7,7 +7,9 @@ A step gets one batch dict per micro-batch (``tokens``, ``labels``, and whatever
 need, e.g. masks), on every stage. Loss normalisation lives here: each micro-batch's summed
 token loss is divided by the number of loss-bearing tokens in the whole global batch (counted
 over micro-batches and data-parallel ranks) and multiplied by the loss scale, so any mask keeps
-every layout equal to one process.
+every layout equal to one process. Packed documents (``models.documents``): ``eod_mask_loss``
+sets label -100 where the input is EOD before the tokens are counted, and every stage rebuilds
+the micro-batch's positions and attention mask from its tokens.
 
 Communication: an action's sends are posted when it ends — together with the next action's
 receive in one ``batch_isend_irecv`` when that action receives (Megatron's
@@ -30,6 +32,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
+from megalite.models.documents import context_for, mask_eod_labels
 from megalite.parallel import comm
 from megalite.parallel.dims import ParallelDims
 from megalite.pipeline.schedules import Action
@@ -163,6 +166,7 @@ class PipelineExecutor:
             loss_scale: float = 1.0) -> StepLoss:
         """Execute ``actions`` over ``batches``; backward passes (if any) leave gradients of
         sum(loss) / tokens * loss_scale. Returns the unscaled loss sum and token count."""
+        batches = [mask_eod_labels(b, self.stage.args) for b in batches]
         tokens = self.global_tokens(batches)
         self._scale = loss_scale / tokens.clamp(min=1)
         self.p2p = P2P(self.dims, len(batches))
@@ -213,7 +217,8 @@ class PipelineExecutor:
                               a.micro, 0)
             x.requires_grad_(torch.is_grad_enabled())
             slot.inputs = x
-        out = self.stage.forward_chunk(a.chunk, x)
+        out = self.stage.forward_chunk(a.chunk, x, doc=context_for(batch["tokens"],
+                                                                    self.stage.args))
         if self.stage.is_last(a.chunk):
             loss = self.loss_fn(out, batch["labels"])
             if torch.is_grad_enabled():

@@ -14,6 +14,7 @@ from typing import List, Optional, Sequence
 import torch
 import torch.nn as nn
 
+from megalite.models.documents import DocumentContext, context_for
 from megalite.models.transformer import CausalLM, KVCache
 
 
@@ -57,7 +58,8 @@ class PipelineStage(nn.Module):
         if len(self.chunks) != 1 or not (self.is_first(0) and self.is_last(0)):
             raise RuntimeError("PipelineStage.forward needs the whole model on one stage; "
                                "a pipelined model runs through forward_chunk")
-        return self.forward_chunk(0, tokens, caches)
+        doc = context_for(tokens, self.args) if not caches else None
+        return self.forward_chunk(0, tokens, caches, doc)
 
     def units(self) -> List[nn.Module]:
         """This rank's layer units in forward order (chunk by chunk)."""
@@ -72,12 +74,16 @@ class PipelineStage(nn.Module):
         return chunk == len(self.chunks) - 1 and self.head is not None
 
     def forward_chunk(self, chunk: int, x: torch.Tensor,
-                      caches: Optional[List[KVCache]] = None) -> torch.Tensor:
-        """tokens [b, s] (first virtual stage) or hidden [b, s, h] -> hidden or logits."""
+                      caches: Optional[List[KVCache]] = None,
+                      doc: Optional[DocumentContext] = None) -> torch.Tensor:
+        """tokens [b, s] (first virtual stage) or hidden [b, s, h] -> hidden or logits;
+        ``doc``: the micro-batch's packed-document positions and mask, which every stage
+        builds from the tokens (``models.documents.context_for``)."""
         if self.is_first(chunk):
-            x = self.embed(x, caches[0].length if caches else 0)
+            positions = doc.positions if doc is not None else None
+            x = self.embed(x, caches[0].length if caches else 0, positions)
         for i in self.chunks[chunk]:
-            x = self.layers[str(i)](x, caches[i] if caches else None)
+            x = self.layers[str(i)](x, caches[i] if caches else None, doc)
         if self.is_last(chunk):
             x = self.head(x)
         return x

@@ -71,12 +71,19 @@ class ParallelEmbedding(nn.Module):
         super().__init__()
         self.tok, self.pos, self.drop, self.tp_rank = tok, pos, drop, tp_rank
 
-    def forward(self, tokens: torch.Tensor, start: int = 0) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, start: int = 0,
+                positions: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``positions`` [b, s] of the whole sequence (packed documents) replace
+        start..start+s-1; with SP this rank adds those of its chunk."""
         x = self.tok(tokens)  # [b, s, h], or with SP this rank's chunk [b, s/tp, h]
         if self.pos is not None:
             s = x.shape[1]
-            first = start + (self.tp_rank * s if self.tok.sequence_parallel else 0)
-            x = x + self.pos(torch.arange(first, first + s, device=tokens.device))
+            first = self.tp_rank * s if self.tok.sequence_parallel else 0
+            if positions is None:
+                x = x + self.pos(torch.arange(start + first, start + first + s,
+                                              device=tokens.device))
+            else:
+                x = x + self.pos(positions[:, first:first + s])
         return self.drop(x)
 
 

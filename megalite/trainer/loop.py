@@ -70,7 +70,8 @@ class Trainer:
         self.train_ds, self.val_ds, self.tokenizer = build_datasets(
             cfg.data, t.seed, t.steps * self.gbs, t.eval_iters * self.gbs)
         self.tokenizer_file = self.prefixes[0] + ".tokenizer.json"
-        self.args = resolve_model_args(cfg.model, self.tokenizer.vocab_size)
+        self.args = resolve_model_args(cfg.model, self.tokenizer.vocab_size, cfg.data,
+                                       self.tokenizer.eod_id)  # eod: packed-document masks
         dtype = DTYPES[t.precision]
         self.timers = Timers()  # seconds per phase of a step: forward, backward, comm, optimizer
         self.engine = ZeroEngine(p.zero_stage, dims, dtype, DTYPES[t.grad_dtype], p.bucket_mb,
