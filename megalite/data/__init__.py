@@ -3,11 +3,13 @@ indexed by global sample number (so every parallel layout sees the same samples)
 from .corpus import ensure_dataset, stdlib_files, synthetic_texts
 from .dataset import (BlendedSamples, IndexedTokens, PackedSamples, build_datasets, eval_batch,
                       micro_batch, split_documents)
+from .inputs import DataError, iter_documents, resolve_inputs
 from .prepare import main as prepare_data_main
 from .prepare import prepare, prepare_documents
 from .tokenizer import ByteTokenizer, HFTokenizer, Tokenizer, load_tokenizer, train_tokenizer
 
 __all__ = [
+    "DataError", "iter_documents", "resolve_inputs",
     "Tokenizer", "ByteTokenizer", "HFTokenizer", "train_tokenizer", "load_tokenizer",
     "prepare", "prepare_documents", "prepare_data_main",
     "stdlib_files", "synthetic_texts", "ensure_dataset",

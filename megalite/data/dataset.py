@@ -81,7 +81,12 @@ def split_documents(num_docs: int, split: str, seed: int) -> Tuple[np.ndarray, n
 class PackedSamples:
     """Documents concatenated in a seeded per-epoch order and cut into samples of seq_len+1
     tokens that overlap by one (the last input token's label starts the next sample), so no
-    token is wasted and no padding is needed; then the sample order is shuffled too."""
+    token is wasted and no padding is needed; then the sample order is shuffled too.
+
+    The order is a stable prefix: sample i does not depend on ``num_samples`` (so not on
+    train.steps). The stream is cut into blocks of ``block_size`` samples, about one epoch of
+    documents each, and each block is permuted by its own seeded generator; extending a run
+    only appends blocks, it never reorders samples a shorter run has (or has not yet) seen."""
 
     def __init__(self, tokens: IndexedTokens, doc_ids: Sequence[int], seq_len: int,
                  num_samples: int, seed: int) -> None:
@@ -93,7 +98,10 @@ class PackedSamples:
                              f"{doc_ids.size} documents, fewer than one sample of seq_len+1 = "
                              f"{self.seq_len + 1}; use more data, a smaller data.seq_len or a "
                              "different data.split")
-        needed = self.num_samples * self.seq_len + 1
+        self.block_size = (per_epoch - 1) // self.seq_len  # whole samples in one epoch
+        num_blocks = max(1, -(-self.num_samples // self.block_size))
+        # the last block is permuted whole, so the stream must reach its last sample
+        needed = num_blocks * self.block_size * self.seq_len + 1
         self.num_epochs = max(1, -(-needed // per_epoch))
         order = [np.random.default_rng([seed, 0xD0C, e]).permutation(doc_ids)
                  for e in range(self.num_epochs)]
@@ -101,8 +109,10 @@ class PackedSamples:
         lengths = tokens.doc_lengths[self.doc_order]
         self.stream_starts = np.zeros(lengths.size + 1, dtype=np.int64)
         np.cumsum(lengths, out=self.stream_starts[1:])
-        self.sample_order: np.ndarray = np.random.default_rng([seed, 0x5A4]).permutation(
-            self.num_samples)
+        blocks = [b * self.block_size
+                  + np.random.default_rng([seed, 0x5A4, b]).permutation(self.block_size)
+                  for b in range(num_blocks)]
+        self.sample_order: np.ndarray = np.concatenate(blocks)[:self.num_samples]
 
     def __len__(self) -> int:
         return self.num_samples
