@@ -7,14 +7,20 @@ import gzip
 import importlib
 import json
 import os
+import re
+import shutil
+import subprocess
 import sys
 
 import numpy as np
 import pytest
 
 from megalite.config.schema import DataConfig
-from megalite.data import (DataError, IndexedTokens, PackedSamples, build_datasets,
-                           ensure_dataset, prepare, prepare_data_main)
+from megalite.data import (ByteTokenizer, DataError, IndexedTokens, MegatronTokens,
+                           PackedSamples, build_datasets, check_data, ensure_dataset, prepare,
+                           prepare_data_main, read_index, synthetic_texts)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 prepare_mod = importlib.import_module("megalite.data.prepare")
 
@@ -30,8 +36,7 @@ def _one_error_line(capsys, *needles: str) -> str:
 def test_compressed_inputs_and_text_key(tmp_path, monkeypatch) -> None:
     """.jsonl.gz and .txt.zst are read as text (explicitly and from a directory), the jsonl
     field is --text_key; the dataset decodes back to the documents, in input order."""
-    import zstandard
-
+    zstandard = pytest.importorskip("zstandard")  # setup.py's `zstd` extra (in `ci`)
     src = tmp_path / "in"
     src.mkdir()
     docs = ["première ligne ☕", "second doc", "third\nwith lines"]
@@ -114,3 +119,174 @@ def test_sample_order_is_a_stable_prefix(tmp_path) -> None:
     assert sorted(a.sample_order[:b].tolist()) == list(range(b))
     rest = a.sample_order[b:].tolist()  # the partial last block: distinct samples of block 1
     assert len(set(rest)) == len(rest) == 2000 - b and b <= min(rest) and max(rest) < 2 * b
+
+
+def _copy_dataset(src: str, dst: str) -> str:
+    for s in (".bin", ".idx.npy", ".meta.json", ".tokenizer.json"):
+        shutil.copyfile(src + s, dst + s)
+    return dst
+
+
+def test_cut_or_missing_data_is_one_line(tmp_path) -> None:
+    """Each broken dataset file is named by a DataError (one line) from check_data, the check
+    the CLI runs before any rank starts; no numpy/json error escapes."""
+    (good,) = ensure_dataset(DataConfig(source="synthetic", cache_dir=str(tmp_path / "c")))
+    check_data(DataConfig(source="prepared", paths=[good]))  # a complete dataset passes
+
+    def refused(cfg: DataConfig, *needles: str) -> None:
+        with pytest.raises(DataError) as e:
+            check_data(cfg)
+        assert "\n" not in str(e.value)
+        for n in needles:
+            assert n in str(e.value), str(e.value)
+
+    missing = str(tmp_path / "nope" / "ds")
+    refused(DataConfig(source="prepared", paths=[good, missing]), f"prefix {missing}",
+            "does not exist", "prepare-data")
+    refused(DataConfig(source="stdlib", tokenizer=str(tmp_path / "tok.json")),
+            "data.tokenizer", "tok.json", "no such file")
+    cases = [  # (file, how it is broken, expected words)
+        (".meta.json", lambda b: b[:len(b) // 2], "not valid JSON"),
+        (".idx.npy", lambda b: b"garbage" * 20, "not a .npy file"),
+        (".idx.npy", lambda b: b[:len(b) - 16], "not a readable .npy index"),
+        (".bin", lambda b: b[:-3], "the dataset is cut"),
+        (".tokenizer.json", lambda b: b[:10], "cannot load tokenizer"),
+    ]
+    for k, (suffix, cut, words) in enumerate(cases):
+        p = _copy_dataset(good, str(tmp_path / f"cut{k}"))
+        with open(p + suffix, "rb") as f:
+            data = f.read()
+        with open(p + suffix, "wb") as f:
+            f.write(cut(data))
+        refused(DataConfig(source="prepared", paths=[p]), p + suffix, words)
+    # an index holding pickled objects is refused, never unpickled
+    p = _copy_dataset(good, str(tmp_path / "objects"))
+    np.save(p + ".idx.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    refused(DataConfig(source="prepared", paths=[p]), p + ".idx.npy", "never loads")
+
+
+def test_cli_data_errors_before_ranks(tmp_path) -> None:
+    """`megalite train` with a missing prefix (1 process) and with a cut meta.json (dp=2, the
+    parent checks before spawning): exit 2, one `error:` line, no traceback."""
+    (good,) = ensure_dataset(DataConfig(source="synthetic", cache_dir=str(tmp_path / "c")))
+    cut = _copy_dataset(good, str(tmp_path / "cut"))
+    with open(cut + ".meta.json", "w") as f:
+        f.write('{"format": "megalite-indexed-v1", "dty')
+    env = dict(os.environ, PYTHONPATH=REPO)
+    for paths, extra, words in ((str(tmp_path / "missing"), [], "no dataset at prefix"),
+                                (cut, ["--parallel.dp=2"], "cut.meta.json: not valid JSON")):
+        r = subprocess.run([sys.executable, "-m", "megalite.cli", "train", "--config",
+                            os.path.join(REPO, "configs", "tiny.yaml"), "--data.source=prepared",
+                            f"--data.paths={paths}", f"--run.dir={tmp_path / 'run'}", *extra],
+                           capture_output=True, text=True, env=env, timeout=120)
+        assert r.returncode == 2, r.stderr
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], r.stderr
+    assert not os.path.exists(tmp_path / "run")
+
+
+def _megatron_builder():
+    pytest.importorskip("megatron.core")  # setup.py's `ci` extra (megatron-core)
+    import torch  # noqa: F401  (the builder takes tensors)
+    from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
+
+    return IndexedDataset, IndexedDatasetBuilder
+
+
+def test_megatron_index_header_and_dtypes(tmp_path) -> None:
+    """read_index parses what IndexedDatasetBuilder writes, for every integer token dtype,
+    several sequences per document and the multimodal layout, as megatron-core reads it;
+    float tokens, a cut .idx and a cut .bin are refused by name."""
+    import torch
+
+    IndexedDataset, IndexedDatasetBuilder = _megatron_builder()
+    rng = np.random.default_rng(0)
+    for dtype in (np.uint8, np.int8, np.int16, np.uint16, np.int32, np.int64):
+        for multimodal in (False, True):
+            prefix = str(tmp_path / f"m_{np.dtype(dtype).name}_{int(multimodal)}")
+            b = IndexedDatasetBuilder(prefix + ".bin", dtype=dtype, multimodal=multimodal)
+            for d in range(5):
+                for _ in range(d % 3 + 1):  # 1-3 sequences per document, one of them empty
+                    n = int(rng.integers(0, 9)) if d else 0
+                    b.add_item(torch.from_numpy(rng.integers(0, 100, n).astype(dtype)), mode=1)
+                b.end_document()
+            b.finalize(prefix + ".idx")
+            ref = IndexedDataset(prefix, multimodal=multimodal)
+            idx = read_index(prefix + ".idx")
+            assert idx.dtype == np.dtype(dtype)
+            assert np.array_equal(idx.sequence_lengths, ref.sequence_lengths)
+            assert np.array_equal(idx.document_indices, ref.document_indices)
+            t = MegatronTokens(prefix, _bytes_tokenizer(tmp_path), append_eod=False)
+            for d in range(5):
+                seqs = range(ref.document_indices[d], ref.document_indices[d + 1])
+                # a multimodal dataset returns (tokens, mode) per sequence
+                want = np.concatenate([ref[s][0] if multimodal else ref[s] for s in seqs])
+                assert np.array_equal(t.doc(d), want), (dtype, multimodal, d)
+    prefix = str(tmp_path / "f")
+    b = IndexedDatasetBuilder(prefix + ".bin", dtype=np.float32)
+    b.add_item(torch.ones(3))
+    b.end_document()
+    b.finalize(prefix + ".idx")
+    with pytest.raises(DataError, match=r"f\.idx: tokens of dtype float32"):
+        read_index(prefix + ".idx")
+    good = str(tmp_path / "m_uint16_0")
+    for suffix, words in ((".idx", "needs"), (".bin", "cut")):
+        bad = str(tmp_path / f"cut{suffix}")
+        for s in (".idx", ".bin"):
+            shutil.copyfile(good + s, bad + s)
+        with open(bad + suffix, "rb+") as f:
+            f.truncate(os.path.getsize(bad + suffix) - 2)
+        with pytest.raises(DataError, match=re.escape(bad + suffix) + ".*" + words):
+            MegatronTokens(bad, _bytes_tokenizer(tmp_path), append_eod=False)
+
+
+def _bytes_tokenizer(tmp_path) -> str:
+    path = str(tmp_path / "bytes.tokenizer.json")
+    ByteTokenizer().save(path)
+    return path
+
+
+def test_megatron_dataset_trains_like_prepared(tmp_path, data_cache) -> None:
+    """The same documents tokenized by prepare-data (eod after each) and written with
+    IndexedDatasetBuilder (without eod, data.megatron_append_eod=true; and with eod in the
+    tokens, as preprocess_data.py --append-eod) give the same samples, and a 1-process tiny
+    model the same 10 losses; without data.tokenizer the Megatron data is refused."""
+    import torch
+
+    from helpers import tiny_config, train
+
+    _, IndexedDatasetBuilder = _megatron_builder()
+    jsonl = tmp_path / "docs.jsonl"
+    with open(jsonl, "w", encoding="utf-8") as f:
+        for t in synthetic_texts()[:300]:
+            f.write(json.dumps({"text": t}) + "\n")
+    ours = str(tmp_path / "ours")
+    prepare([str(jsonl)], ours, "bpe:400", 1)
+    tok_file = ours + ".tokenizer.json"
+    tok = IndexedTokens(ours).tokenizer
+    for name, with_eod in (("meg", False), ("meg_eod", True)):
+        b = IndexedDatasetBuilder(str(tmp_path / f"{name}.bin"), dtype=np.uint16)
+        for t in synthetic_texts()[:300]:
+            ids = tok.encode(t) + ([tok.eod_id] if with_eod else [])
+            b.add_item(torch.tensor(ids, dtype=torch.int64))
+            b.end_document()
+        b.finalize(str(tmp_path / f"{name}.idx"))
+    meg, meg_eod = str(tmp_path / "meg"), str(tmp_path / "meg_eod")
+    common = dict(source="prepared", tokenizer=tok_file, seq_len=64, split="95,5")
+    ref_train, ref_val, _ = build_datasets(DataConfig(paths=[ours], **common), 7, 200, 20)
+    for prefix, append in ((meg, True), (meg_eod, False)):
+        cfg = DataConfig(paths=[prefix], megatron_append_eod=append, **common)
+        tr, va, mtok = build_datasets(cfg, 7, 200, 20)
+        assert mtok.eod_id == tok.eod_id and mtok.vocab_size == tok.vocab_size
+        assert all(np.array_equal(tr[i], ref_train[i]) for i in range(200))
+        assert all(np.array_equal(va[i], ref_val[i]) for i in range(20))
+    with pytest.raises(DataError, match="Megatron dataset, which carries no tokenizer"):
+        check_data(DataConfig(source="prepared", paths=[meg]))  # data.tokenizer left bpe:4096
+    losses = []
+    for paths, extra in ((ours, []), (meg, ["--data.megatron_append_eod=true",
+                                            f"--data.tokenizer={tok_file}"])):
+        cfg = tiny_config(str(tmp_path / f"run-{len(losses)}"), data_cache, "--train.steps=10",
+                          "--train.eval_iters=1", "--data.source=prepared",
+                          f"--data.paths={paths}", *extra)
+        losses.append(train(cfg, distributed=False)[1].losses)
+    assert len(losses[0]) == 10 and losses[0] == losses[1]  # same samples: bit-identical
