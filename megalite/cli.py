@@ -60,7 +60,7 @@ def run_ranks(command: str, argv: List[str]) -> int:
             ensure_dataset(cfg.data)  # once here, so the ranks find it ready
         check_data(cfg.data)
     except DataError as e:
-        if os.environ.get("RANK", "0") == "0":  # launched ranks would all say it
+        if env is None or env.rank == 0:  # launched ranks would all say it
             print(f"error: {e}", file=sys.stderr)
         return 2
     if env is None and cfg.world_size > 1:

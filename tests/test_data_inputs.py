@@ -166,21 +166,32 @@ def test_cut_or_missing_data_is_one_line(tmp_path) -> None:
 
 
 def test_cli_data_errors_before_ranks(tmp_path) -> None:
-    """`megalite train` with a missing prefix (1 process) and with a cut meta.json (dp=2, the
-    parent checks before spawning): exit 2, one `error:` line, no traceback."""
+    """`megalite train` with a missing prefix (1 process), with a cut meta.json (dp=2, the
+    parent checks before spawning) and as launched ranks 0 and 1 of 2 (each checks before its
+    process group starts, only rank 0 speaks): exit 2, one `error:` line, no traceback."""
     (good,) = ensure_dataset(DataConfig(source="synthetic", cache_dir=str(tmp_path / "c")))
     cut = _copy_dataset(good, str(tmp_path / "cut"))
     with open(cut + ".meta.json", "w") as f:
         f.write('{"format": "megalite-indexed-v1", "dty')
     env = dict(os.environ, PYTHONPATH=REPO)
-    for paths, extra, words in ((str(tmp_path / "missing"), [], "no dataset at prefix"),
-                                (cut, ["--parallel.dp=2"], "cut.meta.json: not valid JSON")):
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        env.pop(k, None)
+    launched = dict(WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT="1")  # never reached
+    for paths, extra, rank, words in (
+            (str(tmp_path / "missing"), [], None, "no dataset at prefix"),
+            (cut, ["--parallel.dp=2"], None, "cut.meta.json: not valid JSON"),
+            (cut, ["--parallel.dp=2"], "0", "cut.meta.json: not valid JSON"),
+            (cut, ["--parallel.dp=2"], "1", None)):
         r = subprocess.run([sys.executable, "-m", "megalite.cli", "train", "--config",
                             os.path.join(REPO, "configs", "tiny.yaml"), "--data.source=prepared",
                             f"--data.paths={paths}", f"--run.dir={tmp_path / 'run'}", *extra],
-                           capture_output=True, text=True, env=env, timeout=120)
+                           capture_output=True, text=True, timeout=120,
+                           env=env if rank is None else dict(env, RANK=rank, **launched))
         assert r.returncode == 2, r.stderr
         lines = r.stderr.strip().splitlines()
+        if words is None:
+            assert lines == [], r.stderr
+            continue
         assert len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], r.stderr
     assert not os.path.exists(tmp_path / "run")
 

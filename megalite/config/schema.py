@@ -169,7 +169,8 @@ class DataConfig:
     source: str = "stdlib"
     """`stdlib` (this Python's standard-library .py sources, prepared on first use; no download),
     `synthetic` (a small seeded corpus generated in code, identical on every machine; byte
-    tokenizer) or `prepared` (the datasets in `paths`, made by `megalite prepare-data`)."""
+    tokenizer) or `prepared` (the datasets in `paths`, made by `megalite prepare-data` or
+    Megatron-LM)."""
     paths: List[str] = field(default_factory=list)
     """Prefixes of prepared datasets (source=prepared): PREFIX.meta.json etc. made by `megalite
     prepare-data`, or Megatron-LM's PREFIX.bin + PREFIX.idx (IndexedDatasetBuilder), read in
