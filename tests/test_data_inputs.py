@@ -82,8 +82,8 @@ def test_binary_and_bad_input_refused_before_workers(tmp_path, monkeypatch, caps
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "a"}\n\n{"text": "b"\n{"text": "c"}\n')
     out = str(tmp_path / "out" / "ds")
-    cases = [([str(good), str(rand)], ["random.txt: not a text file"]),
-             ([str(good), sys.executable], [f"{sys.executable}: not a text file", "NUL"]),
+    cases = [([str(good), str(rand)], ["random.txt: not a UTF-8 text file"]),
+             ([str(good), sys.executable], [f"{sys.executable}: not a UTF-8", "NUL"]),
              ([str(good), str(bad)], ["bad.jsonl:3: expected a JSON object"]),
              ([str(good), str(tmp_path / "typo.txt")], ["typo.txt: no such file"])]
     for inputs, needles in cases:

@@ -119,8 +119,8 @@ def sniff_binary(path: str, head: bytes) -> None:
         if bad > _MAX_BAD_UTF8 * max(len(text), 1):
             why = f"{bad} of its first {len(head)} bytes are not UTF-8"
     if why:
-        raise DataError(f"{path}: not a text file ({why}); remove it from --input (binary, "
-                        "and compressed files other than .gz/.zst, are not read)")
+        raise DataError(f"{path}: not a UTF-8 text file ({why}); remove it from --input "
+                        "(binary files, and compressed ones other than .gz/.zst, are not read)")
 
 
 def _jsonl_text(path: str, n: int, line: str, text_key: str) -> str:
