@@ -143,6 +143,9 @@ def test_cut_or_missing_data_is_one_line(tmp_path) -> None:
     missing = str(tmp_path / "nope" / "ds")
     refused(DataConfig(source="prepared", paths=[good, missing]), f"prefix {missing}",
             "does not exist", "prepare-data")
+    half = _copy_dataset(good, str(tmp_path / "half"))
+    os.remove(half + ".meta.json")  # a .bin alone: Megatron's .idx or our meta.json is missing
+    refused(DataConfig(source="prepared", paths=[half]), f"{half}.bin exists", f"{half}.idx")
     refused(DataConfig(source="stdlib", tokenizer=str(tmp_path / "tok.json")),
             "data.tokenizer", "tok.json", "no such file")
     cases = [  # (file, how it is broken, expected words)

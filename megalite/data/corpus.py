@@ -190,6 +190,10 @@ def prepared_prefixes(cfg: DataConfig) -> List[str]:
                             f"(megalite prepare-data) nor {p}.bin + {p}.idx (Megatron) "
                             f"exists{hint}; prepare it with `megalite prepare-data --input "
                             f"FILES --output {p}`")
+        if not os.path.exists(p + ".meta.json"):
+            raise DataError(f"data.paths: {p}.bin exists but neither {p}.idx (a Megatron "
+                            f"dataset) nor {p}.meta.json (megalite prepare-data) does; the "
+                            "dataset is incomplete, write it again")
         for s in SUFFIXES:
             if not os.path.exists(p + s):
                 raise DataError(f"data.paths: {p + s} not found (prepare it with "
