@@ -236,6 +236,13 @@ def test_megatron_index_header_and_dtypes(tmp_path) -> None:
                 # a multimodal dataset returns (tokens, mode) per sequence
                 want = np.concatenate([ref[s][0] if multimodal else ref[s] for s in seqs])
                 assert np.array_equal(t.doc(d), want), (dtype, multimodal, d)
+    prefix = str(tmp_path / "big")  # ids beyond the byte tokenizer's 257: another tokenizer's
+    b = IndexedDatasetBuilder(prefix + ".bin", dtype=np.uint16)
+    b.add_item(torch.tensor([5, 300, 7]))
+    b.end_document()
+    b.finalize(prefix + ".idx")
+    with pytest.raises(DataError, match=r"big\.bin: token id 300 .* vocabulary \(size 257\)"):
+        MegatronTokens(prefix, _bytes_tokenizer(tmp_path), append_eod=False)
     prefix = str(tmp_path / "f")
     b = IndexedDatasetBuilder(prefix + ".bin", dtype=np.float32)
     b.add_item(torch.ones(3))

@@ -33,6 +33,7 @@ from .tokenizer import Tokenizer, load_tokenizer
 
 MAGIC = b"MMIDIDX\x00\x00"
 _HEADER = struct.Struct("<9sQBQQ")  # magic, version, dtype code, S, D: 34 bytes
+_HEAD_TOKENS = 1 << 20  # checked against the vocabulary on opening (2-8 MB read)
 DTYPE_CODES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64,
                6: np.float64, 7: np.float32, 8: np.uint16}
 """megatron.core.datasets.indexed_dataset.DType: code -> numpy dtype."""
@@ -117,6 +118,7 @@ class MegatronTokens:
         self._tokenizer: Optional[Tokenizer] = load_tokenizer(tokenizer_path)
         self.vocab_size = self._tokenizer.vocab_size
         self.eod_id = self._tokenizer.eod_id
+        self._check_ids(self.tokens[:_HEAD_TOKENS], "its first tokens")
         self.meta = {"format": "megatron-indexed", "dtype": str(index.dtype),
                      "num_docs": self.num_docs, "num_tokens": int(seq_starts[-1]),
                      "vocab_size": self.vocab_size, "eod_id": self.eod_id,
@@ -127,10 +129,20 @@ class MegatronTokens:
         assert self._tokenizer is not None
         return self._tokenizer
 
+    def _check_ids(self, ids: np.ndarray, where: str) -> None:
+        """Token ids outside the tokenizer's vocabulary mean the data was made with another
+        tokenizer; say so rather than fail inside the embedding."""
+        if ids.size and (int(ids.max()) >= self.vocab_size or int(ids.min()) < 0):
+            bad = int(ids.max()) if int(ids.max()) >= self.vocab_size else int(ids.min())
+            raise DataError(f"{self.prefix}.bin: token id {bad} in {where} is outside the "
+                            f"vocabulary (size {self.vocab_size}) of data.tokenizer "
+                            f"{self.tokenizer_file}; set the tokenizer the data was made with")
+
     def doc_slice(self, i: int, start: int, count: int) -> np.ndarray:
         """Tokens ``[start, start+count)`` of document ``i`` (its eod counted when appended)."""
         lo, hi = int(self.offsets[i]), int(self.offsets[i + 1])
         part = self.tokens[min(lo + start, hi):min(lo + start + count, hi)]
+        self._check_ids(part, f"document {i}")  # opening checked only the first tokens
         if self.append_eod and start + count > hi - lo and start <= hi - lo:
             return np.concatenate([part.astype(np.int64), [self.eod_id]])
         return part
