@@ -161,14 +161,16 @@ setup(
         "tensorboard": ["tensorboard"],
         "mpi": ["mpi4py"],  # rank discovery under mpiexec without OMPI_* (parallel/env.py)
         "deepspeed": ["deepspeed"],  # the `deepspeed` launcher CLI
+        "zstd": ["zstandard"],  # prepare-data reads .zst inputs
         "dev": ["pytest>=7", "transformers>=4.40", "safetensors", "tokenizers>=0.15", "tensorboard"],
-        # every optional package the test suite uses (dev + mpi + deepspeed): .ci/run installs
+        # every optional package the test suite uses (dev + mpi + deepspeed + zstd + megatron-core,
+        # whose IndexedDatasetBuilder writes the Megatron datasets read in tests): .ci/run installs
         # it and fails if it cannot; under MEGALITE_CI=1 a test skipped for a missing package
         # fails (tests/conftest.py)
         # the side-by-side benchmarks' peers (bench/tp.py, bench/zero.py)
         "bench": ["megatron-core", "deepspeed"],
         "ci": ["pytest>=7", "transformers>=4.40", "safetensors", "tokenizers>=0.15", "tensorboard",
-               "mpi4py", "deepspeed"],
+               "mpi4py", "deepspeed", "zstandard", "megatron-core"],
     },
     entry_points={"console_scripts": ["megalite=megalite.cli:main"]},
 )

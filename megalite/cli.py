@@ -53,11 +53,19 @@ def run_ranks(command: str, argv: List[str]) -> int:
     ckpt = _pop_option(argv, "--checkpoint") if command == "eval" else None
     cfg, _ = parse_or_exit(argv)
     env = discover()
+    from megalite.data import DataError, check_data, ensure_dataset
+
+    try:  # bad data is one line, before any rank or process group starts
+        if env is None:
+            ensure_dataset(cfg.data)  # once here, so the ranks find it ready
+        check_data(cfg.data)
+    except DataError as e:
+        if env is None or env.rank == 0:  # launched ranks would all say it
+            print(f"error: {e}", file=sys.stderr)
+        return 2
     if env is None and cfg.world_size > 1:
-        from megalite.data import ensure_dataset
         from megalite.launcher.local import launch_local
 
-        ensure_dataset(cfg.data)  # once here, so the ranks find it ready
         extra = ["--checkpoint", ckpt] if ckpt else []
         return launch_local(["megalite.cli", command, *argv, *extra], cfg.world_size)
     from megalite.parallel.dims import LayoutError, ParallelDims

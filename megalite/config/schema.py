@@ -184,14 +184,18 @@ class DataConfig:
     source: str = "stdlib"
     """`stdlib` (this Python's standard-library .py sources, prepared on first use; no download),
     `synthetic` (a small seeded corpus generated in code, identical on every machine; byte
-    tokenizer) or `prepared` (the datasets in `paths`, made by `megalite prepare-data`)."""
+    tokenizer) or `prepared` (the datasets in `paths`, made by `megalite prepare-data` or
+    Megatron-LM)."""
     paths: List[str] = field(default_factory=list)
-    """Prefixes of prepared datasets (source=prepared)."""
+    """Prefixes of prepared datasets (source=prepared): PREFIX.meta.json etc. made by `megalite
+    prepare-data`, or Megatron-LM's PREFIX.bin + PREFIX.idx (IndexedDatasetBuilder), read in
+    place; those carry no tokenizer, so data.tokenizer must name theirs."""
     weights: List[float] = field(default_factory=list)
     """Blending weights of `paths` (empty: proportional weights 1 each)."""
     tokenizer: str = "bpe:4096"
     """For source=stdlib: `bytes`, `bpe:VOCAB` (byte-level BPE trained on the corpus) or the
-    path of a Hugging Face tokenizer.json."""
+    path of a Hugging Face tokenizer.json. For Megatron datasets in `paths`: the path of the
+    tokenizer.json they were made with (required). Ignored for megalite-prepared datasets."""
     stdlib_max_bytes: int = 4_000_000
     """For source=stdlib: byte budget of the corpus, so runs compare across machines."""
     cache_dir: str = ".cache/megalite"
@@ -213,6 +217,10 @@ class DataConfig:
     """True: no loss where the input token is EOD, i.e. on predicting a document's first token
     from the previous document (Megatron-LM --eod-mask-loss); the loss is averaged over the kept
     tokens of the global batch."""
+    megatron_append_eod: bool = False
+    """For a Megatron dataset in `paths` (PREFIX.bin + PREFIX.idx, as Megatron's --data-path):
+    insert the tokenizer's end-of-document token after every document. Leave false for data
+    made with `preprocess_data.py --append-eod`, whose documents already end with it."""
 
 
 @dataclass

@@ -17,6 +17,8 @@ import sysconfig
 from typing import Iterator, List
 
 from ..config.schema import DataConfig
+from .inputs import DataError
+from .megatron import is_megatron
 from .prepare import SUFFIXES, prepare, prepare_documents
 from .tokenizer import parse_spec
 
@@ -171,27 +173,53 @@ def _cached(prefix: str, build: "object") -> str:
     return prefix
 
 
+def prepared_prefixes(cfg: DataConfig) -> List[str]:
+    """data.paths, each checked to name a dataset: megalite's (PREFIX.meta.json, .bin,
+    .idx.npy, .tokenizer.json) or Megatron's (PREFIX.bin + PREFIX.idx, as Megatron's
+    --data-path names it)."""
+    if not cfg.paths:
+        raise DataError("data.source=prepared needs data.paths (dataset prefixes made by "
+                        "`megalite prepare-data`, or Megatron .bin/.idx prefixes)")
+    for p in cfg.paths:
+        if is_megatron(p):
+            continue
+        if not os.path.exists(p + ".meta.json") and not os.path.exists(p + ".bin"):
+            where = os.path.dirname(os.path.abspath(p))
+            hint = "" if os.path.isdir(where) else f" (directory {where} does not exist)"
+            raise DataError(f"data.paths: no dataset at prefix {p}: neither {p}.meta.json "
+                            f"(megalite prepare-data) nor {p}.bin + {p}.idx (Megatron) "
+                            f"exists{hint}; prepare it with `megalite prepare-data --input "
+                            f"FILES --output {p}`")
+        if not os.path.exists(p + ".meta.json"):
+            raise DataError(f"data.paths: {p}.bin exists but neither {p}.idx (a Megatron "
+                            f"dataset) nor {p}.meta.json (megalite prepare-data) does; the "
+                            "dataset is incomplete, write it again")
+        for s in SUFFIXES:
+            if not os.path.exists(p + s):
+                raise DataError(f"data.paths: {p + s} not found (prepare it with "
+                                f"`megalite prepare-data --output {p}`)")
+    return list(cfg.paths)
+
+
 def ensure_dataset(cfg: DataConfig) -> List[str]:
     """Prefixes of the datasets to train on, preparing (and caching) built-in corpora."""
     if cfg.source == "prepared":
-        if not cfg.paths:
-            raise ValueError("data.source=prepared needs data.paths (dataset prefixes made by "
-                             "`megalite prepare-data`)")
-        for p in cfg.paths:
-            for s in (".bin", ".idx.npy", ".meta.json"):
-                if not os.path.exists(p + s):
-                    raise ValueError(f"data.paths: {p + s} not found (prepare it with "
-                                     f"`megalite prepare-data --output {p}`)")
-        return list(cfg.paths)
+        return prepared_prefixes(cfg)
     if cfg.source == "stdlib":
+        files = stdlib_files(cfg.stdlib_max_bytes)
+        # builds of one Python version differ (Debian's 3.11.2 and pyenv's 3.11.7 pick 230 and
+        # 233 files): key the cache on the files, so a changed Python never reuses a stale corpus
+        root = sysconfig.get_paths()["stdlib"]
+        listing = "\n".join(f"{os.path.relpath(p, root)}:{os.path.getsize(p)}" for p in files)
+        digest = hashlib.sha256(listing.encode()).hexdigest()[:8]
         v = sys.version_info
-        key = f"py{v.major}.{v.minor}-{cfg.stdlib_max_bytes}-{_tokenizer_key(cfg.tokenizer)}"
+        key = (f"py{v.major}.{v.minor}.{v.micro}-{cfg.stdlib_max_bytes}-"
+               f"{_tokenizer_key(cfg.tokenizer)}-{digest}")
         prefix = os.path.join(cfg.cache_dir, f"stdlib-{key}")
-        return [_cached(prefix, lambda: prepare(stdlib_files(cfg.stdlib_max_bytes), prefix,
-                                                cfg.tokenizer, cfg.num_workers))]
+        return [_cached(prefix, lambda: prepare(files, prefix, cfg.tokenizer, cfg.num_workers))]
     if cfg.source == "synthetic":
         prefix = os.path.join(cfg.cache_dir, f"synthetic-v{SYNTHETIC_VERSION}")
         # ~0.5 MB of text: tokenizing in-process is faster than starting workers.
         return [_cached(prefix, lambda: prepare_documents(synthetic_texts, prefix, "bytes", 1))]
-    raise ValueError(f"bad data.source {cfg.source!r}: expected 'stdlib', 'synthetic' or "
+    raise DataError(f"bad data.source {cfg.source!r}: expected 'stdlib', 'synthetic' or "
                      "'prepared'")

@@ -15,41 +15,133 @@ from typing import TYPE_CHECKING, List, Optional, Sequence, Tuple
 import numpy as np
 
 from ..config.schema import DataConfig
-from .corpus import ensure_dataset
-from .tokenizer import Tokenizer, load_tokenizer
+from .corpus import ensure_dataset, prepared_prefixes
+from .inputs import DataError
+from .megatron import MegatronTokens, is_megatron
+from .tokenizer import Tokenizer, load_tokenizer, parse_spec
 
 if TYPE_CHECKING:
     import torch
 
 
 class IndexedTokens:
-    """A prepared dataset: tokens memory-mapped (never loaded whole), document offsets in RAM."""
+    """A prepared dataset: tokens memory-mapped (never loaded whole), document offsets in RAM.
+    Opening it checks every file against the others, so a cut or mismatched file is named in
+    one line (``DataError``) instead of failing later inside numpy or json."""
 
     def __init__(self, prefix: str) -> None:
         self.prefix = prefix
-        with open(prefix + ".meta.json", "r", encoding="utf-8") as f:
-            self.meta = json.load(f)
-        self.offsets: np.ndarray = np.load(prefix + ".idx.npy")
-        self.tokens = np.memmap(prefix + ".bin", dtype=np.dtype(self.meta["dtype"]), mode="r")
-        if int(self.offsets[-1]) != self.tokens.size:
-            raise ValueError(f"{prefix}: .idx.npy says {int(self.offsets[-1])} tokens but .bin "
-                             f"holds {self.tokens.size}; the dataset is corrupt, prepare it again")
+        self.tokenizer_file = prefix + ".tokenizer.json"
+        self.meta = _read_meta(prefix + ".meta.json")
+        self.offsets: np.ndarray = _read_offsets(prefix + ".idx.npy")
+        dtype = np.dtype(self.meta["dtype"])
+        bin_size = os.path.getsize(prefix + ".bin")
+        num_tokens = int(self.offsets[-1])
+        if bin_size != num_tokens * dtype.itemsize or num_tokens != self.meta["num_tokens"]:
+            raise DataError(f"{prefix}.bin: {bin_size} bytes, but {prefix}.idx.npy and "
+                            f".meta.json say {num_tokens} and {self.meta['num_tokens']} tokens "
+                            f"of {dtype}; the dataset is cut or mixed, prepare it again")
+        self.tokens = np.memmap(prefix + ".bin", dtype=dtype, mode="r") if bin_size else \
+            np.zeros(0, dtype)
         self.num_docs = int(self.offsets.size - 1)
         self.doc_lengths: np.ndarray = np.diff(self.offsets)
         self.vocab_size = int(self.meta["vocab_size"])
         self.eod_id = int(self.meta["eod_id"])
+        if not os.path.isfile(self.tokenizer_file):
+            raise DataError(f"{self.tokenizer_file} not found; prepare the dataset again")
         self._tokenizer: Optional[Tokenizer] = None
 
     @property
     def tokenizer(self) -> Tokenizer:
         """Loaded on first use: most consumers only need vocab_size/eod_id from the meta."""
         if self._tokenizer is None:
-            self._tokenizer = load_tokenizer(self.prefix + ".tokenizer.json")
+            self._tokenizer = load_tokenizer(self.tokenizer_file)
         return self._tokenizer
 
     def doc(self, i: int) -> np.ndarray:
         """Tokens of document ``i`` (ending with eod), a view into the memmap."""
         return self.tokens[int(self.offsets[i]):int(self.offsets[i + 1])]
+
+    def doc_slice(self, i: int, start: int, count: int) -> np.ndarray:
+        """Tokens ``[start, start+count)`` of document ``i``, a view into the memmap."""
+        lo, hi = int(self.offsets[i]), int(self.offsets[i + 1])
+        return self.tokens[min(lo + start, hi):min(lo + start + count, hi)]
+
+
+_META_KEYS = {"dtype": str, "vocab_size": int, "eod_id": int, "num_docs": int, "num_tokens": int}
+
+
+def _read_meta(path: str) -> dict:
+    try:
+        with open(path, "r", encoding="utf-8") as f:
+            meta = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: not valid JSON ({e}); the file is cut or corrupt, prepare "
+                        "the dataset again") from None
+    if not isinstance(meta, dict):
+        bad = list(_META_KEYS)
+    else:
+        bad = [k for k, t in _META_KEYS.items() if not isinstance(meta.get(k), t)]
+    if bad or meta["dtype"] not in ("uint16", "uint32", "int32", "int64"):
+        raise DataError(f"{path}: missing or bad field(s) {', '.join(bad) or 'dtype'}; not a "
+                        "megalite dataset meta file, prepare the dataset again")
+    return meta
+
+
+def _read_offsets(path: str) -> np.ndarray:
+    with open(path, "rb") as f:
+        if f.read(6) != b"\x93NUMPY":
+            raise DataError(f"{path}: not a .npy file (no numpy magic bytes); the file is "
+                            "corrupt, prepare the dataset again")
+    try:
+        offsets = np.load(path, allow_pickle=False)  # never unpickle: loading must not run code
+    except (ValueError, OSError, EOFError) as e:
+        if "allow_pickle" in str(e):
+            raise DataError(f"{path}: holds Python objects, which megalite never loads "
+                            "(unpickling can run code); prepare the dataset again") from None
+        raise DataError(f"{path}: not a readable .npy index ({e}); the file is cut or corrupt, "
+                        "prepare the dataset again") from None
+    if offsets.ndim != 1 or offsets.dtype != np.int64 or offsets.size < 2 or offsets[0] != 0 \
+            or (np.diff(offsets) < 0).any():
+        raise DataError(f"{path}: not a document index (expected increasing int64 offsets "
+                        "starting at 0); prepare the dataset again")
+    return offsets
+
+
+def _tokenizer_kind(cfg: DataConfig) -> str:
+    try:
+        return parse_spec(cfg.tokenizer)[0]
+    except ValueError as e:
+        raise DataError(f"data.tokenizer: {e}") from None
+
+
+def open_tokens(prefix: str, cfg: DataConfig) -> "IndexedTokens | MegatronTokens":
+    """The dataset at ``prefix``: megalite's (PREFIX.meta.json) or Megatron's (.bin + .idx)."""
+    if is_megatron(prefix):
+        if _tokenizer_kind(cfg) != "file":
+            raise DataError(f"data.tokenizer={cfg.tokenizer}: {prefix}.bin/.idx is a Megatron "
+                            "dataset, which carries no tokenizer; set --data.tokenizer to the "
+                            "tokenizer.json it was made with")
+        return MegatronTokens(prefix, cfg.tokenizer, cfg.megatron_append_eod)
+    return IndexedTokens(prefix)
+
+
+def tokenizer_file(prefix: str, cfg: DataConfig) -> str:
+    """The tokenizer.json of the dataset at ``prefix`` (copied into every checkpoint)."""
+    return cfg.tokenizer if is_megatron(prefix) else prefix + ".tokenizer.json"
+
+
+def check_data(cfg: DataConfig) -> None:
+    """What can go wrong with the data, checked without preparing anything and without
+    starting a process group: the datasets of data.paths opened and checked file by file
+    (source=prepared), or data.tokenizer (otherwise). Raises ``DataError``."""
+    if cfg.source != "prepared":
+        if _tokenizer_kind(cfg) == "file":
+            load_tokenizer(cfg.tokenizer)  # a tokenizer.json without an eod token is refused
+        return
+    for prefix in prepared_prefixes(cfg):
+        t = open_tokens(prefix, cfg)
+        t.tokenizer  # noqa: B018 -- loads it: a cut tokenizer.json is named here
 
 
 def _parse_split(split: str) -> Tuple[float, float]:
@@ -81,10 +173,15 @@ def split_documents(num_docs: int, split: str, seed: int) -> Tuple[np.ndarray, n
 class PackedSamples:
     """Documents concatenated in a seeded per-epoch order and cut into samples of seq_len+1
     tokens that overlap by one (the last input token's label starts the next sample), so no
-    token is wasted and no padding is needed; then the sample order is shuffled too."""
+    token is wasted and no padding is needed; then the sample order is shuffled too.
 
-    def __init__(self, tokens: IndexedTokens, doc_ids: Sequence[int], seq_len: int,
-                 num_samples: int, seed: int) -> None:
+    The order is a stable prefix: sample i does not depend on ``num_samples`` (so not on
+    train.steps). The stream is cut into blocks of ``block_size`` samples, about one epoch of
+    documents each, and each block is permuted by its own seeded generator; extending a run
+    only appends blocks, it never reorders samples a shorter run has (or has not yet) seen."""
+
+    def __init__(self, tokens: "IndexedTokens | MegatronTokens", doc_ids: Sequence[int],
+                 seq_len: int, num_samples: int, seed: int) -> None:
         self.tokens, self.seq_len, self.num_samples = tokens, int(seq_len), int(num_samples)
         doc_ids = np.asarray(doc_ids, dtype=np.int64)
         per_epoch = int(tokens.doc_lengths[doc_ids].sum()) if doc_ids.size else 0
@@ -93,7 +190,10 @@ class PackedSamples:
                              f"{doc_ids.size} documents, fewer than one sample of seq_len+1 = "
                              f"{self.seq_len + 1}; use more data, a smaller data.seq_len or a "
                              "different data.split")
-        needed = self.num_samples * self.seq_len + 1
+        self.block_size = (per_epoch - 1) // self.seq_len  # whole samples in one epoch
+        num_blocks = max(1, -(-self.num_samples // self.block_size))
+        # the last block is permuted whole, so the stream must reach its last sample
+        needed = num_blocks * self.block_size * self.seq_len + 1
         self.num_epochs = max(1, -(-needed // per_epoch))
         order = [np.random.default_rng([seed, 0xD0C, e]).permutation(doc_ids)
                  for e in range(self.num_epochs)]
@@ -101,8 +201,10 @@ class PackedSamples:
         lengths = tokens.doc_lengths[self.doc_order]
         self.stream_starts = np.zeros(lengths.size + 1, dtype=np.int64)
         np.cumsum(lengths, out=self.stream_starts[1:])
-        self.sample_order: np.ndarray = np.random.default_rng([seed, 0x5A4]).permutation(
-            self.num_samples)
+        blocks = [b * self.block_size
+                  + np.random.default_rng([seed, 0x5A4, b]).permutation(self.block_size)
+                  for b in range(num_blocks)]
+        self.sample_order: np.ndarray = np.concatenate(blocks)[:self.num_samples]
 
     def __len__(self) -> int:
         return self.num_samples
@@ -116,7 +218,7 @@ class PackedSamples:
         k = int(np.searchsorted(self.stream_starts, start, side="right")) - 1
         off, filled = start - int(self.stream_starts[k]), 0
         while filled < need:  # loops over documents, not tokens
-            d = self.tokens.doc(int(self.doc_order[k]))[off:off + need - filled]
+            d = self.tokens.doc_slice(int(self.doc_order[k]), off, need - filled)
             out[filled:filled + d.size] = d
             filled += d.size
             k, off = k + 1, 0
@@ -174,8 +276,8 @@ class BlendedSamples:
         return self.datasets[int(self.dataset_index[i])][int(self.sample_index[i])]  # type: ignore
 
 
-def _tokenizer_digest(t: IndexedTokens) -> str:
-    path = t.prefix + ".tokenizer.json"
+def _tokenizer_digest(t: "IndexedTokens | MegatronTokens") -> str:
+    path = t.tokenizer_file
     if not os.path.exists(path):
         return f"{t.vocab_size}:{t.eod_id}"
     with open(path, "rb") as f:
@@ -195,7 +297,7 @@ def build_datasets(cfg: DataConfig, seed: int, num_train_samples: int,
     if len(weights) != len(prefixes):
         raise ValueError(f"data.weights has {len(weights)} entries but data.paths has "
                          f"{len(prefixes)}; give one weight per path (or none)")
-    tokens = [IndexedTokens(p) for p in prefixes]
+    tokens = [open_tokens(p, cfg) for p in prefixes]
     ref = _tokenizer_digest(tokens[0])
     for t in tokens[1:]:
         if (t.vocab_size, t.eod_id) != (tokens[0].vocab_size, tokens[0].eod_id) or \

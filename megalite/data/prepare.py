@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import glob
 import json
 import multiprocessing as mp
 import multiprocessing.pool
@@ -23,75 +22,14 @@ from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import numpy as np
 
+from .inputs import (INPUT_EXTS, DataError, check_inputs, iter_documents,  # noqa: F401
+                     resolve_inputs)
 from .tokenizer import Tokenizer, load_tokenizer, parse_spec, train_tokenizer
 
-INPUT_EXTS = (".py", ".txt", ".md", ".jsonl")
-"""Extensions picked up when an input is a directory."""
 SUFFIXES = (".bin", ".idx.npy", ".tokenizer.json", ".meta.json")
 """Files of one prepared dataset; meta.json is written last and marks it complete."""
 _CHUNK_DOCS = 256
 _CHUNK_CHARS = 1 << 20
-
-
-def resolve_inputs(inputs: List[str]) -> List[str]:
-    """Files named by ``inputs`` (files, directories searched recursively, or globs), each
-    input's matches sorted, duplicates dropped, so the document order is reproducible."""
-    out: List[str] = []
-    seen = set()
-
-    def add(path: str) -> None:
-        key = os.path.abspath(path)
-        if key not in seen:
-            seen.add(key)
-            out.append(path)
-
-    for inp in inputs:
-        if os.path.isdir(inp):
-            matches = [os.path.join(inp, p) for p in _walk(inp)]
-        elif os.path.isfile(inp):
-            matches = [inp]
-        else:
-            matches = []
-            for g in sorted(glob.glob(inp, recursive=True)):
-                matches += [os.path.join(g, p) for p in _walk(g)] if os.path.isdir(g) else [g]
-        for m in matches:
-            add(m)
-    return out
-
-
-def _walk(root: str) -> List[str]:
-    """Relative paths of the corpus files below ``root``, sorted."""
-    found = []
-    for d, dirs, files in os.walk(root):
-        dirs.sort()
-        for f in files:
-            if f.endswith(INPUT_EXTS):
-                found.append(os.path.relpath(os.path.join(d, f), root))
-    return sorted(found, key=lambda p: p.replace(os.sep, "/"))
-
-
-def iter_documents(files: List[str]) -> Iterator[str]:
-    """One document per ``.jsonl`` line (its ``text`` field), else one per file; empty skipped."""
-    for path in files:
-        if path.endswith(".jsonl"):
-            with open(path, "r", encoding="utf-8", errors="replace") as f:
-                for n, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        text = json.loads(line)["text"]
-                    except (ValueError, KeyError, TypeError) as e:
-                        raise ValueError(f"{path}:{n}: expected a JSON object with a string "
-                                         f"'text' field ({e})") from e
-                    if not isinstance(text, str):
-                        raise ValueError(f"{path}:{n}: 'text' is not a string")
-                    if text:
-                        yield text
-        else:
-            with open(path, "r", encoding="utf-8", errors="replace") as f:
-                text = f.read()
-            if text:
-                yield text
 
 
 def _chunks(docs: Iterable[str]) -> Iterator[List[str]]:
@@ -184,7 +122,7 @@ def prepare_documents(docs: Callable[[], Iterable[str]], output_prefix: str, tok
                 lengths.append(lens)
         all_lens = np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
         if all_lens.size == 0:
-            raise ValueError("no documents found in the input (all files empty?)")
+            raise DataError("no documents found in the input (all files empty?)")
         idx = np.zeros(all_lens.size + 1, dtype=np.int64)
         np.cumsum(all_lens, out=idx[1:])
         assert int(idx[-1]) == num_tokens
@@ -210,17 +148,21 @@ def prepare_documents(docs: Callable[[], Iterable[str]], output_prefix: str, tok
     return result
 
 
-def prepare(inputs: List[str], output_prefix: str, tokenizer: str,
-            num_workers: int = 2) -> Dict[str, object]:
+def prepare(inputs: List[str], output_prefix: str, tokenizer: str, num_workers: int = 2,
+            text_key: str = "text") -> Dict[str, object]:
     """Tokenize the files named by ``inputs`` into the dataset ``output_prefix``; returns its
-    meta plus ``files``, ``input_bytes``, ``bin_bytes`` and ``seconds``."""
-    parse_spec(tokenizer)
+    meta plus ``files``, ``input_bytes``, ``bin_bytes`` and ``seconds``. Bad input (a missing
+    file, a binary one, a bad jsonl line) raises ``DataError`` before any worker starts."""
+    kind, _ = parse_spec(tokenizer)
     files = resolve_inputs(list(inputs))
     if not files:
-        raise ValueError(f"no input files matched {' '.join(map(str, inputs))!s} (directories "
-                         f"are searched for {', '.join('*' + e for e in INPUT_EXTS)})")
-    result = prepare_documents(lambda: iter_documents(files), output_prefix, tokenizer,
-                               num_workers)
+        raise DataError(f"no input files matched {' '.join(map(str, inputs))!s} (directories "
+                        f"are searched for {', '.join('*' + e for e in INPUT_EXTS)}, each "
+                        "also as .gz or .zst)")
+    if kind != "bpe":  # training a BPE reads every document in this process first anyway
+        check_inputs(files, text_key)
+    result = prepare_documents(lambda: iter_documents(files, text_key), output_prefix,
+                               tokenizer, num_workers)
     result["files"] = len(files)
     result["input_bytes"] = sum(os.path.getsize(p) for p in files)
     return result
@@ -231,11 +173,15 @@ def build_parser() -> argparse.ArgumentParser:
         prog="megalite prepare-data",
         description="Tokenize text files into a packed dataset (PREFIX.bin, PREFIX.idx.npy, "
         "PREFIX.tokenizer.json, PREFIX.meta.json) for data.source=prepared. A .jsonl file gives "
-        "one document per line (its 'text' field); any other file is one document. Each "
-        "document is followed by the end-of-document token.")
+        "one document per line (its --text_key field); any other file is one document. Files "
+        "ending in .gz or .zst (zstandard package) are decompressed; binary files are refused. "
+        "Each document is followed by the end-of-document token.")
     p.add_argument("--input", nargs="+", required=True, metavar="FILES|DIR|GLOB",
                    help="files, directories (searched recursively for "
-                   f"{', '.join('*' + e for e in INPUT_EXTS)}) or glob patterns")
+                   f"{', '.join('*' + e for e in INPUT_EXTS)}, each also .gz/.zst) or glob "
+                   "patterns")
+    p.add_argument("--text_key", default="text", metavar="FIELD",
+                   help="field of each .jsonl line that holds the document (default: text)")
     p.add_argument("--output", required=True, metavar="PREFIX",
                    help="output path prefix, e.g. data/mycorpus")
     p.add_argument("--tokenizer", default="bytes", metavar="SPEC",
@@ -257,7 +203,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         if args.workers < 1:
             raise ValueError(f"--workers must be >= 1, got {args.workers}")
-        r = prepare(args.input, args.output, args.tokenizer, args.workers)
+        r = prepare(args.input, args.output, args.tokenizer, args.workers, args.text_key)
     except (ValueError, OSError) as e:
         print(f"megalite prepare-data: error: {e}", file=sys.stderr)
         return 2

@@ -14,6 +14,8 @@ from typing import Iterable, List, Optional, Tuple
 
 import numpy as np
 
+from .inputs import DataError
+
 EOD_CANDIDATES = ("<|endoftext|>", "</s>", "<eos>")
 """Special tokens accepted as end-of-document marker of a foreign tokenizer.json, in order."""
 
@@ -96,7 +98,7 @@ class HFTokenizer(Tokenizer):
             if eod is not None:
                 break
         if eod is None:
-            raise ValueError(f"tokenizer {source} has no end-of-document token; expected one of "
+            raise DataError(f"tokenizer {source} has no end-of-document token; expected one of "
                              f"{', '.join(EOD_CANDIDATES)}")
         self.eod_id = int(eod)
 
@@ -123,12 +125,13 @@ def parse_spec(spec: str) -> Tuple[str, object]:
     if m:
         vocab = int(m.group(1))
         if vocab < 258:
-            raise ValueError(f"bad tokenizer spec {spec!r}: a byte-level BPE needs a vocab of at "
+            raise DataError(f"bad tokenizer spec {spec!r}: a byte-level BPE needs a vocab of at "
                              "least 258 (256 bytes + <|endoftext|> + one merge)")
         return "bpe", vocab
     if s.endswith(".json") and os.path.isfile(s):
         return "file", s
-    raise ValueError(f"bad tokenizer spec {spec!r}: {_SPEC_HELP}")
+    missing = "no such file; " if s.endswith(".json") else ""
+    raise DataError(f"bad tokenizer spec {spec!r}: {missing}{_SPEC_HELP}")
 
 
 def _train_bpe(vocab: int, texts: Iterable[str]) -> HFTokenizer:
@@ -158,16 +161,19 @@ def train_tokenizer(spec: str, texts: Iterable[str]) -> Tokenizer:
 def load_tokenizer(path: str) -> Tokenizer:
     """Load a file written by ``Tokenizer.save`` (or any HF tokenizer.json)."""
     if not os.path.isfile(path):
-        raise ValueError(f"tokenizer file {path} does not exist")
-    with open(path, "r", encoding="utf-8") as f:
+        raise DataError(f"tokenizer file {path} does not exist")
+    with open(path, "r", encoding="utf-8", errors="replace") as f:
         head = f.read(64)
     if '"bytes"' in head:
-        with open(path, "r", encoding="utf-8") as f:
-            if json.load(f).get("type") == "bytes":
-                return ByteTokenizer()
+        try:
+            with open(path, "r", encoding="utf-8") as f:
+                if json.load(f).get("type") == "bytes":
+                    return ByteTokenizer()
+        except (ValueError, AttributeError) as e:
+            raise DataError(f"cannot load tokenizer file {path}: {e}") from None
     from tokenizers import Tokenizer as _HF
     try:
         tok = _HF.from_file(path)
     except Exception as e:  # the Rust error alone does not say which file
-        raise ValueError(f"cannot load tokenizer file {path}: {e}") from e
+        raise DataError(f"cannot load tokenizer file {path}: {e}") from None
     return HFTokenizer(tok, path)

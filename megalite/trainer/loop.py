@@ -14,7 +14,7 @@ import torch
 
 from megalite.config import save_yaml
 from megalite.config.schema import Config
-from megalite.data import build_datasets, ensure_dataset, micro_batch
+from megalite.data import build_datasets, ensure_dataset, micro_batch, tokenizer_file
 from megalite.models import (CausalLM, build_model, flops_per_token, num_params,
                              resolve_model_args)
 from megalite.parallel import comm
@@ -69,7 +69,7 @@ class Trainer:
         self.prefixes = ensure_dataset(cfg.data)  # cached now: only returns the paths
         self.train_ds, self.val_ds, self.tokenizer = build_datasets(
             cfg.data, t.seed, t.steps * self.gbs, t.eval_iters * self.gbs)
-        self.tokenizer_file = self.prefixes[0] + ".tokenizer.json"
+        self.tokenizer_file = tokenizer_file(self.prefixes[0], cfg.data)
         self.args = resolve_model_args(cfg.model, self.tokenizer.vocab_size, cfg.data,
                                        self.tokenizer.eod_id)  # eod: packed-document masks
         dtype = DTYPES[t.precision]
