@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import sys
@@ -45,14 +46,35 @@ def _pop_option(argv: List[str], name: str) -> Optional[str]:
 
 
 def run_ranks(command: str, argv: List[str]) -> int:
-    """Parse the config, start local ranks if no launcher did, and run ``command`` on each."""
+    """Parse the config, start local ranks if no launcher did, and run ``command`` on each.
+
+    Ctrl-C (SIGINT) during training saves a checkpoint and exits like SIGTERM (the trainer's
+    handler); before or after the step loop it ends the command with one line, no traceback."""
+    try:
+        return _run_ranks(command, argv)
+    except KeyboardInterrupt:
+        print(f"megalite {command}: interrupted", file=sys.stderr)
+        return 130
+
+
+def _run_ranks(command: str, argv: List[str]) -> int:
     from megalite.config import parse_or_exit
     from megalite.parallel.env import discover
 
     argv = list(argv)
     ckpt = _pop_option(argv, "--checkpoint") if command == "eval" else None
-    cfg, _ = parse_or_exit(argv)
-    env = discover()
+    try:
+        env = discover()
+    except RuntimeError as e:  # a launcher left an unusable environment
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    cfg, _ = parse_or_exit(argv, env.world_size if env is not None else None)
+    if command == "train":
+        problem = _unwritable_run_dirs(cfg) or _resume_past_end(cfg)
+        if problem:
+            if env is None or env.rank == 0:  # every rank finds it; one says it
+                print(f"error: {problem}", file=sys.stderr)
+            return 2
     if env is None and cfg.world_size > 1:
         from megalite.data import ensure_dataset
         from megalite.launcher.local import launch_local
@@ -61,7 +83,7 @@ def run_ranks(command: str, argv: List[str]) -> int:
         extra = ["--checkpoint", ckpt] if ckpt else []
         return launch_local(["megalite.cli", command, *argv, *extra], cfg.world_size)
     from megalite.parallel.dims import LayoutError, ParallelDims
-    from megalite.trainer.loop import Trainer, TrainingDiverged
+    from megalite.trainer.loop import ResumeError, Trainer, TrainingDiverged
 
     try:
         if env is None:
@@ -73,7 +95,7 @@ def run_ranks(command: str, argv: List[str]) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
-        trainer = Trainer(cfg, dims)
+        trainer = Trainer(cfg, dims, read_only=command == "eval")
         if command == "eval":
             return _eval(trainer, ckpt)
         result = trainer.fit()
@@ -86,8 +108,56 @@ def run_ranks(command: str, argv: List[str]) -> int:
     except TrainingDiverged as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except ResumeError as e:
+        if dims.rank == 0:
+            print(f"error: {e}", file=sys.stderr)
+        return 2
     finally:
         dims.destroy()
+
+
+def _unwritable_run_dirs(cfg) -> Optional[str]:
+    """The one-line problem with run.dir / checkpoint.dir that train would hit, or None.
+
+    Creates the directories (train would, a moment later): the only sure test of writability,
+    whoever runs it (root ignores permission bits)."""
+    dirs = [("run.dir", cfg.run.dir)]
+    if cfg.checkpoint.dir:
+        dirs.append(("checkpoint.dir", cfg.checkpoint.dir))
+    for name, path in dirs:
+        try:
+            os.makedirs(path, exist_ok=True)
+            probe = os.path.join(path, f".megalite-write-test-{os.getpid()}")
+            with open(probe, "w"):
+                pass
+            os.remove(probe)
+        except OSError as e:
+            why = e.strerror or str(e)
+            if isinstance(e, (FileExistsError, NotADirectoryError)):
+                why += ": a file is in the way"
+            return (f"{name}={path}: cannot write there ({why}); pass --{name}=DIR with a "
+                    "writable directory")
+    return None
+
+
+def _resume_past_end(cfg) -> Optional[str]:
+    """The run directory's latest checkpoint is past train.steps: it belongs to another run
+    (the trainer would resume it and train nothing). Plain file reads: no torch yet."""
+    if not cfg.checkpoint.resume:
+        return None
+    ckpt_dir = cfg.checkpoint.dir or os.path.join(cfg.run.dir, "checkpoints")
+    try:
+        with open(os.path.join(ckpt_dir, "latest")) as f:
+            path = os.path.join(ckpt_dir, f.read().strip())
+        with open(os.path.join(path, "meta.json")) as f:
+            step = int(json.load(f)["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # no checkpoint, or one the trainer will name when it reads it
+    if step <= cfg.train.steps:
+        return None
+    return (f"checkpoint.resume: {path} is at step {step}, past train.steps="
+            f"{cfg.train.steps}: this run directory holds another run; give this one its own "
+            f"--run.dir, raise train.steps, or pass --checkpoint.resume=false")
 
 
 def _eval(trainer, ckpt: Optional[str]) -> int:

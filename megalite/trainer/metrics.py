@@ -43,10 +43,11 @@ def _fmt_duration(seconds: float) -> str:
 
 
 class MetricsLogger:
-    """Written by one rank only (``enabled``); the others construct it disabled."""
+    """Written by one rank only (``enabled``); the others construct it disabled. With
+    ``write=False`` (eval) it only prints: nothing is created in the run directory."""
 
     def __init__(self, run_dir: str, total_steps: int, enabled: bool, tensorboard: bool,
-                 log_interval: int):
+                 log_interval: int, write: bool = True):
         self.enabled, self.total, self.log_interval = enabled, total_steps, log_interval
         self.tty = sys.stdout.isatty()
         self.file = None
@@ -55,7 +56,7 @@ class MetricsLogger:
         self.first_step: Optional[int] = None
         self._window: List[float] = []
         self.skipped = 0  # fp16 steps skipped on overflow
-        if not enabled:
+        if not enabled or not write:
             return
         os.makedirs(run_dir, exist_ok=True)
         self.file = open(os.path.join(run_dir, "metrics.jsonl"), "a")
@@ -66,8 +67,39 @@ class MetricsLogger:
             except ImportError:
                 pass  # tensorboard is an optional extra
 
+    def keep_until(self, step: int) -> int:
+        """Drop the rows of steps after ``step`` (a run resumed there writes them again; a
+        fresh run, step 0, drops all), and a line cut by a crash; the number of rows dropped.
+        The file is replaced atomically: a crash here leaves the old one whole."""
+        if self.file is None:
+            return 0
+        path = self.file.name
+        self.file.close()
+        kept: List[str] = []
+        dropped = 0
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    row = json.loads(line)
+                    keep = line.endswith("\n") and int(row["step"]) <= step
+                except (ValueError, TypeError, KeyError):
+                    keep = False
+                if keep:
+                    kept.append(line)
+                elif line.strip():
+                    dropped += 1
+        if dropped:
+            tmp = f"{path}.tmp{os.getpid()}"
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.writelines(kept)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        self.file = open(path, "a", encoding="utf-8")
+        return dropped
+
     def log(self, record: Dict) -> None:
-        if not self.enabled:
+        if not self.enabled or self.file is None:
             return
         step = record["step"]
         if self.first_step is None:
