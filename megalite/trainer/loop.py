@@ -329,8 +329,11 @@ class Trainer:
                 last = self.step == cfg.train.steps and not record["stop"]
                 if last or (cfg.train.eval_interval and
                             self.step % cfg.train.eval_interval == 0):
-                    record["val_loss"] = result.val_loss = self.evaluate()
-                    evaluated = last
+                    val_loss = self.evaluate()
+                    if val_loss is not None:  # None: the split left no validation documents
+                        record["val_loss"] = val_loss
+                    if last:
+                        result.val_loss, evaluated = val_loss, True
                 self.log.log(record)
                 if record["stop"]:
                     result.checkpoint = self.save_checkpoint()
