@@ -207,7 +207,11 @@ class CheckpointConfig:
 @dataclass
 class RunConfig:
     dir: str = "runs/default"
-    """Run directory: resolved config, metrics.jsonl, TensorBoard events, checkpoints."""
+    """Run directory of one run: resolved config.yaml, metrics.jsonl (a row per step; val_loss
+    in the rows of evaluated steps and the last), TensorBoard events, checkpoints/. Only train
+    writes here (eval and generate read); rerunning train resumes its latest checkpoint and
+    first drops the metrics rows past it. Give each run its own; train refuses one it cannot
+    write, or whose checkpoint is past train.steps."""
     log_interval: int = 10
     """Print a progress line every this many steps when stdout is not a terminal."""
     tensorboard: bool = True

@@ -315,12 +315,13 @@ class Trainer:
         dropped = self.log.keep_until(self.step)
         if dropped:
             self.log.print(f"metrics.jsonl: dropped {dropped} rows past step {self.step}")
+        result = TrainResult()
         if self.step == cfg.train.steps:
             self.log.print(f"already trained to train.steps={self.step}: nothing to train")
+            result.checkpoint = checkpoint.latest(self.ckpt_dir)  # not saved again
         self.log.print(self.describe())
         signals = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
         previous = {s: signal.signal(s, self._on_signal) for s in signals}
-        result = TrainResult()
         evaluated = False
         try:
             while self.step < cfg.train.steps:
