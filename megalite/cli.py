@@ -68,11 +68,12 @@ def _run_ranks(command: str, argv: List[str]) -> int:
     except RuntimeError as e:  # a launcher left an unusable environment
         print(f"error: {e}", file=sys.stderr)
         return 2
-    cfg, _ = parse_or_exit(argv, env.world_size if env is not None else None)
+    cfg, _ = parse_or_exit(argv, env.world_size if env is not None else None,
+                           node_speaker=env is None or env.local_rank == 0)
     if command == "train":
         problem = _unwritable_run_dirs(cfg) or _resume_past_end(cfg)
         if problem:
-            if env is None or env.rank == 0:  # every rank finds it; one says it
+            if env is None or env.local_rank == 0:  # every rank finds it; one per node says it
                 print(f"error: {problem}", file=sys.stderr)
             return 2
     if env is None and cfg.world_size > 1:

@@ -146,6 +146,10 @@ def test_bad_layout_and_run_dir_one_line_before_ranks(tmp_path):
     _one_error_line(_run("megalite.train", "--config", TINY, "--parallel.tp=2",
                          f"--run.dir={run}", env=env),
                     "parallel.dp=auto", "started 3 ranks", "tp*pp = 2*1 = 2")
+    # the node's other ranks exit 2 too, silently: one copy of the line per node
+    env.update(RANK="1", LOCAL_RANK="1")
+    r = _run("megalite.train", "--config", TINY, "--parallel.tp=2", f"--run.dir={run}", env=env)
+    assert (r.returncode, r.stderr, r.stdout) == (2, "", "")
 
 
 def test_resume_drops_metrics_rows_past_checkpoint(tmp_path, data_cache):

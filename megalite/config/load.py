@@ -310,14 +310,20 @@ def parse_args(argv: List[str], verbose: bool = True,
     return cfg, warnings
 
 
-def parse_or_exit(argv: List[str],
-                  world_size: Optional[int] = None) -> Tuple[Config, List[str]]:
-    """``parse_args`` for CLI entry points: print ``error: `` lines and exit 2 on bad input."""
+def parse_or_exit(argv: List[str], world_size: Optional[int] = None,
+                  node_speaker: Optional[bool] = None) -> Tuple[Config, List[str]]:
+    """``parse_args`` for CLI entry points: print ``error: `` lines and exit 2 on bad input.
+
+    Launched ranks all parse the same command line: warnings come from rank 0 only, errors
+    from one rank per node (``node_speaker``, default: local rank 0), since a missing file may
+    be missing on one node only."""
     speaker = os.environ.get("RANK", "0") == "0"  # other launched ranks would repeat every line
+    if node_speaker is None:
+        node_speaker = os.environ.get("LOCAL_RANK", "0") == "0"
     try:
         cfg, warnings = parse_args(argv, verbose=speaker, world_size=world_size)
     except ConfigError as exc:
-        for line in exc.lines:
+        for line in exc.lines if node_speaker else []:
             print(f"error: {line}", file=sys.stderr)
         sys.exit(2)
     for line in warnings if speaker else []:
