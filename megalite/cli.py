@@ -28,7 +28,8 @@ def _config_help(command: str, extra: str = "") -> str:
             f"[--section.field=value ...]{extra}\n\n"
             "Options are read from the defaults, then the YAML file, then the DeepSpeed JSON, "
             "then the command line. Run bare, it starts the parallel.dp*tp*pp local ranks the "
-            "config asks for; under torchrun, deepspeed, srun or mpirun it is one rank.\n\n"
+            "config asks for (dp=auto: 1); under torchrun, deepspeed, srun or mpirun it is one "
+            "rank (dp=auto: world size / (tp*pp)).\n\n"
             + help_text())
 
 
