@@ -162,7 +162,8 @@ def test_resume_drops_metrics_rows_past_checkpoint(tmp_path, data_cache):
 
     run_dir = str(tmp_path / "run")
     cfg = tiny_config(run_dir, data_cache, "--train.steps=6", "--checkpoint.interval=2",
-                      "--checkpoint.keep=0", "--train.eval_iters=2", "--train.eval_interval=3")
+                      "--checkpoint.keep=0", "--train.eval_iters=2", "--train.eval_interval=3",
+                      "--run.tensorboard=true")
     first = Trainer(cfg, ParallelDims.single()).fit()
     ckpt_dir = os.path.join(run_dir, "checkpoints")
     with open(os.path.join(ckpt_dir, "latest"), "w") as f:
@@ -174,6 +175,14 @@ def test_resume_drops_metrics_rows_past_checkpoint(tmp_path, data_cache):
     assert [row["loss"] for row in rows] == first.losses
     assert [row["step"] for row in rows if "val_loss" in row] == [3, 6]  # interval 3, and end
     assert rows[-1]["val_loss"] == first.val_loss
+    # TensorBoard purges the first run's events past step 4 in the same way
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(os.path.join(run_dir, "tensorboard"))
+    acc.Reload()
+    assert [(e.step, e.value) for e in acc.Scalars("loss")] == \
+        [(r["step"], pytest.approx(r["loss"], rel=1e-6)) for r in rows]
+    assert [e.step for e in acc.Scalars("val_loss")] == [3, 6]
 
     r = _run("megalite.cli", "train", "--config", TINY, f"--run.dir={run_dir}",
              f"--data.cache_dir={data_cache}", "--train.steps=3")

@@ -52,6 +52,8 @@ class MetricsLogger:
         self.tty = sys.stdout.isatty()
         self.file = None
         self.tb = None
+        self.tb_dir: Optional[str] = None  # the writer starts at the first row (see log)
+        self._purge_step: Optional[int] = None
         self.t0 = time.perf_counter()
         self.first_step: Optional[int] = None
         self._window: List[float] = []
@@ -61,11 +63,7 @@ class MetricsLogger:
         os.makedirs(run_dir, exist_ok=True)
         self.file = open(os.path.join(run_dir, "metrics.jsonl"), "a")
         if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-                self.tb = SummaryWriter(os.path.join(run_dir, "tensorboard"))
-            except ImportError:
-                pass  # tensorboard is an optional extra
+            self.tb_dir = os.path.join(run_dir, "tensorboard")
 
     def keep_until(self, step: int) -> int:
         """Drop the rows of steps after ``step`` (a run resumed there writes them again; a
@@ -73,6 +71,7 @@ class MetricsLogger:
         The file is replaced atomically: a crash here leaves the old one whole."""
         if self.file is None:
             return 0
+        self._purge_step = step + 1  # TensorBoard hides the old events of those steps too
         path = self.file.name
         self.file.close()
         kept: List[str] = []
@@ -106,6 +105,12 @@ class MetricsLogger:
             self.first_step, self.t0 = step, time.perf_counter()
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
+        if self.tb is None and self.tb_dir is not None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self.tb = SummaryWriter(self.tb_dir, purge_step=self._purge_step)
+            except ImportError:
+                self.tb_dir = None  # tensorboard is an optional extra
         if self.tb is not None:
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)):
