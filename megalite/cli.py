@@ -72,7 +72,7 @@ def _run_ranks(command: str, argv: List[str]) -> int:
     cfg, _ = parse_or_exit(argv, env.world_size if env is not None else None,
                            node_speaker=env is None or env.local_rank == 0)
     if command == "train":
-        problem = _unwritable_run_dirs(cfg) or _resume_past_end(cfg)
+        problem = _unwritable_run_dirs(cfg) or _resume_problem(cfg)
         if problem:
             if env is None or env.local_rank == 0:  # every rank finds it; one per node says it
                 print(f"error: {problem}", file=sys.stderr)
@@ -142,9 +142,10 @@ def _unwritable_run_dirs(cfg) -> Optional[str]:
     return None
 
 
-def _resume_past_end(cfg) -> Optional[str]:
-    """The run directory's latest checkpoint is past train.steps: it belongs to another run
-    (the trainer would resume it and train nothing). Plain file reads: no torch yet."""
+def _resume_problem(cfg) -> Optional[str]:
+    """Why the run directory's latest checkpoint cannot be resumed by this config, or None:
+    it is past train.steps (another run's: the trainer would resume it and train nothing) or
+    at another tensor/pipeline layout. Plain file reads, before any rank starts."""
     if not cfg.checkpoint.resume:
         return None
     ckpt_dir = cfg.checkpoint.dir or os.path.join(cfg.run.dir, "checkpoints")
@@ -152,14 +153,20 @@ def _resume_past_end(cfg) -> Optional[str]:
         with open(os.path.join(ckpt_dir, "latest")) as f:
             path = os.path.join(ckpt_dir, f.read().strip())
         with open(os.path.join(path, "meta.json")) as f:
-            step = int(json.load(f)["step"])
+            meta = json.load(f)
+        step, layout = int(meta["step"]), dict(meta.get("layout", {}))
     except (OSError, ValueError, KeyError, TypeError):
         return None  # no checkpoint, or one the trainer will name when it reads it
-    if step <= cfg.train.steps:
-        return None
-    return (f"checkpoint.resume: {path} is at step {step}, past train.steps="
-            f"{cfg.train.steps}: this run directory holds another run; give this one its own "
-            f"--run.dir, raise train.steps, or pass --checkpoint.resume=false")
+    if step > cfg.train.steps:
+        return (f"checkpoint.resume: {path} is at step {step}, past train.steps="
+                f"{cfg.train.steps}: this run directory holds another run; give this one its "
+                f"own --run.dir, raise train.steps, or pass --checkpoint.resume=false")
+    p = cfg.parallel
+    if layout.get("tp", p.tp) != p.tp or layout.get("pp", p.pp) != p.pp:
+        return (f"checkpoint.resume: {path} was saved at tp={layout.get('tp')} "
+                f"pp={layout.get('pp')}, this run is tp={p.tp} pp={p.pp}: resume with the same "
+                "parallel.tp and parallel.pp, or give this run its own --run.dir")
+    return None
 
 
 def _eval(trainer, ckpt: Optional[str]) -> int:

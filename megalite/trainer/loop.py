@@ -150,13 +150,21 @@ class Trainer:
         path = checkpoint.latest(self.ckpt_dir) if self.cfg.checkpoint.resume else None
         if path is None:
             return
-        shard = checkpoint.load_shard(path, self.dims)
-        meta = checkpoint.read_meta(path)
+        meta = checkpoint.read_meta(path)  # checked before any shard is read
         if meta.get("step", 0) > self.cfg.train.steps:
             raise ResumeError(
                 f"checkpoint.resume: {path} is at step {meta['step']}, past train.steps="
                 f"{self.cfg.train.steps}: this run directory holds another run; give this one "
                 f"its own --run.dir, raise train.steps, or pass --checkpoint.resume=false")
+        saved_layout = meta.get("layout", {})
+        here = {"tp": self.dims.tp, "pp": self.dims.pp}
+        if any(saved_layout.get(axis, size) != size for axis, size in here.items()):
+            raise ResumeError(
+                f"checkpoint.resume: {path} was saved at tp={saved_layout.get('tp')} "
+                f"pp={saved_layout.get('pp')}, this run is tp={self.dims.tp} pp={self.dims.pp}: "
+                "resume with the same parallel.tp and parallel.pp, or give this run its own "
+                "--run.dir")
+        shard = checkpoint.load_shard(path, self.dims)
         saved = meta.get("zero")
         if saved != self.engine.layout():
             raise ResumeError(
