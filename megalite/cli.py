@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import sys
@@ -27,7 +28,8 @@ def _config_help(command: str, extra: str = "") -> str:
             f"[--section.field=value ...]{extra}\n\n"
             "Options are read from the defaults, then the YAML file, then the DeepSpeed JSON, "
             "then the command line. Run bare, it starts the parallel.dp*tp*pp local ranks the "
-            "config asks for; under torchrun, deepspeed, srun or mpirun it is one rank.\n\n"
+            "config asks for (dp=auto: 1); under torchrun, deepspeed, srun or mpirun it is one "
+            "rank (dp=auto: world size / (tp*pp)).\n\n"
             + help_text())
 
 
@@ -45,14 +47,30 @@ def _pop_option(argv: List[str], name: str) -> Optional[str]:
 
 
 def run_ranks(command: str, argv: List[str]) -> int:
-    """Parse the config, start local ranks if no launcher did, and run ``command`` on each."""
+    """Parse the config, start local ranks if no launcher did, and run ``command`` on each.
+
+    Ctrl-C (SIGINT) during training saves a checkpoint and exits like SIGTERM (the trainer's
+    handler); before or after the step loop it ends the command with one line, no traceback."""
+    try:
+        return _run_ranks(command, argv)
+    except KeyboardInterrupt:
+        print(f"megalite {command}: interrupted", file=sys.stderr)
+        return 130
+
+
+def _run_ranks(command: str, argv: List[str]) -> int:
     from megalite.config import parse_or_exit
     from megalite.parallel.env import discover
 
     argv = list(argv)
     ckpt = _pop_option(argv, "--checkpoint") if command == "eval" else None
-    cfg, _ = parse_or_exit(argv)
-    env = discover()
+    try:
+        env = discover()
+    except RuntimeError as e:  # a launcher left an unusable environment
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    cfg, _ = parse_or_exit(argv, env.world_size if env is not None else None,
+                           node_speaker=env is None or env.local_rank == 0)
     from megalite.data import DataError, check_data, ensure_dataset
 
     try:  # bad data is one line, before any rank or process group starts
@@ -63,13 +81,19 @@ def run_ranks(command: str, argv: List[str]) -> int:
         if env is None or env.rank == 0:  # launched ranks would all say it
             print(f"error: {e}", file=sys.stderr)
         return 2
+    if command == "train":
+        problem = _unwritable_run_dirs(cfg) or _resume_problem(cfg)
+        if problem:
+            if env is None or env.local_rank == 0:  # every rank finds it; one per node says it
+                print(f"error: {problem}", file=sys.stderr)
+            return 2
     if env is None and cfg.world_size > 1:
         from megalite.launcher.local import launch_local
 
         extra = ["--checkpoint", ckpt] if ckpt else []
         return launch_local(["megalite.cli", command, *argv, *extra], cfg.world_size)
     from megalite.parallel.dims import LayoutError, ParallelDims
-    from megalite.trainer.loop import Trainer, TrainingDiverged
+    from megalite.trainer.loop import ResumeError, Trainer, TrainingDiverged
 
     try:
         if env is None:
@@ -81,7 +105,7 @@ def run_ranks(command: str, argv: List[str]) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
-        trainer = Trainer(cfg, dims)
+        trainer = Trainer(cfg, dims, read_only=command == "eval")
         if command == "eval":
             return _eval(trainer, ckpt)
         result = trainer.fit()
@@ -94,8 +118,63 @@ def run_ranks(command: str, argv: List[str]) -> int:
     except TrainingDiverged as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except ResumeError as e:
+        if dims.rank == 0:
+            print(f"error: {e}", file=sys.stderr)
+        return 2
     finally:
         dims.destroy()
+
+
+def _unwritable_run_dirs(cfg) -> Optional[str]:
+    """The one-line problem with run.dir / checkpoint.dir that train would hit, or None.
+
+    Creates the directories (train would, a moment later): the only sure test of writability,
+    whoever runs it (root ignores permission bits)."""
+    dirs = [("run.dir", cfg.run.dir)]
+    if cfg.checkpoint.dir:
+        dirs.append(("checkpoint.dir", cfg.checkpoint.dir))
+    for name, path in dirs:
+        try:
+            os.makedirs(path, exist_ok=True)
+            probe = os.path.join(path, f".megalite-write-test-{os.getpid()}")
+            with open(probe, "w"):
+                pass
+            os.remove(probe)
+        except OSError as e:
+            why = e.strerror or str(e)
+            if isinstance(e, (FileExistsError, NotADirectoryError)):
+                why += ": a file is in the way"
+            return (f"{name}={path}: cannot write there ({why}); pass --{name}=DIR with a "
+                    "writable directory")
+    return None
+
+
+def _resume_problem(cfg) -> Optional[str]:
+    """Why the run directory's latest checkpoint cannot be resumed by this config, or None:
+    it is past train.steps (another run's: the trainer would resume it and train nothing) or
+    at another tensor/pipeline layout. Plain file reads, before any rank starts."""
+    if not cfg.checkpoint.resume:
+        return None
+    ckpt_dir = cfg.checkpoint.dir or os.path.join(cfg.run.dir, "checkpoints")
+    try:
+        with open(os.path.join(ckpt_dir, "latest")) as f:
+            path = os.path.join(ckpt_dir, f.read().strip())
+        with open(os.path.join(path, "meta.json")) as f:
+            meta = json.load(f)
+        step, layout = int(meta["step"]), dict(meta.get("layout", {}))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # no checkpoint, or one the trainer will name when it reads it
+    if step > cfg.train.steps:
+        return (f"checkpoint.resume: {path} is at step {step}, past train.steps="
+                f"{cfg.train.steps}: this run directory holds another run; give this one its "
+                f"own --run.dir, raise train.steps, or pass --checkpoint.resume=false")
+    p = cfg.parallel
+    if layout.get("tp", p.tp) != p.tp or layout.get("pp", p.pp) != p.pp:
+        return (f"checkpoint.resume: {path} was saved at tp={layout.get('tp')} "
+                f"pp={layout.get('pp')}, this run is tp={p.tp} pp={p.pp}: resume with the same "
+                "parallel.tp and parallel.pp, or give this run its own --run.dir")
+    return None
 
 
 def _eval(trainer, ckpt: Optional[str]) -> int:

@@ -269,6 +269,87 @@ def test_batch_mismatch(m: Any, a: Any, g: Any, numbers: List[str]) -> None:
     assert all(n in line for n in numbers), line
 
 
+# ---------------------------------------------------------------- parallel.dp=auto
+
+def _dp(world: Any, **parallel: Any) -> Config:
+    """A config with micro_batch_size 2 and grad_accum 2, validated for a launcher world."""
+    d = {"parallel": parallel, "train": {"micro_batch_size": 2, "grad_accum": 2}}
+    return validate(config_from_dict(d), world)
+
+
+@pytest.mark.parametrize("world,parallel,dp", [
+    (None, {}, 1),                         # a bare run: one replica
+    (None, {"tp": 2, "pp": 2}, 1),
+    (8, {"tp": 2, "pp": 2}, 2),            # Megatron: world / (tp x pp)
+    (4, {}, 4),
+    (4, {"dp": 4}, 4),                     # explicit and agreeing
+    (None, {"dp": 3}, 3),                  # explicit, bare: starts 3 local ranks
+])
+def test_dp_auto_resolution(world: Any, parallel: Dict[str, Any], dp: int) -> None:
+    cfg = _dp(world, **parallel)
+    assert cfg.parallel.dp == dp and cfg.world_size == dp * cfg.parallel.tp * cfg.parallel.pp
+    assert cfg.train.global_batch_size == 2 * 2 * dp  # batch sizes resolve with that dp
+    assert Config().parallel.dp == "auto"  # the default, and what --help shows
+    assert "--parallel.dp (int or auto, default auto)" in help_text()
+
+
+@pytest.mark.parametrize("world,parallel,needles", [
+    (6, {"tp": 4}, ["parallel.dp=auto", "started 6 ranks", "tp*pp = 4*1 = 4"]),
+    (4, {"dp": 2}, ["parallel.dp=2", "world size 4 != dp*pp*tp = 2*1*1 = 2"]),
+    (8, {"dp": 4, "tp": 2, "pp": 2}, ["parallel.dp=4", "world size 8", "= 16"]),
+])
+def test_dp_mismatch_one_line(world: int, parallel: Dict[str, Any], needles: List[str]) -> None:
+    with pytest.raises(ConfigError) as info:
+        _dp(world, **parallel)
+    (line,) = info.value.lines
+    assert all(n in line for n in needles), line
+
+
+def test_dp_auto_parsing_and_configs() -> None:
+    for text in ("auto", "AUTO", " auto "):
+        assert parse_args(["--config", TINY, f"--parallel.dp={text}"])[0].parallel.dp == 1
+    assert parse_args(["--config", TINY, "--parallel.dp=2"])[0].parallel.dp == 2
+    (line,) = _errors(["--config", TINY, "--parallel.dp=many"])
+    assert "parallel.dp=many" in line and "int or auto" in line, line
+    # configs leave dp to the launcher unless they mean a bare multi-rank run (demo*.yaml)
+    import yaml
+
+    assert "dp" not in yaml.safe_load(open(TINY))["parallel"]
+
+
+def test_deepspeed_train_batch_size_with_dp_auto(tmp_path: Path) -> None:
+    """A DeepSpeed JSON's train_batch_size resolves once auto has become world / (tp x pp)."""
+    ds = _write(tmp_path, "ds.json", {"train_batch_size": 32, "train_micro_batch_size_per_gpu": 2})
+    cfg, _ = parse_args(["--config", TINY, "--deepspeed_config", ds,
+                         "--train.grad_accum=none"], world_size=8)
+    t = cfg.train
+    assert (cfg.parallel.dp, t.micro_batch_size, t.grad_accum, t.global_batch_size) == \
+        (8, 2, 2, 32)
+    cfg, _ = parse_args(["--config", TINY, "--deepspeed_config", ds, "--parallel.tp=2",
+                         "--train.grad_accum=none"], world_size=8)
+    assert (cfg.parallel.dp, cfg.train.grad_accum) == (4, 4)
+    cfg, _ = parse_args(["--config", TINY, "--deepspeed_config", ds, "--train.grad_accum=none"])
+    assert (cfg.parallel.dp, cfg.train.grad_accum) == (1, 16)  # bare: one replica accumulates
+    with pytest.raises(ConfigError) as info:  # 6 ranks: 32 is no multiple of micro 2 x dp 6
+        parse_args(["--config", TINY, "--deepspeed_config", ds, "--train.grad_accum=none"],
+                   world_size=6)
+    (line,) = info.value.lines
+    assert line.startswith("train.global_batch_size=32") and "dp 6" in line, line
+
+
+def test_tp_error_is_one_line_with_valid_degrees() -> None:
+    """tp=3 misses heads and ffn (and with GQA kv heads): one line naming each and what fits."""
+    (line,) = _errors(["--config", TINY, "--parallel.tp=3"])
+    assert line.startswith("parallel.tp=3: must divide model.num_heads=4, "
+                           "model.ffn_hidden_size=256"), line
+    assert line.endswith("valid: 1, 2, 4"), line
+    (line,) = _errors(["--config", TINY, "--model.family=llama", "--model.num_heads=8",
+                       "--model.num_kv_heads=2", "--model.ffn_hidden_size=96",
+                       "--parallel.tp=3"])
+    assert "model.num_heads=8" in line and "model.num_kv_heads=2" in line, line
+    assert "ffn_hidden_size" not in line and line.endswith("valid: 1, 2, 4, 8"), line
+
+
 # ---------------------------------------------------------------- interleaved: resolved batch
 
 INTERLEAVED = {"parallel": {"dp": 1, "pp": 2, "schedule": "interleaved", "virtual_stages": 2},

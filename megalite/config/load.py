@@ -17,7 +17,7 @@ import os
 import sys
 import typing
 from pathlib import Path
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import yaml
 
@@ -61,6 +61,8 @@ def _field_types(cls: type) -> Dict[str, Any]:
 def _type_name(tp: Any) -> str:
     """Human name of a field type for help and error lines."""
     args = typing.get_args(tp)
+    if typing.get_origin(tp) is typing.Literal:
+        return " or ".join(str(a) for a in args)
     if typing.get_origin(tp) is typing.Union:
         return " or ".join(_type_name(a) if a is not type(None) else "none" for a in args)
     if typing.get_origin(tp) in (list, List):
@@ -75,11 +77,20 @@ class _BadType(Exception):
 def _coerce(value: Any, tp: Any) -> Any:
     """Convert a YAML/JSON/CLI value to ``tp``; strings are accepted for every type."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is typing.Literal:  # a keyword such as parallel.dp's `auto`
+        if isinstance(value, str) and value.strip().lower() in args:
+            return value.strip().lower()
+        raise _BadType
     if origin is typing.Union:
-        if value is None or str(value).strip().lower() in ("none", "null", ""):
+        if type(None) in args and (value is None
+                                   or str(value).strip().lower() in ("none", "null", "")):
             return None
-        inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0])
+        for inner in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, inner)
+            except _BadType:
+                pass
+        raise _BadType
     if origin in (list, List):
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",")] if value.strip() else []
@@ -249,8 +260,12 @@ def _is_bool_field(dotted: str) -> bool:
     return _field_types(SECTIONS[section]).get(name) is bool if section in SECTIONS else False
 
 
-def parse_args(argv: List[str], verbose: bool = True) -> Tuple[Config, List[str]]:
+def parse_args(argv: List[str], verbose: bool = True,
+               world_size: Optional[int] = None) -> Tuple[Config, List[str]]:
     """Defaults < ``--config`` YAML < ``--deepspeed_config`` JSON < ``--section.field`` overrides.
+
+    ``world_size`` is the launcher's process count (None: a bare run), from which
+    ``parallel.dp=auto`` is resolved before the batch sizes (see ``validate``).
 
     With ``verbose``, prints one ``config: ... overridden by ...`` line to stderr per value the
     DeepSpeed JSON changes or the command line changes in it (a command-line override of the
@@ -291,20 +306,27 @@ def parse_args(argv: List[str], verbose: bool = True) -> Tuple[Config, List[str]
                 print(f"config: {key}: {fmt(old)} ({old_origin}) overridden by {fmt(value)} "
                       f"({origin})", file=sys.stderr)
             merged[key] = (value, origin)
-    cfg = validate(_build({k: v for k, (v, _) in merged.items()}))
+    cfg = validate(_build({k: v for k, (v, _) in merged.items()}), world_size)
     return cfg, warnings
 
 
-def parse_or_exit(argv: List[str]) -> Tuple[Config, List[str]]:
-    """``parse_args`` for CLI entry points: print ``error: `` lines and exit 2 on bad input."""
+def parse_or_exit(argv: List[str], world_size: Optional[int] = None,
+                  node_speaker: Optional[bool] = None) -> Tuple[Config, List[str]]:
+    """``parse_args`` for CLI entry points: print ``error: `` lines and exit 2 on bad input.
+
+    Launched ranks all parse the same command line: warnings come from rank 0 only, errors
+    from one rank per node (``node_speaker``, default: local rank 0), since a missing file may
+    be missing on one node only."""
     # other launched ranks would repeat every line, and so would the ranks of a bare run whose
     # parent printed them (megalite.launcher.local.launch_local sets MEGALITE_CONFIG_SHOWN)
     speaker = (os.environ.get("RANK", "0") == "0"
                and os.environ.get("MEGALITE_CONFIG_SHOWN") != "1")
+    if node_speaker is None:
+        node_speaker = os.environ.get("LOCAL_RANK", "0") == "0"
     try:
-        cfg, warnings = parse_args(argv, verbose=speaker)
+        cfg, warnings = parse_args(argv, verbose=speaker, world_size=world_size)
     except ConfigError as exc:
-        for line in exc.lines:
+        for line in exc.lines if node_speaker else []:
             print(f"error: {line}", file=sys.stderr)
         sys.exit(2)
     for line in warnings if speaker else []:

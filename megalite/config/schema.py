@@ -7,7 +7,7 @@ override them.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import List, Literal, Optional, Union
 
 
 @dataclass
@@ -52,8 +52,11 @@ class ModelConfig:
 
 @dataclass
 class ParallelConfig:
-    dp: int = 1
-    """Data-parallel degree (replicas). world_size = dp * pp * tp."""
+    dp: Union[int, Literal["auto"]] = "auto"
+    """Data-parallel degree (replicas); world_size = dp * pp * tp. `auto` (Megatron's rule):
+    under a launcher (torchrun, deepspeed, srun, mpirun, megalite launch) world_size / (tp * pp),
+    an error when that does not divide; a bare run gets 1. A number that disagrees with the
+    launcher's world size is an error."""
     tp: int = 1
     """Tensor-parallel degree (ranks sharing each layer; fastest-varying rank)."""
     pp: int = 1
@@ -238,7 +241,11 @@ class CheckpointConfig:
 @dataclass
 class RunConfig:
     dir: str = "runs/default"
-    """Run directory: resolved config, metrics.jsonl, TensorBoard events, checkpoints."""
+    """Run directory of one run: resolved config.yaml, metrics.jsonl (a row per step; val_loss
+    in the rows of evaluated steps and the last), TensorBoard events, checkpoints/. Only train
+    writes here (eval and generate read); rerunning train resumes its latest checkpoint and
+    first drops the metrics rows past it. Give each run its own; train refuses one it cannot
+    write, or whose checkpoint is past train.steps."""
     log_interval: int = 10
     """Print a progress line every this many steps when stdout is not a terminal."""
     tensorboard: bool = True
@@ -260,4 +267,8 @@ class Config:
 
     @property
     def world_size(self) -> int:
-        return self.parallel.dp * self.parallel.tp * self.parallel.pp
+        """dp * tp * pp of a validated config (``validate`` resolves dp=auto to a number)."""
+        dp = self.parallel.dp
+        if not isinstance(dp, int):
+            raise ValueError(f"parallel.dp={dp} is not resolved yet: validate the config first")
+        return dp * self.parallel.tp * self.parallel.pp

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import copy
 import re
-from typing import Any, List
+from typing import Any, List, Optional
 
 from .schema import Config
 
@@ -111,25 +111,35 @@ def _check_pipeline_batch(cfg: Config, err: _Errors, given: Config) -> None:
             "parallel.schedule")
 
 
+def _tp_problems(m, tp: int) -> List[str]:
+    """The model shapes a tensor-parallel degree ``tp`` fails to split, as ``field=value``."""
+    kv = m.num_kv_heads or m.num_heads
+    ffn = m.ffn_hidden_size
+    if ffn is None and m.family != "llama":
+        ffn = 4 * m.hidden_size
+    out = []
+    if m.num_heads > 0 and m.num_heads % tp:
+        out.append(f"model.num_heads={m.num_heads}")
+    if kv != m.num_heads and kv > 0 and kv % tp and tp % kv:
+        out.append(f"model.num_kv_heads={kv} (or be a multiple of it: kv heads are replicated)")
+    if ffn is not None and ffn > 0 and ffn % tp:
+        out.append(f"model.ffn_hidden_size={ffn}")
+    return out
+
+
 def _check_tensor_parallel(cfg: Config, err: _Errors) -> None:
-    """Shapes a tensor-parallel degree must divide, each error naming the numbers."""
+    """Shapes a tensor-parallel degree must divide: one line naming every number it misses
+    and the degrees that would do."""
     m, tp = cfg.model, cfg.parallel.tp
     err.check(cfg.parallel.vocab_multiple > 0, "parallel.vocab_multiple",
               cfg.parallel.vocab_multiple, "must be positive")
     if tp <= 1:
         return
-    if m.num_heads > 0 and m.num_heads % tp:
-        err.add("parallel.tp", tp, f"must divide model.num_heads={m.num_heads} (heads are split "
-                "over tensor-parallel ranks); pick a divisor")
-    kv = m.num_kv_heads or m.num_heads
-    if kv > 0 and kv % tp and tp % kv:
-        err.add("parallel.tp", tp, f"model.num_kv_heads={kv}: kv heads are split when tp "
-                "divides them and replicated when kv_heads divides tp; pick such a tp")
-    ffn = m.ffn_hidden_size
-    if ffn is None and m.family != "llama":
-        ffn = 4 * m.hidden_size
-    if ffn is not None and ffn > 0 and ffn % tp:
-        err.add("parallel.tp", tp, f"must divide model.ffn_hidden_size={ffn}; pick a divisor")
+    problems = _tp_problems(m, tp)
+    if problems:
+        valid = [d for d in range(1, max(m.num_heads, 1) + 1) if not _tp_problems(m, d)]
+        err.add("parallel.tp", tp, f"must divide {', '.join(problems)} (split over the "
+                f"tensor-parallel ranks); valid: {', '.join(map(str, valid))}")
     if cfg.parallel.sequence_parallel and cfg.data.seq_len % tp:
         err.add("parallel.sequence_parallel", True, f"data.seq_len={cfg.data.seq_len} must "
                 f"divide by parallel.tp={tp}; change one or turn sequence parallelism off")
@@ -210,13 +220,38 @@ def _check_model(cfg: Config, err: _Errors) -> None:
         err.check(value > 0, f"model.{name}", value, "must be positive")
 
 
+def resolve_dp(cfg: Config, err: _Errors, world_size: Optional[int]) -> None:
+    """``parallel.dp=auto`` -> world_size / (tp * pp) under a launcher (Megatron), 1 bare; a
+    number must agree with the launcher's world size."""
+    p = cfg.parallel
+    for name in ("tp", "pp"):
+        err.check(getattr(p, name) >= 1, f"parallel.{name}", getattr(p, name),
+                  "must be at least 1")
+    if p.dp == "auto":
+        if world_size is None:
+            p.dp = 1
+        elif p.tp >= 1 and p.pp >= 1:
+            if world_size % (p.tp * p.pp):
+                err.add("parallel.dp", p.dp, f"the launcher started {world_size} ranks, not a "
+                        f"multiple of tp*pp = {p.tp}*{p.pp} = {p.tp * p.pp}; start a multiple "
+                        "of it or change parallel.tp/pp")
+            else:
+                p.dp = world_size // (p.tp * p.pp)
+        return
+    if p.dp < 1:
+        err.add("parallel.dp", p.dp, "must be at least 1 (or auto)")
+    elif world_size is not None and p.tp >= 1 and p.pp >= 1 and \
+            world_size != p.dp * p.tp * p.pp:
+        err.add("parallel.dp", p.dp, f"world size {world_size} != dp*pp*tp = "
+                f"{p.dp}*{p.pp}*{p.tp} = {p.dp * p.pp * p.tp}: start {p.dp * p.pp * p.tp} "
+                "ranks, or leave parallel.dp unset (auto) to take it from the launcher")
+
+
 def _check_parallel(cfg: Config, err: _Errors) -> None:
     p = cfg.parallel
-    for name in ("dp", "tp", "pp"):
-        value = getattr(p, name)
-        err.check(value >= 1, f"parallel.{name}", value, "must be at least 1")
-    _check_pipeline(cfg, err)
-    _check_tensor_parallel(cfg, err)
+    if p.tp >= 1 and p.pp >= 1:  # else resolve_dp named them
+        _check_pipeline(cfg, err)
+        _check_tensor_parallel(cfg, err)
     _choice(err, "parallel.backend", p.backend, ["auto", "gloo", "nccl"])
     err.check(p.bucket_mb > 0, "parallel.bucket_mb", p.bucket_mb, "must be positive")
     err.check(p.timeout_s > 0, "parallel.timeout_s", p.timeout_s, "must be positive")
@@ -323,18 +358,22 @@ def _check_rest(cfg: Config, err: _Errors) -> None:
     err.check(r.sample_tokens >= 0, "run.sample_tokens", r.sample_tokens, "must be >= 0")
 
 
-def validate(cfg: Config) -> Config:
-    """Return a copy with batch sizes resolved; raise ConfigError listing every problem."""
+def validate(cfg: Config, world_size: Optional[int] = None) -> Config:
+    """Return a copy with parallel.dp and the batch sizes resolved; raise ConfigError listing
+    every problem. ``world_size``: the launcher's process count, None for a bare run."""
     given, cfg = cfg, copy.deepcopy(cfg)
     err = _Errors()
     _check_model(cfg, err)
+    resolve_dp(cfg, err, world_size)
     _check_parallel(cfg, err)
-    before = len(err.lines)
-    resolve_batch(cfg, err)
-    # checks of the resolved batch sizes go after resolve_batch (grad_accum may be derived
-    # there), and only when it succeeded: with conflicting sizes the final values are unknown
-    if len(err.lines) == before and cfg.parallel.dp >= 1:
-        _check_pipeline_batch(cfg, err, given)
+    if isinstance(cfg.parallel.dp, int):  # else auto could not be resolved (error added)
+        before = len(err.lines)
+        resolve_batch(cfg, err)
+        # checks of the resolved batch sizes go after resolve_batch (grad_accum may be derived
+        # there), and only when it succeeded: with conflicting sizes the final values are
+        # unknown
+        if len(err.lines) == before and cfg.parallel.dp >= 1:
+            _check_pipeline_batch(cfg, err, given)
     _check_train(cfg, err)
     _check_data(cfg, err)
     _check_rest(cfg, err)

@@ -37,6 +37,11 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN or Inf; the last good checkpoint is kept."""
 
 
+class ResumeError(ValueError):
+    """The checkpoint found in the run cannot continue this config (a user's mistake: the CLI
+    prints it as one ``error:`` line)."""
+
+
 @dataclass
 class TrainResult:
     losses: List[float] = field(default_factory=list)  # one per step run by this call
@@ -57,9 +62,12 @@ class Trainer:
     """Builds one rank of the job (data, model through the plan, ZeRO engine, executor,
     optimizer) and runs the step loop. Every layout takes the same path: the executor runs the
     schedule's actions (pp = 1 is a one-stage schedule), the engine finishes the gradients, the
-    optimizer clips and steps — whatever differs between layouts lives in those three."""
+    optimizer clips and steps — whatever differs between layouts lives in those three.
 
-    def __init__(self, cfg: Config, dims: ParallelDims):
+    ``read_only`` (eval): nothing is written into the run directory — no config.yaml, no
+    metrics.jsonl, no TensorBoard events; only ``fit`` (train) writes there."""
+
+    def __init__(self, cfg: Config, dims: ParallelDims, read_only: bool = False):
         self.cfg, self.dims = cfg, dims
         t, p = cfg.train, cfg.parallel
         self.mbs, self.ga, self.gbs = t.micro_batch_size, t.grad_accum, t.global_batch_size
@@ -102,9 +110,10 @@ class Trainer:
                                      static=t.loss_scale > 0)
         self.ckpt_dir = cfg.checkpoint.dir or os.path.join(cfg.run.dir, "checkpoints")
         self.step = 0
+        self.read_only = read_only
         self.log = MetricsLogger(cfg.run.dir, t.steps, dims.rank == 0, cfg.run.tensorboard,
-                                 cfg.run.log_interval)
-        if dims.rank == 0:
+                                 cfg.run.log_interval, write=not read_only)
+        if dims.rank == 0 and not read_only:
             save_yaml(cfg, os.path.join(cfg.run.dir, "config.yaml"))
         with torch.device("meta"):  # the whole model's size, whatever this rank holds of it
             self.n_params = num_params(CausalLM(self.args))
@@ -142,10 +151,24 @@ class Trainer:
         path = checkpoint.latest(self.ckpt_dir) if self.cfg.checkpoint.resume else None
         if path is None:
             return
+        meta = checkpoint.read_meta(path)  # checked before any shard is read
+        if meta.get("step", 0) > self.cfg.train.steps:
+            raise ResumeError(
+                f"checkpoint.resume: {path} is at step {meta['step']}, past train.steps="
+                f"{self.cfg.train.steps}: this run directory holds another run; give this one "
+                f"its own --run.dir, raise train.steps, or pass --checkpoint.resume=false")
+        saved_layout = meta.get("layout", {})
+        here = {"tp": self.dims.tp, "pp": self.dims.pp}
+        if any(saved_layout.get(axis, size) != size for axis, size in here.items()):
+            raise ResumeError(
+                f"checkpoint.resume: {path} was saved at tp={saved_layout.get('tp')} "
+                f"pp={saved_layout.get('pp')}, this run is tp={self.dims.tp} pp={self.dims.pp}: "
+                "resume with the same parallel.tp and parallel.pp, or give this run its own "
+                "--run.dir")
         shard = checkpoint.load_shard(path, self.dims)
-        saved = checkpoint.read_meta(path).get("zero")
+        saved = meta.get("zero")
         if saved != self.engine.layout():
-            raise ValueError(
+            raise ResumeError(
                 f"checkpoint {path} holds optimizer state sharded as {saved}; this run shards it "
                 f"as {self.engine.layout()}: resume with the same parallel.dp (with ZeRO >= 1), "
                 f"parallel.bucket_mb and train.grad_dtype")
@@ -285,20 +308,41 @@ class Trainer:
 
     # ---- the loop ---------------------------------------------------------------------------
     def _on_signal(self, signum, frame) -> None:
+        if signum == signal.SIGINT and self._stop_signal is not None:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now, without the checkpoint
         self._stop_signal = signum
 
     def fit(self) -> TrainResult:
+        """Train to train.steps (resuming from the run's latest checkpoint). SIGTERM, SIGUSR1
+        and SIGINT (Ctrl-C; a second one aborts) save a checkpoint after the current step and
+        return ``preempted``. metrics.jsonl rows past the resumed step are dropped (the
+        resumed run writes them again); validation losses go into their step's row."""
         cfg = self.cfg
+        assert not self.read_only, "a read-only Trainer (eval) cannot train"
         self.maybe_resume()
-        self.log.print(self.describe())
-        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGUSR1)}
+        dropped = self.log.keep_until(self.step)
+        if dropped:
+            self.log.print(f"metrics.jsonl: dropped {dropped} rows past step {self.step}")
         result = TrainResult()
+        if self.step == cfg.train.steps:
+            self.log.print(f"already trained to train.steps={self.step}: nothing to train")
+            result.checkpoint = checkpoint.latest(self.ckpt_dir)  # not saved again
+        self.log.print(self.describe())
+        signals = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+        previous = {s: signal.signal(s, self._on_signal) for s in signals}
+        evaluated = False
         try:
             while self.step < cfg.train.steps:
                 record = self.train_step()
                 result.losses.append(record["loss"])
-                if cfg.train.eval_interval and self.step % cfg.train.eval_interval == 0:
-                    record["val_loss"] = self.evaluate()
+                last = self.step == cfg.train.steps and not record["stop"]
+                if last or (cfg.train.eval_interval and
+                            self.step % cfg.train.eval_interval == 0):
+                    val_loss = self.evaluate()
+                    if val_loss is not None:  # None: the split left no validation documents
+                        record["val_loss"] = val_loss
+                    if last:
+                        result.val_loss, evaluated = val_loss, True
                 self.log.log(record)
                 if record["stop"]:
                     result.checkpoint = self.save_checkpoint()
@@ -312,7 +356,8 @@ class Trainer:
             for s, handler in previous.items():
                 signal.signal(s, handler)
         if not result.preempted:
-            result.val_loss = self.evaluate()
+            if not evaluated:  # nothing trained here (already at train.steps)
+                result.val_loss = self.evaluate()
             if result.val_loss is not None:
                 self.log.print(f"validation loss {result.val_loss:.4f} "
                                f"(perplexity {math.exp(min(result.val_loss, 50)):.2f})")

@@ -43,37 +43,74 @@ def _fmt_duration(seconds: float) -> str:
 
 
 class MetricsLogger:
-    """Written by one rank only (``enabled``); the others construct it disabled."""
+    """Written by one rank only (``enabled``); the others construct it disabled. With
+    ``write=False`` (eval) it only prints: nothing is created in the run directory."""
 
     def __init__(self, run_dir: str, total_steps: int, enabled: bool, tensorboard: bool,
-                 log_interval: int):
+                 log_interval: int, write: bool = True):
         self.enabled, self.total, self.log_interval = enabled, total_steps, log_interval
         self.tty = sys.stdout.isatty()
         self.file = None
         self.tb = None
+        self.tb_dir: Optional[str] = None  # the writer starts at the first row (see log)
+        self._purge_step: Optional[int] = None
         self.t0 = time.perf_counter()
         self.first_step: Optional[int] = None
         self._window: List[float] = []
         self.skipped = 0  # fp16 steps skipped on overflow
-        if not enabled:
+        if not enabled or not write:
             return
         os.makedirs(run_dir, exist_ok=True)
         self.file = open(os.path.join(run_dir, "metrics.jsonl"), "a")
         if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-                self.tb = SummaryWriter(os.path.join(run_dir, "tensorboard"))
-            except ImportError:
-                pass  # tensorboard is an optional extra
+            self.tb_dir = os.path.join(run_dir, "tensorboard")
+
+    def keep_until(self, step: int) -> int:
+        """Drop the rows of steps after ``step`` (a run resumed there writes them again; a
+        fresh run, step 0, drops all), and a line cut by a crash; the number of rows dropped.
+        The file is replaced atomically: a crash here leaves the old one whole."""
+        if self.file is None:
+            return 0
+        self._purge_step = step + 1  # TensorBoard hides the old events of those steps too
+        path = self.file.name
+        self.file.close()
+        kept: List[str] = []
+        dropped = 0
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    row = json.loads(line)
+                    keep = line.endswith("\n") and int(row["step"]) <= step
+                except (ValueError, TypeError, KeyError):
+                    keep = False
+                if keep:
+                    kept.append(line)
+                elif line.strip():
+                    dropped += 1
+        if dropped:
+            tmp = f"{path}.tmp{os.getpid()}"
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.writelines(kept)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        self.file = open(path, "a", encoding="utf-8")
+        return dropped
 
     def log(self, record: Dict) -> None:
-        if not self.enabled:
+        if not self.enabled or self.file is None:
             return
         step = record["step"]
         if self.first_step is None:
             self.first_step, self.t0 = step, time.perf_counter()
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
+        if self.tb is None and self.tb_dir is not None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self.tb = SummaryWriter(self.tb_dir, purge_step=self._purge_step)
+            except ImportError:
+                self.tb_dir = None  # tensorboard is an optional extra
         if self.tb is not None:
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)):
