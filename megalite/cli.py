@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import os
@@ -104,6 +105,7 @@ def _run_ranks(command: str, argv: List[str]) -> int:
     except LayoutError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    trainer = None
     try:
         trainer = Trainer(cfg, dims, read_only=command == "eval")
         if command == "eval":
@@ -123,7 +125,15 @@ def _run_ranks(command: str, argv: List[str]) -> int:
             print(f"error: {e}", file=sys.stderr)
         return 2
     finally:
+        # Free everything holding a process group or a finished collective's work while the
+        # interpreter is whole: gloo work objects left to interpreter finalisation hold tensors
+        # whose release there can abort the process ("terminate called without an active
+        # exception", SIGABRT) after a run that succeeded.
+        trainer = None
+        gc.collect()
         dims.destroy()
+        dims = None
+        gc.collect()
 
 
 def _unwritable_run_dirs(cfg) -> Optional[str]:
