@@ -10,7 +10,7 @@ from __future__ import annotations
 import datetime
 import os
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -39,6 +39,10 @@ class ParallelDims:
     pp_group: Optional[object] = None
     mp_group: Optional[object] = None  # tp x pp: everything one data-parallel replica spans
     embed_group: Optional[object] = None  # first + last stage: tied embedding gradients
+    # pp > 1: one two-rank group per direction between neighbouring stages, keyed (source
+    # pp_rank, destination pp_rank), the last -> first wrap included: NCCL runs a group's
+    # transfers in order on one stream, so each direction needs its own (pipeline/p2p.py)
+    p2p_groups: Dict[Tuple[int, int], object] = field(default_factory=dict)
 
     def __post_init__(self):
         for axis in ("dp", "tp", "pp"):
@@ -133,6 +137,13 @@ class ParallelDims:
         }
         for name, groups in layouts.items():
             setattr(self, name, self._new_groups(groups))
+        for src in r(self.pp if self.pp > 1 else 0):
+            for dst in sorted({(src + 1) % self.pp, (src - 1) % self.pp}):
+                ranks = [[self.rank_of(src, d, t), self.rank_of(dst, d, t)]
+                         for d in r(self.dp) for t in r(self.tp)]
+                group = self._new_groups(ranks)
+                if group is not None:
+                    self.p2p_groups[(src, dst)] = group
 
     def _new_groups(self, rank_lists: List[List[int]]):
         mine = None

@@ -11,14 +11,13 @@ every layout equal to one process. Packed documents (``models.documents``): ``eo
 sets label -100 where the input is EOD before the tokens are counted, and every stage rebuilds
 the micro-batch's positions and attention mask from its tokens.
 
-Communication: an action's sends are posted when it ends — together with the next action's
-receive in one ``batch_isend_irecv`` when that action receives (Megatron's
-send-forward-recv-backward pairing, so two neighbours sending to each other at once cannot
-deadlock on NCCL), on their own otherwise. A receive is waited for; sends only before the step
-ends (a send completes when the peer reaches its matching receive). With TP, every TP rank sends
-its own copy of the activation to its peer TP rank (without sequence parallelism the activation
-is replicated over TP; with it, each TP rank sends only its 1/tp sequence chunk — Megatron's
-scatter/gather saving, for free).
+Communication (``p2p.py``): a send is posted as soon as its tensor exists, a receive when its
+action starts, each direction between two stages on its own process group, so that NCCL — which
+ignores tags and runs a group's transfers in order — cannot stall (tests/test_nccl_replay.py
+replays every schedule under NCCL's rules). With TP, every TP rank sends its own copy of the
+activation to its peer TP rank (without sequence parallelism the activation is replicated over
+TP; with it, each TP rank sends only its 1/tp sequence chunk — Megatron's scatter/gather
+saving, for free).
 
 Memory: once an activation has been sent, its data is freed and only its autograd graph kept
 (the next backward needs the graph, not the values) — Megatron's ``deallocate_output_tensor``.
@@ -26,15 +25,15 @@ Memory: once an activation has been sent, its data is freed and only its autogra
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
-import torch.distributed as dist
 
 from megalite.models.documents import context_for, mask_eod_labels
 from megalite.parallel import comm
 from megalite.parallel.dims import ParallelDims
+from megalite.pipeline.p2p import P2P, TorchTransport
 from megalite.pipeline.schedules import Action
 from megalite.pipeline.stage import PipelineStage
 from megalite.pipeline.zero_bubble import WeightGradStore, defer_weight_grads
@@ -57,66 +56,6 @@ class _Micro:
     inputs: Optional[torch.Tensor] = None  # received activation (leaf), None on stage 0
     output: Optional[torch.Tensor] = None  # sent activation, or the loss on the last stage
     grad: Optional[torch.Tensor] = None  # gradient received for ``output``
-
-
-@dataclass
-class P2P:
-    dims: ParallelDims
-    num_micro: int
-    pending: List[Tuple[dist.P2POp, torch.Tensor]] = field(default_factory=list)
-    inflight: List[Tuple[object, torch.Tensor]] = field(default_factory=list)
-
-    def _peer(self, pp_rank: int) -> int:
-        return self.dims.rank_of(pp_rank % self.dims.pp, self.dims.dp_rank, self.dims.tp_rank)
-
-    def _tag(self, vstage: int, micro: int, kind: int) -> int:
-        return (vstage * self.num_micro + micro) * 2 + kind
-
-    def send(self, tensor: torch.Tensor, to_pp: int, vstage: int, micro: int, kind: int) -> None:
-        """Queue a send of ``tensor`` (from virtual stage ``vstage``); posted with the next recv."""
-        self.dims.meter.record("p2p", tensor)
-        op = dist.P2POp(dist.isend, tensor, self._peer(to_pp), tag=self._tag(vstage, micro, kind))
-        self.pending.append((op, tensor))
-
-    def recv(self, shape, dtype, device, from_pp: int, vstage: int, micro: int,
-             kind: int) -> torch.Tensor:
-        """Post the queued sends and this receive together; wait for the receive only (a send
-        completes when the peer gets to its matching receive, which may need our next step)."""
-        buf = torch.empty(shape, dtype=dtype, device=device)
-        op = dist.P2POp(dist.irecv, buf, self._peer(from_pp), tag=self._tag(vstage, micro, kind))
-        self._post([op])[-1].wait()
-        self._release(done_only=True)
-        return buf
-
-    def post_sends(self) -> None:
-        """Post the queued sends now, without waiting for them."""
-        self._post([])
-        self._release(done_only=True)
-
-    def flush(self) -> None:
-        """Post the queued sends and wait for every send of the step."""
-        self._post([])
-        self._release(done_only=False)
-
-    def _post(self, extra: List[dist.P2POp]) -> list:
-        ops = [op for op, _ in self.pending] + extra
-        if not ops:
-            return []
-        reqs = dist.batch_isend_irecv(ops)
-        self.inflight += [(req, t) for req, (_, t) in zip(reqs, self.pending)]
-        self.pending = []
-        return reqs
-
-    def _release(self, done_only: bool) -> None:
-        """Sent activations keep their autograd graph but drop their values."""
-        still = []
-        for req, t in self.inflight:
-            if done_only and not req.is_completed():
-                still.append((req, t))
-                continue
-            req.wait()
-            t.data = torch.empty((1,), dtype=t.dtype, device=t.device)
-        self.inflight = still
 
 
 class _NoTimers:
@@ -151,6 +90,9 @@ class PipelineExecutor:
             self.wgrad_store.on_accumulate = grads.on_weight_grad
         self._deferring = False
         self.timers = timers if timers is not None else _NoTimers()
+        self.transport = TorchTransport()
+        # CUDA: a wait only orders streams, so sent activations can be freed without polling
+        self.stream_ordered = dims.device.type == "cuda"
 
     def vstage(self, chunk: int) -> int:
         return chunk * self.dims.pp + self.dims.pp_rank
@@ -169,7 +111,7 @@ class PipelineExecutor:
         batches = [mask_eod_labels(b, self.stage.args) for b in batches]
         tokens = self.global_tokens(batches)
         self._scale = loss_scale / tokens.clamp(min=1)
-        self.p2p = P2P(self.dims, len(batches))
+        self.p2p = P2P(self.dims, len(batches), self.transport, self.stream_ordered)
         state: Dict[Tuple[int, int], _Micro] = {}
         total = torch.zeros((), dtype=torch.float32, device=self.dims.device)
         split = any(a.kind == "W" for a in actions)
@@ -179,7 +121,7 @@ class PipelineExecutor:
         if self.grads is not None and torch.is_grad_enabled():
             self.grads.begin_step(len(batches), split)
         live = self.peak_in_flight = 0
-        for index, action in enumerate(actions):
+        for action in actions:
             slot = state.setdefault((action.chunk, action.micro), _Micro())
             if action.kind == "F":
                 with self.timers.phase("forward"):
@@ -197,16 +139,8 @@ class PipelineExecutor:
                     self._backward_weight(action)
             if action.kind != "F":
                 del state[(action.chunk, action.micro)]  # done: free its graph
-            following = actions[index + 1] if index + 1 < len(actions) else None
-            if following is None or not self._receives(following):
-                self.p2p.post_sends()  # nothing to pair with: do not hold the peer up
         self.p2p.flush()
         return StepLoss(total, tokens)
-
-    def _receives(self, a: Action) -> bool:
-        if a.kind == "F":
-            return not self.stage.is_first(a.chunk)
-        return a.kind == "B" and not self.stage.is_last(a.chunk)
 
     def _forward(self, a: Action, slot: _Micro, batch: Batch) -> Optional[torch.Tensor]:
         rank, s = self.dims.pp_rank, self.vstage(a.chunk)
