@@ -2,26 +2,31 @@
 
 gloo matches sends to receives by tag and lets a send finish whenever; NCCL does neither, so
 a schedule that passes every gloo test can hang on its first GPU run. Here every pipeline rank
-runs the real ``PipelineExecutor`` (a tiny stand-in model, a recording transport instead of
+runs the real ``PipelineExecutor`` (a tiny stand-in model; its groups built by
+``ParallelDims`` with tokens for ``dist.new_group``; a recording transport instead of
 torch.distributed), and what it posted is replayed by a simulated NCCL:
 
-- one communicator: every batch a rank posts is one NCCL group, queued on the rank's single
-  stream in posting order; a group starts when the one before it has finished;
-- no tags: the k-th send from A to B meets the k-th receive on B from A — and the replay
-  checks that it is the transfer the receiver meant (same tag), or NCCL would deliver the
-  wrong tensor of the right shape without a word;
+- one stream per (rank, communicator): every batch a rank posts is one NCCL group
+  (``batch_isend_irecv``), queued in posting order; it starts once the group before it on
+  that stream has finished and every batch the host had waited for before posting it is done
+  (on CUDA ``wait()`` makes later work wait; it does not block the host);
+- no tags: the k-th send from A to B meets the k-th receive on B from A of the same
+  communicator — and the replay checks that it is the transfer the receiver meant (same
+  tag), or NCCL would deliver the wrong tensor of the right shape without a word;
 - every send is "large": it finishes only while its receive's group is running on the peer
-  (a rendezvous; NCCL's eager path for small messages can only add progress).
+  (a rendezvous; NCCL's eager path for small messages can only add progress);
+- communicators are created on first use, blocking the host until every member arrives.
 
-The host never blocks in this model (``wait()`` on NCCL only orders streams), so the order in
-which a rank posts is all that matters. The replay must finish for every schedule and every
-(p, v, m) the test suite trains with, plus the grid of issue 13 (v 2-4, p 2/3/4/8, m from p to
-4p, odd m where the schedule allows it).
+It must finish for every schedule (training step, then the evaluation step) and every
+(p, v, m) the test suite trains with, plus the grid of issue 13 (interleaved with v 2-4,
+p 2/3/4/8, m = p, 2p, 3p; the others with m below, at and above p, odd included). Before each
+direction got its own process group, 36 of 36 interleaved layouts with m > p (m = 2p, 3p, 4p)
+stalled here.
 """
 from __future__ import annotations
 
-from types import SimpleNamespace
 from collections import deque
+from types import SimpleNamespace
 from typing import Dict, List, NamedTuple, Set, Tuple
 from unittest import mock
 
@@ -136,10 +141,35 @@ class Stall(AssertionError):
     pass
 
 
+def init_communicators(posted: Dict[int, List[Posted]]) -> None:
+    """torch creates a process group's NCCL communicator on its first use, and creating one
+    blocks the host until every member has come to create it too (``ncclCommInitRank``): each
+    rank's communicators in first-use order must be creatable without a cycle."""
+    order = {rank: list(dict.fromkeys(b.comm for b in batches))
+             for rank, batches in posted.items()}
+    members: Dict[object, Set[int]] = {}
+    for rank, comms in order.items():
+        for comm in comms:
+            members.setdefault(comm, set()).add(rank)
+    progress = True
+    while progress:
+        progress = False
+        for comm, ranks in members.items():
+            if ranks and all(order[r] and order[r][0] == comm for r in ranks):
+                for r in ranks:
+                    order[r].pop(0)
+                ranks.clear()
+                progress = True
+    blocked = {rank: comms[0] for rank, comms in order.items() if comms}
+    if blocked:
+        raise Stall(f"NCCL stall creating communicators; each rank waits in: {blocked}")
+
+
 def replay_nccl(logs: Dict[int, RecordingTransport]) -> int:
     """Run the posted groups on simulated NCCL streams, one per (rank, communicator); returns
     the number of groups run, or raises ``Stall`` naming each blocked stream's first group."""
     posted = {rank: log.batches for rank, log in logs.items()}
+    init_communicators(posted)
     # the k-th send A->B meets the k-th receive on B from A of the same communicator
     where: Dict[tuple, list] = {}
     for rank, batches in posted.items():
@@ -231,7 +261,9 @@ def test_every_schedule_finishes_under_nccl(stream_ordered):
 def test_replay_catches_stalls_and_mismatches():
     """The replay can fail: with every direction on one communicator (as before the fix) the
     interleaved step of issue 13 (p=2, v=2, m=4) stalls, and so does 1F1B once sends are
-    posted on their own; a receive meeting another transfer's send is named."""
+    posted on their own; crossed sends stall; a receive meeting another transfer's send is
+    named; two ranks first using two communicators in opposite orders stall in their
+    creation."""
     for schedule, p, m, v in [("interleaved", 2, 4, 2), ("1f1b", 2, 4, 1)]:
         with pytest.raises(Stall, match="NCCL stall"):
             replay_nccl(record(schedule, p, m, v, channels=False))
@@ -249,3 +281,63 @@ def test_replay_catches_stalls_and_mismatches():
                    r1=[Posted("c", [(False, 1, 0, 2), (False, 1, 0, 0)])])
     with pytest.raises(Stall, match="wrong tensor"):
         replay_nccl(swapped)
+    a_then_b = logs(r0=[Posted("a", [(True, 0, 1, 0)]), Posted("b", [(False, 0, 1, 1)])],
+                    r1=[Posted("b", [(True, 1, 0, 1)]), Posted("a", [(False, 1, 0, 0)])])
+    with pytest.raises(Stall, match="creating communicators"):  # first uses cross
+        replay_nccl(a_then_b)
+
+
+class _FakeWork:
+    """A send's handle whose completion the test decides; counts waits and polls."""
+
+    def __init__(self):
+        self.done, self.waits, self.polls = False, 0, 0
+
+    def wait(self) -> bool:
+        self.waits += 1
+        return True
+
+    def is_completed(self) -> bool:
+        self.polls += 1
+        return self.done
+
+
+class _FakeTransport:
+    def __init__(self):
+        self.works: List[_FakeWork] = []
+
+    def post(self, ops: List[Op]) -> _FakeWork:
+        self.works.append(_FakeWork())
+        return self.works[-1]
+
+
+@pytest.mark.parametrize("stream_ordered", [False, True], ids=["cpu", "cuda"])
+def test_sent_activations_are_freed(stream_ordered):
+    """CPU: a sent activation keeps its values until its send reports done (polled at the
+    next transfer), then is waited for once and freed. CUDA: no polling; a send is waited for
+    (stream-ordered) and freed at the second receive after it, whether or not it is done. Both:
+    the autograd graph stays, and the step's end waits for and frees everything."""
+    from megalite.pipeline.p2p import P2P
+
+    transport = _FakeTransport()
+    p2p = P2P(ParallelDims(dp=1, tp=1, pp=2, rank=0), 1, transport, stream_ordered)
+    weight = torch.ones(3, requires_grad=True)
+    first, second = weight * 2, weight * 3
+    p2p.send(first, 1, 0, 0, 0)
+    p2p.recv((3,), torch.float32, "cpu", 1, 1, 0, 1)  # receive 1 after the first send
+    p2p.send(second, 1, 0, 0, 0)
+    sent = transport.works[0]  # works: send first, receive, send second, receive, ...
+    assert first.numel() == 3 and sent.waits == 0  # nothing done yet either way
+    sent.done = True
+    p2p.recv((3,), torch.float32, "cpu", 1, 1, 0, 1)  # receive 2 after the first send
+    assert (first.numel(), sent.waits) == (1, 1) and first.grad_fn is not None
+    assert second.numel() == 3  # CPU: not done; CUDA: only one receive after it
+    if stream_ordered:
+        assert sum(w.polls for w in transport.works) == 0
+        p2p.recv((3,), torch.float32, "cpu", 1, 1, 0, 1)  # freed though still not done
+        assert second.numel() == 1 and transport.works[2].waits == 1
+    else:
+        assert transport.works[2].polls >= 1 and transport.works[2].waits == 0
+    p2p.flush()
+    assert second.numel() == 1 and second.grad_fn is not None and p2p.inflight == []
+    assert all(transport.works[i].waits == 1 for i in (0, 2))  # each send waited for once

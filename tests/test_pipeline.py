@@ -3,7 +3,8 @@
 For PP in {2, 4} and every schedule (interleaved with v = 2): loss and every parameter gradient
 of one global batch equal the unsplit model's; 20 training steps give the same losses; tied
 embeddings stay equal across stages; zb-h1's weight gradients appear only in its W pass;
-resume and generation work; and dp=2 x pp=2 x tp=2 matches the single process.
+resume and generation work (generation on the training's p2p groups, creating none); and
+dp=2 x pp=2 x tp=2 matches the single process.
 
 Tolerance (fp32): stages compute exactly the same ops as the unsplit model (the split only moves
 where they run), so differences come from gradient accumulation order: 1e-5 on losses and
@@ -84,11 +85,42 @@ def _one_batch_gradients(dims, schedule, family):
     return trace, executor.peak_in_flight, schedules.max_in_flight(actions)
 
 
-def _pp_world(tmp, cache):
+def _generate_counting_groups(model, dims):
+    """Greedy generation after training, counting what it asks of torch.distributed: groups
+    created, plain send/recv calls, and the batched transfers' groups (are they the
+    training's ``p2p_groups``?)."""
+    from unittest import mock
+
+    import torch.distributed as dist
+
     from megalite.generate import generate
+    from megalite.pipeline.inference import inference_view
+
+    seen = {"new_group": 0, "send_recv": 0, "batches": 0, "other_groups": 0}
+    channels = list(dims.p2p_groups.values())
+
+    def counted(name, real):
+        def call(*args, **kwargs):
+            seen[name] += 1
+            return real(*args, **kwargs)
+        return call
+
+    def batched(ops, real=dist.batch_isend_irecv):
+        seen["batches"] += 1
+        seen["other_groups"] += sum(not any(op.group is g for g in channels) for op in ops)
+        return real(ops)
+
+    with mock.patch.object(dist, "new_group", counted("new_group", dist.new_group)), \
+            mock.patch.object(dist, "send", counted("send_recv", dist.send)), \
+            mock.patch.object(dist, "recv", counted("send_recv", dist.recv)), \
+            mock.patch.object(dist, "batch_isend_irecv", batched):
+        greedy = generate(inference_view(model, dims), [5, 6, 7], 10, temperature=0).tolist()
+    return greedy, seen
+
+
+def _pp_world(tmp, cache):
     from megalite.parallel.dims import ParallelDims
     from megalite.parallel.env import discover
-    from megalite.pipeline.inference import inference_view
 
     pp = int(os.environ["WORLD_SIZE"])
     dims = ParallelDims.initialize(1, 1, pp, discover(), "gloo", timeout_s=60)
@@ -108,8 +140,7 @@ def _pp_world(tmp, cache):
     tied = stage.embed.tok.weight if stage.embed is not None else \
         stage.head.output.weight if stage.head is not None else None
     out["tied"] = None if tied is None else tied.detach().clone()
-    out["greedy"] = generate(inference_view(trainer.model, dims), [5, 6, 7], 10,
-                             temperature=0).tolist()
+    out["greedy"], out["generate_comm"] = _generate_counting_groups(trainer.model, dims)
     if pp == 2:  # resume: rewind `latest` to step 10 of a run checkpointed there
         cfg = _cfg(f"{tmp}/resume", cache, "--parallel.pp=2", "--checkpoint.interval=10")
         _, first = train(cfg, distributed=True)
@@ -145,6 +176,12 @@ def test_pipeline_equals_single_process(pp, reference, tmp_path, data_cache):
     # the last stage's tied head equals the first stage's embedding after 20 steps
     assert torch.equal(ranks[0]["tied"], ranks[-1]["tied"])
     assert all(r["greedy"] == ref_greedy for r in ranks)
+    # generation reuses the training's groups: no new group, no plain send/recv (a new NCCL
+    # communicator per pair), every transfer on a p2p group (10 tokens: >= 10 batches a rank)
+    for r in ranks:
+        comm = r["generate_comm"]
+        assert comm["new_group"] == comm["send_recv"] == comm["other_groups"] == 0, comm
+        assert comm["batches"] >= 10, comm
     # zb-h1: after micro-batch 0's B pass its weight gradient is still absent; after its W
     # pass (seen before the next action) it is there
     trace = ranks[-1]["zb"]
