@@ -20,7 +20,9 @@ TP; with it, each TP rank sends only its 1/tp sequence chunk — Megatron's scat
 saving, for free).
 
 Memory: once an activation has been sent, its data is freed and only its autograd graph kept
-(the next backward needs the graph, not the values) — Megatron's ``deallocate_output_tensor``.
+(the next backward needs the graph, not the values) — Megatron's ``deallocate_output_tensor``:
+on CPU once its send is done, on CUDA at the second receive after it, through a stream-ordered
+``wait()`` (``p2p.P2P`` says why not sooner).
 """
 from __future__ import annotations
 
