@@ -16,10 +16,12 @@ namespace {
 
 // The largest block of each register-tile kernel (its __launch_bounds__, which the launch plan
 // respects), by the fp32 values one thread holds per tile (VEC * ITEMS, at most 32). 1024 threads
-// need <= 64 registers each, 768 <= 80. nvcc 13 (sm_80/sm_90) gives the forward (one tile) <= 44
-// registers up to 16 values and 69 at 32, which the bound brings to 56-60 without spilling; the
-// backward (two tiles: y and dy) <= 52 up to 16 values and 72-79 at 32 (768, so 16-bit rows of
-// more than 24576 keys take the generic kernel). tests/test_kernel_resources.py checks every
+// need <= 64 registers each, 768 <= 80 (a block's warps are spread over 4 quarters of 16K
+// registers each: 800 threads put 7 warps in one quarter and allow only 72). nvcc 13
+// (sm_80/sm_90) gives the forward (one tile) <= 44 registers up to 16 values and 69 at 32, which
+// the bound brings to 56-60 without spilling; the backward (two tiles: y and dy) <= 52 up to 16
+// values and 72-79 at 32: 768, the most 80 registers allow, so 16-bit rows of more than 24576
+// keys take the generic kernel (those of up to 24576 launch as before). tests/test_kernel_resources.py checks every
 // launch against nvcc's counts.
 constexpr int forward_max_threads(int /*values*/) { return kMaxThreads; }
 constexpr int backward_max_threads(int values) { return values <= 16 ? kMaxThreads : 768; }
