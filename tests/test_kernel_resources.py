@@ -15,7 +15,7 @@ to 1024 threads, so hidden sizes above 12288 failed; the tests stopped at 8192).
   a thread, <= 48 KiB static shared memory; no kernel spills (a bound that made ptxas spill would
   slow it silently); every compiled kernel is one the planner launches (the table is complete).
 
-The objects are cached per user in the temp directory, keyed by the sources and nvcc's version.
+The build is cached per user in the temp directory, keyed by the sources and nvcc's version.
 """
 from __future__ import annotations
 
@@ -100,19 +100,36 @@ class Launch:
     bounds_differ: bool
 
 
-def _cache_dir(key: str, fallback: str) -> str:
-    """A per-user 0700 directory in the temp dir (reused across runs), else the test's tmp_path:
-    the driver built there is executed, so nobody else may be able to write it."""
+def _built(key: str, tmp: str) -> str:
+    """The directory holding the objects, reports and driver for `key`, built when missing.
+
+    Kept in a per-user 0700 directory of the temp dir, the only place a new build goes (older
+    builds there are removed); the driver is executed, so nobody else may be able to write there:
+    otherwise (or when that directory is unusable) it is built in the test's own `tmp`. A build
+    goes to a fresh directory renamed into place when complete: concurrent runs never share one."""
     root = os.path.join(tempfile.gettempdir(), f"megalite-kernel-resources-{os.getuid()}")
     try:
         os.makedirs(root, mode=0o700, exist_ok=True)
         st = os.lstat(root)
-        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
-            return fallback
+        private = (stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid()
+                   and not st.st_mode & 0o077)
     except OSError:
-        return fallback
+        private = False
+    if not private:
+        _build(tmp)
+        return tmp
     path = os.path.join(root, key)
-    os.makedirs(path, exist_ok=True)
+    if os.path.isfile(os.path.join(path, "done")):
+        return path
+    fresh = tempfile.mkdtemp(dir=root, prefix="build-")
+    _build(fresh)
+    try:
+        os.rename(fresh, path)
+    except OSError:  # another run finished the same build first
+        shutil.rmtree(fresh, ignore_errors=True)
+    for old in os.listdir(root):
+        if old != key and not old.startswith("build-"):
+            shutil.rmtree(os.path.join(root, old), ignore_errors=True)
     return path
 
 
@@ -186,9 +203,7 @@ def compiled(tmp_path_factory):
     for path in KERNEL_SOURCES + HEADERS:
         with open(os.path.join(REPO, path), "rb") as f:
             digest.update(path.encode() + b"\0" + f.read())
-    out_dir = _cache_dir(digest.hexdigest()[:24], str(tmp_path_factory.mktemp("kernels")))
-    if not os.path.exists(os.path.join(out_dir, "done")):
-        _build(out_dir)
+    out_dir = _built(digest.hexdigest()[:24], str(tmp_path_factory.mktemp("kernels")))
     usage: Dict[str, Dict[str, Usage]] = {}
     for src in KERNEL_SOURCES:
         with open(os.path.join(out_dir, os.path.basename(src) + ".ptxas")) as f:
