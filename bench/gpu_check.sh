@@ -57,7 +57,8 @@ step_env() {
 
 step_build() {  # no isolation (torch and pybind11 are installed), no deps (no network)
   "$PY" -m pip install --no-build-isolation --no-deps -q -e . &&
-  "$PY" -c 'import megalite._kernels_cuda, megalite._kernels_cpu as c; print("built; CPU ISA", c.isa())'
+  "$PY" -c 'import megalite._kernels_cuda, megalite._kernels_cpu as c
+print("built; CPU ISA", c.isa())'
 }
 
 step_tests() {
@@ -74,21 +75,24 @@ step_nccl() {  # the launcher sets RANK/WORLD_SIZE=1, so train starts an NCCL pr
   set -o pipefail
   NCCL_DEBUG=VERSION "$PY" -m megalite.cli launch --num_gpus 1 -m megalite.train \
     --config configs/tiny.yaml --parallel.backend=nccl --run.dir="$WORK/nccl" \
-    --run.tensorboard=false 2>&1 | tee "$WORK/nccl.log" && grep -q "step 20/20 " "$WORK/nccl.log"
+    --run.tensorboard=false 2>&1 | tee "$WORK/nccl.log" &&
+  grep -q "step 20/20 " "$WORK/nccl.log"
 }
 
 step_zero_bf16() {
   set -o pipefail
   "$PY" -m megalite.cli train --config configs/tiny.yaml --parallel.zero_stage=3 \
     --parallel.offload_optimizer=true --train.precision=bf16 --run.dir="$WORK/zero-bf16" \
-    --run.tensorboard=false 2>&1 | tee "$WORK/zero-bf16.log" && grep -q "step 20/20 " "$WORK/zero-bf16.log"
+    --run.tensorboard=false 2>&1 | tee "$WORK/zero-bf16.log" &&
+  grep -q "step 20/20 " "$WORK/zero-bf16.log"
 }
 
 step_zero_fp16() {
   set -o pipefail
   "$PY" -m megalite.cli train --config configs/tiny.yaml --parallel.zero_stage=3 \
     --parallel.offload_optimizer=true --train.precision=fp16 --run.dir="$WORK/zero-fp16" \
-    --run.tensorboard=false 2>&1 | tee "$WORK/zero-fp16.log" && grep -q "step 20/20 " "$WORK/zero-fp16.log"
+    --run.tensorboard=false 2>&1 | tee "$WORK/zero-fp16.log" &&
+  grep -q "step 20/20 " "$WORK/zero-fp16.log"
 }
 export -f step_env step_build step_tests step_bench step_nccl step_zero_bf16 step_zero_fp16
 

@@ -52,7 +52,10 @@ DRIVER = r"""
 #include <string>
 #include "megalite_kernels.h"
 
-struct Seen { int threads = 0, max_threads = 0; long long width = 0, widest = 0; int bounds_differ = 0; };
+struct Seen {
+  int threads = 0, max_threads = 0, bounds_differ = 0;
+  long long width = 0, widest = 0;
+};
 
 int main() {
   std::map<std::string, Seen> seen;
@@ -64,8 +67,9 @@ int main() {
           for (long long i = 1; i <= 65536 + 4; i++) {
             const long long width = i <= 65536 ? i : extra[i - 65537];
             ml_cuda_launch out[2];
-            const int n = op == 0 ? ml_cuda_norm_launches(dtype, backward, vectorized, width, out)
-                                  : ml_cuda_softmax_launches(dtype, backward, vectorized, width, out);
+            const int n = op == 0
+                              ? ml_cuda_norm_launches(dtype, backward, vectorized, width, out)
+                              : ml_cuda_softmax_launches(dtype, backward, vectorized, width, out);
             if (n < 1 || n > 2) { printf("ERROR op=%d width=%lld n=%d\n", op, width, n); return 1; }
             for (int k = 0; k < n; k++) {
               Seen& s = seen[out[k].kernel];

@@ -17,17 +17,19 @@ namespace {
 // (sm_80/sm_90): the forward, one tile, <= 56 registers at 32 values (63-64 under the bound, no
 // spill): 1024. The backward keeps four tiles (x-hat, g, and the dw and db sums): 4 values ~55
 // registers (1024), 8 and 16 values 62-121 (512), 32 values 159-168 (384, so bf16/fp16 rows above
-// 12288 and fp32 above 8192 take the generic kernel). tests/test_kernel_resources.py checks every launch against nvcc's counts.
+// 12288 and fp32 above 8192 take the generic kernel). tests/test_kernel_resources.py checks
+// every launch against nvcc's counts.
 constexpr int forward_max_threads(int /*values*/) { return kMaxThreads; }
 constexpr int backward_max_threads(int values) {
   return values <= 4 ? kMaxThreads : values <= 16 ? 512 : 384;
 }
 
 template <class T, int VEC, int ITEMS>
-__global__ void __launch_bounds__(forward_max_threads(VEC * ITEMS)) norm_forward_kernel(const T* __restrict__ x, const float* __restrict__ w,
-                                    const float* __restrict__ b, T* __restrict__ y,
-                                    float* __restrict__ mean_out, float* __restrict__ rstd_out,
-                                    int cols, float eps, bool rms) {
+__global__ void __launch_bounds__(forward_max_threads(VEC * ITEMS))
+    norm_forward_kernel(const T* __restrict__ x, const float* __restrict__ w,
+                        const float* __restrict__ b, T* __restrict__ y,
+                        float* __restrict__ mean_out, float* __restrict__ rstd_out, int cols,
+                        float eps, bool rms) {
   __shared__ float smem[32];
   const int64_t row = blockIdx.x;
   const int packs = cols / VEC;
@@ -78,10 +80,11 @@ __global__ void __launch_bounds__(forward_max_threads(VEC * ITEMS)) norm_forward
 
 // Any width: three strided passes over the row (the re-reads hit L1/L2).
 template <class T>
-__global__ void __launch_bounds__(kGenericThreads) norm_forward_generic(const T* __restrict__ x, const float* __restrict__ w,
-                                     const float* __restrict__ b, T* __restrict__ y,
-                                     float* __restrict__ mean_out, float* __restrict__ rstd_out,
-                                     int cols, float eps, bool rms) {
+__global__ void __launch_bounds__(kGenericThreads)
+    norm_forward_generic(const T* __restrict__ x, const float* __restrict__ w,
+                         const float* __restrict__ b, T* __restrict__ y,
+                         float* __restrict__ mean_out, float* __restrict__ rstd_out, int cols,
+                         float eps, bool rms) {
   __shared__ float smem[32];
   const int64_t row = blockIdx.x;
   const T* xr = x + row * cols;
@@ -108,11 +111,12 @@ __global__ void __launch_bounds__(kGenericThreads) norm_forward_generic(const T*
 // dx = rstd * (g - mean(g) - xhat * mean(g * xhat)), g = dy * w. Block `blockIdx.x` handles rows
 // blockIdx.x, +gridDim.x, ... and writes its dw (and db) partial sums to partial[blockIdx.x].
 template <class T, int VEC, int ITEMS>
-__global__ void __launch_bounds__(backward_max_threads(VEC * ITEMS)) norm_backward_kernel(const T* __restrict__ dy, const T* __restrict__ x,
-                                     const float* __restrict__ w, const float* __restrict__ mean,
-                                     const float* __restrict__ rstd, T* __restrict__ dx,
-                                     float* __restrict__ partial, int64_t rows, int cols,
-                                     bool rms, bool has_bias) {
+__global__ void __launch_bounds__(backward_max_threads(VEC * ITEMS))
+    norm_backward_kernel(const T* __restrict__ dy, const T* __restrict__ x,
+                         const float* __restrict__ w, const float* __restrict__ mean,
+                         const float* __restrict__ rstd, T* __restrict__ dx,
+                         float* __restrict__ partial, int64_t rows, int cols, bool rms,
+                         bool has_bias) {
   __shared__ float smem[32];
   const int packs = cols / VEC;
   float dw_acc[ITEMS][VEC] = {}, db_acc[ITEMS][VEC] = {};
@@ -168,11 +172,12 @@ __global__ void __launch_bounds__(backward_max_threads(VEC * ITEMS)) norm_backwa
 
 // Any width: partial sums go through this block's own row of `partial` (no other block touches it).
 template <class T>
-__global__ void __launch_bounds__(kGenericThreads) norm_backward_generic(const T* __restrict__ dy, const T* __restrict__ x,
-                                      const float* __restrict__ w, const float* __restrict__ mean,
-                                      const float* __restrict__ rstd, T* __restrict__ dx,
-                                      float* __restrict__ partial, int64_t rows, int cols,
-                                      bool rms, bool has_bias) {
+__global__ void __launch_bounds__(kGenericThreads)
+    norm_backward_generic(const T* __restrict__ dy, const T* __restrict__ x,
+                          const float* __restrict__ w, const float* __restrict__ mean,
+                          const float* __restrict__ rstd, T* __restrict__ dx,
+                          float* __restrict__ partial, int64_t rows, int cols, bool rms,
+                          bool has_bias) {
   __shared__ float smem[32];
   float* dw_part = partial + (int64_t)blockIdx.x * cols;
   float* db_part = partial + ((int64_t)gridDim.x + blockIdx.x) * cols;
@@ -202,8 +207,9 @@ __global__ void __launch_bounds__(kGenericThreads) norm_backward_generic(const T
 
 // out[c] = sum over blocks of partial[block, c], for dw and (when db != NULL) db.
 constexpr int kSumThreads = 256;
-__global__ void __launch_bounds__(kSumThreads) sum_partials_kernel(const float* __restrict__ partial, int num_blocks, int cols,
-                                    float* __restrict__ dw, float* __restrict__ db) {
+__global__ void __launch_bounds__(kSumThreads)
+    sum_partials_kernel(const float* __restrict__ partial, int num_blocks, int cols,
+                        float* __restrict__ dw, float* __restrict__ db) {
   int c = blockIdx.x * blockDim.x + threadIdx.x;
   if (c >= cols) return;
   float s = 0.0f, sb = 0.0f;

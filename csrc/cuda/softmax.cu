@@ -21,8 +21,8 @@ namespace {
 // (sm_80/sm_90) gives the forward (one tile) <= 44 registers up to 16 values and 69 at 32, which
 // the bound brings to 56-60 without spilling; the backward (two tiles: y and dy) <= 52 up to 16
 // values and 72-79 at 32: 768, the most 80 registers allow, so 16-bit rows of more than 24576
-// keys take the generic kernel (those of up to 24576 launch as before). tests/test_kernel_resources.py checks every
-// launch against nvcc's counts.
+// keys take the generic kernel (those of up to 24576 launch as before).
+// tests/test_kernel_resources.py checks every launch against nvcc's counts.
 constexpr int forward_max_threads(int /*values*/) { return kMaxThreads; }
 constexpr int backward_max_threads(int values) { return values <= 16 ? kMaxThreads : 768; }
 
@@ -43,9 +43,10 @@ __device__ __forceinline__ RowInfo row_info(const uint8_t* mask, int64_t heads, 
 }
 
 template <class T, int VEC, int ITEMS>
-__global__ void __launch_bounds__(forward_max_threads(VEC * ITEMS)) softmax_forward_kernel(const T* __restrict__ x, const uint8_t* __restrict__ mask,
-                                       T* __restrict__ y, int64_t heads, int64_t sq, int sk,
-                                       int64_t mask_sq, float scale, bool causal) {
+__global__ void __launch_bounds__(forward_max_threads(VEC * ITEMS))
+    softmax_forward_kernel(const T* __restrict__ x, const uint8_t* __restrict__ mask,
+                           T* __restrict__ y, int64_t heads, int64_t sq, int sk, int64_t mask_sq,
+                           float scale, bool causal) {
   __shared__ float smem[32];
   const RowInfo ri = row_info(mask, heads, sq, sk, mask_sq, causal);
   const int packs = sk / VEC;
@@ -90,9 +91,10 @@ __global__ void __launch_bounds__(forward_max_threads(VEC * ITEMS)) softmax_forw
 }
 
 template <class T>
-__global__ void __launch_bounds__(kGenericThreads) softmax_forward_generic(const T* __restrict__ x, const uint8_t* __restrict__ mask,
-                                        T* __restrict__ y, int64_t heads, int64_t sq, int sk,
-                                        int64_t mask_sq, float scale, bool causal) {
+__global__ void __launch_bounds__(kGenericThreads)
+    softmax_forward_generic(const T* __restrict__ x, const uint8_t* __restrict__ mask,
+                            T* __restrict__ y, int64_t heads, int64_t sq, int sk, int64_t mask_sq,
+                            float scale, bool causal) {
   __shared__ float smem[32];
   const RowInfo ri = row_info(mask, heads, sq, sk, mask_sq, causal);
   const T* xr = x + ri.row * sk;
@@ -114,9 +116,9 @@ __global__ void __launch_bounds__(kGenericThreads) softmax_forward_generic(const
 }
 
 template <class T, int VEC, int ITEMS>
-__global__ void __launch_bounds__(backward_max_threads(VEC * ITEMS)) softmax_backward_kernel(const T* __restrict__ dy, const T* __restrict__ y,
-                                        T* __restrict__ dx, int64_t sq, int sk, float scale,
-                                        bool causal) {
+__global__ void __launch_bounds__(backward_max_threads(VEC * ITEMS))
+    softmax_backward_kernel(const T* __restrict__ dy, const T* __restrict__ y, T* __restrict__ dx,
+                            int64_t sq, int sk, float scale, bool causal) {
   __shared__ float smem[32];
   const RowInfo ri = row_info(nullptr, 1, sq, sk, 1, causal);
   const int packs = sk / VEC;
@@ -152,9 +154,9 @@ __global__ void __launch_bounds__(backward_max_threads(VEC * ITEMS)) softmax_bac
 }
 
 template <class T>
-__global__ void __launch_bounds__(kGenericThreads) softmax_backward_generic(const T* __restrict__ dy, const T* __restrict__ y,
-                                         T* __restrict__ dx, int64_t sq, int sk, float scale,
-                                         bool causal) {
+__global__ void __launch_bounds__(kGenericThreads)
+    softmax_backward_generic(const T* __restrict__ dy, const T* __restrict__ y, T* __restrict__ dx,
+                             int64_t sq, int sk, float scale, bool causal) {
   __shared__ float smem[32];
   const RowInfo ri = row_info(nullptr, 1, sq, sk, 1, causal);
   const T *yr = y + ri.row * sk, *gr = dy + ri.row * sk;
