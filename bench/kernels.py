@@ -9,6 +9,7 @@ that same eager code where it works. The machine's copy bandwidth (``dst.copy_(s
 this run) is printed first; on a GPU each row also shows the percentage of it.
 
     python bench/kernels.py [--device cpu|cuda] [--dtypes fp32,bf16] [--compile/--no-compile]
+                            [--hidden 1024,4096,8192,12288,16384]
     megalite bench kernels ...
 
 Targets (issue 6): CPU softmax >= 2x eager, norms >= 1.0x; GPU >= 85% of copy bandwidth at
@@ -29,6 +30,9 @@ from megalite import ops
 from megalite.ops import _backend
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Norm widths. On a GPU also 12288 and 16384, past the norm backward's widest register tile
+# (12288 in 16-bit, 8192 in fp32; csrc/cuda/norm.cu), where the generic kernel takes over.
+HIDDEN = {"cpu": (1024, 4096, 8192), "cuda": (1024, 4096, 8192, 12288, 16384)}
 
 
 def timer(device: str, fn: Callable[[], object], min_time: float = 0.2) -> float:
@@ -74,11 +78,11 @@ def eager_softmax(x, mask, scale, causal):
     return torch.softmax(s, dim=-1)
 
 
-def cases(device: str):
+def cases(device: str, hidden: Optional[List[int]] = None):
     """(op name, shape label, make inputs(dtype) -> (ours, eager) callables on fresh tensors)."""
     big = device == "cuda"
     elems = 2**26 if big else 2**22  # 64M elements on a GPU, 4M on a CPU
-    for h in (1024, 4096, 8192):
+    for h in hidden or HIDDEN[device]:
         rows = elems // h
         for op in ("layer_norm", "rms_norm"):
             yield op, f"{rows}x{h}", _norm_case(op, rows, h, device)
@@ -131,7 +135,7 @@ def backward_of(fn: Callable[[], torch.Tensor], x: torch.Tensor) -> Callable[[],
 
 
 def run(device: str, dtypes: List[str], use_compile: bool, passes: List[str],
-        only: Optional[str] = None) -> None:
+        only: Optional[str] = None, hidden: Optional[List[int]] = None) -> None:
     copy_bw = copy_bandwidth(device)
     lib = _backend.cpu_lib if device == "cpu" else _backend.cuda_lib
     what = (f"CPU {lib.isa()}, {torch.get_num_threads()} threads" if device == "cpu" and lib
@@ -144,7 +148,7 @@ def run(device: str, dtypes: List[str], use_compile: bool, passes: List[str],
            f"{'vs eager':>10}{'vs compile':>11}"
     print(head + ("  % copy" if device == "cuda" else ""))
     print("-" * (len(head) + (8 if device == "cuda" else 0)))
-    for name, shape, make in cases(device):
+    for name, shape, make in cases(device, hidden):
         if only and only not in name:
             continue
         for dname in dtypes:
@@ -172,7 +176,7 @@ def run(device: str, dtypes: List[str], use_compile: bool, passes: List[str],
             del x
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="megalite bench kernels", description=__doc__.split("\n")[0])
     p.add_argument("--device", choices=["cpu", "cuda"],
                    default="cuda" if torch.cuda.is_available() else "cpu")
@@ -183,8 +187,17 @@ def main(argv: Optional[List[str]] = None) -> int:
                    default=None, help="also time torch.compile of the eager code (forward; default "
                                       "on for cuda, off for cpu where inductor compiles slowly)")
     p.add_argument("--op", default=None, help="only ops whose name contains this")
+    p.add_argument("--hidden", default=None,
+                   help="comma list of norm widths (default: "
+                        + "; ".join(f"{','.join(map(str, v))} on {k}" for k, v in HIDDEN.items())
+                        + ")")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for both PyTorch and the kernels (default: torch's)")
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = build_parser()
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -196,11 +209,19 @@ def main(argv: Optional[List[str]] = None) -> int:
     if bad:
         print(f"error: unknown dtype(s) {bad}; choose from {sorted(DTYPES)}", file=sys.stderr)
         return 2
+    try:
+        hidden = [int(h) for h in a.hidden.split(",")] if a.hidden else None
+    except ValueError:
+        hidden = [0]
+    if hidden is not None and min(hidden) < 1:
+        print(f"error: --hidden {a.hidden!r}: give a comma list of positive integers, e.g. "
+              "--hidden 4096,12288", file=sys.stderr)
+        return 2
     use_compile = a.device == "cuda" if a.use_compile is None else a.use_compile
     if a.device == "cuda" and not _backend.model_uses_kernels(torch.device("cuda")):
         print("note: benchmarking the CUDA kernels directly (models use them only once "
               "verified, see megalite/ops/_backend.py)")
-    run(a.device, dtypes, use_compile, a.passes.split(","), a.op)
+    run(a.device, dtypes, use_compile, a.passes.split(","), a.op, hidden)
     return 0
 
 

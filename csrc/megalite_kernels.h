@@ -57,6 +57,21 @@ int ml_cuda_softmax_backward(int dtype, const void* dy, const void* y, void* dx,
                              int64_t sq, int64_t sk, float scale, int causal, void* stream);
 const char* ml_cuda_last_error(void);
 
+/* The launches a call would make, without a GPU: the kernel's template name as a demangler prints
+ * it (e.g. "norm_backward_kernel<__nv_bfloat16, 8, 4>"), threads per block and the kernel's
+ * __launch_bounds__. `vectorized`: every pointer is 16-byte aligned. The launch functions above
+ * launch exactly these; tests/test_kernel_resources.py checks each against the registers nvcc
+ * gives the kernel. Writes up to 2 launches to out and returns how many (0: invalid arguments). */
+typedef struct {
+  char kernel[96];
+  int threads;
+  int max_threads;
+} ml_cuda_launch;
+int ml_cuda_norm_launches(int dtype, int backward, int vectorized, int64_t cols,
+                          ml_cuda_launch* out);
+int ml_cuda_softmax_launches(int dtype, int backward, int vectorized, int64_t sk,
+                             ml_cuda_launch* out);
+
 #ifdef __cplusplus
 }
 #endif

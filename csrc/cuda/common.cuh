@@ -1,5 +1,5 @@
 // Shared pieces of the CUDA kernels: error checks that name file and line, dtype dispatch,
-// packed vector loads, block-wide reductions and the register-tile launch shape. Only CUDA
+// packed vector loads, block-wide reductions and the register-tile launch plan. Only CUDA
 // headers: no torch. Inline and templated helpers only: the one definition they need (the error
 // state behind ml_cuda_last_error) lives in common.cu, so every kernel file links with common.cu
 // alone.
@@ -97,15 +97,8 @@ __device__ __forceinline__ float block_max(float v, float* smem) {
 }
 
 constexpr int kMaxThreads = 1024;
-
-// Packs held per thread when a block keeps a row of `packs` vectors in registers: the smallest
-// ITEMS in {1, 2, 4} with at most 512 threads per row, else 4 with up to kMaxThreads; 0 when the
-// row does not fit (the generic kernels then re-read it from L1/L2).
-inline int items_for(int64_t packs) {
-  for (int items : {1, 2, 4})
-    if (packs <= (int64_t)items * 512) return items;
-  return packs <= 4 * kMaxThreads ? 4 : 0;
-}
+// Block of the generic (any width) kernels, which hold no row in registers (~25 registers).
+constexpr int kGenericThreads = 512;
 
 // Threads per block for a row of `packs` vectors held `items` per thread: a multiple of 32.
 inline int threads_for(int64_t packs, int items) {
@@ -114,7 +107,45 @@ inline int threads_for(int64_t packs, int items) {
   return (int)(t < 32 ? 32 : (t > kMaxThreads ? kMaxThreads : t));
 }
 
-// Calls fn(std::integral_constant<int, I>()) for I = items (1, 2 or 4, from items_for), so that a
+// One launch of a row kernel: the register tile (`items` packs per thread; 0 = the generic
+// kernel), the block size, and the largest block that kernel accepts: its __launch_bounds__.
+struct Launch {
+  int items, threads, max_threads;
+};
+
+// The launch for a row of `packs` vectors. max_threads[i] is the __launch_bounds__ of the tile
+// kernel holding 1 << i packs per thread (a multiple of 32, at least 512 for i < 2): a tile keeps
+// its fp32 values in registers, so the wider the tile the fewer threads fit in a block's 64K
+// registers. The smallest ITEMS in {1, 2, 4} with at most 512 threads per row, else 4 with up to
+// max_threads[2]; the generic kernel when the row does not fit (it re-reads the row from L1/L2).
+inline Launch plan_launch(int64_t packs, const int (&max_threads)[3]) {
+  for (int i = 0; i < 3; i++) {
+    const int items = 1 << i, cap = max_threads[i] < 512 ? max_threads[i] : 512;
+    if (packs <= (int64_t)items * cap) return {items, threads_for(packs, items), max_threads[i]};
+  }
+  if (packs <= 4 * (int64_t)max_threads[2]) return {4, threads_for(packs, 4), max_threads[2]};
+  return {0, kGenericThreads, kGenericThreads};
+}
+
+// The C++ name of the activation type, as a demangler prints it in the kernel's name.
+template <class T> constexpr const char* type_name() {
+  return std::is_same<T, float>::value ? "float"
+         : std::is_same<T, __half>::value ? "__half" : "__nv_bfloat16";
+}
+
+// Describes `l` (of the kernel `tile` / `generic` for activation T and vector width VEC) into
+// out: the kernel's template name and block, as ml_cuda_launch reports it.
+template <class T, int VEC>
+void describe(const Launch& l, const char* tile, const char* generic, ml_cuda_launch* out) {
+  if (l.items == 0)
+    snprintf(out->kernel, sizeof out->kernel, "%s<%s>", generic, type_name<T>());
+  else
+    snprintf(out->kernel, sizeof out->kernel, "%s<%s, %d, %d>", tile, type_name<T>(), VEC, l.items);
+  out->threads = l.threads;
+  out->max_threads = l.max_threads;
+}
+
+// Calls fn(std::integral_constant<int, I>()) for I = items (1, 2 or 4, from plan_launch), so that a
 // launch can name the register tile as a template argument: decltype(I)::value.
 template <class Fn> void with_items(int items, Fn&& fn) {
   if (items == 1) fn(std::integral_constant<int, 1>());

@@ -11,11 +11,25 @@
 namespace ml {
 namespace {
 
+// The largest block of each register-tile kernel (its __launch_bounds__, which the launch plan
+// respects), by the fp32 values one thread holds per tile (VEC * ITEMS, at most 32). A block has
+// 64K registers, so 1024 threads need <= 64 registers each, 512 <= 128, 384 <= 168. nvcc 13 gives
+// (sm_80/sm_90): the forward, one tile, <= 56 registers at 32 values (63-64 under the bound, no
+// spill): 1024. The backward keeps four tiles (x-hat, g, and the dw and db sums): 4 values ~55
+// registers (1024), 8 and 16 values 62-121 (512), 32 values 159-168 (384, so bf16/fp16 rows above
+// 12288 and fp32 above 8192 take the generic kernel). tests/test_kernel_resources.py checks
+// every launch against nvcc's counts.
+constexpr int forward_max_threads(int /*values*/) { return kMaxThreads; }
+constexpr int backward_max_threads(int values) {
+  return values <= 4 ? kMaxThreads : values <= 16 ? 512 : 384;
+}
+
 template <class T, int VEC, int ITEMS>
-__global__ void norm_forward_kernel(const T* __restrict__ x, const float* __restrict__ w,
-                                    const float* __restrict__ b, T* __restrict__ y,
-                                    float* __restrict__ mean_out, float* __restrict__ rstd_out,
-                                    int cols, float eps, bool rms) {
+__global__ void __launch_bounds__(forward_max_threads(VEC * ITEMS))
+    norm_forward_kernel(const T* __restrict__ x, const float* __restrict__ w,
+                        const float* __restrict__ b, T* __restrict__ y,
+                        float* __restrict__ mean_out, float* __restrict__ rstd_out, int cols,
+                        float eps, bool rms) {
   __shared__ float smem[32];
   const int64_t row = blockIdx.x;
   const int packs = cols / VEC;
@@ -66,10 +80,11 @@ __global__ void norm_forward_kernel(const T* __restrict__ x, const float* __rest
 
 // Any width: three strided passes over the row (the re-reads hit L1/L2).
 template <class T>
-__global__ void norm_forward_generic(const T* __restrict__ x, const float* __restrict__ w,
-                                     const float* __restrict__ b, T* __restrict__ y,
-                                     float* __restrict__ mean_out, float* __restrict__ rstd_out,
-                                     int cols, float eps, bool rms) {
+__global__ void __launch_bounds__(kGenericThreads)
+    norm_forward_generic(const T* __restrict__ x, const float* __restrict__ w,
+                         const float* __restrict__ b, T* __restrict__ y,
+                         float* __restrict__ mean_out, float* __restrict__ rstd_out, int cols,
+                         float eps, bool rms) {
   __shared__ float smem[32];
   const int64_t row = blockIdx.x;
   const T* xr = x + row * cols;
@@ -96,11 +111,12 @@ __global__ void norm_forward_generic(const T* __restrict__ x, const float* __res
 // dx = rstd * (g - mean(g) - xhat * mean(g * xhat)), g = dy * w. Block `blockIdx.x` handles rows
 // blockIdx.x, +gridDim.x, ... and writes its dw (and db) partial sums to partial[blockIdx.x].
 template <class T, int VEC, int ITEMS>
-__global__ void norm_backward_kernel(const T* __restrict__ dy, const T* __restrict__ x,
-                                     const float* __restrict__ w, const float* __restrict__ mean,
-                                     const float* __restrict__ rstd, T* __restrict__ dx,
-                                     float* __restrict__ partial, int64_t rows, int cols,
-                                     bool rms, bool has_bias) {
+__global__ void __launch_bounds__(backward_max_threads(VEC * ITEMS))
+    norm_backward_kernel(const T* __restrict__ dy, const T* __restrict__ x,
+                         const float* __restrict__ w, const float* __restrict__ mean,
+                         const float* __restrict__ rstd, T* __restrict__ dx,
+                         float* __restrict__ partial, int64_t rows, int cols, bool rms,
+                         bool has_bias) {
   __shared__ float smem[32];
   const int packs = cols / VEC;
   float dw_acc[ITEMS][VEC] = {}, db_acc[ITEMS][VEC] = {};
@@ -156,11 +172,12 @@ __global__ void norm_backward_kernel(const T* __restrict__ dy, const T* __restri
 
 // Any width: partial sums go through this block's own row of `partial` (no other block touches it).
 template <class T>
-__global__ void norm_backward_generic(const T* __restrict__ dy, const T* __restrict__ x,
-                                      const float* __restrict__ w, const float* __restrict__ mean,
-                                      const float* __restrict__ rstd, T* __restrict__ dx,
-                                      float* __restrict__ partial, int64_t rows, int cols,
-                                      bool rms, bool has_bias) {
+__global__ void __launch_bounds__(kGenericThreads)
+    norm_backward_generic(const T* __restrict__ dy, const T* __restrict__ x,
+                          const float* __restrict__ w, const float* __restrict__ mean,
+                          const float* __restrict__ rstd, T* __restrict__ dx,
+                          float* __restrict__ partial, int64_t rows, int cols, bool rms,
+                          bool has_bias) {
   __shared__ float smem[32];
   float* dw_part = partial + (int64_t)blockIdx.x * cols;
   float* db_part = partial + ((int64_t)gridDim.x + blockIdx.x) * cols;
@@ -189,8 +206,10 @@ __global__ void norm_backward_generic(const T* __restrict__ dy, const T* __restr
 }
 
 // out[c] = sum over blocks of partial[block, c], for dw and (when db != NULL) db.
-__global__ void sum_partials_kernel(const float* __restrict__ partial, int num_blocks, int cols,
-                                    float* __restrict__ dw, float* __restrict__ db) {
+constexpr int kSumThreads = 256;
+__global__ void __launch_bounds__(kSumThreads)
+    sum_partials_kernel(const float* __restrict__ partial, int num_blocks, int cols,
+                        float* __restrict__ dw, float* __restrict__ db) {
   int c = blockIdx.x * blockDim.x + threadIdx.x;
   if (c >= cols) return;
   float s = 0.0f, sb = 0.0f;
@@ -202,20 +221,30 @@ __global__ void sum_partials_kernel(const float* __restrict__ partial, int num_b
   if (db != nullptr) db[c] = sb;
 }
 
+template <int VEC> Launch forward_launch(int64_t cols) {
+  static constexpr int bounds[3] = {forward_max_threads(VEC), forward_max_threads(2 * VEC),
+                                    forward_max_threads(4 * VEC)};
+  return plan_launch(cols / VEC, bounds);
+}
+
+template <int VEC> Launch backward_launch(int64_t cols) {
+  static constexpr int bounds[3] = {backward_max_threads(VEC), backward_max_threads(2 * VEC),
+                                    backward_max_threads(4 * VEC)};
+  return plan_launch(cols / VEC, bounds);
+}
+
 template <class T, int VEC> int launch_forward(const void* x, const float* w, const float* b,
                                                void* y, float* mean, float* rstd, int64_t rows,
                                                int cols, float eps, bool rms, cudaStream_t st) {
-  const int64_t packs = cols / VEC;
-  const int items = items_for(packs);
+  const Launch l = forward_launch<VEC>(cols);
   auto xp = static_cast<const T*>(x);
   auto yp = static_cast<T*>(y);
-  if (items == 0) {
-    norm_forward_generic<T><<<rows, 512, 0, st>>>(xp, w, b, yp, mean, rstd, cols, eps, rms);
+  if (l.items == 0) {
+    norm_forward_generic<T><<<rows, l.threads, 0, st>>>(xp, w, b, yp, mean, rstd, cols, eps, rms);
   } else {
-    const int threads = threads_for(packs, items);
-    with_items(items, [&](auto I) {
+    with_items(l.items, [&](auto I) {
       norm_forward_kernel<T, VEC, decltype(I)::value>
-          <<<rows, threads, 0, st>>>(xp, w, b, yp, mean, rstd, cols, eps, rms);
+          <<<rows, l.threads, 0, st>>>(xp, w, b, yp, mean, rstd, cols, eps, rms);
     });
   }
   ML_LAUNCH_CHECK();
@@ -235,27 +264,40 @@ template <class T, int VEC>
 int launch_backward(const void* dy, const void* x, const float* w, const float* mean,
                     const float* rstd, void* dx, float* dw, float* db, int64_t rows, int cols,
                     bool rms, float* partial, cudaStream_t st) {
-  const int64_t packs = cols / VEC;
-  const int items = items_for(packs);
+  const Launch l = backward_launch<VEC>(cols);
   const int blocks = backward_blocks(rows);
   auto dyp = static_cast<const T*>(dy);
   auto xp = static_cast<const T*>(x);
   auto dxp = static_cast<T*>(dx);
   const bool bias = db != nullptr;
-  if (items == 0) {
-    norm_backward_generic<T><<<blocks, 512, 0, st>>>(dyp, xp, w, mean, rstd, dxp, partial, rows,
-                                                     cols, rms, bias);
+  if (l.items == 0) {
+    norm_backward_generic<T><<<blocks, l.threads, 0, st>>>(dyp, xp, w, mean, rstd, dxp, partial,
+                                                           rows, cols, rms, bias);
   } else {
-    const int threads = threads_for(packs, items);
-    with_items(items, [&](auto I) {
-      norm_backward_kernel<T, VEC, decltype(I)::value><<<blocks, threads, 0, st>>>(
+    with_items(l.items, [&](auto I) {
+      norm_backward_kernel<T, VEC, decltype(I)::value><<<blocks, l.threads, 0, st>>>(
           dyp, xp, w, mean, rstd, dxp, partial, rows, cols, rms, bias);
     });
   }
   ML_LAUNCH_CHECK();
-  sum_partials_kernel<<<(cols + 255) / 256, 256, 0, st>>>(partial, blocks, cols, dw, db);
+  sum_partials_kernel<<<(cols + kSumThreads - 1) / kSumThreads, kSumThreads, 0, st>>>(
+      partial, blocks, cols, dw, db);
   ML_LAUNCH_CHECK();
   return ML_OK;
+}
+
+template <class T, int VEC> int describe_launches(bool backward, int64_t cols,
+                                                  ml_cuda_launch* out) {
+  if (!backward) {
+    describe<T, VEC>(forward_launch<VEC>(cols), "norm_forward_kernel", "norm_forward_generic",
+                     out);
+    return 1;
+  }
+  describe<T, VEC>(backward_launch<VEC>(cols), "norm_backward_kernel", "norm_backward_generic",
+                   out);
+  snprintf(out[1].kernel, sizeof out[1].kernel, "sum_partials_kernel");
+  out[1].threads = out[1].max_threads = kSumThreads;
+  return 2;
 }
 
 }  // namespace
@@ -305,5 +347,16 @@ extern "C" int ml_cuda_norm_backward(int dtype, int rms, const void* dy, const v
                                                 (int)cols, rms, partial, st);
     return launch_backward<T, 1>(dy, x, w, mean, rstd, dx, dw, bias_grad, rows, (int)cols, rms,
                                  partial, st);
+  });
+}
+
+extern "C" int ml_cuda_norm_launches(int dtype, int backward, int vectorized, int64_t cols,
+                                     ml_cuda_launch* out) {
+  if (cols <= 0 || cols > INT32_MAX || !out || dtype < ML_F32 || dtype > ML_BF16) return 0;
+  return dispatch_dtype(dtype, [&](auto t) {
+    using T = decltype(t);
+    constexpr int kVec = 16 / sizeof(T);
+    if (vectorized && cols % kVec == 0) return describe_launches<T, kVec>(backward, cols, out);
+    return describe_launches<T, 1>(backward, cols, out);
   });
 }

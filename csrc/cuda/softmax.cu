@@ -6,12 +6,25 @@
 //
 // Fast path: one block per row with the row in registers (ITEMS packs of VEC elements per
 // thread): one read of x (and the mask), one write of y. Causal rows skip loading the masked
-// upper triangle. Keys beyond what fits in registers (sk > 32768 for 16-bit, 16384 for fp32,
-// 4096 unaligned) take a generic path that re-reads the row from L1/L2.
+// upper triangle. Keys beyond what fits in registers (forward: sk > 32768 for 16-bit, 16384 for
+// fp32, 4096 unaligned; backward: 24576 for 16-bit) take a generic path that re-reads the row
+// from L1/L2.
 #include "common.cuh"
 
 namespace ml {
 namespace {
+
+// The largest block of each register-tile kernel (its __launch_bounds__, which the launch plan
+// respects), by the fp32 values one thread holds per tile (VEC * ITEMS, at most 32). 1024 threads
+// need <= 64 registers each, 768 <= 80 (a block's warps are spread over 4 quarters of 16K
+// registers each: 800 threads put 7 warps in one quarter and allow only 72). nvcc 13
+// (sm_80/sm_90) gives the forward (one tile) <= 44 registers up to 16 values and 69 at 32, which
+// the bound brings to 56-60 without spilling; the backward (two tiles: y and dy) <= 52 up to 16
+// values and 72-79 at 32: 768, the most 80 registers allow, so 16-bit rows of more than 24576
+// keys take the generic kernel (those of up to 24576 launch as before).
+// tests/test_kernel_resources.py checks every launch against nvcc's counts.
+constexpr int forward_max_threads(int /*values*/) { return kMaxThreads; }
+constexpr int backward_max_threads(int values) { return values <= 16 ? kMaxThreads : 768; }
 
 struct RowInfo {
   int64_t row;
@@ -30,9 +43,10 @@ __device__ __forceinline__ RowInfo row_info(const uint8_t* mask, int64_t heads, 
 }
 
 template <class T, int VEC, int ITEMS>
-__global__ void softmax_forward_kernel(const T* __restrict__ x, const uint8_t* __restrict__ mask,
-                                       T* __restrict__ y, int64_t heads, int64_t sq, int sk,
-                                       int64_t mask_sq, float scale, bool causal) {
+__global__ void __launch_bounds__(forward_max_threads(VEC * ITEMS))
+    softmax_forward_kernel(const T* __restrict__ x, const uint8_t* __restrict__ mask,
+                           T* __restrict__ y, int64_t heads, int64_t sq, int sk, int64_t mask_sq,
+                           float scale, bool causal) {
   __shared__ float smem[32];
   const RowInfo ri = row_info(mask, heads, sq, sk, mask_sq, causal);
   const int packs = sk / VEC;
@@ -77,9 +91,10 @@ __global__ void softmax_forward_kernel(const T* __restrict__ x, const uint8_t* _
 }
 
 template <class T>
-__global__ void softmax_forward_generic(const T* __restrict__ x, const uint8_t* __restrict__ mask,
-                                        T* __restrict__ y, int64_t heads, int64_t sq, int sk,
-                                        int64_t mask_sq, float scale, bool causal) {
+__global__ void __launch_bounds__(kGenericThreads)
+    softmax_forward_generic(const T* __restrict__ x, const uint8_t* __restrict__ mask,
+                            T* __restrict__ y, int64_t heads, int64_t sq, int sk, int64_t mask_sq,
+                            float scale, bool causal) {
   __shared__ float smem[32];
   const RowInfo ri = row_info(mask, heads, sq, sk, mask_sq, causal);
   const T* xr = x + ri.row * sk;
@@ -101,9 +116,9 @@ __global__ void softmax_forward_generic(const T* __restrict__ x, const uint8_t* 
 }
 
 template <class T, int VEC, int ITEMS>
-__global__ void softmax_backward_kernel(const T* __restrict__ dy, const T* __restrict__ y,
-                                        T* __restrict__ dx, int64_t sq, int sk, float scale,
-                                        bool causal) {
+__global__ void __launch_bounds__(backward_max_threads(VEC * ITEMS))
+    softmax_backward_kernel(const T* __restrict__ dy, const T* __restrict__ y, T* __restrict__ dx,
+                            int64_t sq, int sk, float scale, bool causal) {
   __shared__ float smem[32];
   const RowInfo ri = row_info(nullptr, 1, sq, sk, 1, causal);
   const int packs = sk / VEC;
@@ -139,9 +154,9 @@ __global__ void softmax_backward_kernel(const T* __restrict__ dy, const T* __res
 }
 
 template <class T>
-__global__ void softmax_backward_generic(const T* __restrict__ dy, const T* __restrict__ y,
-                                         T* __restrict__ dx, int64_t sq, int sk, float scale,
-                                         bool causal) {
+__global__ void __launch_bounds__(kGenericThreads)
+    softmax_backward_generic(const T* __restrict__ dy, const T* __restrict__ y, T* __restrict__ dx,
+                             int64_t sq, int sk, float scale, bool causal) {
   __shared__ float smem[32];
   const RowInfo ri = row_info(nullptr, 1, sq, sk, 1, causal);
   const T *yr = y + ri.row * sk, *gr = dy + ri.row * sk;
@@ -153,43 +168,61 @@ __global__ void softmax_backward_generic(const T* __restrict__ dy, const T* __re
         from_f<T>(j < ri.visible ? scale * to_f(yr[j]) * (to_f(gr[j]) - d) : 0.0f);
 }
 
+template <int VEC> Launch forward_launch(int64_t sk) {
+  static constexpr int bounds[3] = {forward_max_threads(VEC), forward_max_threads(2 * VEC),
+                                    forward_max_threads(4 * VEC)};
+  return plan_launch(sk / VEC, bounds);
+}
+
+template <int VEC> Launch backward_launch(int64_t sk) {
+  static constexpr int bounds[3] = {backward_max_threads(VEC), backward_max_threads(2 * VEC),
+                                    backward_max_threads(4 * VEC)};
+  return plan_launch(sk / VEC, bounds);
+}
+
 template <class T, int VEC>
 void launch_forward(const void* x, const uint8_t* mask, void* y, int64_t rows, int64_t heads,
                     int64_t sq, int sk, int64_t mask_sq, float scale, bool causal,
                     cudaStream_t st) {
-  const int64_t packs = sk / VEC;
-  const int items = items_for(packs);
+  const Launch l = forward_launch<VEC>(sk);
   auto xp = static_cast<const T*>(x);
   auto yp = static_cast<T*>(y);
-  if (items == 0) {
-    softmax_forward_generic<T><<<rows, 512, 0, st>>>(xp, mask, yp, heads, sq, sk, mask_sq, scale,
-                                                     causal);
+  if (l.items == 0) {
+    softmax_forward_generic<T><<<rows, l.threads, 0, st>>>(xp, mask, yp, heads, sq, sk, mask_sq,
+                                                           scale, causal);
     return;
   }
-  const int threads = threads_for(packs, items);
-  with_items(items, [&](auto I) {
+  with_items(l.items, [&](auto I) {
     softmax_forward_kernel<T, VEC, decltype(I)::value>
-        <<<rows, threads, 0, st>>>(xp, mask, yp, heads, sq, sk, mask_sq, scale, causal);
+        <<<rows, l.threads, 0, st>>>(xp, mask, yp, heads, sq, sk, mask_sq, scale, causal);
   });
 }
 
 template <class T, int VEC>
 void launch_backward(const void* dy, const void* y, void* dx, int64_t rows, int64_t sq, int sk,
                      float scale, bool causal, cudaStream_t st) {
-  const int64_t packs = sk / VEC;
-  const int items = items_for(packs);
+  const Launch l = backward_launch<VEC>(sk);
   auto dyp = static_cast<const T*>(dy);
   auto yp = static_cast<const T*>(y);
   auto dxp = static_cast<T*>(dx);
-  if (items == 0) {
-    softmax_backward_generic<T><<<rows, 512, 0, st>>>(dyp, yp, dxp, sq, sk, scale, causal);
+  if (l.items == 0) {
+    softmax_backward_generic<T><<<rows, l.threads, 0, st>>>(dyp, yp, dxp, sq, sk, scale, causal);
     return;
   }
-  const int threads = threads_for(packs, items);
-  with_items(items, [&](auto I) {
+  with_items(l.items, [&](auto I) {
     softmax_backward_kernel<T, VEC, decltype(I)::value>
-        <<<rows, threads, 0, st>>>(dyp, yp, dxp, sq, sk, scale, causal);
+        <<<rows, l.threads, 0, st>>>(dyp, yp, dxp, sq, sk, scale, causal);
   });
+}
+
+template <class T, int VEC> int describe_launches(bool backward, int64_t sk, ml_cuda_launch* out) {
+  if (backward)
+    describe<T, VEC>(backward_launch<VEC>(sk), "softmax_backward_kernel",
+                     "softmax_backward_generic", out);
+  else
+    describe<T, VEC>(forward_launch<VEC>(sk), "softmax_forward_kernel", "softmax_forward_generic",
+                     out);
+  return 1;
 }
 
 }  // namespace
@@ -235,5 +268,16 @@ extern "C" int ml_cuda_softmax_backward(int dtype, const void* dy, const void* y
       launch_backward<T, 1>(dy, y, dx, rows, sq, (int)sk, scale, causal, st);
     ML_LAUNCH_CHECK();
     return ML_OK;
+  });
+}
+
+extern "C" int ml_cuda_softmax_launches(int dtype, int backward, int vectorized, int64_t sk,
+                                        ml_cuda_launch* out) {
+  if (sk <= 0 || sk > INT32_MAX || !out || dtype < ML_F32 || dtype > ML_BF16) return 0;
+  return dispatch_dtype(dtype, [&](auto t) {
+    using T = decltype(t);
+    constexpr int kVec = 16 / sizeof(T);
+    if (vectorized && sk % kVec == 0) return describe_launches<T, kVec>(backward, sk, out);
+    return describe_launches<T, 1>(backward, sk, out);
   });
 }
