@@ -3,7 +3,10 @@ environment forwarding, and the exact command each backend builds."""
 from __future__ import annotations
 
 import os
+import re
 import shlex
+import stat
+import subprocess
 import sys
 
 import pytest
@@ -112,6 +115,11 @@ def test_node_launcher_command_carries_the_layout():
     assert cmd[cmd.index("--no_python") + 1:] == job.user_cmd
 
 
+def _pdsh_expand(remote: str, node: int) -> str:
+    """What pdsh hands the remote shell: ONE left-to-right pass, %n -> node index, %% -> %."""
+    return re.sub(r"%(.)", lambda m: {"%": "%", "n": str(node)}[m.group(1)], remote)
+
+
 def test_pdsh_command_quotes_everything_and_escapes_percent():
     runner = PDSHRunner(_job(launcher_args=["-R", "ssh"], ssh_port=2222))
     cmd = runner.command()
@@ -119,12 +127,25 @@ def test_pdsh_command_quotes_everything_and_escapes_percent():
     remote = cmd[-1]
     assert remote.startswith("cd '/work/my repo' && exec env ")
     # what the remote shell sees after pdsh replaced %n (node 1) and %% (a literal %)
-    words = shlex.split(remote.replace("%n", "1").replace("%%", "%").split(" && ", 1)[1])
+    words = shlex.split(_pdsh_expand(remote, 1).split(" && ", 1)[1])
     assert "MEGALITE_X=it's 100%" in words and "NCCL_DEBUG=INFO" in words
     assert words[words.index("--node_rank") + 1] == "1"
     assert words[-2:] == ["--config", "a b.yaml"]
     assert runner.env()["PDSH_RCMD_TYPE"] == "ssh"
     assert runner.env()["PDSH_SSH_ARGS_APPEND"].endswith("-p 2222")
+
+
+def test_pdsh_user_arguments_are_never_taken_for_the_node_rank():
+    """Arguments equal to the old placeholder (``NODE_RANK_TOKEN``) or to pdsh's own ``%n`` reach
+    the ranks unchanged; only the launcher's --node_rank becomes the node index."""
+    user = ["/venv/bin/python", "-u", "x.py", "NODE_RANK_TOKEN", "--tag=NODE_RANK_TOKEN", "%n",
+            "%%n", "--node_rank", "%n"]
+    remote = PDSHRunner(_job(user_cmd=user, exports={"MEGALITE_T": "NODE_RANK_TOKEN %n"})
+                        ).command()[-1]
+    words = shlex.split(_pdsh_expand(remote, 1).split(" && ", 1)[1])
+    assert words[words.index("--node_rank") + 1] == "1"
+    assert words[words.index("--no_python") + 1:] == user
+    assert "MEGALITE_T=NODE_RANK_TOKEN %n" in words
 
 
 def test_ssh_commands_one_per_node_with_its_rank():
@@ -152,7 +173,9 @@ def test_sbatch_script_from_the_package_template():
     assert "#SBATCH --nodes=2\n#SBATCH --ntasks-per-node=2\n" in text
     assert "#SBATCH --output=/logs/slurm-%j.out" in text
     assert "cd '/work/my repo'" in text and "export MEGALITE_X='it'\"'\"'s 100%'" in text
-    assert text.rstrip().endswith("srun --kill-on-bad-exit=1 " + shlex.join(_job().user_cmd))
+    assert "#SBATCH --cpus-per-task=1\n" in text and "gpus" not in text  # a CPU job as before
+    assert text.rstrip().endswith("srun --kill-on-bad-exit=1 --cpus-per-task=1 " +
+                                  shlex.join(_job().user_cmd))
 
 
 def test_openmpi_command(monkeypatch):
