@@ -37,11 +37,12 @@ cd $cwd
 $exports
 # Rank 0 runs on the first node. The others reach it at the address SLURM itself reaches that
 # node at (its NodeAddr), as IPv4 when that is a name; not `hostname -i` on the node, which on
-# many distributions maps the host's own name to 127.0.1.1.
-head_node=$$(scontrol show hostnames "$$SLURM_JOB_NODELIST" | head -n1)
-head_addr=$$(scontrol show node "$$head_node" 2>/dev/null | grep -o 'NodeAddr=[^ ]*' | head -n1 | cut -d= -f2 || true)
+# many distributions maps the host's own name to 127.0.1.1. (sed/awk read to the end: `head`
+# would end the pipe early and, under pipefail, the script with SIGPIPE.)
+head_node=$$(scontrol show hostnames "$$SLURM_JOB_NODELIST" | sed -n 1p)
+head_addr=$$(scontrol show node "$$head_node" 2>/dev/null | sed -n 's/.*NodeAddr=\\([^ ]*\\).*/\\1/p' || true)
 head_addr=$${head_addr:-$$head_node}
-MASTER_ADDR=$$(getent ahostsv4 "$$head_addr" 2>/dev/null | awk '$$1 !~ /^127\\./ {print $$1; exit}' || true)
+MASTER_ADDR=$$(getent ahostsv4 "$$head_addr" 2>/dev/null | awk '$$1 !~ /^127\\./ && !a {a = $$1} END {print a}' || true)
 export MASTER_ADDR=$${MASTER_ADDR:-$$head_addr}
 export MASTER_PORT=$master_port
 export OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} PYTHONUNBUFFERED=1
