@@ -267,6 +267,9 @@ def _fake_slurm(tmp_path, monkeypatch):
                     '"show node") echo "NodeName=$3 Arch=x86_64"; '
                     'echo "   NodeAddr=$FAKE_NODEADDR NodeHostName=$3" ;;\nesac',
         "srun": 'echo "srun $*"; echo "MASTER_ADDR=$MASTER_ADDR"; echo "MEGALITE_V=$MEGALITE_V"',
+        "sbatch": 'grep -q "^#SBATCH --gpus" "${@: -1}" || { echo 42; exit 0; }\n'
+                  'echo "sbatch: error: Batch job submission failed: Requested node '
+                  'configuration is not available" >&2; exit 1',  # a cluster without GPUs
     }
     for name, body in tools.items():
         path = folder / name
@@ -284,6 +287,7 @@ def _submit(tmp_path, capsys, *argv):
     code = main(["launch", "--launcher", "slurm", "--sbatch", "--dry_run", "--log_dir",
                  str(logs), *argv])
     scripts = list(logs.glob("*.sbatch")) if logs.exists() else []
+    assert all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in scripts)  # values may be secret
     return code, scripts[0].read_text() if scripts else "", capsys.readouterr().err
 
 
@@ -334,6 +338,17 @@ def test_sbatch_requests_gpus_only_for_gpu_jobs_and_the_nodes_cpus(tmp_path, mon
     assert err.startswith("error: --gpus_per_node 1 with 2 ranks per node") and "gloo" in err
     from megalite.cli import main
 
+    # submitted for real (a stand-in sbatch): a CPU job goes through; a GPU job refused by a
+    # cluster without GPUs is one line that says how to submit a CPU job
+    assert main(["launch", "--launcher", "slurm", "--sbatch", "--num_gpus", "2", *train, tiny,
+                 "--parallel.backend=gloo"]) == 0
+    assert "megalite: submitted job 42" in capsys.readouterr().out
+    assert main(["launch", "--launcher", "slurm", "--sbatch", "--num_gpus", "2", *train,
+                 tiny]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: sbatch failed: sbatch: error: Batch job submission failed")
+    assert err.endswith("for a CPU job pass --parallel.backend=gloo or --gpus_per_node 0\n")
+    assert err.count("\n") == 1
     assert main(["launch", "--num_gpus", "2", "--gpus_per_node", "2", "--dry_run", "x.py"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: --gpus_per_node 2: only --launcher slurm --sbatch") and \

@@ -198,7 +198,9 @@ def submit_sbatch(args, job: Job) -> int:
     folder = args.log_dir or os.getcwd()
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, f"megalite-{time.strftime('%Y%m%d-%H%M%S')}.sbatch")
-    with open(path, "w", encoding="utf-8") as f:
+    # 0600: the script carries the forwarded variables' values
+    with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w",
+              encoding="utf-8") as f:
         f.write(script)
     cmd = ["sbatch", "--parsable", *job.launcher_args, path]
     print(f"megalite: {len(job.resources)} node(s) x {tasks} task(s), {cpus} CPU(s) per task "
@@ -208,7 +210,9 @@ def submit_sbatch(args, job: Job) -> int:
         return 0
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode:
-        print(f"error: sbatch failed: {r.stderr.strip()}", file=sys.stderr)
+        hint = (f"; it asked for {gpus} GPU(s) per node: for a CPU job pass "
+                "--parallel.backend=gloo or --gpus_per_node 0") if gpus else ""
+        print(f"error: sbatch failed: {' '.join(r.stderr.split())}{hint}", file=sys.stderr)
         return r.returncode
     print(f"megalite: submitted job {r.stdout.strip()}", flush=True)
     return 0
