@@ -331,6 +331,12 @@ def test_sbatch_requests_gpus_only_for_gpu_jobs_and_the_nodes_cpus(tmp_path, mon
                               "--launcher_args=--partition=big", *train, tiny)
     assert code == 0 and "#SBATCH --gpus-per-node=2\n" in auto, err
     assert (tmp_path / "sinfo.args").read_text().splitlines()[-1].endswith("--partition=big")
+    from megalite.launcher.sbatch import train_settings
+
+    assert train_settings(["/v/bin/megalite", "train", "--config", str(gpu_yaml)], 2) == \
+        ("nccl", 2)  # the `megalite train` entry point too
+    assert train_settings(["/v/bin/python", "-u", "train.py", "--parallel.tp=2"], 2) == \
+        ("auto", 1)  # not megalite.train: nothing is guessed from its arguments
     # fewer GPUs than NCCL ranks, and the flags outside --sbatch: one line, exit 2, no script
     code, script, err = _submit(tmp_path, capsys, "--num_gpus", "2", "--gpus_per_node", "1",
                                 *train, tiny, "--parallel.backend=nccl")

@@ -12,6 +12,7 @@ What the script requests, decided here before anything is submitted:
 """
 from __future__ import annotations
 
+import os
 import re
 import shlex
 import shutil
@@ -103,18 +104,20 @@ def render(job: Job, nodes: int, tasks_per_node: int,
 
 
 def train_settings(user_cmd: Sequence[str], world_size: int) -> Tuple[str, int]:
-    """(backend, tp) of a ``-m megalite.train`` command, from its arguments and ``--config``;
-    ("auto", 1) for any other target or a config that does not load (it fails on the nodes
-    with its own message)."""
-    if "-m" not in user_cmd:
-        return "auto", 1
-    at = list(user_cmd).index("-m")
-    if at + 1 >= len(user_cmd) or user_cmd[at + 1] != "megalite.train":
+    """(backend, tp) of a ``-m megalite.train`` (or ``--no_python megalite train``) command, from
+    its arguments and ``--config``; ("auto", 1) for any other target or a config that does not
+    load (it fails on the nodes with its own message)."""
+    cmd = list(user_cmd)
+    if "-m" in cmd and cmd[cmd.index("-m") + 1:cmd.index("-m") + 2] == ["megalite.train"]:
+        argv = cmd[cmd.index("-m") + 2:]
+    elif cmd[:1] and os.path.basename(cmd[0]) == "megalite" and cmd[1:2] == ["train"]:
+        argv = cmd[2:]
+    else:
         return "auto", 1
     from megalite.config.load import ConfigError, parse_args
 
     try:
-        cfg, _ = parse_args(list(user_cmd[at + 2:]), verbose=False, world_size=world_size)
+        cfg, _ = parse_args(argv, verbose=False, world_size=world_size)
     except (ConfigError, ValueError, OSError):
         return "auto", 1
     return cfg.parallel.backend, cfg.parallel.tp
