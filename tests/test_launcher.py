@@ -266,7 +266,8 @@ def _fake_slurm(tmp_path, monkeypatch):
         "scontrol": 'case "$1 $2" in\n"show hostnames") printf "nodeA\\nnodeB\\n" ;;\n'
                     '"show node") echo "NodeName=$3 Arch=x86_64"; '
                     'echo "   NodeAddr=$FAKE_NODEADDR NodeHostName=$3" ;;\nesac',
-        "srun": 'echo "srun $*"; echo "MASTER_ADDR=$MASTER_ADDR"; echo "MEGALITE_V=$MEGALITE_V"',
+        "srun": 'echo "srun $*"; echo "MASTER_ADDR=$MASTER_ADDR"; echo "MEGALITE_V=$MEGALITE_V"; '
+                'echo "NCCL_ERRORS=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-unset}"',
         "sbatch": 'grep -q "^#SBATCH --gpus" "${@: -1}" || { echo 42; exit 0; }\n'
                   'echo "sbatch: error: Batch job submission failed: Requested node '
                   'configuration is not available" >&2; exit 1',  # a cluster without GPUs
@@ -386,3 +387,31 @@ def test_sbatch_script_quotes_values_refuses_bad_names_and_finds_the_head(tmp_pa
     assert err.startswith("error: environment variable 'MEGALITE_X;touch x'") and \
         "[A-Za-z_][A-Za-z0-9_]*" in err
     assert not (tmp_path / "x").exists()
+
+
+def test_packaged_sbatch_scripts_split_the_nodes_cpus_and_set_nccl_env_only_with_gpus(
+        tmp_path, monkeypatch):
+    """launch/slurm/*.sbatch run by bash with SLURM's variables of a GPU and of a CPU node."""
+    from helpers import REPO
+
+    _fake_slurm(tmp_path, monkeypatch)
+    base = dict(os.environ, SLURM_JOB_NODELIST="nodeA,nodeB", SLURM_JOB_ID="1234",
+                SLURM_NNODES="2", FAKE_NODEADDR="10.1.2.3")
+    gpu_node = dict(base, SLURM_CPUS_ON_NODE="96", SLURM_NTASKS_PER_NODE="8",
+                    SLURM_GPUS_ON_NODE="8")
+    cpu_node = dict(base, SLURM_CPUS_ON_NODE="2", SLURM_NTASKS_PER_NODE="2")
+    expect = [("train.sbatch", gpu_node, "--cpus-per-task=12 python3 -u -m megalite.train", "1"),
+              ("train.sbatch", cpu_node, "--cpus-per-task=1 python3 -u -m megalite.train",
+               "unset"),
+              ("train-torchrun.sbatch", gpu_node, "--cpus-per-task=96 python3 -m "
+               "torch.distributed.run --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d "
+               "--rdzv-endpoint 10.1.2.3:21234", "1")]
+    for script, env, srun, nccl in expect:
+        path = os.path.join(REPO, "launch", "slurm", script)
+        with open(path) as f:
+            assert "#SBATCH --exclusive\n" in f.read()  # whole nodes: their CPUs are split
+        r = subprocess.run(["bash", path, "--config", "x.yaml"], env=env, capture_output=True,
+                           text=True, timeout=30, cwd=tmp_path)
+        assert r.returncode == 0, r.stderr
+        assert f"srun --kill-on-bad-exit=1 {srun}" in r.stdout, (script, r.stdout)
+        assert "MASTER_ADDR=10.1.2.3\n" in r.stdout and f"NCCL_ERRORS={nccl}\n" in r.stdout
