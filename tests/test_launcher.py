@@ -3,7 +3,10 @@ environment forwarding, and the exact command each backend builds."""
 from __future__ import annotations
 
 import os
+import re
 import shlex
+import stat
+import subprocess
 import sys
 
 import pytest
@@ -112,6 +115,11 @@ def test_node_launcher_command_carries_the_layout():
     assert cmd[cmd.index("--no_python") + 1:] == job.user_cmd
 
 
+def _pdsh_expand(remote: str, node: int) -> str:
+    """What pdsh hands the remote shell: ONE left-to-right pass, %n -> node index, %% -> %."""
+    return re.sub(r"%(.)", lambda m: {"%": "%", "n": str(node)}[m.group(1)], remote)
+
+
 def test_pdsh_command_quotes_everything_and_escapes_percent():
     runner = PDSHRunner(_job(launcher_args=["-R", "ssh"], ssh_port=2222))
     cmd = runner.command()
@@ -119,12 +127,25 @@ def test_pdsh_command_quotes_everything_and_escapes_percent():
     remote = cmd[-1]
     assert remote.startswith("cd '/work/my repo' && exec env ")
     # what the remote shell sees after pdsh replaced %n (node 1) and %% (a literal %)
-    words = shlex.split(remote.replace("%n", "1").replace("%%", "%").split(" && ", 1)[1])
+    words = shlex.split(_pdsh_expand(remote, 1).split(" && ", 1)[1])
     assert "MEGALITE_X=it's 100%" in words and "NCCL_DEBUG=INFO" in words
     assert words[words.index("--node_rank") + 1] == "1"
     assert words[-2:] == ["--config", "a b.yaml"]
     assert runner.env()["PDSH_RCMD_TYPE"] == "ssh"
     assert runner.env()["PDSH_SSH_ARGS_APPEND"].endswith("-p 2222")
+
+
+def test_pdsh_user_arguments_are_never_taken_for_the_node_rank():
+    """Arguments equal to the old placeholder (``NODE_RANK_TOKEN``) or to pdsh's own ``%n`` reach
+    the ranks unchanged; only the launcher's --node_rank becomes the node index."""
+    user = ["/venv/bin/python", "-u", "x.py", "NODE_RANK_TOKEN", "--tag=NODE_RANK_TOKEN", "%n",
+            "%%n", "--node_rank", "%n"]
+    remote = PDSHRunner(_job(user_cmd=user, exports={"MEGALITE_T": "NODE_RANK_TOKEN %n"})
+                        ).command()[-1]
+    words = shlex.split(_pdsh_expand(remote, 1).split(" && ", 1)[1])
+    assert words[words.index("--node_rank") + 1] == "1"
+    assert words[words.index("--no_python") + 1:] == user
+    assert "MEGALITE_T=NODE_RANK_TOKEN %n" in words
 
 
 def test_ssh_commands_one_per_node_with_its_rank():
@@ -152,7 +173,9 @@ def test_sbatch_script_from_the_package_template():
     assert "#SBATCH --nodes=2\n#SBATCH --ntasks-per-node=2\n" in text
     assert "#SBATCH --output=/logs/slurm-%j.out" in text
     assert "cd '/work/my repo'" in text and "export MEGALITE_X='it'\"'\"'s 100%'" in text
-    assert text.rstrip().endswith("srun --kill-on-bad-exit=1 " + shlex.join(_job().user_cmd))
+    assert "#SBATCH --cpus-per-task=1\n" in text and "gpus" not in text  # a CPU job as before
+    assert text.rstrip().endswith("srun --kill-on-bad-exit=1 --cpus-per-task=1 " +
+                                  shlex.join(_job().user_cmd))
 
 
 def test_openmpi_command(monkeypatch):
@@ -226,3 +249,169 @@ def test_dry_run_prints_the_command(capsys, monkeypatch):
                  "-m", "megalite.train"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("mpirun -np 3 --hostfile HOSTFILE") and "-m megalite.train" in out
+
+
+# ------------------------------------------------- --sbatch: what the script requests and runs
+
+SINFO = "12 (null)\n64 gpu:h100:8(S:0-1)\n"  # a CPU node and an 8-GPU node
+
+
+def _fake_slurm(tmp_path, monkeypatch):
+    """sinfo/scontrol/srun stand-ins on PATH: sinfo reports SINFO and logs its arguments,
+    scontrol names nodeA,nodeB with NodeAddr=$FAKE_NODEADDR, srun prints what a rank gets."""
+    folder = tmp_path / "bin"
+    folder.mkdir()
+    tools = {
+        "sinfo": f'echo "$@" >> {tmp_path}/sinfo.args; printf "{SINFO}"',
+        "scontrol": 'case "$1 $2" in\n"show hostnames") printf "nodeA\\nnodeB\\n" ;;\n'
+                    '"show node") echo "NodeName=$3 Arch=x86_64"; '
+                    'echo "   NodeAddr=$FAKE_NODEADDR NodeHostName=$3" ;;\nesac',
+        "srun": 'echo "srun $*"; echo "MASTER_ADDR=$MASTER_ADDR"; echo "MEGALITE_V=$MEGALITE_V"; '
+                'echo "NCCL_ERRORS=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-unset}"',
+        "sbatch": 'grep -q "^#SBATCH --gpus" "${@: -1}" || { echo 42; exit 0; }\n'
+                  'echo "sbatch: error: Batch job submission failed: Requested node '
+                  'configuration is not available" >&2; exit 1',  # a cluster without GPUs
+    }
+    for name, body in tools.items():
+        path = folder / name
+        path.write_text("#!/bin/bash\n" + body + "\n")
+        path.chmod(path.stat().st_mode | stat.S_IXUSR)
+    monkeypatch.setenv("PATH", f"{folder}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.chdir(tmp_path)
+
+
+def _submit(tmp_path, capsys, *argv):
+    """``megalite launch --launcher slurm --sbatch --dry_run ...``: (exit code, script, err)."""
+    from megalite.cli import main
+
+    logs = tmp_path / f"logs{len(list(tmp_path.glob('logs*')))}"
+    code = main(["launch", "--launcher", "slurm", "--sbatch", "--dry_run", "--log_dir",
+                 str(logs), *argv])
+    scripts = list(logs.glob("*.sbatch")) if logs.exists() else []
+    assert all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in scripts)  # values may be secret
+    return code, scripts[0].read_text() if scripts else "", capsys.readouterr().err
+
+
+def test_sbatch_requests_gpus_only_for_gpu_jobs_and_the_nodes_cpus(tmp_path, monkeypatch,
+                                                                   capsys):
+    from helpers import REPO
+
+    _fake_slurm(tmp_path, monkeypatch)
+    tiny = os.path.join(REPO, "configs", "tiny.yaml")
+    gpu_yaml = tmp_path / "gpu.yaml"  # the backend and tp come from the config file here
+    with open(tiny) as f:
+        gpu_yaml.write_text(f.read().replace("parallel:\n  tp: 1",
+                                             "parallel:\n  backend: nccl\n  tp: 2"))
+    train = ["-m", "megalite.train", "--config"]
+    # a CPU job (gloo) submits as before: no GPUs, CPUs = 12 (fewest of any node) / 2 tasks
+    code, cpu, err = _submit(tmp_path, capsys, "--num_nodes", "2", "--num_gpus", "2", *train,
+                             tiny, "--parallel.backend=gloo")
+    assert code == 0, err
+    assert "#SBATCH --cpus-per-task=6\n" in cpu and "--cpus-per-task=6 " in cpu
+    assert "--gpus" not in cpu and "--gres" not in cpu and "NCCL" not in cpu
+    # nccl from the YAML, 8 ranks per node: 8 GPUs per node, CPUs of the nodes that have them
+    code, gpu, err = _submit(tmp_path, capsys, "--num_nodes", "2", "--num_gpus", "8", *train,
+                             str(gpu_yaml), "--parallel.dp=8")
+    assert code == 0, err
+    assert "#SBATCH --gpus-per-node=8\n" in gpu and "#SBATCH --cpus-per-task=8\n" in gpu
+    assert "\nexport TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}" in gpu
+    assert "\nexport CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-1}" in gpu  # tp 2
+    live = [line for line in gpu.splitlines() if not line.lstrip().startswith("#")]
+    for fabric in ("FI_", "NCCL_IB_HCA", "NCCL_SOCKET_IFNAME"):  # only as commented examples
+        assert fabric in gpu and not any(fabric in line for line in live), fabric
+    # exports carry one "why" comment each: every export line follows a comment
+    for i, line in enumerate(gpu.splitlines()):
+        if line.startswith(("export TORCH_NCCL", "export CUDA_DEVICE")):
+            assert gpu.splitlines()[i - 1].startswith("#"), line
+    # backend auto with --num_gpus is a GPU job unless --gpus_per_node 0; both overridable
+    code, auto, err = _submit(tmp_path, capsys, "--num_gpus", "2", "--launcher_args", "-p cpu",
+                              "--gpus_per_node", "0", "--cpus_per_task", "3", *train, tiny)
+    assert code == 0, err
+    assert "--gpus" not in auto and "#SBATCH --cpus-per-task=3\n" in auto
+    code, auto, err = _submit(tmp_path, capsys, "--num_gpus", "2",
+                              "--launcher_args=--partition=big", *train, tiny)
+    assert code == 0 and "#SBATCH --gpus-per-node=2\n" in auto, err
+    assert (tmp_path / "sinfo.args").read_text().splitlines()[-1].endswith("--partition=big")
+    from megalite.launcher.sbatch import train_settings
+
+    assert train_settings(["/v/bin/megalite", "train", "--config", str(gpu_yaml)], 2) == \
+        ("nccl", 2)  # the `megalite train` entry point too
+    assert train_settings(["/v/bin/python", "-u", "train.py", "--parallel.tp=2"], 2) == \
+        ("auto", 1)  # not megalite.train: nothing is guessed from its arguments
+    # fewer GPUs than NCCL ranks, and the flags outside --sbatch: one line, exit 2, no script
+    code, script, err = _submit(tmp_path, capsys, "--num_gpus", "2", "--gpus_per_node", "1",
+                                *train, tiny, "--parallel.backend=nccl")
+    assert (code, script) == (2, "") and err.count("\n") == 1
+    assert err.startswith("error: --gpus_per_node 1 with 2 ranks per node") and "gloo" in err
+    from megalite.cli import main
+
+    # submitted for real (a stand-in sbatch): a CPU job goes through; a GPU job refused by a
+    # cluster without GPUs is one line that says how to submit a CPU job
+    assert main(["launch", "--launcher", "slurm", "--sbatch", "--num_gpus", "2", *train, tiny,
+                 "--parallel.backend=gloo"]) == 0
+    assert "megalite: submitted job 42" in capsys.readouterr().out
+    assert main(["launch", "--launcher", "slurm", "--sbatch", "--num_gpus", "2", *train,
+                 tiny]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: sbatch failed: sbatch: error: Batch job submission failed")
+    assert err.endswith("for a CPU job pass --parallel.backend=gloo or --gpus_per_node 0\n")
+    assert err.count("\n") == 1
+    assert main(["launch", "--num_gpus", "2", "--gpus_per_node", "2", "--dry_run", "x.py"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --gpus_per_node 2: only --launcher slurm --sbatch") and \
+        err.count("\n") == 1
+
+
+def test_sbatch_script_quotes_values_refuses_bad_names_and_finds_the_head(tmp_path,
+                                                                           monkeypatch, capsys):
+    _fake_slurm(tmp_path, monkeypatch)
+    value = "$(touch pwned1); `touch pwned2` 'x\" \\ 100%"
+    code, script, err = _submit(tmp_path, capsys, "--num_nodes", "2", "--num_gpus", "2",
+                                "--env", f"MEGALITE_V={value}", "--no_python", "true")
+    assert code == 0, err
+    path = tmp_path / "job.sbatch"
+    path.write_text(script)
+    env = dict(os.environ, SLURM_JOB_NODELIST="nodeA,nodeB", SLURM_JOB_ID="7")
+    for node_addr, master in (("10.1.2.3", "10.1.2.3"),  # NodeAddr an address: taken as is
+                              ("localhost", "localhost")):  # loopback answers are skipped
+        r = subprocess.run(["bash", str(path)], env=dict(env, FAKE_NODEADDR=node_addr),
+                           capture_output=True, text=True, timeout=30, cwd=tmp_path)
+        assert r.returncode == 0, r.stderr
+        assert f"MASTER_ADDR={master}\n" in r.stdout, r.stdout
+        assert f"MEGALITE_V={value}\n" in r.stdout and "srun --kill-on-bad-exit=1" in r.stdout
+    assert not list(tmp_path.glob("pwned*"))
+    # a forwarded variable whose NAME is not a name (it would run `touch x`): refused
+    monkeypatch.setenv("MEGALITE_X;touch x", "1")
+    code, script, err = _submit(tmp_path, capsys, "--num_gpus", "2", "--no_python", "true")
+    assert (code, script) == (2, "") and err.count("\n") == 1
+    assert err.startswith("error: environment variable 'MEGALITE_X;touch x'") and \
+        "[A-Za-z_][A-Za-z0-9_]*" in err
+    assert not (tmp_path / "x").exists()
+
+
+def test_packaged_sbatch_scripts_split_the_nodes_cpus_and_set_nccl_env_only_with_gpus(
+        tmp_path, monkeypatch):
+    """launch/slurm/*.sbatch run by bash with SLURM's variables of a GPU and of a CPU node."""
+    from helpers import REPO
+
+    _fake_slurm(tmp_path, monkeypatch)
+    base = dict(os.environ, SLURM_JOB_NODELIST="nodeA,nodeB", SLURM_JOB_ID="1234",
+                SLURM_NNODES="2", FAKE_NODEADDR="10.1.2.3")
+    gpu_node = dict(base, SLURM_CPUS_ON_NODE="96", SLURM_NTASKS_PER_NODE="8",
+                    SLURM_GPUS_ON_NODE="8")
+    cpu_node = dict(base, SLURM_CPUS_ON_NODE="2", SLURM_NTASKS_PER_NODE="2")
+    expect = [("train.sbatch", gpu_node, "--cpus-per-task=12 python3 -u -m megalite.train", "1"),
+              ("train.sbatch", cpu_node, "--cpus-per-task=1 python3 -u -m megalite.train",
+               "unset"),
+              ("train-torchrun.sbatch", gpu_node, "--cpus-per-task=96 python3 -m "
+               "torch.distributed.run --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d "
+               "--rdzv-endpoint 10.1.2.3:21234", "1")]
+    for script, env, srun, nccl in expect:
+        path = os.path.join(REPO, "launch", "slurm", script)
+        with open(path) as f:
+            assert "#SBATCH --exclusive\n" in f.read()  # whole nodes: their CPUs are split
+        r = subprocess.run(["bash", path, "--config", "x.yaml"], env=env, capture_output=True,
+                           text=True, timeout=30, cwd=tmp_path)
+        assert r.returncode == 0, r.stderr
+        assert f"srun --kill-on-bad-exit=1 {srun}" in r.stdout, (script, r.stdout)
+        assert "MASTER_ADDR=10.1.2.3\n" in r.stdout and f"NCCL_ERRORS={nccl}\n" in r.stdout

@@ -65,6 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
     a("--ssh_port", type=port, default=None, help="ssh port of the nodes (pdsh, ssh)")
     a("--sbatch", action="store_true",
       help="slurm outside an allocation: write an sbatch script and submit it")
+    a("--gpus_per_node", type=non_negative, default=None,
+      help="--sbatch: GPUs to request per node (0: a CPU job); default: one per rank for "
+           "backend nccl, or backend auto with --num_gpus, else none")
+    a("--cpus_per_task", type=count, default=None,
+      help="--sbatch: CPUs per rank; default: the node's CPUs (sinfo) / ranks per node")
     a("-m", "--module", action="store_true", help="the target is a Python module (python -m)")
     a("--no_python", action="store_true", help="the target is a program, run without python")
     a("--max_restarts", type=non_negative, default=0,
@@ -181,22 +186,33 @@ def run_node_share(args, job: Job) -> int:
 def submit_sbatch(args, job: Job) -> int:
     import subprocess
 
-    from megalite.launcher.sbatch import render
+    from megalite.launcher import sbatch
 
-    script = render(job, nodes=len(job.resources), tasks_per_node=len(next(iter(
-        job.resources.values()))))
+    tasks = len(next(iter(job.resources.values())))
+    backend, tp = sbatch.train_settings(job.user_cmd, job.world_size)
+    gpus = sbatch.gpus_per_node(args.gpus_per_node, args.num_gpus > 0, tasks, backend)
+    cpus, why = sbatch.cpus_per_task(args.cpus_per_task, sbatch.partition(job.launcher_args),
+                                     gpus, tasks)
+    script = sbatch.render(job, nodes=len(job.resources), tasks_per_node=tasks,
+                           res=sbatch.Resources(cpus_per_task=cpus, gpus_per_node=gpus, tp=tp))
     folder = args.log_dir or os.getcwd()
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, f"megalite-{time.strftime('%Y%m%d-%H%M%S')}.sbatch")
-    with open(path, "w", encoding="utf-8") as f:
+    # 0600: the script carries the forwarded variables' values
+    with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w",
+              encoding="utf-8") as f:
         f.write(script)
     cmd = ["sbatch", "--parsable", *job.launcher_args, path]
+    print(f"megalite: {len(job.resources)} node(s) x {tasks} task(s), {cpus} CPU(s) per task "
+          f"({why}), {gpus} GPU(s) per node (backend {backend})", flush=True)
     print(f"megalite: submitting {path}: {shlex.join(cmd)}", flush=True)
     if args.dry_run:
         return 0
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode:
-        print(f"error: sbatch failed: {r.stderr.strip()}", file=sys.stderr)
+        hint = (f"; it asked for {gpus} GPU(s) per node: for a CPU job pass "
+                "--parallel.backend=gloo or --gpus_per_node 0") if gpus else ""
+        print(f"error: sbatch failed: {' '.join(r.stderr.split())}{hint}", file=sys.stderr)
         return r.returncode
     print(f"megalite: submitted job {r.stdout.strip()}", flush=True)
     return 0
@@ -235,6 +251,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         return e.code if isinstance(e.code, int) else 2
     try:
         check_options(args)  # everything before any process starts: options, hosts, target
+        for flag in ("gpus_per_node", "cpus_per_task"):
+            if getattr(args, flag) is not None and not (args.launcher == "slurm" and args.sbatch):
+                raise LaunchError(f"--{flag} {getattr(args, flag)}: only --launcher slurm "
+                                  "--sbatch uses it; drop it, or add those options")
         resources(args)
         check_target(args, exports(args))
         return launch(args)

@@ -128,13 +128,19 @@ def remote_shell_cmd(job: Job, node_rank: str) -> str:
     return f"cd {shlex.quote(job.cwd)} && exec " + " ".join(shlex.quote(a) for a in launcher)
 
 
+_RANK_SLOT = "\0"  # see PDSHRunner.command
+
+
 class PDSHRunner(Runner):
     name, tool = "pdsh", "pdsh"
 
     def command(self) -> List[str]:
-        # pdsh expands %h/%u/%n in the command: escape every '%' except our node-rank token
-        remote = remote_shell_cmd(self.job, "NODE_RANK_TOKEN").replace("%", "%%")
-        remote = remote.replace("NODE_RANK_TOKEN", "%n")
+        # pdsh expands %h/%u/%n in the command: escape every '%', then put pdsh's %n where the
+        # node rank goes. The placeholder is a NUL byte, which no argument, variable or path
+        # can contain, so no user text is ever taken for it.
+        remote = remote_shell_cmd(self.job, _RANK_SLOT).replace("%", "%%")
+        assert remote.count(shlex.quote(_RANK_SLOT)) == 1
+        remote = remote.replace(shlex.quote(_RANK_SLOT), "%n")
         return ["pdsh", "-S", "-f", "1024", "-w", ",".join(self.job.hosts),
                 *self.job.launcher_args, remote]
 

@@ -10,7 +10,9 @@
 # by a veth pair; each has its own hostname and /etc/hosts (private mount namespace). Each runs
 # an sshd on port 2222 (key auth, a key made here) and a slurmd; node1 also runs slurmctld. munged
 # has its own socket under the state directory. Nothing listens outside the namespaces, and only
-# 10.200.0.x and loopback carry traffic. State: $MEGALITE_CLUSTER_DIR (/tmp/megalite-cluster).
+# 10.200.0.x and loopback carry traffic. Each node declares 2 GPUs to SLURM (gres.conf; each
+# "GPU" a /dev/null-like device file), so GPU jobs are accepted and scheduled; there is no CUDA.
+# State: $MEGALITE_CLUSTER_DIR (/tmp/megalite-cluster).
 set -euo pipefail
 D=${MEGALITE_CLUSTER_DIR:-/tmp/megalite-cluster}
 NS_A=mgA NS_B=mgB
@@ -106,10 +108,17 @@ ReturnToService=2
 InactiveLimit=0
 MinJobAge=5
 KillWait=3
-NodeName=node1 NodeAddr=10.200.0.1 CPUs=2 RealMemory=2000
-NodeName=node2 NodeAddr=10.200.0.2 CPUs=2 RealMemory=2000
+GresTypes=gpu
+NodeName=node1 NodeAddr=10.200.0.1 CPUs=2 RealMemory=2000 Gres=gpu:2
+NodeName=node2 NodeAddr=10.200.0.2 CPUs=2 RealMemory=2000 Gres=gpu:2
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 EOF
+  # Both nodes say they have 2 GPUs, so a real sbatch accepts and schedules a GPU request; CPU
+  # jobs ask for none and run as before. Nothing here has CUDA. slurmd 22.05 drops a GPU with no
+  # File= ("Removing file-less GPU"), so each "GPU" is a character device like /dev/null (1,3)
+  # under the state directory: inert, no driver behind it.
+  mkdir -p $D/gpu; for i in 0 1; do mknod -m 0666 $D/gpu/gpu$i c 1 3; done
+  echo "Name=gpu Count=2 File=$D/gpu/gpu[0-1]" > $S/gres.conf
   on node1 env SLURM_CONF=$S/slurm.conf sh -c 'slurmctld && slurmd -N node1'
   on node2 env SLURM_CONF=$S/slurm.conf slurmd -N node2
   for _ in $(seq 1 120); do

@@ -122,8 +122,10 @@ def test_megalite_launch_slurm_sbatch_from_the_template(cluster, shared, local_l
     conf = dict(SLURM_CONF=f"{STATE}/slurm/slurm.conf")
     r = run(on("node1", sys.executable, "-m", "megalite.launcher", "--launcher", "slurm",
                "--sbatch", "--num_nodes", "2", "--num_gpus", "2", "--log_dir", logs,
-               "-m", "megalite.train", *train_args(run_dir, str(shared / "cache"))), **conf)
+               "-m", "megalite.train", *train_args(run_dir, str(shared / "cache")),
+               "--parallel.backend=gloo"), **conf)
     assert r.returncode == 0, r.stdout + r.stderr
+    assert "0 GPU(s) per node (backend gloo)" in r.stdout  # a CPU job requests no GPUs
     job_id = r.stdout.split("submitted job ")[1].split()[0]
     deadline = time.time() + 240
     while run(on("node1", "squeue", "-h", "-j", job_id), **conf).stdout.strip():
@@ -132,6 +134,37 @@ def test_megalite_launch_slurm_sbatch_from_the_template(cluster, shared, local_l
     with open(os.path.join(logs, f"slurm-{job_id}.out")) as f:
         r.stdout += f.read()
     _check(run_dir, local_losses, r)
+
+
+def test_megalite_launch_slurm_sbatch_gpu_job_is_accepted_and_scheduled(cluster, shared):
+    """The GPU sbatch (backend nccl, --num_gpus 2) on nodes that declare 2 GPUs each: real
+    slurmctld accepts the request and starts the job on both nodes with 2 GPUs per node; the
+    CPUs per task come from the real sinfo, rank 0's address from node1's NodeAddr. There is no
+    CUDA here, so the ranks then fail: only the submission and the allocation are checked."""
+    run_dir, logs = str(shared / "gpu-sbatch"), shared / "gpu-sbatch-logs"
+    conf = dict(SLURM_CONF=f"{STATE}/slurm/slurm.conf")
+    r = run(on("node1", sys.executable, "-m", "megalite.launcher", "--launcher", "slurm",
+               "--sbatch", "--num_nodes", "2", "--num_gpus", "2", "--log_dir", str(logs),
+               "-m", "megalite.train", *train_args(run_dir, str(shared / "cache")),
+               "--parallel.backend=nccl"), **conf)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "1 CPU(s) per task (2 CPUs per node (sinfo) / 2 tasks), 2 GPU(s) per node " \
+        "(backend nccl)" in r.stdout, r.stdout
+    [script] = [f for f in os.listdir(logs) if f.endswith(".sbatch")]
+    with open(logs / script) as f:
+        text = f.read()
+    assert "#SBATCH --gpus-per-node=2\n" in text and "#SBATCH --cpus-per-task=1\n" in text
+    assert "\nexport CUDA_DEVICE_MAX_CONNECTIONS=" in text  # tp=2
+    job_id = r.stdout.split("submitted job ")[1].split()[0]
+    started, out = f"megalite: job {job_id} on ", ""
+    deadline = time.time() + 60
+    while started not in out:  # the script's first line: the allocation it got
+        assert time.time() < deadline, f"job {job_id} did not start in 60 s: {out}"
+        time.sleep(0.25)
+        path = logs / f"slurm-{job_id}.out"
+        out = path.read_text() if path.exists() else ""
+    run(on("node1", "scancel", job_id), **conf)  # the ranks would only fail: no CUDA here
+    assert f"{started}node[1-2], rank 0 at 10.200.0.1:29500, 2 CPUs and 2 GPUs per node" in out
 
 
 def test_megalite_launch_openmpi(cluster, shared, local_losses):
