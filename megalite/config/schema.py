@@ -174,8 +174,10 @@ class TrainConfig:
     seed: int = 1234
     """Seed of weight initialisation, data order and dropout; the same for every layout."""
     peak_tflops: float = 0.0
-    """Peak dense TFLOP/s of one device, for the MFU figure; 0 guesses (312 for bf16 on CUDA,
-    1 on CPU)."""
+    """Peak dense TFLOP/s of one device, the denominator of the MFU figure; 0 looks the GPU up
+    by name and precision in megalite/hardware.py (dense datasheet peaks, e.g. 989 for H100 SXM
+    and H200 bf16; fp32 uses the TF32 peak only when torch enables TF32 matmuls). With 0 on a CPU
+    or an unlisted GPU no MFU is reported."""
     eval_interval: int = 0
     """Evaluate validation loss every this many steps (0: only at the end)."""
     eval_iters: int = 10
