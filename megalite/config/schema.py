@@ -82,7 +82,11 @@ class ParallelConfig:
     """With tp > 1 the vocabulary is padded to a multiple of tp * vocab_multiple; padded rows get
     no probability mass and no gradient, so the loss equals the unpadded model's."""
     backend: str = "auto"
-    """torch.distributed backend: `auto` (nccl with CUDA, else gloo), `gloo` or `nccl`."""
+    """torch.distributed backend: `auto` (nccl with CUDA, else gloo; a job SLURM allocated GPUs
+    stops on a node without CUDA instead of running on the CPU), `gloo` (CPU) or `nccl` (needs
+    CUDA, else stops). With nccl each rank takes the GPU of its LOCAL_RANK, or under srun with
+    per-task binding (--gpus-per-task, --gpu-bind) the first GPU it sees; more ranks on a node
+    than visible GPUs stop the job before it starts."""
     bucket_mb: float = 25.0
     """Size of a gradient all-reduce bucket in MiB; a bucket is reduced as soon as all its
     gradients are ready, overlapping communication with the rest of backward."""
