@@ -210,8 +210,9 @@ def test_ctrl_c_saves_checkpoint_without_traceback(tmp_path, data_cache):
         [sys.executable, "-m", "megalite.cli", "train", "--config", TINY, "--parallel.dp=2",
          "--train.micro_batch_size=2", "--train.steps=100000", "--train.warmup_steps=0",
          f"--run.dir={run_dir}", f"--data.cache_dir={data_cache}", "--run.tensorboard=false",
-         "--run.sample_tokens=0", "--parallel.backend=gloo"], cwd=REPO, env=env, stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True, start_new_session=True)  # its own "terminal" group
+         "--run.sample_tokens=0", "--parallel.backend=gloo"], cwd=REPO, env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True)  # its own "terminal" group
     metrics = run_dir / "metrics.jsonl"
     try:
         deadline = time.time() + 120

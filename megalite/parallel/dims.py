@@ -111,7 +111,8 @@ class ParallelDims:
         try:  # backend and GPU before the process group: a mistake is one line, not a hang
             backend = resolve_backend(backend)
             if backend == "nccl":
-                guessed = env.source == "env" and not {"LOCAL_WORLD_SIZE", "LOCAL_SIZE"} & set(os.environ)
+                sizes = {"LOCAL_WORLD_SIZE", "LOCAL_SIZE"} & set(os.environ)
+                guessed = env.source == "env" and not sizes
                 index = cuda_index(env.local_rank, env.local_world_size, env.source == "slurm",
                                    why_local=" (LOCAL_WORLD_SIZE unset: all WORLD_SIZE ranks "
                                              "counted as local)" if guessed else "")
