@@ -28,6 +28,8 @@ PYBIND11_MODULE(_kernels_cuda, m) {
                                      P<void>(stream)),
                 "norm_forward");
         });
+  m.def("cuda_runtime_version", &ml_cuda_runtime_version,
+        "CUDART_VERSION this library was built with (1000 * major + 10 * minor)");
   m.def("norm_backward_workspace", &ml_cuda_norm_backward_workspace,
         "bytes of scratch device memory norm_backward needs");
   m.def("norm_backward",

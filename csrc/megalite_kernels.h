@@ -56,6 +56,8 @@ int ml_cuda_softmax_forward(int dtype, const void* x, const uint8_t* mask, void*
 int ml_cuda_softmax_backward(int dtype, const void* dy, const void* y, void* dx, int64_t rows,
                              int64_t sq, int64_t sk, float scale, int causal, void* stream);
 const char* ml_cuda_last_error(void);
+/* CUDART_VERSION the CUDA library was built with (1000 * major + 10 * minor). */
+int ml_cuda_runtime_version(void);
 
 /* The launches a call would make, without a GPU: the kernel's template name as a demangler prints
  * it (e.g. "norm_backward_kernel<__nv_bfloat16, 8, 4>"), threads per block and the kernel's

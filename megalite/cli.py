@@ -75,8 +75,10 @@ def _run_ranks(command: str, argv: List[str]) -> int:
     from megalite.data import DataError, check_data, ensure_dataset
 
     try:  # bad data is one line, before any rank or process group starts
-        if env is None:
-            ensure_dataset(cfg.data)  # once here, so the ranks find it ready
+        # prepared here, before any process group (a bare run: once, for the ranks it starts);
+        # launched ranks all call it: the cache's file lock lets one per node prepare while the
+        # others wait on the lock, never in a collective with a timeout
+        ensure_dataset(cfg.data)
         check_data(cfg.data)
     except DataError as e:
         if env is None or env.rank == 0:  # launched ranks would all say it
@@ -91,6 +93,11 @@ def _run_ranks(command: str, argv: List[str]) -> int:
     if env is None and cfg.world_size > 1:
         from megalite.launcher.local import launch_local
 
+        problem = _bare_run_device_problem(cfg.parallel.backend, cfg.world_size)
+        if problem:  # the ranks would crash in set_device or NCCL ("duplicate GPU")
+            print(f"error: {problem}", file=sys.stderr)
+            return 2
+
         extra = ["--checkpoint", ckpt] if ckpt else []
         return launch_local(["megalite.cli", command, *argv, *extra], cfg.world_size)
     from megalite.parallel.dims import LayoutError, ParallelDims
@@ -103,7 +110,8 @@ def _run_ranks(command: str, argv: List[str]) -> int:
             dims = ParallelDims.initialize(cfg.parallel.dp, cfg.parallel.tp, cfg.parallel.pp, env,
                                            cfg.parallel.backend, cfg.parallel.timeout_s)
     except LayoutError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if env is None or env.local_rank == 0:  # every rank finds it; one per node says it
+            print(f"error: {e}", file=sys.stderr)
         return 2
     trainer = None
     try:
@@ -134,6 +142,19 @@ def _run_ranks(command: str, argv: List[str]) -> int:
         dims.destroy()
         dims = None
         gc.collect()
+
+
+def _bare_run_device_problem(backend: str, num_ranks: int) -> Optional[str]:
+    """Why the ``num_ranks`` local ranks of a bare run cannot get a GPU each, or None."""
+    from megalite.parallel.device import DeviceError, cuda_index, resolve_backend
+
+    try:
+        if resolve_backend(backend) == "nccl":
+            cuda_index(0, num_ranks, under_srun=False,
+                       why_local=" (a bare run starts parallel.dp*tp*pp ranks here)")
+    except DeviceError as e:
+        return str(e)
+    return None
 
 
 def _unwritable_run_dirs(cfg) -> Optional[str]:

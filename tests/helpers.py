@@ -13,7 +13,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def tiny_config(run_dir: str, cache: str, *overrides: str):
     argv = ["--config", os.path.join(REPO, "configs", "tiny.yaml"), f"--run.dir={run_dir}",
             f"--data.cache_dir={cache}", "--run.tensorboard=false", "--run.sample_tokens=0",
-            *overrides]
+            "--parallel.backend=gloo", *overrides]  # CPU even where a GPU is (auto: nccl)
     cfg, _ = parse_args(argv)
     return cfg
 

@@ -16,6 +16,7 @@ def train_args(run_dir: str, cache: str, steps: int = 6, *extra: str) -> List[st
     return ["--config", TINY, "--parallel.dp=2", "--parallel.tp=2", "--data.source=synthetic",
             f"--train.steps={steps}", "--train.micro_batch_size=2", "--train.eval_iters=1",
             "--run.tensorboard=false", "--run.sample_tokens=0", "--parallel.timeout_s=60",
+            "--parallel.backend=gloo",  # CPU even where a GPU is (auto would pick nccl)
             f"--run.dir={run_dir}", f"--data.cache_dir={cache}", *extra]
 
 

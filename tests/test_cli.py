@@ -19,6 +19,8 @@ TINY = os.path.join(REPO, "configs", "tiny.yaml")
 
 
 def _run(*args, env=None, timeout=180):
+    if args[0] == "megalite.train" or args[1:2] in (("train",), ("eval",)):
+        args = (*args, "--parallel.backend=gloo")  # CPU even where a GPU is (auto: nccl)
     full_env = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         if env is None or key not in env:
@@ -76,9 +78,11 @@ def test_bare_run_spawns_ranks_then_eval_and_generate(tmp_path, data_cache):
     assert "world 2 = dp 2" in r.stdout and "sample:" in r.stdout and "validation loss" in r.stdout
     records = [json.loads(x) for x in open(os.path.join(run_dir, "metrics.jsonl"))]
     assert [x["step"] for x in records] == list(range(1, 7))
-    for key in ("loss", "lr", "grad_norm", "tokens_per_s", "tflops", "mfu", "time.forward",
+    for key in ("loss", "lr", "grad_norm", "tokens_per_s", "tflops", "time.forward",
                 "time.backward", "time.optimizer", "time.comm", "comm_bytes.all_reduce"):
         assert key in records[-1], key
+    assert "mfu" not in records[-1] and "mfu n/a" in r.stdout  # a CPU has no known peak
+    assert "device cpu, backend gloo" in r.stdout  # the layout: line
     assert os.path.exists(os.path.join(run_dir, "checkpoints", "latest"))
     assert records[-1]["val_loss"] > 0  # the end-of-run validation loss is in the last row
     assert "validation loss" in r.stdout and "val_loss" not in records[0]
@@ -206,8 +210,9 @@ def test_ctrl_c_saves_checkpoint_without_traceback(tmp_path, data_cache):
         [sys.executable, "-m", "megalite.cli", "train", "--config", TINY, "--parallel.dp=2",
          "--train.micro_batch_size=2", "--train.steps=100000", "--train.warmup_steps=0",
          f"--run.dir={run_dir}", f"--data.cache_dir={data_cache}", "--run.tensorboard=false",
-         "--run.sample_tokens=0"], cwd=REPO, env=env, stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True, start_new_session=True)  # its own "terminal" group
+         "--run.sample_tokens=0", "--parallel.backend=gloo"], cwd=REPO, env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True)  # its own "terminal" group
     metrics = run_dir / "metrics.jsonl"
     try:
         deadline = time.time() + 120

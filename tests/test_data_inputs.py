@@ -187,6 +187,7 @@ def test_cli_data_errors_before_ranks(tmp_path) -> None:
             (cut, ["--parallel.dp=2"], "1", None)):
         r = subprocess.run([sys.executable, "-m", "megalite.cli", "train", "--config",
                             os.path.join(REPO, "configs", "tiny.yaml"), "--data.source=prepared",
+                            "--parallel.backend=gloo",
                             f"--data.paths={paths}", f"--run.dir={tmp_path / 'run'}", *extra],
                            capture_output=True, text=True, timeout=120,
                            env=env if rank is None else dict(env, RANK=rank, **launched))

@@ -71,8 +71,8 @@ def test_readme_commands_run_top_to_bottom(tmp_path):
     run_dirs = []
     timings = []
     for argv in commands:
-        if trains(argv):
-            argv = argv + fewer
+        if trains(argv):  # on the CPU even where a GPU is (the README's auto: nccl there)
+            argv = argv + fewer + ["--parallel.backend=gloo"]
             run_dirs.append(option(argv, "--run.dir"))
         start = time.perf_counter()
         r = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True,

@@ -36,7 +36,7 @@ def test_torchrun_launch(tmp_path, data_cache):
            os.path.join(REPO, "configs", "tiny.yaml"), "--parallel.dp=2",
            "--train.micro_batch_size=2", "--train.steps=3", "--train.eval_iters=1",
            f"--run.dir={tmp_path}", f"--data.cache_dir={data_cache}", "--run.tensorboard=false",
-           "--run.sample_tokens=0", "--local_rank=0"]
+           "--run.sample_tokens=0", "--parallel.backend=gloo", "--local_rank=0"]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=180, cwd=REPO)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "world 2 = dp 2" in r.stdout

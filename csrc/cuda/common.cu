@@ -12,3 +12,7 @@ void set_error(const char* msg) { snprintf(last_error, sizeof last_error, "%s", 
 }  // namespace ml
 
 extern "C" const char* ml_cuda_last_error(void) { return ml::last_error; }
+
+// The CUDA runtime this library was compiled against (CUDART_VERSION, 13000 = 13.0): megalite.ops
+// compares it with the driver's at import, since a toolkit newer than the driver fails every call.
+extern "C" int ml_cuda_runtime_version(void) { return CUDART_VERSION; }

@@ -82,7 +82,11 @@ class ParallelConfig:
     """With tp > 1 the vocabulary is padded to a multiple of tp * vocab_multiple; padded rows get
     no probability mass and no gradient, so the loss equals the unpadded model's."""
     backend: str = "auto"
-    """torch.distributed backend: `auto` (nccl with CUDA, else gloo), `gloo` or `nccl`."""
+    """torch.distributed backend: `auto` (nccl with CUDA, else gloo; a job SLURM allocated GPUs
+    stops on a node without CUDA instead of running on the CPU), `gloo` (CPU) or `nccl` (needs
+    CUDA, else stops). With nccl each rank takes the GPU of its LOCAL_RANK, or under srun with
+    per-task binding (--gpus-per-task, --gpu-bind) the first GPU it sees; more ranks on a node
+    than visible GPUs stop the job before it starts."""
     bucket_mb: float = 25.0
     """Size of a gradient all-reduce bucket in MiB; a bucket is reduced as soon as all its
     gradients are ready, overlapping communication with the rest of backward."""
@@ -174,8 +178,10 @@ class TrainConfig:
     seed: int = 1234
     """Seed of weight initialisation, data order and dropout; the same for every layout."""
     peak_tflops: float = 0.0
-    """Peak dense TFLOP/s of one device, for the MFU figure; 0 guesses (312 for bf16 on CUDA,
-    1 on CPU)."""
+    """Peak dense TFLOP/s of one device, the denominator of the MFU figure; 0 looks the GPU up
+    by name and precision in megalite/hardware.py (dense datasheet peaks, e.g. 989 for H100 SXM
+    and H200 bf16; fp32 uses the TF32 peak only when torch enables TF32 matmuls). With 0 on a CPU
+    or an unlisted GPU no MFU is reported."""
     eval_interval: int = 0
     """Evaluate validation loss every this many steps (0: only at the end)."""
     eval_iters: int = 10

@@ -306,7 +306,8 @@ def _check_train(cfg: Config, err: _Errors) -> None:
               f"{fmt(t.initial_loss_scale)}]")
     _choice(err, "train.grad_dtype", t.grad_dtype, ["fp32", "bf16", "fp16"])
     err.check(t.seed >= 0, "train.seed", t.seed, "must be >= 0")
-    err.check(t.peak_tflops >= 0, "train.peak_tflops", t.peak_tflops, "must be >= 0 (0 guesses)")
+    err.check(t.peak_tflops >= 0, "train.peak_tflops", t.peak_tflops,
+              "must be >= 0 (0 looks the device up)")
     err.check(t.eval_interval >= 0, "train.eval_interval", t.eval_interval, "must be >= 0")
     err.check(t.eval_iters > 0, "train.eval_iters", t.eval_iters, "must be positive")
 

@@ -7,6 +7,7 @@ with one log line saying so. Arguments are checked and converted in ``megalite.o
 """
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 from types import ModuleType
@@ -32,15 +33,56 @@ def _load(name: str) -> tuple[Optional[ModuleType], str]:
         return None, str(e)
 
 
-cpu_lib, _cpu_error = _load("_kernels_cpu")
-cuda_lib, _cuda_error = _load("_kernels_cuda")
-_warned: set = set()
-
-
 def _warn_once(key: str, message: str) -> None:
     if key not in _warned:
         _warned.add(key)
         log.warning(message)
+
+
+def driver_cuda_version() -> Optional[int]:
+    """The newest CUDA version this node's driver supports (``cuDriverGetVersion``: 12040 =
+    12.4), or None without a driver. Reads libcuda only: no CUDA context is created."""
+    try:
+        libcuda = ctypes.CDLL("libcuda.so.1")
+        version = ctypes.c_int(0)
+        if libcuda.cuDriverGetVersion(ctypes.byref(version)) != 0:
+            return None
+        return version.value or None
+    except (OSError, AttributeError):
+        return None
+
+
+def _cuda_version_text(version: int) -> str:
+    return f"{version // 1000}.{version % 1000 // 10}"
+
+
+def check_toolkit(lib: Optional[ModuleType], driver: Optional[int]) -> Optional[ModuleType]:
+    """``lib``, or None (with one warning naming both versions) when it was built with a CUDA
+    major version newer than the driver supports: every kernel call would fail
+    (cudaErrorInsufficientDriver). A newer minor version of the same major runs (CUDA's minor
+    version compatibility). A library or node that cannot tell is kept."""
+    built_fn = getattr(lib, "cuda_runtime_version", None)
+    if built_fn is None or driver is None:
+        return lib
+    built = int(built_fn())
+    if built // 1000 <= driver // 1000:
+        return lib
+    _warn_once("cuda-driver",
+               f"megalite.ops: the CUDA kernels were built with CUDA {_cuda_version_text(built)}"
+               f" but this node's driver supports CUDA {_cuda_version_text(driver)} at most; "
+               "using PyTorch. Rebuild them with a CUDA toolkit the driver supports "
+               "(pip install -e . with that nvcc first on PATH) or update the driver.")
+    return None
+
+
+_warned: set = set()
+cpu_lib, _cpu_error = _load("_kernels_cpu")
+cuda_lib, _cuda_error = _load("_kernels_cuda")
+if cuda_lib is not None:
+    cuda_lib = check_toolkit(cuda_lib, driver_cuda_version())
+    if cuda_lib is None:
+        _cuda_error = "built for a newer CUDA than the driver"
+        _warned.add("cuda")  # check_toolkit said why; library_for need not say it again
 
 
 def library_for(x: torch.Tensor) -> Optional[ModuleType]:

@@ -16,11 +16,12 @@ import torch
 import torch.distributed as dist
 
 from megalite.parallel.comm import CommMeter
+from megalite.parallel.device import DeviceError, cuda_index, resolve_backend
 from megalite.parallel.env import LaunchEnv
 
 
 class LayoutError(ValueError):
-    """The parallel degrees do not fit the world the launcher started."""
+    """The parallel degrees, backend or devices do not fit the world the launcher started."""
 
 
 @dataclass
@@ -31,6 +32,7 @@ class ParallelDims:
     rank: int = 0
     local_rank: int = 0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    backend: str = "none"  # of the process group: gloo | nccl | none (one process)
     meter: CommMeter = field(default_factory=CommMeter)
     # Process groups of this rank (None when the axis has size 1 or there is no process group).
     world_group: Optional[object] = None
@@ -90,13 +92,18 @@ class ParallelDims:
 
     def describe(self) -> str:
         return (f"world {self.world_size} = dp {self.dp} x pp {self.pp} x tp {self.tp}; "
-                f"rank {self.rank} = (pp {self.pp_rank}, dp {self.dp_rank}, tp {self.tp_rank})")
+                f"rank {self.rank} = (pp {self.pp_rank}, dp {self.dp_rank}, tp {self.tp_rank}); "
+                f"device {self.device}, backend {self.backend}")
 
     @classmethod
     def single(cls, backend: str = "gloo") -> "ParallelDims":
         """One process, no process group: the reference every parallel test compares against.
-        With backend ``auto`` or ``nccl`` it runs on the GPU when there is one."""
-        cuda = backend != "gloo" and torch.cuda.is_available()
+        With backend ``auto`` it runs on the GPU when there is one, with ``nccl`` it must
+        (megalite.parallel.device's rules; LayoutError naming the fix otherwise)."""
+        try:
+            cuda = resolve_backend(backend) == "nccl"
+        except DeviceError as e:
+            raise LayoutError(str(e)) from None
         return cls(dp=1, tp=1, pp=1, device=torch.device("cuda" if cuda else "cpu"))
 
     @classmethod
@@ -105,11 +112,19 @@ class ParallelDims:
         """Check the layout against the launcher's world, start torch.distributed, build groups."""
         dims = cls(dp=dp, tp=tp, pp=pp, rank=env.rank, local_rank=env.local_rank)
         dims.check_world(env.world_size)
-        if backend == "auto":
-            backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if backend == "nccl":
-            torch.cuda.set_device(env.local_rank)
-            dims.device = torch.device("cuda", env.local_rank)
+        try:  # backend and GPU before the process group: a mistake is one line, not a hang
+            backend = resolve_backend(backend)
+            if backend == "nccl":
+                sizes = {"LOCAL_WORLD_SIZE", "LOCAL_SIZE"} & set(os.environ)
+                guessed = env.source == "env" and not sizes
+                index = cuda_index(env.local_rank, env.local_world_size, env.source == "slurm",
+                                   why_local=" (LOCAL_WORLD_SIZE unset: all WORLD_SIZE ranks "
+                                             "counted as local)" if guessed else "")
+                torch.cuda.set_device(index)
+                dims.device = torch.device("cuda", index)
+        except DeviceError as e:
+            raise LayoutError(str(e)) from None
+        dims.backend = backend
         os.environ.setdefault("MASTER_ADDR", env.master_addr)
         os.environ.setdefault("MASTER_PORT", str(env.master_port))
         if not dist.is_initialized():

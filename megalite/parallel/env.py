@@ -75,7 +75,10 @@ def discover(env: Mapping[str, str] = os.environ) -> Optional[LaunchEnv]:
     if "RANK" in env and "WORLD_SIZE" in env:
         rank, world = _int(env, "RANK"), _int(env, "WORLD_SIZE")
         local_world = _int(env, "LOCAL_WORLD_SIZE", _int(env, "LOCAL_SIZE", world))  # deepspeed
-        return LaunchEnv(rank, world, _int(env, "LOCAL_RANK", 0), local_world,
+        # without LOCAL_RANK, ranks are taken to fill nodes in order (all on one node when
+        # LOCAL_WORLD_SIZE is unset too): rank 5 of 4 per node is local rank 1, never 0 for all
+        local_rank = _int(env, "LOCAL_RANK", rank % max(local_world, 1))
+        return LaunchEnv(rank, world, local_rank, local_world,
                          env.get("MASTER_ADDR", "127.0.0.1"), _int(env, "MASTER_PORT", 29500),
                          "env")
     if "OMPI_COMM_WORLD_RANK" in env:

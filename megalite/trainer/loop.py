@@ -15,6 +15,7 @@ import torch
 from megalite.config import save_yaml
 from megalite.config.schema import Config
 from megalite.data import build_datasets, ensure_dataset, micro_batch, tokenizer_file
+from megalite.hardware import device_peak_tflops
 from megalite.models import (CausalLM, build_model, flops_per_token, num_params,
                              resolve_model_args)
 from megalite.parallel import comm
@@ -71,10 +72,10 @@ class Trainer:
         self.cfg, self.dims = cfg, dims
         t, p = cfg.train, cfg.parallel
         self.mbs, self.ga, self.gbs = t.micro_batch_size, t.grad_accum, t.global_batch_size
-        if dims.rank == 0:
-            ensure_dataset(cfg.data)  # prepares it (once, on one rank) when not cached yet
-        comm.barrier()
-        self.prefixes = ensure_dataset(cfg.data)  # cached now: only returns the paths
+        # Every rank asks; the cache's file lock lets one per cache directory prepare while the
+        # others wait on the lock, not in a collective whose timeout a large corpus outlasts.
+        # (The CLI has prepared it before the process group: then this only returns the paths.)
+        self.prefixes = ensure_dataset(cfg.data)
         self.train_ds, self.val_ds, self.tokenizer = build_datasets(
             cfg.data, t.seed, t.steps * self.gbs, t.eval_iters * self.gbs)
         self.tokenizer_file = tokenizer_file(self.prefixes[0], cfg.data)
@@ -118,6 +119,7 @@ class Trainer:
         with torch.device("meta"):  # the whole model's size, whatever this rank holds of it
             self.n_params = num_params(CausalLM(self.args))
         self.flops_per_token = flops_per_token(self.args, cfg.data.seq_len, self.n_params)
+        self.peak = self.peak_tflops()
         self._stop_signal: Optional[int] = None
 
     # ---- start-up ---------------------------------------------------------------------------
@@ -254,11 +256,12 @@ class Trainer:
         tokens = self.gbs * self.cfg.data.seq_len
         tflops = self.flops_per_token * tokens / elapsed / 1e12 / self.dims.world_size
         record = {"step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                  "tokens_per_s": tokens / elapsed, "tflops": tflops,
-                  "mfu": tflops / self.peak_tflops(), "step_time": elapsed,
+                  "tokens_per_s": tokens / elapsed, "tflops": tflops, "step_time": elapsed,
                   **{f"time.{k}": v for k, v in self.timers.take().items()},
                   **{f"comm_bytes.{k}": v for k, v in self.dims.meter.take(wire=True).items()},
                   **{f"mem.{k}": v for k, v in self.memory().items()}, **self.engine.metrics()}
+        if self.peak is not None:  # no MFU without a known peak (a CPU, an unlisted GPU)
+            record["mfu"] = tflops / self.peak
         if self.scaler is not None:
             record.update(loss_scale=scale, skipped=skipped)
         if not math.isfinite(loss):
@@ -267,10 +270,12 @@ class Trainer:
         record["stop"] = stop
         return record
 
-    def peak_tflops(self) -> float:
+    def peak_tflops(self) -> Optional[float]:
+        """Peak dense TFLOP/s of this rank's device for the MFU figure: train.peak_tflops, else
+        megalite.hardware's table (None: unknown, no MFU)."""
         if self.cfg.train.peak_tflops > 0:
             return self.cfg.train.peak_tflops
-        return 312.0 if self.dims.device.type == "cuda" else 1.0
+        return device_peak_tflops(self.dims.device, self.cfg.train.precision)
 
     # ---- evaluation, checkpoints ------------------------------------------------------------
     @torch.no_grad()

@@ -123,8 +123,10 @@ class MetricsLogger:
         eta = (time.perf_counter() - self.t0) / done * (self.total - step)
         self._window.append(r["loss"])
         loss = sum(self._window) / len(self._window)  # mean since the last printed line
+        mfu = f"mfu {r['mfu']:.1%}" if "mfu" in r else "mfu n/a"  # n/a: no known peak
         line = (f"step {step}/{self.total} | loss {loss:.4f} | "
-                f"{r['tokens_per_s']:,.0f} tok/s | lr {r['lr']:.2e} | ETA {_fmt_duration(eta)}")
+                f"{r['tokens_per_s']:,.0f} tok/s | {mfu} | lr {r['lr']:.2e} | "
+                f"ETA {_fmt_duration(eta)}")
         if "loss_scale" in r:  # fp16: the scale and the overflowed (skipped) steps so far
             self.skipped += bool(r["skipped"])
             line += f" | loss scale {r['loss_scale']:g}, {self.skipped} skipped"

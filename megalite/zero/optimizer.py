@@ -71,6 +71,8 @@ class ShardedAdamW:
         dims = engine.dims
         self.norm_group = dims.world_group if engine.shards_over_dp else dims.mp_group
         self._norm_parts = self._counted_segments(engine, dims.tp_rank)
+        # unscale-and-clip factor still owed by bf16/fp16 gradients: applied in fp32 in step()
+        self._pending_coef: Optional[torch.Tensor] = None
 
     @staticmethod
     def _counted_segments(engine: ZeroEngine, tp_rank: int) -> List[torch.Tensor]:
@@ -85,10 +87,13 @@ class ShardedAdamW:
 
     @torch.no_grad()
     def grad_norm_sq(self) -> torch.Tensor:
-        """Sum of squares (fp32) of the owned gradient segments this rank counts."""
+        """Sum of squares (fp32) of the owned gradient segments this rank counts. The norms are
+        computed in fp32 whatever the gradients' dtype: an fp16 norm above 65504 would be inf
+        (every such step skipped as an overflow) and a bf16 one rounded to 8 bits."""
         sq = torch.zeros((), dtype=torch.float32, device=self.engine.dims.device)
         if self._norm_parts:
-            sq += torch.stack(torch._foreach_norm(self._norm_parts)).float().pow(2).sum()
+            norms = torch._foreach_norm(self._norm_parts, 2, dtype=torch.float32)
+            sq += torch.stack(norms).pow(2).sum()
         return sq
 
     @torch.no_grad()
@@ -96,7 +101,10 @@ class ShardedAdamW:
         """The true global L2 norm of the gradients (divided by ``loss_scale``); scales the
         owned gradients by ``min(1, max_norm / norm) / loss_scale`` (unscale and clip in one
         multiply). A non-finite norm means an fp16 overflow somewhere: the caller skips the
-        step (every rank sees the same reduced norm)."""
+        step (every rank sees the same reduced norm). fp32 gradients are scaled here; bf16/fp16
+        ones in fp32 when ``step`` widens them (``coef`` cast to fp16 would underflow to 0 for a
+        large norm under a large loss scale)."""
+        self._pending_coef = None
         sq = self.grad_norm_sq()
         comm.all_reduce(sq, self.norm_group, self.engine.meter)
         norm = sq.sqrt() / loss_scale
@@ -105,7 +113,9 @@ class ShardedAdamW:
         coef = coef / loss_scale
         if max_norm > 0 or loss_scale != 1.0:
             for grad in self.engine.owned_grads():
-                grad.mul_(coef.to(grad.dtype))
+                if grad.dtype == torch.float32:
+                    grad.mul_(coef)
+            self._pending_coef = coef
         return norm
 
     # ---- the update ---------------------------------------------------------------------------
@@ -114,18 +124,25 @@ class ShardedAdamW:
         for group in self.opt.param_groups:
             group["lr"] = lr
         grads = self.engine.owned_grads()
+        owed: List[torch.Tensor] = []  # fp32 copies of bf16/fp16 gradients, not yet clipped
         for g, grad, segs, copy in zip(self.engine.groups, grads, self.segments,
                                        self.grad_copies):
+            low_precision = grad.dtype != torch.float32
             if copy is not None:
                 copy.copy_(grad, non_blocking=True)
                 grad = copy
-            elif grad.dtype != torch.float32:
+            elif low_precision:
                 grad = grad.float()
+            if low_precision and self._pending_coef is not None:
+                owed.append(grad)
             for view, s in zip(segs, g.segments):
                 view.grad = grad[s.start:s.start + s.numel]
         if self.offload and self.engine.dims.device.type == "cuda":
             torch.cuda.synchronize()
+        for grad in owed:  # after the offload copies have landed
+            grad.mul_(self._pending_coef.to(grad.device))
         self.opt.step()
+        self._pending_coef = None
         for segs in self.segments:
             for view in segs:
                 view.grad = None
