@@ -17,6 +17,7 @@ import torch.distributed as dist
 
 from megalite.parallel.comm import CommMeter
 from megalite.parallel.env import LaunchEnv
+from megalite.parallel.store import rendezvous_store
 
 
 class LayoutError(ValueError):
@@ -110,7 +111,8 @@ class ParallelDims:
         os.environ.setdefault("MASTER_PORT", str(env.master_port))
         if not dist.is_initialized():
             dist.init_process_group(backend, rank=env.rank, world_size=env.world_size,
-                                    timeout=datetime.timedelta(seconds=timeout_s))
+                                    timeout=datetime.timedelta(seconds=timeout_s),
+                                    store=rendezvous_store(env, timeout_s))
         dims._build_groups()
         return dims
 
