@@ -147,7 +147,7 @@ def _connect(master_addr: str, master_port: int, is_master: bool, timeout_s: flo
     if is_master:
         from megalite.parallel.store import serve
 
-        return serve(master_addr, port, timeout)
+        return serve(master_addr, port, timeout, spans_nodes=True)
     return TCPStore(master_addr, port, is_master=False, timeout=timeout, wait_for_workers=False)
 
 

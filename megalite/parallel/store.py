@@ -18,9 +18,9 @@ import ipaddress
 import os
 import socket
 import sys
-from typing import MutableMapping, Tuple
+from typing import Mapping, MutableMapping, Tuple
 
-from torch.distributed import TCPStore
+from torch.distributed import Store, TCPStore
 
 from megalite.parallel.env import LaunchEnv
 
@@ -68,20 +68,47 @@ def confine_to_loopback(environ: MutableMapping[str, str] = os.environ) -> None:
     environ.setdefault("NCCL_SOCKET_IFNAME", LOOPBACK_IFNAME)
 
 
-def rendezvous_store(env: LaunchEnv, timeout_s: float) -> TCPStore:
-    """Rank 0 hosts the store on ``env.master_addr``'s address; the others connect to it."""
+def rendezvous_store(env: LaunchEnv, timeout_s: float,
+                     environ: Mapping[str, str] = os.environ) -> Store:
+    """Rank 0 hosts the store on ``env.master_addr``'s address; the others connect to it. Under
+    torchrun its agent already hosts one on ``MASTER_PORT`` (its own listener): every rank
+    connects to it, with the prefix torch's ``env://`` uses there."""
     timeout = datetime.timedelta(seconds=timeout_s)
-    if is_loopback(env.master_addr):
+    one_machine = env.local_world_size == env.world_size
+    if one_machine and is_loopback(env.master_addr):
         confine_to_loopback()
+    if environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        from torch.distributed import PrefixStore
+
+        client = TCPStore(env.master_addr, env.master_port, env.world_size, is_master=False,
+                          timeout=timeout)
+        return PrefixStore(f"/worker/attempt_{environ.get('TORCHELASTIC_RESTART_COUNT', '0')}",
+                           client)
     if env.rank != 0:
         return TCPStore(env.master_addr, env.master_port, env.world_size, is_master=False,
                         timeout=timeout)
-    return serve(env.master_addr, env.master_port, timeout, env.world_size)
+    return serve(env.master_addr, env.master_port, timeout, env.world_size,
+                 spans_nodes=not one_machine)
 
 
-def serve(addr: str, port: int, timeout: datetime.timedelta, world_size=None) -> TCPStore:
-    """A master ``TCPStore`` listening on ``addr``'s address only (see :func:`listen_socket`)."""
-    sock = listen_socket(addr, port)
+def serve(addr: str, port: int, timeout: datetime.timedelta, world_size=None,
+          spans_nodes: bool = False) -> TCPStore:
+    """A master ``TCPStore`` listening on ``addr``'s address only (see :func:`listen_socket`).
+    ``spans_nodes`` with a host name that resolves to loopback here (``127.0.1.1 node1`` in a
+    Debian /etc/hosts) cannot be what the other nodes reach: every interface, with a warning."""
+    try:
+        literal = ipaddress.ip_address(addr) is not None
+    except ValueError:
+        literal = False
+    if spans_nodes and not literal and is_loopback(addr):
+        print(f"megalite: warning: {addr} resolves to a loopback address on this machine but "
+              f"the job spans several nodes; the store on port {port} listens on every "
+              "interface (set the master address to this node's network address)",
+              file=sys.stderr)
+        addr_to_bind = "0.0.0.0"
+    else:
+        addr_to_bind = addr
+    sock = listen_socket(addr_to_bind, port)
     fd = sock.detach()  # the store owns (and closes) the descriptor from here on
     spare = os.dup(fd)  # for a second try on the non-libuv server
     kwargs = dict(is_master=True, timeout=timeout, wait_for_workers=False)
