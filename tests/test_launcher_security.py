@@ -217,3 +217,58 @@ def test_one_machine_job_listens_on_loopback_only(tmp_path, data_cache):
     assert len(listening) >= 3, listening  # the store and each rank's gloo listener
     assert all(_loopback(ip) for ip, _ in listening), (listening, out[-2000:])
     assert wait_gone(tag, 10) == {}
+
+
+FAKE_SSH = """#!/bin/sh
+# ssh [options] -- HOST COMMAND: run COMMAND here, stdin passed through
+printf '%s\\n' "$*" >> "$FAKE_LOG"; env >> "$FAKE_LOG"
+while [ "$1" != "--" ]; do shift; done
+exec sh -c "$3"
+"""
+FAKE_PDSH = """#!PYTHON
+# pdsh -S -f N -w HOSTS [args] COMMAND: COMMAND once per host here, %n its index (no stdin)
+import os, re, subprocess, sys
+with open(os.environ["FAKE_LOG"], "a") as log:
+    log.write(" ".join(sys.argv) + "\\n" + "\\n".join(f"{k}={v}" for k, v in os.environ.items()))
+hosts = sys.argv[sys.argv.index("-w") + 1].split(",")
+procs = [subprocess.Popen(["sh", "-c", re.sub("%(.)", lambda m: str(i) if m[1] == "n" else m[1],
+                                              sys.argv[-1])], stdin=subprocess.DEVNULL)
+         for i in range(len(hosts))]
+sys.exit(max(p.wait() for p in procs))
+"""
+
+
+def test_ssh_and_pdsh_node_launchers_get_the_variables_and_secret_off_the_command_line(
+        tmp_path):
+    """Two node launchers (one rank each) started through stand-ins for ssh and pdsh that run
+    the remote command on this machine: the forwarded variable reaches every rank, the nodes'
+    signed store works (the job succeeds), and the secret is in no argv or ssh/pdsh env."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "ssh").write_text(FAKE_SSH)
+    (bin_dir / "pdsh").write_text(FAKE_PDSH.replace("PYTHON", sys.executable))
+    for tool in ("ssh", "pdsh"):
+        (bin_dir / tool).chmod(0o755)
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("node1 slots=1\nnode2 slots=1\n")
+    for launcher in ("ssh", "pdsh"):
+        log = tmp_path / f"{launcher}.log"
+        env = clean_env(PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", FAKE_LOG=str(log))
+        env.pop(coord.SECRET_ENV, None)
+        r = subprocess.run(
+            [sys.executable, "-m", "megalite.launcher", "-H", str(hostfile), "--launcher",
+             launcher, "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+             "--env", "MEGALITE_X=it's 100%", "--no_python", "sh", "-c",
+             'echo "rank $RANK: $MEGALITE_X, secret=$MEGALITE_JOB_SECRET."; sleep 1'],
+            env=env, capture_output=True, text=True, timeout=120, cwd=str(tmp_path))
+        assert r.returncode == 0, (launcher, r.stdout[-2000:], r.stderr[-2000:])
+        secrets_seen = {line.split("secret=")[1].split(".")[0]
+                        for line in r.stdout.splitlines() if "secret=" in line}
+        assert "rank 0: it's 100%, secret=" in r.stdout, r.stdout
+        assert "rank 1: it's 100%, secret=" in r.stdout, r.stdout
+        secret, = secrets_seen  # one secret, shared by both nodes
+        assert len(secret) == 64
+        text = log.read_text()
+        assert "nodeenv --env" in text and secret not in text  # in no argv, not in ssh's env
+        assert "100%" not in text.split("\n")[0]
+        assert not [f for f in os.listdir(tmp_path) if f.startswith(".megalite-env-")]
