@@ -131,6 +131,8 @@ def test_node_group_on_a_real_store_ignores_an_outsider(capsys):
     assert node0.check() is None  # written, but not signed with this job's secret
     assert abort_job("127.0.0.1", port, "stop \x1b[1mnow", secret=SECRET)
     assert node0.check() == "stop now" and node1.check() == "stop now"
+    node1.fail("rank 3 was killed\n    \x1b]0;pwned\x07last line \u202e")
+    assert node0.check() == "rank 3 was killed\n    last line \\u202e"
     err = capsys.readouterr().err
     assert err.count("key 'failed' that carries a wrong MAC") == 2, err  # once per node
     assert "\x1b" not in err
@@ -204,7 +206,7 @@ def test_one_machine_job_listens_on_loopback_only(tmp_path, data_cache):
     proc = subprocess.Popen([sys.executable, "-m", "megalite.train", *args], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        wait_for_step(run_dir, 2, proc)
+        wait_for_step(run_dir, 1, proc)  # training: every listener is open
         procs = tagged(tag)
         listening = _listeners(procs)
         master_port = {int(e["MASTER_PORT"]) for e in procs.values() if "MASTER_PORT" in e}
@@ -238,6 +240,7 @@ sys.exit(max(p.wait() for p in procs))
 """
 
 
+@pytest.mark.world
 def test_ssh_and_pdsh_node_launchers_get_the_variables_and_secret_off_the_command_line(
         tmp_path):
     """Two node launchers (one rank each) started through stand-ins for ssh and pdsh that run
@@ -259,7 +262,7 @@ def test_ssh_and_pdsh_node_launchers_get_the_variables_and_secret_off_the_comman
             [sys.executable, "-m", "megalite.launcher", "-H", str(hostfile), "--launcher",
              launcher, "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
              "--env", "MEGALITE_X=it's 100%", "--no_python", "sh", "-c",
-             'echo "rank $RANK: $MEGALITE_X, secret=$MEGALITE_JOB_SECRET."; sleep 1'],
+             'echo "rank $RANK: $MEGALITE_X, secret=$MEGALITE_JOB_SECRET."'],
             env=env, capture_output=True, text=True, timeout=120, cwd=str(tmp_path))
         assert r.returncode == 0, (launcher, r.stdout[-2000:], r.stderr[-2000:])
         secrets_seen = {line.split("secret=")[1].split(".")[0]
