@@ -9,6 +9,8 @@ what pdsh/ssh start on every node. Guarantees:
   SIGKILL after ``grace_s``); the launcher names the rank and prints the tail of its log;
 * on several nodes a :class:`~megalite.launcher.coord.NodeGroup` spreads that failure to the other
   nodes' launchers, so nobody waits in a collective for a peer that is gone;
+* a one-machine job (``MASTER_ADDR=127.0.0.1``) listens on loopback only: the ranks' rendezvous
+  store and gloo's/NCCL's sockets (:mod:`megalite.parallel.store`); this launcher listens on none;
 * SIGINT/SIGTERM are forwarded to every rank; ranks die with their launcher (``PR_SET_PDEATHSIG``)
   so no rank outlives it, even when the launcher itself is SIGKILLed.
 """

@@ -1,7 +1,8 @@
 """One class per way of starting a multi-process job. Each says whether its tool is installed
 (``exists()``) and builds its command as an argument list (``command()``); nothing is built by
 joining user input into a string except the one remote-shell string for pdsh/ssh, where every
-piece goes through ``shlex.quote``.
+piece goes through ``shlex.quote``. No forwarded variable is on a remote command line (see
+:mod:`megalite.launcher.nodeenv`): they carry the job's secret (:mod:`megalite.launcher.coord`).
 
 =========  ==================================================================================
 local      this machine's ranks, in this process's launcher (:mod:`megalite.launcher.local`)
@@ -25,6 +26,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
 
+from megalite.launcher.coord import SECRET_ENV, new_secret
 from megalite.launcher.hostfile import world_size
 
 
@@ -42,6 +44,7 @@ class Job:
     named_hosts: bool = True  # False: placeholder names (no hostfile); SLURM picks the nodes
     python: str = sys.executable
     cwd: str = field(default_factory=os.getcwd)
+    secret: str = field(default_factory=new_secret, repr=False)  # signs the node launchers' store
 
     @property
     def world_size(self) -> int:
@@ -50,6 +53,11 @@ class Job:
     @property
     def hosts(self) -> List[str]:
         return list(self.resources)
+
+    def node_env(self) -> Dict[str, str]:
+        """What node launchers receive (on stdin or in a 0600 file): the forwarded variables
+        and the job's secret (one the user exported wins)."""
+        return {SECRET_ENV: self.secret, **self.exports}
 
     def world_info(self) -> str:
         """The resources as a URL-safe base64 JSON token (passes through any shell untouched)."""
@@ -87,7 +95,8 @@ class Runner:
         from megalite.launcher.coord import abort_job
 
         abort_job(self.job.master_addr, self.job.master_port,
-                  "megalite launch was interrupted (SIGINT/SIGTERM)")
+                  "megalite launch was interrupted (SIGINT/SIGTERM)",
+                  self.job.node_env()[SECRET_ENV])
 
 
 class LocalRunner(Runner):
@@ -120,11 +129,11 @@ def node_launcher_cmd(job: Job, node_rank: str) -> List[str]:
     return cmd + ["--no_python", *job.user_cmd]
 
 
-def remote_shell_cmd(job: Job, node_rank: str) -> str:
-    """The string a remote shell runs: cd, then env with the forwarded variables, then the node
-    launcher. Every piece quoted."""
-    exports = [f"{k}={v}" for k, v in sorted(job.exports.items())]
-    launcher = ["env", *exports, *node_launcher_cmd(job, node_rank)]
+def remote_shell_cmd(job: Job, node_rank: str, env_source: str = "-") -> str:
+    """The string a remote shell runs: cd, then the node launcher, which reads the forwarded
+    variables from ``env_source`` (stdin ``-`` or a 0600 file). Every piece quoted."""
+    cmd = node_launcher_cmd(job, node_rank)
+    launcher = [*cmd[:3], "megalite.launcher.nodeenv", "--env", env_source, *cmd[4:]]
     return f"cd {shlex.quote(job.cwd)} && exec " + " ".join(shlex.quote(a) for a in launcher)
 
 
@@ -134,18 +143,26 @@ _RANK_SLOT = "\0"  # see PDSHRunner.command
 class PDSHRunner(Runner):
     name, tool = "pdsh", "pdsh"
 
+    env_file = "ENV_FILE"  # run() writes the real one
+
     def command(self) -> List[str]:
         # pdsh expands %h/%u/%n in the command: escape every '%', then put pdsh's %n where the
         # node rank goes. The placeholder is a NUL byte, which no argument, variable or path
         # can contain, so no user text is ever taken for it.
-        remote = remote_shell_cmd(self.job, _RANK_SLOT).replace("%", "%%")
+        remote = remote_shell_cmd(self.job, _RANK_SLOT, self.env_file).replace("%", "%%")
         assert remote.count(shlex.quote(_RANK_SLOT)) == 1
         remote = remote.replace(shlex.quote(_RANK_SLOT), "%n")
         return ["pdsh", "-S", "-f", "1024", "-w", ",".join(self.job.hosts),
                 *self.job.launcher_args, remote]
 
     def run(self) -> int:
-        return run_forwarding_signals([self.command()], self.env(), self.abort_nodes)
+        from megalite.launcher.nodeenv import write_env_file
+
+        self.env_file = write_env_file(self.job.cwd, self.job.node_env())
+        try:
+            return run_forwarding_signals([self.command()], self.env(), self.abort_nodes)
+        finally:
+            os.remove(self.env_file)
 
     def env(self) -> Dict[str, str]:
         env = super().env()
@@ -169,7 +186,9 @@ class SSHRunner(Runner):
         return self.commands()[0]
 
     def run(self) -> int:
-        return run_forwarding_signals(self.commands(), self.env(), self.abort_nodes)
+        stdin = json.dumps(self.job.node_env()).encode()
+        return run_forwarding_signals(self.commands(), self.env(), self.abort_nodes,
+                                      stdin=[stdin] * len(self.job.hosts))
 
 
 class SlurmRunner(Runner):
@@ -236,11 +255,20 @@ RUNNERS = {r.name: r for r in (LocalRunner, PDSHRunner, SSHRunner, SlurmRunner, 
 
 def run_forwarding_signals(commands: List[List[str]], env: Dict[str, str],
                            on_signal: Optional[Callable[[], None]] = None,
-                           after_failure_s: float = 15.0) -> int:
+                           after_failure_s: float = 15.0,
+                           stdin: Optional[List[bytes]] = None) -> int:
     """Run the commands side by side; SIGINT/SIGTERM go to each. When one fails, the others get
     ``after_failure_s`` to end by themselves (node launchers stop when a peer fails), then are
-    terminated. The first non-zero exit code, else 0."""
-    procs = [subprocess.Popen(c, env=env, stdin=subprocess.DEVNULL) for c in commands]
+    terminated. ``stdin``: what each command reads on its stdin (else nothing). The first
+    non-zero exit code, else 0."""
+    procs = [subprocess.Popen(c, env=env, stdin=subprocess.PIPE if stdin else subprocess.DEVNULL)
+             for c in commands]
+    for p, data in zip(procs, stdin or []):
+        try:
+            p.stdin.write(data)
+            p.stdin.close()
+        except BrokenPipeError:  # it ended already; its exit code tells
+            pass
 
     def forward(signum, frame):
         for p in procs:

@@ -18,6 +18,7 @@ import torch.distributed as dist
 from megalite.parallel.comm import CommMeter
 from megalite.parallel.device import DeviceError, cuda_index, resolve_backend
 from megalite.parallel.env import LaunchEnv
+from megalite.parallel.store import rendezvous_store
 
 
 class LayoutError(ValueError):
@@ -129,7 +130,8 @@ class ParallelDims:
         os.environ.setdefault("MASTER_PORT", str(env.master_port))
         if not dist.is_initialized():
             dist.init_process_group(backend, rank=env.rank, world_size=env.world_size,
-                                    timeout=datetime.timedelta(seconds=timeout_s))
+                                    timeout=datetime.timedelta(seconds=timeout_s),
+                                    store=rendezvous_store(env, timeout_s))
         dims._build_groups()
         return dims
 
