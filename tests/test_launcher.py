@@ -141,12 +141,13 @@ def test_pdsh_user_arguments_are_never_taken_for_the_node_rank():
     the ranks unchanged; only the launcher's --node_rank becomes the node index."""
     user = ["/venv/bin/python", "-u", "x.py", "NODE_RANK_TOKEN", "--tag=NODE_RANK_TOKEN", "%n",
             "%%n", "--node_rank", "%n"]
-    remote = PDSHRunner(_job(user_cmd=user, exports={"MEGALITE_T": "NODE_RANK_TOKEN %n"})
-                        ).command()[-1]
+    job = _job(user_cmd=user, exports={"MEGALITE_T": "NODE_RANK_TOKEN %n"})
+    remote = PDSHRunner(job).command()[-1]
     words = shlex.split(_pdsh_expand(remote, 1).split(" && ", 1)[1])
     assert words[words.index("--node_rank") + 1] == "1"
     assert words[words.index("--no_python") + 1:] == user
-    assert "MEGALITE_T=NODE_RANK_TOKEN %n" in words
+    # forwarded variables travel in the 0600 file, never through pdsh's expansion
+    assert "MEGALITE_T" not in remote and job.node_env()["MEGALITE_T"] == "NODE_RANK_TOKEN %n"
 
 
 def test_ssh_commands_one_per_node_with_its_rank():
