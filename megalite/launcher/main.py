@@ -55,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
       help="ranks per node (slots 0..N-1); default: the hostfile's slots, else the GPU count, "
            "else 1")
     a("--node_rank", default=None,
-      help="this node's rank, for a node started by hand or by pdsh/ssh/srun (--launcher local)")
+      help="this node's rank, for a node started by hand or by pdsh/ssh/srun (--launcher local); "
+           "nodes started by hand share a secret: export the same MEGALITE_JOB_SECRET on each")
     a("--world_info", default=None, help=argparse.SUPPRESS)  # hosts+slots, from pdsh/ssh
     a("--master_addr", default=None, help="rank 0's address; default: the first host")
     a("--master_port", type=port, default=None,
