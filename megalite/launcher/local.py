@@ -19,6 +19,7 @@ from __future__ import annotations
 import collections
 import ctypes
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -26,12 +27,41 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Deque, Dict, List, Optional
+from typing import Deque, Dict, List, Optional, Tuple
 
 TAIL_LINES = 25
 
 
-def free_port() -> int:
+def _ephemeral_range() -> Tuple[int, int]:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            lo, hi = (int(x) for x in f.read().split())
+        return lo, hi
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port(span: int = 2) -> int:
+    """A port P with P .. P+span-1 free (the job's stores take MASTER_PORT and MASTER_PORT+1),
+    drawn below the kernel's ephemeral range: a port the kernel hands out itself (bind to 0) can
+    be taken by any process's next outgoing connection before our listener binds it."""
+    lo, _ = _ephemeral_range()
+    if lo > 10000 + span:
+        rng = random.SystemRandom()
+        for _ in range(64):
+            port = rng.randrange(10000, lo - span)
+            if all(_bindable(port + k) for k in range(span)):
+                return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
