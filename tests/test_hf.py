@@ -25,6 +25,12 @@ ATOL = 1e-5
 VOCAB, SEQ = 97, 16
 
 
+# LLaMA-3.x RoPE scaled so that, with head dim 8 and theta 500, one frequency is kept
+# (wavelength 6 < 32/4), one is interpolated (30) and two are divided by the factor (140, 664).
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500.0, "factor": 4.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
+
+
 def gpt2_config(dropout: float = 0.0, **kw: Any) -> Any:
     base = dict(vocab_size=VOCAB, n_positions=32, n_embd=32, n_layer=2, n_head=4,
                 resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout,
@@ -63,6 +69,7 @@ CASES = {
     "llama_mha": lambda: llama_config(),
     "llama_gqa": lambda: llama_config(heads=4, kv_heads=2),
     "llama_tied": lambda: llama_config(kv_heads=2, tie=True),
+    "llama_rope3": lambda: llama_config(kv_heads=2, rope_parameters=LLAMA3_ROPE),
 }
 
 
@@ -104,6 +111,26 @@ def test_pure_state_dict_inverse(case: str) -> None:
     back = hf_state_dict(sd, args)
     for k, v in hf.state_dict().items():
         assert torch.equal(back[k], v), k
+
+
+def test_llama3_rope_scaling_is_modelled() -> None:
+    """The llama3 case above matches HF's logits; here: its scaling is read, changes the
+    logits (so that match is not plain RoPE's), and the config string round-trips."""
+    from megalite.config.schema import parse_rope_scaling
+    from megalite.interop.hf import rope_scaling_spec
+
+    hf = make_hf(llama_config(kv_heads=2, rope_parameters=LLAMA3_ROPE))
+    ours = from_hf(hf).eval()
+    assert ours.args.rope_scaling == {k: v for k, v in LLAMA3_ROPE.items() if k != "rope_theta"}
+    assert parse_rope_scaling(rope_scaling_spec(ours.args.rope_scaling)) == ours.args.rope_scaling
+    x = tokens()
+    with torch.no_grad():
+        scaled = ours(x)
+        ours.args.rope_scaling = None
+        for layer in ours.layers:
+            layer.attn.rope_scaling = None
+        plain = ours(x)
+    assert (scaled - plain).abs().max() > 100 * ATOL
 
 
 def test_tied_embeddings_stay_tied() -> None:

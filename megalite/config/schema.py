@@ -7,7 +7,7 @@ override them.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Literal, Optional, Union
+from typing import Any, Dict, List, Literal, Optional, Union
 
 
 @dataclass
@@ -33,6 +33,10 @@ class ModelConfig:
     """Epsilon of LayerNorm / RMSNorm."""
     rope_theta: float = 10000.0
     """RoPE base frequency (llama)."""
+    rope_scaling: Optional[str] = None
+    """LLaMA-3.x long-context RoPE scaling (llama), as `llama3:factor=8,low_freq_factor=1,
+    high_freq_factor=4,original_max_position_embeddings=8192` (LLaMA-3.1's values; all four
+    required). None: plain RoPE. Exported to and imported from HF's `rope_scaling`."""
     dropout: float = 0.0
     """Dropout probability on embeddings, attention probabilities and residual branches."""
     tie_embeddings: Optional[bool] = None
@@ -48,6 +52,42 @@ class ModelConfig:
     (elsewhere, and with `torch`, attention is PyTorch's scaled_dot_product_attention, given
     the document mask as a boolean mask). `torch`: plain PyTorch ops everywhere. Same results
     within float rounding."""
+
+
+LLAMA3_ROPE_FIELDS = ("factor", "low_freq_factor", "high_freq_factor",
+                      "original_max_position_embeddings")
+
+
+def parse_rope_scaling(spec: Optional[str]) -> Optional[Dict[str, Any]]:
+    """``model.rope_scaling`` -> the dict HF configs carry (None: plain RoPE). The spec is
+    ``llama3:factor=8,low_freq_factor=1,high_freq_factor=4,original_max_position_embeddings=8192``
+    (LLaMA-3.1's values); every field is required. Raises ValueError naming the field."""
+    if spec is None or not str(spec).strip():
+        return None
+    kind, _, rest = str(spec).strip().partition(":")
+    if kind != "llama3":
+        raise ValueError(f"model.rope_scaling={spec!r}: type {kind!r} is not supported; use "
+                         "llama3:factor=F,low_freq_factor=L,high_freq_factor=H,"
+                         "original_max_position_embeddings=N")
+    out: Dict[str, Any] = {"rope_type": "llama3"}
+    for item in filter(None, (x.strip() for x in rest.split(","))):
+        key, _, value = item.partition("=")
+        if key not in LLAMA3_ROPE_FIELDS:
+            raise ValueError(f"model.rope_scaling={spec!r}: unknown field {key!r}; the llama3 "
+                             f"type takes {', '.join(LLAMA3_ROPE_FIELDS)}")
+        try:
+            out[key] = float(value)
+        except ValueError:
+            raise ValueError(f"model.rope_scaling={spec!r}: {key}={value!r} is not a number"
+                             ) from None
+    missing = [k for k in LLAMA3_ROPE_FIELDS if k not in out]
+    if missing:
+        raise ValueError(f"model.rope_scaling={spec!r}: missing {', '.join(missing)}")
+    if not out["high_freq_factor"] > out["low_freq_factor"] > 0 or out["factor"] <= 0:
+        raise ValueError(f"model.rope_scaling={spec!r}: needs factor > 0 and "
+                         "high_freq_factor > low_freq_factor > 0")
+    out["original_max_position_embeddings"] = int(out["original_max_position_embeddings"])
+    return out
 
 
 @dataclass
@@ -242,6 +282,11 @@ class CheckpointConfig:
     """Resume from the `latest` checkpoint in `dir` when there is one."""
     keep: int = 2
     """Keep this many most recent checkpoints (0 keeps all)."""
+    init_from: Optional[str] = None
+    """Start a new run from these weights (fresh optimizer, step 0), in any layout:
+    `hf:DIR` (a Hugging Face model directory: config.json + safetensors, read without running
+    any code) or a megalite checkpoint directory. The model section must describe the same
+    model (a difference is named); ignored when the run resumes its own checkpoint."""
 
 
 @dataclass

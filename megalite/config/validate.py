@@ -10,7 +10,7 @@ import copy
 import re
 from typing import Any, List, Optional
 
-from .schema import Config
+from .schema import Config, parse_rope_scaling
 
 
 class ConfigError(ValueError):
@@ -218,6 +218,11 @@ def _check_model(cfg: Config, err: _Errors) -> None:
     for name in ("norm_eps", "rope_theta", "init_std"):
         value = getattr(m, name)
         err.check(value > 0, f"model.{name}", value, "must be positive")
+    if m.rope_scaling is not None:
+        try:
+            parse_rope_scaling(m.rope_scaling)
+        except ValueError as e:
+            err.add("model.rope_scaling", m.rope_scaling, str(e).split(": ", 1)[-1])
 
 
 def resolve_dp(cfg: Config, err: _Errors, world_size: Optional[int]) -> None:

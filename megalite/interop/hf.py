@@ -11,10 +11,11 @@ field, because a silently approximate conversion is worse than none.
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, Mapping, Optional, Union
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple, Union
 
 import torch
 
+from megalite.config.schema import LLAMA3_ROPE_FIELDS
 from megalite.models import CausalLM, ModelArgs, build_model
 
 StateDict = Dict[str, torch.Tensor]
@@ -40,11 +41,12 @@ def _family(hf_config: Any) -> str:
     raise ValueError(f"model_type {model_type!r} is not supported (only 'gpt2' and 'llama')")
 
 
-def _rope_theta(cfg: Any) -> float:
-    """RoPE base from a LlamaConfig. transformers 5 keeps it in ``rope_parameters``; older
-    versions use ``rope_theta`` plus an optional ``rope_scaling`` dict. Only plain RoPE is
-    modelled, so any scaling type (linear, dynamic, yarn, llama3, ...) is refused."""
-    theta = getattr(cfg, "rope_theta", None)
+def _rope(cfg: Any) -> Tuple[float, Optional[Dict[str, Any]]]:
+    """RoPE base and scaling from a LlamaConfig. transformers 5 keeps both in
+    ``rope_parameters``; 4.x uses ``rope_theta`` plus an optional ``rope_scaling`` dict. Plain
+    RoPE and LLaMA-3.x's ``llama3`` scaling are modelled; any other type (linear, dynamic, yarn,
+    ...) is refused."""
+    theta, scaling = getattr(cfg, "rope_theta", None), None
     for field in ("rope_parameters", "rope_scaling"):
         params = getattr(cfg, field, None)
         if not params:
@@ -52,11 +54,28 @@ def _rope_theta(cfg: Any) -> float:
         if not isinstance(params, Mapping):
             raise ValueError(f"{field}={params!r}: expected a dict")
         kind = params.get("rope_type", params.get("type", "default"))
-        if kind != "default":
-            raise ValueError(f"{field}: rope_type {kind!r} is not supported (only 'default')")
+        if kind not in ("default", "llama3"):
+            raise ValueError(f"{field}: rope_type {kind!r} is not supported (only 'default' "
+                             "and 'llama3')")
+        if kind == "llama3":
+            missing = [k for k in LLAMA3_ROPE_FIELDS if params.get(k) is None]
+            if missing:
+                raise ValueError(f"{field}: rope_type 'llama3' without {', '.join(missing)}")
+            scaling = {"rope_type": "llama3",
+                       **{k: float(params[k]) for k in LLAMA3_ROPE_FIELDS}}
+            scaling["original_max_position_embeddings"] = int(
+                params["original_max_position_embeddings"])
         if params.get("rope_theta") is not None:
             theta = params["rope_theta"]
-    return float(theta if theta is not None else 10000.0)
+    return float(theta if theta is not None else 10000.0), scaling
+
+
+def rope_scaling_spec(scaling: Optional[Mapping[str, Any]]) -> Optional[str]:
+    """The ``model.rope_scaling`` string of a scaling dict (inverse of ``parse_rope_scaling``)."""
+    if not scaling:
+        return None
+    fields = ",".join(f"{k}={scaling[k]:g}" for k in LLAMA3_ROPE_FIELDS)
+    return f"{scaling['rope_type']}:{fields}"
 
 
 def args_from_hf_config(hf_config: Any) -> ModelArgs:
@@ -88,6 +107,7 @@ def args_from_hf_config(hf_config: Any) -> ModelArgs:
         raise ValueError(f"LLaMA config: hidden_act={c.hidden_act!r} is not supported ('silu')")
     if getattr(c, "pretraining_tp", 1) not in (None, 1):
         raise ValueError(f"LLaMA config: pretraining_tp={c.pretraining_tp} is not supported")
+    theta, scaling = _rope(c)
     head_dim = getattr(c, "head_dim", None)
     if head_dim is not None and head_dim * c.num_attention_heads != c.hidden_size:
         raise ValueError(f"LLaMA config: head_dim={head_dim} != hidden_size/num_attention_heads")
@@ -96,10 +116,20 @@ def args_from_hf_config(hf_config: Any) -> ModelArgs:
         num_heads=c.num_attention_heads,
         num_kv_heads=getattr(c, "num_key_value_heads", None) or c.num_attention_heads,
         ffn_hidden_size=c.intermediate_size, vocab_size=c.vocab_size,
-        max_seq_len=c.max_position_embeddings, norm_eps=c.rms_norm_eps, rope_theta=_rope_theta(c),
+        max_seq_len=c.max_position_embeddings, norm_eps=c.rms_norm_eps, rope_theta=theta,
+        rope_scaling=scaling,
         dropout=float(getattr(c, "attention_dropout", 0.0) or 0.0),
         tie_embeddings=bool(getattr(c, "tie_word_embeddings", False)),
         init_std=c.initializer_range)
+
+
+def rope_fields(args: ModelArgs) -> Dict[str, Any]:
+    """RoPE keys of an HF LLaMA config.json, for both transformers lines: ``rope_parameters``
+    (5.x) and top-level ``rope_theta`` / ``rope_scaling`` (4.x, which ignores
+    ``rope_parameters`` and would silently use theta 10000)."""
+    scaling = dict(args.rope_scaling) if args.rope_scaling else None
+    params = {"rope_type": "default", "rope_theta": args.rope_theta, **(scaling or {})}
+    return {"rope_theta": args.rope_theta, "rope_scaling": scaling, "rope_parameters": params}
 
 
 def hf_config_from_args(args: ModelArgs) -> Any:
@@ -112,7 +142,7 @@ def hf_config_from_args(args: ModelArgs) -> Any:
             num_attention_heads=args.num_heads, num_key_value_heads=args.num_kv_heads,
             head_dim=args.head_dim, hidden_act="silu", max_position_embeddings=args.max_seq_len,
             rms_norm_eps=args.norm_eps, initializer_range=args.init_std,
-            rope_parameters={"rope_type": "default", "rope_theta": args.rope_theta},
+            rope_parameters=rope_fields(args)["rope_parameters"],
             attention_dropout=args.dropout, tie_word_embeddings=args.tie_embeddings,
             bos_token_id=None, eos_token_id=None, architectures=["LlamaForCausalLM"])
     if args.num_kv_heads != args.num_heads:
@@ -136,78 +166,104 @@ _GPT2_NORMS = {"attn_norm": "ln_1", "mlp_norm": "ln_2"}
 _GPT2_CONV = {"attn.o_proj": "attn.c_proj", "mlp.fc_in": "mlp.c_fc", "mlp.fc_out": "mlp.c_proj"}
 
 
+Get = Callable[[str], torch.Tensor]
+Sources = Dict[str, Callable[[Get], torch.Tensor]]
+
+
+def hf_sources(args: ModelArgs, with_tied_head: bool = True) -> Sources:
+    """For every HF tensor name, how to compute it from megalite tensors fetched by name: the
+    lazy form of ``hf_state_dict``, so an export holds one tensor at a time. GPT-2's Conv1D
+    stores weights [in, out], so projections are transposed, and q/k/v are fused into
+    ``c_attn`` along the output dim. ``lm_head.weight`` is listed when untied or
+    ``with_tied_head`` (HF state dicts list it even when tied; its files do not)."""
+    out: Sources = {}
+    copy = lambda name: lambda get: get(name)  # noqa: E731
+    if args.is_llama:
+        out["model.embed_tokens.weight"] = copy("embed.tok.weight")
+        for i in range(args.num_layers):
+            for ours, theirs in _LLAMA_LAYER.items():
+                out[f"model.layers.{i}.{theirs}"] = copy(f"layers.{i}.{ours}")
+        out["model.norm.weight"] = copy("head.norm.weight")
+    else:
+        transposed = lambda name: lambda get: get(name).t().contiguous()  # noqa: E731
+        out["transformer.wte.weight"] = copy("embed.tok.weight")
+        out["transformer.wpe.weight"] = copy("embed.pos.weight")
+        for i in range(args.num_layers):
+            src, dst = f"layers.{i}.", f"transformer.h.{i}."
+            for ours, theirs in _GPT2_NORMS.items():
+                for p in ("weight", "bias"):
+                    out[f"{dst}{theirs}.{p}"] = copy(f"{src}{ours}.{p}")
+            qkv = [f"{src}attn.{n}_proj" for n in "qkv"]
+            out[f"{dst}attn.c_attn.weight"] = lambda get, qkv=qkv: torch.cat(
+                [get(f"{n}.weight") for n in qkv], dim=0).t().contiguous()
+            out[f"{dst}attn.c_attn.bias"] = lambda get, qkv=qkv: torch.cat(
+                [get(f"{n}.bias") for n in qkv], dim=0)
+            for ours, theirs in _GPT2_CONV.items():
+                out[f"{dst}{theirs}.weight"] = transposed(f"{src}{ours}.weight")
+                out[f"{dst}{theirs}.bias"] = copy(f"{src}{ours}.bias")
+        out["transformer.ln_f.weight"] = copy("head.norm.weight")
+        out["transformer.ln_f.bias"] = copy("head.norm.bias")
+    if with_tied_head or not args.tie_embeddings:
+        out["lm_head.weight"] = copy("embed.tok.weight" if args.tie_embeddings
+                                     else "head.output.weight")
+    return out
+
+
 def hf_state_dict(model_or_sd: Union[CausalLM, Mapping[str, torch.Tensor]],
                   args: Optional[ModelArgs] = None) -> StateDict:
-    """megalite tensors -> HF names and layouts. GPT-2's Conv1D stores weights [in, out], so
-    projections are transposed, and q/k/v are fused into ``c_attn`` along the output dim.
-    ``lm_head.weight`` is always emitted (HF state dicts list it even when tied)."""
+    """megalite tensors -> HF names and layouts (``hf_sources`` applied to every name)."""
     if isinstance(model_or_sd, CausalLM):
         args, sd = model_or_sd.args, model_or_sd.state_dict()
     else:
         sd = dict(model_or_sd)
         if args is None:
             raise ValueError("hf_state_dict: pass args with a bare state dict")
-    out: StateDict = {}
-    if args.is_llama:
-        out["model.embed_tokens.weight"] = sd["embed.tok.weight"]
-        for i in range(args.num_layers):
-            for ours, theirs in _LLAMA_LAYER.items():
-                out[f"model.layers.{i}.{theirs}"] = sd[f"layers.{i}.{ours}"]
-        out["model.norm.weight"] = sd["head.norm.weight"]
-    else:
-        out["transformer.wte.weight"] = sd["embed.tok.weight"]
-        out["transformer.wpe.weight"] = sd["embed.pos.weight"]
-        for i in range(args.num_layers):
-            src, dst = f"layers.{i}.", f"transformer.h.{i}."
-            for ours, theirs in _GPT2_NORMS.items():
-                for p in ("weight", "bias"):
-                    out[f"{dst}{theirs}.{p}"] = sd[f"{src}{ours}.{p}"]
-            qkv = [f"{src}attn.{n}_proj" for n in "qkv"]
-            out[f"{dst}attn.c_attn.weight"] = torch.cat(
-                [sd[f"{n}.weight"] for n in qkv], dim=0).t().contiguous()
-            out[f"{dst}attn.c_attn.bias"] = torch.cat([sd[f"{n}.bias"] for n in qkv], dim=0)
-            for ours, theirs in _GPT2_CONV.items():
-                out[f"{dst}{theirs}.weight"] = sd[f"{src}{ours}.weight"].t().contiguous()
-                out[f"{dst}{theirs}.bias"] = sd[f"{src}{ours}.bias"]
-        out["transformer.ln_f.weight"] = sd["head.norm.weight"]
-        out["transformer.ln_f.bias"] = sd["head.norm.bias"]
-    out["lm_head.weight"] = sd["embed.tok.weight" if args.tie_embeddings else "head.output.weight"]
-    return out
+    return {name: fn(sd.__getitem__) for name, fn in hf_sources(args).items()}
 
 
-def megalite_state_dict(hf_sd: Mapping[str, torch.Tensor], args: ModelArgs) -> StateDict:
-    """HF tensors -> megalite names and layouts (inverse of ``hf_state_dict``). When tied, both
-    ``embed.tok.weight`` and ``head.output.weight`` name the embedding, as ``state_dict()`` does."""
-    sd: StateDict = {}
+def megalite_sources(args: ModelArgs) -> Sources:
+    """For every megalite parameter name (``named_parameters``: a tied head is not listed), how
+    to compute it from HF tensors fetched by name: the lazy inverse of ``hf_sources``, so a rank
+    building its slices reads one full tensor at a time."""
+    sd: Sources = {}
+    copy = lambda name: lambda get: get(name)  # noqa: E731
     if args.is_llama:
-        sd["embed.tok.weight"] = hf_sd["model.embed_tokens.weight"]
+        sd["embed.tok.weight"] = copy("model.embed_tokens.weight")
         for i in range(args.num_layers):
             for ours, theirs in _LLAMA_LAYER.items():
-                sd[f"layers.{i}.{ours}"] = hf_sd[f"model.layers.{i}.{theirs}"]
-        sd["head.norm.weight"] = hf_sd["model.norm.weight"]
+                sd[f"layers.{i}.{ours}"] = copy(f"model.layers.{i}.{theirs}")
+        sd["head.norm.weight"] = copy("model.norm.weight")
     else:
-        sd["embed.tok.weight"] = hf_sd["transformer.wte.weight"]
-        sd["embed.pos.weight"] = hf_sd["transformer.wpe.weight"]
+        transposed = lambda name: lambda get: get(name).t().contiguous()  # noqa: E731
+        sd["embed.tok.weight"] = copy("transformer.wte.weight")
+        sd["embed.pos.weight"] = copy("transformer.wpe.weight")
         h, kv = args.num_heads * args.head_dim, args.num_kv_heads * args.head_dim
         for i in range(args.num_layers):
             src, dst = f"transformer.h.{i}.", f"layers.{i}."
             for ours, theirs in _GPT2_NORMS.items():
                 for p in ("weight", "bias"):
-                    sd[f"{dst}{ours}.{p}"] = hf_sd[f"{src}{theirs}.{p}"]
-            w = hf_sd[f"{src}attn.c_attn.weight"].t()  # [in, 3h] -> [3h, in]
-            b = hf_sd[f"{src}attn.c_attn.bias"]
-            for name, part_w, part_b in zip("qkv", w.split([h, kv, kv], 0), b.split([h, kv, kv])):
-                sd[f"{dst}attn.{name}_proj.weight"] = part_w.contiguous()
-                sd[f"{dst}attn.{name}_proj.bias"] = part_b.contiguous()
+                    sd[f"{dst}{ours}.{p}"] = copy(f"{src}{theirs}.{p}")
+            for j, name in enumerate("qkv"):  # c_attn.weight [in, h + 2kv] -> rows of [3h, in]
+                sd[f"{dst}attn.{name}_proj.weight"] = lambda get, j=j, src=src: get(
+                    f"{src}attn.c_attn.weight").t().split([h, kv, kv], 0)[j].contiguous()
+                sd[f"{dst}attn.{name}_proj.bias"] = lambda get, j=j, src=src: get(
+                    f"{src}attn.c_attn.bias").split([h, kv, kv])[j].contiguous()
             for ours, theirs in _GPT2_CONV.items():
-                sd[f"{dst}{ours}.weight"] = hf_sd[f"{src}{theirs}.weight"].t().contiguous()
-                sd[f"{dst}{ours}.bias"] = hf_sd[f"{src}{theirs}.bias"]
-        sd["head.norm.bias"] = hf_sd["transformer.ln_f.bias"]
-        sd["head.norm.weight"] = hf_sd["transformer.ln_f.weight"]
+                sd[f"{dst}{ours}.weight"] = transposed(f"{src}{theirs}.weight")
+                sd[f"{dst}{ours}.bias"] = copy(f"{src}{theirs}.bias")
+        sd["head.norm.bias"] = copy("transformer.ln_f.bias")
+        sd["head.norm.weight"] = copy("transformer.ln_f.weight")
+    if not args.tie_embeddings:
+        sd["head.output.weight"] = copy("lm_head.weight")
+    return sd
+
+
+def megalite_state_dict(hf_sd: Mapping[str, torch.Tensor], args: ModelArgs) -> StateDict:
+    """HF tensors -> megalite names and layouts (inverse of ``hf_state_dict``). When tied, both
+    ``embed.tok.weight`` and ``head.output.weight`` name the embedding, as ``state_dict()`` does."""
+    sd = {name: fn(hf_sd.__getitem__) for name, fn in megalite_sources(args).items()}
     if args.tie_embeddings:
         sd["head.output.weight"] = sd["embed.tok.weight"]
-    else:
-        sd["head.output.weight"] = hf_sd["lm_head.weight"]
     return sd
 
 
@@ -228,7 +284,17 @@ def from_hf(model_or_path: Union[Any, str, os.PathLike]) -> CausalLM:
 
 
 def to_hf(model: CausalLM) -> Any:
-    """The ``GPT2LMHeadModel`` / ``LlamaForCausalLM`` holding ``model``'s weights (copies)."""
+    """The ``GPT2LMHeadModel`` / ``LlamaForCausalLM`` holding ``model``'s weights (copies).
+    ``model`` must be whole: one tensor- or pipeline-parallel rank's part is refused with the
+    ways to get the merged model."""
+    layout = getattr(model, "shard_layout", None)
+    tp = getattr(layout, "tp_size", 1)
+    if not isinstance(model, CausalLM) or tp > 1 or getattr(model, "chunks", None) is not None:
+        raise ValueError(
+            f"to_hf: this model is one rank's part (tp={tp}, or a pipeline stage), not the "
+            "whole model: export its checkpoint with `megalite convert --to hf CKPT OUT` (merges "
+            "every tp/pp shard), or pass load_for_inference(CKPT)[0] from "
+            "megalite.trainer.inference")
     tf = _transformers()
     config = hf_config_from_args(model.args)
     cls = tf.LlamaForCausalLM if model.args.is_llama else tf.GPT2LMHeadModel

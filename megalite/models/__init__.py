@@ -8,7 +8,7 @@ import torch.nn as nn
 
 from megalite.config.schema import DataConfig, ModelConfig
 from megalite.models.transformer import (CausalLM, KVCache, ModelArgs, flops_per_token,
-                                         init_tensor, lm_loss, num_params)
+                                         init_tensor, lm_loss, num_params, parse_rope_scaling)
 from megalite.parallel.params import ParamTable
 
 __all__ = ["CausalLM", "KVCache", "ModelArgs", "build_model", "resolve_model_args", "lm_loss",
@@ -39,7 +39,8 @@ def resolve_model_args(cfg: ModelConfig, vocab_size: Optional[int] = None,
         init_std=cfg.init_std, kernels=cfg.kernels, eod_id=eod_id,
         reset_attention_mask=bool(data and data.reset_attention_mask),
         reset_position_ids=bool(data and data.reset_position_ids),
-        eod_mask_loss=bool(data and data.eod_mask_loss))
+        eod_mask_loss=bool(data and data.eod_mask_loss),
+        rope_scaling=parse_rope_scaling(cfg.rope_scaling) if llama else None)
 
 
 @torch.no_grad()

@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from megalite import ops
+from megalite.config.schema import parse_rope_scaling  # noqa: F401 (re-exported)
 from megalite.models.documents import DocumentContext, context_for
 
 
@@ -48,6 +49,8 @@ class ModelArgs:
     reset_attention_mask: bool = False
     reset_position_ids: bool = False
     eod_mask_loss: bool = False
+    # LLaMA-3.x long-context RoPE (``parse_rope_scaling``): None is plain RoPE
+    rope_scaling: Optional[Dict[str, Any]] = None
 
     @property
     def head_dim(self) -> int:
@@ -95,11 +98,31 @@ def make_norm(args: ModelArgs) -> nn.Module:
     return LayerNorm(args.hidden_size, args.norm_eps, fused)
 
 
-def rope_cos_sin(positions: torch.Tensor, dim: int, theta: float, dtype: torch.dtype):
+def rope_inv_freq(dim: int, theta: float, scaling: Optional[Dict[str, Any]] = None,
+                  device: Optional[torch.device] = None) -> torch.Tensor:
+    """Inverse frequencies theta^(-2i/d), i < d/2. LLaMA-3.x scaling (``rope_type`` llama3)
+    keeps wavelengths shorter than original_max / high_freq_factor, divides those longer than
+    original_max / low_freq_factor by ``factor``, and interpolates smoothly between (as HF's
+    ``_compute_llama3_parameters``; its attention scaling is 1)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, device=device).float() / dim))
+    if not scaling:
+        return inv_freq
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old_len = scaling["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < old_len / high) & ~(wavelen > old_len / low)
+    return torch.where(medium, smoothed, scaled)
+
+
+def rope_cos_sin(positions: torch.Tensor, dim: int, theta: float, dtype: torch.dtype,
+                 scaling: Optional[Dict[str, Any]] = None):
     """cos/sin tables for the given positions, computed in fp32 then cast (as HF does):
     [s, d] for positions [s]; [b, 1, s, d] (broadcast over heads) for per-sample positions
     [b, s]."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, device=positions.device).float() / dim))
+    inv_freq = rope_inv_freq(dim, theta, scaling, positions.device)
     if positions.dim() == 1:
         freqs = torch.outer(positions.float(), inv_freq)  # [s, d/2]
     else:
@@ -140,6 +163,7 @@ class Attention(nn.Module):
         d = args.head_dim
         self.num_heads, self.num_kv_heads, self.head_dim = args.num_heads, args.num_kv_heads, d
         self.rope_theta = args.rope_theta if args.is_llama else None
+        self.rope_scaling = args.rope_scaling if args.is_llama else None
         self.dropout = args.dropout
         self.fused = args.kernels == "fused"  # a document mask runs the fused masked softmax
         # Tensor parallelism with fewer kv heads than ranks replicates k/v_proj and tells each
@@ -169,7 +193,8 @@ class Attention(nn.Module):
             pos = torch.arange(start, start + s, device=x.device)
             if doc is not None and doc.positions is not None:
                 pos = doc.positions  # [b, s]: the full sequence's (SP gathered it for q, k)
-            cos, sin = rope_cos_sin(pos, self.head_dim, self.rope_theta, q.dtype)
+            cos, sin = rope_cos_sin(pos, self.head_dim, self.rope_theta, q.dtype,
+                                    self.rope_scaling)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(k, v)
