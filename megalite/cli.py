@@ -1,4 +1,4 @@
-"""``megalite`` command line: train, prepare-data, generate, eval."""
+"""``megalite`` command line: train, prepare-data, generate, eval, convert, bench, launch."""
 from __future__ import annotations
 
 import argparse
@@ -16,6 +16,7 @@ commands:
   prepare-data  tokenize files into a training dataset
   generate      sample text from a checkpoint
   eval          validation loss and perplexity of a checkpoint
+  convert       Hugging Face <-> megalite: convert --to hf CKPT OUT | convert --from hf HF_DIR CKPT
   bench         microbenchmarks: megalite bench kernels [--device cpu|cuda] (fused kernels)
   launch        start a job on several processes/nodes (local, pdsh, ssh, slurm, openmpi)
 
@@ -267,6 +268,48 @@ def generate_main(argv: List[str]) -> int:
     return 0
 
 
+def convert_main(argv: List[str]) -> int:
+    """``megalite convert --to hf CKPT OUT`` / ``--from hf HF_DIR CKPT``: one ``error:`` line
+    and exit 2 for a bad input, never a traceback."""
+    p = argparse.ArgumentParser(
+        prog="megalite convert", description="Convert between megalite checkpoints and Hugging "
+        "Face model directories. Nothing read is executed: weights are safetensors or "
+        "weights-only torch files, configs are JSON.")
+    way = p.add_mutually_exclusive_group(required=True)
+    way.add_argument("--to", choices=["hf"], help="export CKPT (a checkpoint, checkpoints or "
+                     "run directory, any tp x pp layout) to the HF directory OUT")
+    way.add_argument("--from", dest="source", choices=["hf"], help="import the HF directory "
+                     "HF_DIR into a new megalite checkpoint directory CKPT (weights only)")
+    p.add_argument("src", help="CKPT (--to hf) or HF_DIR (--from hf)")
+    p.add_argument("dst", help="OUT (--to hf) or CKPT (--from hf)")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
+                   help="--to hf: dtype of the exported weights")
+    p.add_argument("--max_shard_mb", type=float, default=2000.0,
+                   help="--to hf: largest safetensors file in MiB (one shard is in memory)")
+    a = p.parse_args(argv)
+    from megalite.interop.full_state import CheckpointReadError
+
+    try:
+        if a.to:
+            from megalite.interop.hf_files import export_hf
+
+            if a.max_shard_mb <= 0:
+                raise ValueError(f"--max_shard_mb={a.max_shard_mb}: must be positive")
+            print(f"wrote {export_hf(a.src, a.dst, a.dtype, a.max_shard_mb)}")
+        else:
+            from megalite.interop.hf_files import read_hf_dir
+            from megalite.interop.full_state import save_full_model_state
+
+            args, state, files = read_hf_dir(a.src)
+            tokenizer = files.pop("tokenizer.json", None)
+            print(f"wrote {save_full_model_state(a.dst, args, state, tokenizer, files)}")
+    except (CheckpointReadError, ValueError, ImportError, OSError) as e:
+        lines = str(e).strip().splitlines()
+        print(f"error: {lines[0] if lines else repr(e)}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def prepare_data_main(argv: List[str]) -> int:
     from megalite.data.prepare import main
 
@@ -300,6 +343,7 @@ def bench_main(argv: List[str]) -> int:
 
 
 COMMANDS = {"train": train_main, "eval": eval_main, "generate": generate_main,
+            "convert": convert_main,
             "prepare-data": prepare_data_main, "bench": bench_main, "launch": launch_main}
 
 

@@ -87,7 +87,8 @@ class Trainer:
                                  p.zero2_accumulate, p.zero3_reshard_after_forward,
                                  tied_across_stages=self.args.tie_embeddings and dims.pp > 1)
         self.model = build_model(self.args, t.seed, dims.device, dtype,
-                                 plan=model_plan(dims, p), materialize=self.engine.materialize)
+                                 plan=model_plan(dims, p), materialize=self.engine.materialize,
+                                 values=self._init_from(read_only))
         self.rank_params = sum(q.numel() for q in self.model.parameters())  # before ZeRO-3
         self.engine.attach(self.model)
         seq = cfg.data.seq_len // (dims.tp if p.sequence_parallel else 1)
@@ -123,6 +124,20 @@ class Trainer:
         self._stop_signal: Optional[int] = None
 
     # ---- start-up ---------------------------------------------------------------------------
+    def _init_from(self, read_only: bool):
+        """checkpoint.init_from's full values for build_model (None: the seeded init), unless
+        this run resumes its own checkpoint or only evaluates."""
+        c = self.cfg.checkpoint
+        ckpt_dir = c.dir or os.path.join(self.cfg.run.dir, "checkpoints")
+        if not c.init_from or read_only or (c.resume and checkpoint.latest(ckpt_dir)):
+            return None
+        from megalite.interop.init_from import initial_values
+
+        try:
+            return initial_values(c.init_from, self.args)
+        except ValueError as e:
+            raise ResumeError(str(e)) from None
+
     def describe(self) -> str:
         t, a, p = self.cfg.train, self.args, self.cfg.parallel
         mem = self.memory()

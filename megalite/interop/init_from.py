@@ -1,0 +1,60 @@
+"""``checkpoint.init_from``: a new run's initial weights from an HF directory (``hf:DIR``) or a
+megalite checkpoint, in any layout. ``build_model`` asks for each parameter's full value and
+keeps this rank's slice, so a rank holds one full tensor at a time beyond its own part; the
+optimizer starts fresh."""
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Callable, Tuple
+
+import torch
+
+from megalite.interop.full_state import FullState, load_full_model_state
+from megalite.models import ModelArgs
+
+# Fields that change the weights' shapes or meaning; kernels, dropout, init_std and the packed-
+# document flags are the run's own choice.
+SAME_MODEL_FIELDS = ("family", "num_layers", "hidden_size", "num_heads", "num_kv_heads",
+                     "ffn_hidden_size", "vocab_size", "tie_embeddings", "norm_eps", "rope_theta",
+                     "rope_scaling")
+
+
+class InitFromError(ValueError):
+    """The init_from source cannot start this run (one line, naming fields and the fix)."""
+
+
+def read_source(spec: str) -> Tuple[ModelArgs, FullState]:
+    """The model args and full tensors named by ``checkpoint.init_from``."""
+    if spec.startswith("hf:"):
+        from megalite.interop.hf_files import read_hf_dir
+
+        args, state, _ = read_hf_dir(spec[3:])
+        return args, state
+    args, state, _ = load_full_model_state(spec)
+    return args, state
+
+
+def model_differences(source: ModelArgs, here: ModelArgs) -> str:
+    """``model.f=ours (source: theirs)`` for every differing field, '' when the same model."""
+    names = SAME_MODEL_FIELDS + (("max_seq_len",) if not here.is_llama else ())
+    a, b = asdict(source), asdict(here)
+    return ", ".join(f"model.{n}={b[n]} (source: {a[n]})" for n in names if a[n] != b[n])
+
+
+def initial_values(spec: str, args: ModelArgs) -> Callable[[str, torch.Size], torch.Tensor]:
+    """``build_model``'s ``values``: parameter name -> its full fp32 value from ``spec``."""
+    try:
+        source, state = read_source(spec)
+    except ValueError as e:
+        raise InitFromError(f"checkpoint.init_from={spec}: {e}") from None
+    differ = model_differences(source, args)
+    if differ:
+        fix = ("; set the model section to the source's values"
+               + (" and data.tokenizer to the source's tokenizer.json" if "vocab_size" in differ
+                  else "") + ", or drop checkpoint.init_from")
+        raise InitFromError(f"checkpoint.init_from={spec}: another model: {differ}{fix}")
+
+    def value(name: str, shape: torch.Size) -> torch.Tensor:
+        return state[name]
+
+    return value
