@@ -107,6 +107,20 @@ def test_hf_to_tp2pp2_and_back_to_hf(tmp_path: Any, data_cache: str) -> None:
     assert want.abs().max() > 0.5
     torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
 
+    # init_from that tp2 x pp2 checkpoint in one process: step-0 loss == the merged model's
+    cfg = tiny_config(str(tmp_path / "run1"), data_cache, "--model.family=llama",
+                      "--model.num_kv_heads=2", "--model.ffn_hidden_size=96",
+                      "--model.rope_theta=500", ROPE_FLAG, "--train.steps=1",
+                      "--train.warmup_steps=0", "--train.eval_iters=1",
+                      f"--checkpoint.init_from={run}")
+    trainer, result = train(cfg, distributed=False)
+    with torch.no_grad():
+        mb = trainer.micro_batches(0)
+        logits = torch.cat([ours(b["tokens"]) for b in mb])
+    ref = torch.nn.functional.cross_entropy(
+        logits.flatten(0, 1), torch.cat([b["labels"] for b in mb]).flatten()).item()
+    assert abs(result.losses[0] - ref) < ATOL, (result.losses[0], ref)
+
     # bf16 export, then import back: the fp32 weights round-trip exactly through fp32 files
     assert cli(["convert", "--to", "hf", run, str(tmp_path / "bf16"), "--dtype", "bf16"]) == 0
     from safetensors import safe_open
