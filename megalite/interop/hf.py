@@ -142,7 +142,7 @@ def hf_config_from_args(args: ModelArgs) -> Any:
             num_attention_heads=args.num_heads, num_key_value_heads=args.num_kv_heads,
             head_dim=args.head_dim, hidden_act="silu", max_position_embeddings=args.max_seq_len,
             rms_norm_eps=args.norm_eps, initializer_range=args.init_std,
-            rope_parameters=rope_fields(args)["rope_parameters"],
+            **rope_fields(args),  # both spellings: transformers 4.x and 5.x
             attention_dropout=args.dropout, tie_word_embeddings=args.tie_embeddings,
             bos_token_id=None, eos_token_id=None, architectures=["LlamaForCausalLM"])
     if args.num_kv_heads != args.num_heads:

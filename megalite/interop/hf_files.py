@@ -63,8 +63,6 @@ def export_hf(ckpt: str, out: str, dtype: str = "fp32", max_shard_mb: float = 20
         raise ValueError(f"--dtype={dtype}: expected one of {', '.join(DTYPES)}")
     if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
         raise ValueError(f"{out} exists and is not empty: pass a new output directory")
-    from safetensors.torch import save_file
-
     args, state, tokenizer_file = load_full_model_state(ckpt)
     torch_dtype = DTYPES[dtype]
     plan = shard_plan(args, {n: state.shape(n) for n in state},
@@ -73,15 +71,33 @@ def export_hf(ckpt: str, out: str, dtype: str = "fp32", max_shard_mb: float = 20
     tmp = out.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
+    try:
+        _write_hf_dir(tmp, args, state, tokenizer_file, dtype, plan)
+    except BaseException:  # a full disk, an interrupt: no half-written directory stays
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if os.path.isdir(out):
+        os.rmdir(out)  # empty (checked above)
+    os.replace(tmp, out)
+    return out
+
+
+def _write_hf_dir(tmp: str, args: ModelArgs, state: FullState, tokenizer_file: Optional[str],
+                  dtype: str, plan: List[List[Tuple[str, int]]]) -> None:
+    from safetensors.torch import save_file
+
     kept_dir = os.path.dirname(tokenizer_file) if tokenizer_file else None
     eod = write_hf_tokenizer(tokenizer_file, tmp, args.max_seq_len, kept_dir)
     sources = hf_sources(args, with_tied_head=False)
     weight_map: Dict[str, str] = {}
     for k, shard in enumerate(plan, 1):
         file = f"model-{k:05d}-of-{len(plan):05d}.safetensors"
-        tensors = {name: sources[name](state.__getitem__).to(torch_dtype).contiguous()
+        tensors = {name: sources[name](state.__getitem__).to(DTYPES[dtype]).contiguous()
                    for name, _ in shard}
-        save_file(tensors, os.path.join(tmp, file), metadata={"format": "pt"})
+        try:
+            save_file(tensors, os.path.join(tmp, file), metadata={"format": "pt"})
+        except Exception as e:  # noqa: BLE001 - safetensors' error for a full disk is its own
+            raise OSError(f"{os.path.join(tmp, file)}: cannot write ({e})") from None
         del tensors  # the next shard starts from nothing
         weight_map.update({name: file for name, _ in shard})
     total = sum(size for shard in plan for _, size in shard)
@@ -95,10 +111,6 @@ def export_hf(ckpt: str, out: str, dtype: str = "fp32", max_shard_mb: float = 20
             generation = dict(json.load(f), **{k: v for k, v in generation.items()
                                                if v is not None})
     _write_json(os.path.join(tmp, "generation_config.json"), generation)
-    if os.path.isdir(out):
-        os.rmdir(out)  # empty (checked above)
-    os.replace(tmp, out)
-    return out
 
 
 def _write_json(path: str, value: Any) -> None:
