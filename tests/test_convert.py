@@ -231,6 +231,13 @@ def test_bad_inputs_are_one_line_and_never_run_code(tmp_path: Any, capsys: Any) 
     from megalite.interop.init_from import InitFromError, initial_values
 
     hf.save_pretrained(str(tmp_path / "hf"))
+    import shutil
+
+    damaged = tmp_path / "damaged_hf"  # a weights file cut short: named before any is used
+    shutil.copytree(tmp_path / "hf", damaged)
+    weights = damaged / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    fails(["convert", "--from", "hf", str(damaged), str(tmp_path / "c2")], str(weights))
     other = type(ours.args)(**{**ours.args.__dict__, "hidden_size": 32, "num_layers": 2})
     with pytest.raises(InitFromError, match=r"model.num_layers=2 \(source: 1\), "
                                             r"model.hidden_size=32 \(source: 16\).*drop"):

@@ -34,7 +34,8 @@ class CheckpointReadError(ValueError):
 class FullState(Mapping[str, torch.Tensor]):
     """Read-only name -> full tensor, merged from the shards on each access (not cached)."""
 
-    def __init__(self, shapes: Dict[str, Tuple[int, ...]], merge: Callable[[str], torch.Tensor]):
+    def __init__(self, shapes: Dict[str, Tuple[int, ...]],
+                 merge: Callable[..., torch.Tensor]):
         self._shapes, self._merge = shapes, merge
 
     def __getitem__(self, name: str) -> torch.Tensor:
@@ -50,6 +51,12 @@ class FullState(Mapping[str, torch.Tensor]):
 
     def shape(self, name: str) -> Tuple[int, ...]:
         return self._shapes[name]
+
+    def check(self) -> None:
+        """Raise ``CheckpointReadError`` now for what a later access would fail on (a missing
+        tensor, a wrong shape), reading shapes only: merging on meta tensors."""
+        for name in self._shapes:
+            self._merge(name, meta=True)
 
 
 def model_args_from(meta: dict, where: str) -> ModelArgs:
@@ -121,8 +128,10 @@ def load_full_model_state(ckpt_dir: str) -> Tuple[ModelArgs, FullState, Optional
                                   f"{' ...' if len(missing) > 3 else ''}; the checkpoint does "
                                   "not match its meta.json model_args")
 
-    def merge(name: str) -> torch.Tensor:
+    def merge(name: str, meta: bool = False) -> torch.Tensor:
         parts, dim = pieces[name], split_dim.get(name)
+        if meta:
+            parts = [torch.empty(x.shape, device="meta") for x in parts]
         value = parts[0] if dim is None else torch.cat(parts, dim)
         if dim is not None:  # vocabulary padding of the TP layout
             value = value.narrow(dim, 0, shapes[name][dim])
@@ -131,8 +140,10 @@ def load_full_model_state(ckpt_dir: str) -> Tuple[ModelArgs, FullState, Optional
                                       f"model_args say {shapes[name]}; the checkpoint is damaged")
         return value.float()
 
+    state = FullState(shapes, merge)
+    state.check()
     tokenizer = os.path.join(path, "tokenizer.json")
-    return args, FullState(shapes, merge), tokenizer if os.path.isfile(tokenizer) else None
+    return args, state, tokenizer if os.path.isfile(tokenizer) else None
 
 
 def save_full_model_state(ckpt_dir: str, args: ModelArgs, state: Mapping[str, torch.Tensor],

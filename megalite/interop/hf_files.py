@@ -130,12 +130,12 @@ def read_hf_dir(hf_dir: str) -> Tuple[ModelArgs, FullState, Dict[str, str]]:
     except (OSError, ValueError) as e:
         raise CheckpointReadError(f"{hf_dir}/config.json: {str(e).splitlines()[0]}") from None
     args = args_from_hf_config(config)
-    get = _safetensors_reader(hf_dir)
+    get, get_meta = _safetensors_reader(hf_dir)
     sources = megalite_sources(args)
     shapes = full_shapes(args)
 
-    def merge(name: str) -> torch.Tensor:
-        value = sources[name](get).float()
+    def merge(name: str, meta: bool = False) -> torch.Tensor:
+        value = sources[name](get_meta if meta else get).float()
         if tuple(value.shape) != shapes[name]:
             raise CheckpointReadError(f"{hf_dir}: {name} built from the safetensors has shape "
                                       f"{tuple(value.shape)}; config.json implies "
@@ -146,11 +146,14 @@ def read_hf_dir(hf_dir: str) -> Tuple[ModelArgs, FullState, Dict[str, str]]:
                                                   "special_tokens_map.json",
                                                   "generation_config.json")
              if os.path.isfile(os.path.join(hf_dir, n))}
-    return args, FullState(shapes, merge), files
+    state = FullState(shapes, merge)
+    state.check()
+    return args, state, files
 
 
 def _safetensors_reader(hf_dir: str):
-    """name -> tensor from model.safetensors or the files an index names, opened lazily."""
+    """(name -> tensor, name -> a meta tensor of its shape) from model.safetensors or the
+    files an index names, opened lazily; the second reads headers only."""
     from safetensors import safe_open
 
     index = os.path.join(hf_dir, INDEX)
@@ -167,15 +170,18 @@ def _safetensors_reader(hf_dir: str):
                "re-save it with save_pretrained(safe_serialization=True))" if found else ""))
     handles: Dict[str, Any] = {}
 
-    def get(name: str) -> torch.Tensor:
+    def read(name: str, shape_only: bool) -> torch.Tensor:
         file = "model.safetensors" if weight_map is None else weight_map.get(name)
         if file is None:
             raise CheckpointReadError(f"{index}: no tensor {name}")
-        if file not in handles:
-            handles[file] = safe_open(os.path.join(hf_dir, file), framework="pt")
         try:
+            if file not in handles:
+                handles[file] = safe_open(os.path.join(hf_dir, file), framework="pt")
+            if shape_only:
+                return torch.empty(handles[file].get_slice(name).get_shape(), device="meta")
             return handles[file].get_tensor(name)
         except Exception as e:  # noqa: BLE001 - safetensors' own error types
-            raise CheckpointReadError(f"{hf_dir}/{file}: cannot read {name} ({e})") from None
+            why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise CheckpointReadError(f"{hf_dir}/{file}: cannot read {name} ({why})") from None
 
-    return get
+    return (lambda name: read(name, False)), (lambda name: read(name, True))
