@@ -29,7 +29,7 @@ def _run(*args, env=None, timeout=180):
                           env=full_env, timeout=timeout, cwd=REPO)
 
 
-@pytest.mark.parametrize("command", ["train", "eval", "generate", "prepare-data"])
+@pytest.mark.parametrize("command", ["train", "eval", "generate", "prepare-data", "convert"])
 def test_help(command, capsys):
     try:
         code = main([command, "--help"])
