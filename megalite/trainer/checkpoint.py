@@ -1,4 +1,4 @@
-"""Atomic checkpoints: written into a temporary directory, renamed into place, then the
+"""Atomic checkpoints: written into a temporary directory, fsynced, renamed into place, then the
 ``latest`` pointer is replaced — a crash at any moment leaves the previous checkpoint intact.
 
 Layout of ``CKPT_DIR/step_00000100/``:
@@ -7,20 +7,41 @@ Layout of ``CKPT_DIR/step_00000100/``:
   without dp sharding the optimizer state.
 - ``optim_tp{t}_pp{p}_dp{d}.pt``: with ZeRO stage >= 1, every rank's own optimizer shard (AdamW
   moments of its segments, loss scaler).
-- ``meta.json``: step, resolved config, parallel layout.
+- ``meta.json``: step, resolved config, parallel layout, the run's id (``checkpoint.keep`` prunes
+  only its own run's checkpoints) and ``files``: each file's size and CRC-32, checked on load.
 - ``tokenizer.json``: the tokenizer, so generate/eval need nothing else.
+
+Loading never executes code: shards are read with ``torch.load(weights_only=True)`` (tensors,
+numbers, strings, lists and dicts only) after their size and CRC are checked against meta.json.
+Every problem with a checkpoint's files is a :class:`CheckpointError`: one line naming the file.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 import shutil
-from typing import Any, Dict, Optional
+import zlib
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
+import torch.distributed as dist
 
 from megalite.parallel import comm
 from megalite.parallel.dims import ParallelDims
+
+STEP_NAME = re.compile(r"step_\d{8}")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be read or written (a missing, truncated, corrupted or unsafe file, a
+    full disk): the CLI prints it as one ``error:`` line and exits 2. ``everyone``: every rank
+    raises it (rank 0 alone says it); otherwise the rank that found it does."""
+
+    def __init__(self, message: str, everyone: bool = True):
+        super().__init__(message)
+        self.everyone = everyone
 
 
 def step_dir(ckpt_dir: str, step: int) -> str:
@@ -35,14 +56,98 @@ def dp_shard_name(dims: ParallelDims) -> str:
     return f"optim_tp{dims.tp_rank:02d}_pp{dims.pp_rank:02d}_dp{dims.dp_rank:02d}.pt"
 
 
-def latest(ckpt_dir: str) -> Optional[str]:
-    """Path of the newest complete checkpoint, or None."""
+# ---- finding the checkpoint to resume ---------------------------------------------------------
+def step_dirs(ckpt_dir: str) -> List[str]:
+    """Names of the ``step_*`` directories in ``ckpt_dir``, oldest step first."""
+    if not os.path.isdir(ckpt_dir):
+        return []
+    return sorted(d for d in os.listdir(ckpt_dir) if STEP_NAME.fullmatch(d)
+                  and os.path.isdir(os.path.join(ckpt_dir, d)))
+
+
+def is_complete(path: str) -> bool:
+    """meta.json parses and every file it lists is there with its recorded size."""
+    try:
+        meta = read_meta(path)
+        return all(os.path.getsize(os.path.join(path, name)) == f["bytes"]
+                   for name, f in meta.get("files", {}).items())
+    except (CheckpointError, OSError, KeyError, TypeError, AttributeError):
+        return False
+
+
+def _newest_complete(ckpt_dir: str) -> Optional[str]:
+    for name in reversed(step_dirs(ckpt_dir)):
+        if is_complete(os.path.join(ckpt_dir, name)):
+            return os.path.join(ckpt_dir, name)
+    return None
+
+
+def latest(ckpt_dir: str, warn: Optional[Callable[[str], None]] = None) -> Optional[str]:
+    """Path of the checkpoint ``latest`` names; None when ``ckpt_dir`` holds no checkpoint.
+
+    A ``latest`` naming a missing directory (or no ``latest`` beside step directories) falls
+    back to the newest complete checkpoint, said through ``warn``; with none: CheckpointError —
+    never a silent fresh start."""
     pointer = os.path.join(ckpt_dir, "latest")
     if not os.path.exists(pointer):
-        return None
-    with open(pointer) as f:
-        path = os.path.join(ckpt_dir, f.read().strip())
-    return path if os.path.isdir(path) else None
+        found = _newest_complete(ckpt_dir)
+        if found and warn:
+            warn(f"warning: {ckpt_dir} has no 'latest' pointer; using the newest complete "
+                 f"checkpoint {found}")
+        return found
+    try:
+        with open(pointer) as f:
+            name = f.read().strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"cannot read {pointer} ({e}): remove it to resume from the "
+                              "newest complete checkpoint") from None
+    if not STEP_NAME.fullmatch(name):
+        raise CheckpointError(f"{pointer} holds {name[:60]!r}, not a step_NNNNNNNN name: "
+                              "remove it to resume from the newest complete checkpoint")
+    path = os.path.join(ckpt_dir, name)
+    if os.path.isdir(path):
+        return path
+    found = _newest_complete(ckpt_dir)
+    if found is None:
+        raise CheckpointError(f"{pointer} names {name}, which does not exist, and {ckpt_dir} "
+                              "holds no complete checkpoint: remove the pointer to start afresh, "
+                              "or give this run its own --run.dir")
+    if warn:
+        warn(f"warning: {pointer} names {name}, which does not exist; resuming from the newest "
+             f"complete checkpoint {found}")
+    return found
+
+
+# ---- writing ----------------------------------------------------------------------------------
+def _crc32(path: str) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            crc = zlib.crc32(block, crc)
+    return crc
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _save_file(obj: Any, path: str) -> Dict[str, int]:
+    """torch.save, fsync; the file's size and CRC-32 for the manifest."""
+    try:
+        with open(path, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+    except RuntimeError as e:  # torch's zip writer turns a failed write into "unexpected pos"
+        cause = e.__context__ or e.__cause__
+        if isinstance(cause, OSError):
+            raise cause from None
+        raise OSError(errno.EIO, f"torch.save failed: {e}") from None
+    return {"bytes": os.path.getsize(path), "crc32": _crc32(path)}
 
 
 def _write_atomic(path: str, text: str) -> None:
@@ -52,62 +157,194 @@ def _write_atomic(path: str, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    _fsync_dir(os.path.dirname(path) or ".")
+
+
+def _all_gather(obj: Any) -> List[Any]:
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [obj]
+    out: List[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _write_failure(e: OSError, where: str) -> str:
+    if e.errno == errno.ENOSPC:
+        return f"no space left on device writing {where}"
+    return f"cannot write {where} ({e.strerror or e})"
 
 
 def save(ckpt_dir: str, step: int, dims: ParallelDims, shard: Dict[str, Any],
          meta: Dict[str, Any], tokenizer_file: Optional[str] = None, keep: int = 0,
          dp_shard: Optional[Dict[str, Any]] = None) -> str:
     """Collective: every rank calls it; dp-rank-0 ranks write their model-parallel shard, and
-    every rank its ``dp_shard`` when given (ZeRO's sharded optimizer state)."""
+    every rank its ``dp_shard`` when given (ZeRO's sharded optimizer state). A failed write on
+    any rank (a full disk) removes the temporary directory on every rank's word and raises
+    CheckpointError; the previous checkpoint and ``latest`` are untouched."""
     final = step_dir(ckpt_dir, step)
     tmp = os.path.join(ckpt_dir, f".tmp_step_{step:08d}")
     if dims.rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
     comm.barrier()
-    if dims.dp_rank == 0:
-        torch.save(shard, os.path.join(tmp, shard_name(dims)))
-    if dp_shard is not None:
-        torch.save(dp_shard, os.path.join(tmp, dp_shard_name(dims)))
-    comm.barrier()
-    if dims.rank == 0:
-        meta = dict(meta, step=step, layout={"dp": dims.dp, "tp": dims.tp, "pp": dims.pp})
-        _write_atomic(os.path.join(tmp, "meta.json"), json.dumps(meta, indent=1))
-        if tokenizer_file:
-            shutil.copyfile(tokenizer_file, os.path.join(tmp, "tokenizer.json"))
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        _write_atomic(os.path.join(ckpt_dir, "latest"), os.path.basename(final))
-        _prune(ckpt_dir, keep)
-    comm.barrier()
+    files: Dict[str, Dict[str, int]] = {}
+    failure = None
+    try:
+        if dims.dp_rank == 0:
+            files[shard_name(dims)] = _save_file(shard, os.path.join(tmp, shard_name(dims)))
+        if dp_shard is not None:
+            files[dp_shard_name(dims)] = _save_file(dp_shard, os.path.join(tmp,
+                                                                          dp_shard_name(dims)))
+    except OSError as e:
+        failure = _write_failure(e, tmp)
+    gathered = _all_gather((files, failure))
+    failure = next((f for _, f in gathered if f), None)
+    if failure is None and dims.rank == 0:
+        try:
+            for rank_files, _ in gathered:
+                files.update(rank_files)
+            _finish(ckpt_dir, tmp, final, dict(meta, step=step, files=files,
+                                               layout={"dp": dims.dp, "tp": dims.tp,
+                                                       "pp": dims.pp}), tokenizer_file, keep)
+        except OSError as e:
+            failure = _write_failure(e, tmp)
+    failure = _all_gather(failure)[0]  # rank 0's word on the last phase
+    if failure:
+        if dims.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        comm.barrier()
+        previous = latest(ckpt_dir)
+        raise CheckpointError(f"checkpoint at step {step}: {failure}; removed the temporary "
+                              f"directory, the previous checkpoint ({previous or 'none'}) is "
+                              "intact: free space or point --checkpoint.dir at another disk")
     return final
 
 
-def _prune(ckpt_dir: str, keep: int) -> None:
-    if keep <= 0:
+def _finish(ckpt_dir: str, tmp: str, final: str, meta: Dict[str, Any],
+            tokenizer_file: Optional[str], keep: int) -> None:
+    """Rank 0: meta.json, the tokenizer, fsync, rename into place, then ``latest``, then prune."""
+    if tokenizer_file:
+        shutil.copyfile(tokenizer_file, os.path.join(tmp, "tokenizer.json"))
+        with open(os.path.join(tmp, "tokenizer.json"), "rb+") as f:
+            os.fsync(f.fileno())
+    _write_atomic(os.path.join(tmp, "meta.json"), json.dumps(meta, indent=1))
+    _fsync_dir(tmp)
+    shutil.rmtree(final, ignore_errors=True)  # the same step saved again (a rewound resume)
+    os.replace(tmp, final)
+    _fsync_dir(ckpt_dir)
+    _write_atomic(os.path.join(ckpt_dir, "latest"), os.path.basename(final))
+    _prune(ckpt_dir, keep, meta.get("run_id"), final)
+
+
+def _prune(ckpt_dir: str, keep: int, run_id: Optional[str], protect: str) -> None:
+    """Keep the ``keep`` newest checkpoints written by this run (``run_id``); checkpoints of
+    other runs (and those saved before run ids existed) are never removed."""
+    if keep <= 0 or run_id is None:
         return
-    steps = sorted(d for d in os.listdir(ckpt_dir) if d.startswith("step_"))
-    for old in steps[:-keep]:
-        shutil.rmtree(os.path.join(ckpt_dir, old), ignore_errors=True)
+    ours = []
+    for name in step_dirs(ckpt_dir):
+        path = os.path.join(ckpt_dir, name)
+        try:
+            if read_meta(path).get("run_id") == run_id:
+                ours.append(path)
+        except CheckpointError:
+            continue
+    for path in ours[:-keep]:
+        if path != protect:
+            shutil.rmtree(path, ignore_errors=True)
 
 
+# ---- reading ----------------------------------------------------------------------------------
 def read_meta(path: str) -> Dict[str, Any]:
-    with open(os.path.join(path, "meta.json")) as f:
-        return json.load(f)
+    file = os.path.join(path, "meta.json")
+    try:
+        with open(file) as f:
+            meta = json.load(f)
+    except FileNotFoundError:
+        raise CheckpointError(f"{file} is missing: {path} is not a complete checkpoint") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{file} cannot be read ({type(e).__name__}: {e}): the checkpoint "
+                              "was cut or overwritten; resume from an earlier step_* directory "
+                              "by rewriting 'latest', or use a new --run.dir") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{file} does not hold a JSON object: not a megalite checkpoint")
+    return meta
 
 
-def load_shard(path: str, dims: ParallelDims) -> Dict[str, Any]:
+def verify_file(path: str, name: str, meta: Dict[str, Any], everyone: bool = False) -> str:
+    """The file's path once it exists and matches meta.json's recorded size and CRC-32
+    (checkpoints saved before the manifest: existence only)."""
+    file = os.path.join(path, name)
+    if not os.path.isfile(file):
+        raise CheckpointError(f"{file} is missing from the checkpoint", everyone)
+    record = meta.get("files", {}).get(name)
+    if record is None:
+        return file
+    size = os.path.getsize(file)
+    if size != record["bytes"]:
+        raise CheckpointError(f"{file} is {size} bytes, meta.json records {record['bytes']}: "
+                              "the file was truncated or overwritten; resume from an earlier "
+                              "checkpoint (rewrite 'latest') or use a new --run.dir", everyone)
+    if _crc32(file) != record["crc32"]:
+        raise CheckpointError(f"{file} fails its CRC-32 check against meta.json: the file is "
+                              "corrupted; resume from an earlier checkpoint (rewrite 'latest') "
+                              "or use a new --run.dir", everyone)
+    return file
+
+
+def load_file(path: str, name: str, meta: Dict[str, Any], everyone: bool = False) -> Any:
+    """A verified file's contents, unpickled with ``weights_only=True``: tensors, numbers,
+    strings and containers only — a pickled callable is refused, never run."""
+    file = verify_file(path, name, meta, everyone)
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure is the file's problem
+        reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{file} cannot be loaded safely ({reason}): it is not a "
+                              "checkpoint shard megalite wrote (nothing in it was run); replace "
+                              "it or use another checkpoint", everyone) from None
+
+
+def check_layout(path: str, meta: Dict[str, Any], dims: ParallelDims) -> None:
+    layout = meta.get("layout", {})
+    if (layout.get("tp"), layout.get("pp")) != (dims.tp, dims.pp):
+        raise CheckpointError(f"checkpoint {path} was saved with tp={layout.get('tp')}, "
+                              f"pp={layout.get('pp')}; this run has tp={dims.tp}, pp={dims.pp}: "
+                              "resharding is not supported yet, use the same tp and pp")
+
+
+def load_shard(path: str, dims: ParallelDims, meta: Optional[Dict[str, Any]] = None
+               ) -> Dict[str, Any]:
     """This rank's shard of a checkpoint saved with the same layout."""
-    meta = read_meta(path)
-    layout = meta["layout"]
-    if (layout["tp"], layout["pp"]) != (dims.tp, dims.pp):
-        raise ValueError(f"checkpoint {path} was saved with tp={layout['tp']}, pp={layout['pp']}; "
-                         f"this run has tp={dims.tp}, pp={dims.pp}: resharding is not supported "
-                         f"yet, resume with the same tp and pp")
-    return torch.load(os.path.join(path, shard_name(dims)), map_location="cpu", weights_only=False)
+    meta = read_meta(path) if meta is None else meta
+    check_layout(path, meta, dims)
+    return load_file(path, shard_name(dims), meta)
 
 
-def load_dp_shard(path: str, dims: ParallelDims) -> Dict[str, Any]:
+def load_dp_shard(path: str, dims: ParallelDims, meta: Optional[Dict[str, Any]] = None
+                  ) -> Dict[str, Any]:
     """This rank's own optimizer shard (ZeRO stage >= 1) of a checkpoint."""
-    return torch.load(os.path.join(path, dp_shard_name(dims)), map_location="cpu",
-                      weights_only=False)
+    meta = read_meta(path) if meta is None else meta
+    return load_file(path, dp_shard_name(dims), meta)
+
+
+def check_sizes(path: str, meta: Dict[str, Any]) -> None:
+    """Every file meta.json lists is there at its recorded size (cheap: no bytes read)."""
+    for name, record in sorted(meta.get("files", {}).items()):
+        file = os.path.join(path, name)
+        if not os.path.isfile(file):
+            raise CheckpointError(f"{file} is missing from the checkpoint")
+        if os.path.getsize(file) != record["bytes"]:
+            raise CheckpointError(f"{file} is {os.path.getsize(file)} bytes, meta.json records "
+                                  f"{record['bytes']}: the file was truncated or overwritten; "
+                                  "resume from an earlier checkpoint (rewrite 'latest') or use "
+                                  "a new --run.dir")
+
+
+def model_mismatch(saved_args: Dict[str, Any], args: Dict[str, Any]) -> List[Tuple[str, Any, Any]]:
+    """(field, saved, this run) for each model field that shapes the parameters and differs."""
+    fields = ["family", "num_layers", "hidden_size", "num_heads", "num_kv_heads",
+              "ffn_hidden_size", "vocab_size", "tie_embeddings"]
+    if args.get("family") != "llama":  # learned positions: a [max_seq_len, hidden] table
+        fields.append("max_seq_len")
+    return [(k, saved_args.get(k), args.get(k)) for k in fields if saved_args.get(k) != args.get(k)]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from typing import Dict, List, Tuple
 
 import torch
@@ -10,12 +11,16 @@ from megalite.models import CausalLM, ModelArgs, build_model
 from megalite.trainer import checkpoint
 
 
-def resolve_checkpoint(path: str) -> str:
+def _stderr(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def resolve_checkpoint(path: str, warn=_stderr) -> str:
     """A checkpoint directory, a checkpoints directory (its latest) or a run directory."""
     for candidate in (path, os.path.join(path, "checkpoints")):
         if os.path.exists(os.path.join(candidate, "meta.json")):
             return candidate
-        found = checkpoint.latest(candidate) if os.path.isdir(candidate) else None
+        found = checkpoint.latest(candidate, warn) if os.path.isdir(candidate) else None
         if found:
             return found
     raise FileNotFoundError(f"no checkpoint at {path!r} (looked for meta.json or a 'latest' "
@@ -42,8 +47,7 @@ def merge_shards(path: str, meta: dict, params: dict) -> Dict[str, torch.Tensor]
     pieces: Dict[str, List[torch.Tensor]] = {}
     for p in range(pp):
         for t in range(tp):
-            shard = torch.load(os.path.join(path, f"model_tp{t:02d}_pp{p:02d}.pt"),
-                               map_location="cpu", weights_only=False)["model"]
+            shard = checkpoint.load_file(path, f"model_tp{t:02d}_pp{p:02d}.pt", meta)["model"]
             for name, value in shard.items():
                 if len(pieces.setdefault(name, [])) < tp:  # a tied copy repeats the embedding
                     pieces[name].append(value)

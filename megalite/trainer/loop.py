@@ -6,7 +6,9 @@ from __future__ import annotations
 import math
 import os
 import signal
+import sys
 import time
+import uuid
 from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional
 
@@ -41,6 +43,18 @@ class TrainingDiverged(RuntimeError):
 class ResumeError(ValueError):
     """The checkpoint found in the run cannot continue this config (a user's mistake: the CLI
     prints it as one ``error:`` line)."""
+
+
+def resume_off_problem(ckpt_dir: str) -> Optional[str]:
+    """Why a run with checkpoint.resume=false cannot use ``ckpt_dir``, or None."""
+    found = checkpoint.step_dirs(ckpt_dir)
+    if found or os.path.exists(os.path.join(ckpt_dir, "latest")):
+        held = f"checkpoints up to {found[-1]}" if found else "a 'latest' pointer"
+        return (f"checkpoint.resume=false: {ckpt_dir} already holds {held} of another run; "
+                "this run will not write beside them (its 'latest' would hide them and "
+                "checkpoint.keep could remove them): give it its own --run.dir (or "
+                "--checkpoint.dir), or resume")
+    return None
 
 
 @dataclass
@@ -111,6 +125,9 @@ class Trainer:
                                      static=t.loss_scale > 0)
         self.ckpt_dir = cfg.checkpoint.dir or os.path.join(cfg.run.dir, "checkpoints")
         self.step = 0
+        # checkpoint.keep prunes only checkpoints carrying this id (rank 0's is the one written;
+        # a resumed run takes its checkpoint's)
+        self.run_id = uuid.uuid4().hex
         self.read_only = read_only
         self.log = MetricsLogger(cfg.run.dir, t.steps, dims.rank == 0, cfg.run.tensorboard,
                                  cfg.run.log_interval, write=not read_only)
@@ -149,16 +166,36 @@ class Trainer:
         report["total"] = sum(report.values())
         return report
 
+    def _warn(self, text: str) -> None:
+        if self.dims.rank == 0:
+            print(text, file=sys.stderr, flush=True)
+
     def maybe_resume(self) -> None:
-        path = checkpoint.latest(self.ckpt_dir) if self.cfg.checkpoint.resume else None
+        """Continue from the run's latest checkpoint (checkpoint.resume), checked before any
+        shard is read: step, model shape, layout. With resume off, a checkpoints directory that
+        already holds checkpoints is refused: this run's would sit beside them, its ``latest``
+        hide them and its pruning could remove them."""
+        if not self.cfg.checkpoint.resume:
+            problem = resume_off_problem(self.ckpt_dir)
+            if problem:
+                raise ResumeError(problem)
+            return
+        path = checkpoint.latest(self.ckpt_dir, warn=self._warn)
         if path is None:
             return
-        meta = checkpoint.read_meta(path)  # checked before any shard is read
+        meta = checkpoint.read_meta(path)
         if meta.get("step", 0) > self.cfg.train.steps:
             raise ResumeError(
                 f"checkpoint.resume: {path} is at step {meta['step']}, past train.steps="
                 f"{self.cfg.train.steps}: this run directory holds another run; give this one "
                 f"its own --run.dir, raise train.steps, or pass --checkpoint.resume=false")
+        differ = checkpoint.model_mismatch(meta.get("model_args", {}), asdict(self.args))
+        if differ:
+            raise ResumeError(
+                f"checkpoint.resume: {path} holds another model: "
+                + ", ".join(f"{k}={saved} there, {mine} here" for k, saved, mine in differ)
+                + "; resume with the checkpoint's model settings, or give this run its own "
+                "--run.dir")
         saved_layout = meta.get("layout", {})
         here = {"tp": self.dims.tp, "pp": self.dims.pp}
         if any(saved_layout.get(axis, size) != size for axis, size in here.items()):
@@ -167,19 +204,20 @@ class Trainer:
                 f"pp={saved_layout.get('pp')}, this run is tp={self.dims.tp} pp={self.dims.pp}: "
                 "resume with the same parallel.tp and parallel.pp, or give this run its own "
                 "--run.dir")
-        shard = checkpoint.load_shard(path, self.dims)
         saved = meta.get("zero")
         if saved != self.engine.layout():
             raise ResumeError(
                 f"checkpoint {path} holds optimizer state sharded as {saved}; this run shards it "
                 f"as {self.engine.layout()}: resume with the same parallel.dp (with ZeRO >= 1), "
                 f"parallel.bucket_mb and train.grad_dtype")
+        shard = checkpoint.load_shard(path, self.dims, meta)
         sharded = self.engine.shards_over_dp
-        state = checkpoint.load_dp_shard(path, self.dims) if sharded else shard
+        state = checkpoint.load_dp_shard(path, self.dims, meta) if sharded else shard
         self.opt.load(shard["model"], state["optimizer"])
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.step = shard["step"]
+        self.run_id = meta.get("run_id", self.run_id)  # the resumed run goes on
         self.log.print(f"resumed from {path} at step {self.step}")
 
     def load_weights(self, path: str) -> None:
@@ -266,9 +304,15 @@ class Trainer:
             record.update(loss_scale=scale, skipped=skipped)
         if not math.isfinite(loss):
             raise TrainingDiverged(f"loss is {loss} at step {self.step}; stopping. The last "
-                                   f"checkpoint ({checkpoint.latest(self.ckpt_dir)}) is kept.")
+                                   f"checkpoint ({self._latest_or_none()}) is kept.")
         record["stop"] = stop
         return record
+
+    def _latest_or_none(self) -> Optional[str]:
+        try:
+            return checkpoint.latest(self.ckpt_dir)
+        except checkpoint.CheckpointError:
+            return None
 
     def peak_tflops(self) -> Optional[float]:
         """Peak dense TFLOP/s of this rank's device for the MFU figure: train.peak_tflops, else
@@ -306,7 +350,8 @@ class Trainer:
             shard.update(state)
         layout = self.model.shard_layout
         meta = {"config": asdict(self.cfg), "model_args": asdict(self.args),
-                "tp_shard_dims": layout.shard_dim, "zero": self.engine.layout()}
+                "tp_shard_dims": layout.shard_dim, "zero": self.engine.layout(),
+                "run_id": self.run_id}
         return checkpoint.save(self.ckpt_dir, self.step, self.dims, shard, meta,
                                self.tokenizer_file, self.cfg.checkpoint.keep,
                                dp_shard=state if sharded else None)
@@ -331,7 +376,7 @@ class Trainer:
         result = TrainResult()
         if self.step == cfg.train.steps:
             self.log.print(f"already trained to train.steps={self.step}: nothing to train")
-            result.checkpoint = checkpoint.latest(self.ckpt_dir)  # not saved again
+            result.checkpoint = self._latest_or_none()  # not saved again
         self.log.print(self.describe())
         signals = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
         previous = {s: signal.signal(s, self._on_signal) for s in signals}
