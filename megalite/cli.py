@@ -190,7 +190,7 @@ def _resume_problem(cfg) -> Optional[str]:
     """Why the run directory's checkpoints stop this config, or None, by plain file reads
     before any rank starts: resume off beside another run's checkpoints; a missing, cut or
     truncated latest checkpoint; one past train.steps (another run's: the trainer would resume
-    it and train nothing) or at another tensor/pipeline layout."""
+    it and train nothing) or, in the per-layout format of before DCP, at another tp or pp."""
     from megalite.trainer import checkpoint
     from megalite.trainer.loop import resume_off_problem
 
@@ -213,10 +213,13 @@ def _resume_problem(cfg) -> Optional[str]:
                 f"{cfg.train.steps}: this run directory holds another run; give this one its "
                 f"own --run.dir, raise train.steps, or pass --checkpoint.resume=false")
     p = cfg.parallel
+    if checkpoint.is_sharded(meta):
+        return None  # layout-free: any dp, tp, pp, ZeRO stage
     if layout.get("tp", p.tp) != p.tp or layout.get("pp", p.pp) != p.pp:
         return (f"checkpoint.resume: {path} was saved at tp={layout.get('tp')} "
-                f"pp={layout.get('pp')}, this run is tp={p.tp} pp={p.pp}: resume with the same "
-                "parallel.tp and parallel.pp, or give this run its own --run.dir")
+                f"pp={layout.get('pp')} in the per-layout format, this run is tp={p.tp} "
+                f"pp={p.pp}: resume it once at its own layout (the next save is layout-free), "
+                "or give this run its own --run.dir")
     return None
 
 

@@ -22,7 +22,7 @@ from helpers import REPO, tiny_config
 from megalite.cli import main
 
 TINY = os.path.join(REPO, "configs", "tiny.yaml")
-SHARD = "model_tp00_pp00.pt"
+SHARD = "__0_0.distcp"  # rank 0's DCP file
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +78,10 @@ class _Exec:
         return (exec, (f"open({self.marker!r}, 'w').write('ran')",))
 
 
-def test_poisoned_shard_never_runs_code(trained, tmp_path, data_cache, capsys):
+def test_poisoned_files_never_run_code(trained, tmp_path, data_cache, capsys):
+    """Pickled code in DCP's ``.metadata`` (which DCP itself would ``pickle.load``) and in a
+    shard of the per-layout format, each with a manifest rewritten to match, under resume,
+    eval and generate: refused, never run."""
     run = _copy(trained, tmp_path)
     step = os.path.join(run, "checkpoints", "step_00000004")
     marker = str(tmp_path / "code-ran")
@@ -86,16 +89,28 @@ def test_poisoned_shard_never_runs_code(trained, tmp_path, data_cache, capsys):
     pickle.loads(payload)  # the poison works: a plain unpickling runs it
     assert os.path.exists(marker)
     os.remove(marker)
-    with open(os.path.join(step, SHARD), "wb") as f:
+    with open(os.path.join(step, ".metadata"), "wb") as f:
         f.write(payload)
-    # the manifest still describes the real shard: refused by its size before any rank starts
+    # the manifest still describes the real file: refused by its size before any rank starts
     code, _, err = _cli(capsys, "train", run, data_cache)
-    _one_error_line(code, err, f"{step}/{SHARD}", "bytes", "meta.json records")
-    # a manifest rewritten to match: the safe unpickler refuses it under resume, eval, generate
-    _rewrite_manifest(step, SHARD)
+    _one_error_line(code, err, f"{step}/.metadata", "bytes", "meta.json records")
+    _rewrite_manifest(step, ".metadata")
     for command, extra in (("train", ()), ("eval", ()), ("generate", ("--checkpoint", run))):
         code, _, err = _cli(capsys, command, run, data_cache, *extra)
-        _one_error_line(code, err, f"{step}/{SHARD}", "cannot be loaded safely")
+        _one_error_line(code, err, f"{step}/.metadata", "exec", "not DCP metadata")
+        assert not os.path.exists(marker), command
+    # a checkpoint of the per-layout format (torch.save shards, meta.json without a manifest)
+    meta = json.load(open(os.path.join(step, "meta.json")))
+    for key in ("format", "files", "items"):
+        meta.pop(key)
+    meta["zero"] = {"shards": 1, "bucket_mb": meta["config"]["parallel"]["bucket_mb"],
+                    "grad_dtype": "float32"}  # what the format-1 writer recorded
+    json.dump(meta, open(os.path.join(step, "meta.json"), "w"))
+    with open(os.path.join(step, "model_tp00_pp00.pt"), "wb") as f:
+        f.write(payload)
+    for command, extra in (("train", ()), ("eval", ()), ("generate", ("--checkpoint", run))):
+        code, _, err = _cli(capsys, command, run, data_cache, *extra)
+        _one_error_line(code, err, f"{step}/model_tp00_pp00.pt", "cannot be loaded safely")
         assert not os.path.exists(marker), command
     assert sorted(os.listdir(os.path.join(run, "checkpoints"))) == [
         "latest", "step_00000002", "step_00000004"]
@@ -195,6 +210,7 @@ def test_full_disk_keeps_previous_checkpoint(trained, tmp_path, data_cache, caps
                                              monkeypatch):
     """A disk with room for one checkpoint and a half: the save at step 2 fits, the one at 4
     does not. Where mounting is not allowed, the second save's write fails with ENOSPC."""
+    from megalite.checkpoint import sharded
     from megalite.trainer import checkpoint
 
     one = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in
@@ -202,14 +218,14 @@ def test_full_disk_keeps_previous_checkpoint(trained, tmp_path, data_cache, caps
     ckpts = str(tmp_path / "disk")
     mounted = _mount_tmpfs(ckpts, one * 3 // 2)
     if not mounted:
-        real, calls = checkpoint._save_file, []
+        real, calls = sharded.save_entries, []
 
-        def full(obj, path):
-            calls.append(path)
+        def full(directory, *args):
+            calls.append(directory)
             if len(calls) > 1:
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-            return real(obj, path)
-        monkeypatch.setattr(checkpoint, "_save_file", full)
+            return real(directory, *args)
+        monkeypatch.setattr(sharded, "save_entries", full)
     try:
         run = str(tmp_path / "run")
         code, _, err = _cli(capsys, "train", run, data_cache, "--train.steps=4",
@@ -219,7 +235,9 @@ def test_full_disk_keeps_previous_checkpoint(trained, tmp_path, data_cache, caps
         assert open(os.path.join(ckpts, "latest")).read() == "step_00000002"
         path = os.path.join(ckpts, "step_00000002")
         meta = checkpoint.read_meta(path)
-        assert checkpoint.load_file(path, SHARD, meta)["step"] == 2  # complete, CRC-verified
+        assert meta["step"] == 2 and checkpoint.is_complete(path)
+        for name in meta["files"]:
+            checkpoint.verify_file(path, name, meta)  # every byte as written
     finally:
         if mounted:
             subprocess.run(["umount", ckpts], check=True)

@@ -1,19 +1,26 @@
-"""Atomic checkpoints: written into a temporary directory, fsynced, renamed into place, then the
-``latest`` pointer is replaced — a crash at any moment leaves the previous checkpoint intact.
+"""Atomic, layout-free checkpoints: written into a temporary directory, fsynced, renamed into
+place, then the ``latest`` pointer is replaced — a crash at any moment leaves the previous
+checkpoint intact.
 
-Layout of ``CKPT_DIR/step_00000100/``:
-- ``model_tp{t}_pp{p}.pt``: per model-parallel rank (written by data-parallel rank 0): the fp32
-  master weights (as a model state dict, gathered over dp when ZeRO shards them), the step, and
-  without dp sharding the optimizer state.
-- ``optim_tp{t}_pp{p}_dp{d}.pt``: with ZeRO stage >= 1, every rank's own optimizer shard (AdamW
-  moments of its segments, loss scaler).
-- ``meta.json``: step, resolved config, parallel layout, the run's id (``checkpoint.keep`` prunes
-  only its own run's checkpoints) and ``files``: each file's size and CRC-32, checked on load.
+Layout of ``CKPT_DIR/step_00000100/`` (format 2):
+- ``.metadata``, ``__{rank}_0.distcp``: a ``torch.distributed.checkpoint`` of the fp32 master
+  weights and AdamW moments (keys ``master/NAME``, ``exp_avg/NAME``, ``exp_avg_sq/NAME``, NAME
+  the single-process model's parameter name, global shapes without vocabulary padding). Each
+  rank writes the boxes it owns (``zero/state.py``), replicated ones once; each rank reads back
+  the boxes its own layout needs, whatever layout wrote them (``megalite/checkpoint``).
+- ``meta.json``: the manifest — step, optimizer step, consumed samples, loss scaler, resolved
+  config and model, layout, the run's id (``checkpoint.keep`` prunes only its own run's
+  checkpoints), ``files`` (size and CRC-32 of each file) and ``items`` (CRC-32 of each stored
+  tensor item, checked as it is read). No pickled item exists in the DCP state.
 - ``tokenizer.json``: the tokenizer, so generate/eval need nothing else.
 
-Loading never executes code: shards are read with ``torch.load(weights_only=True)`` (tensors,
-numbers, strings, lists and dicts only) after their size and CRC are checked against meta.json.
-Every problem with a checkpoint's files is a :class:`CheckpointError`: one line naming the file.
+Format 1 (before DCP: ``model_tp{t}_pp{p}.pt`` / ``optim_tp{t}_pp{p}_dp{d}.pt`` torch.save
+shards) still loads at its own tp, pp and ZeRO sharding; its next save is format 2.
+
+Loading never executes code: ``.metadata`` through an unpickler admitting only DCP's metadata
+classes, tensors and format-1 shards with ``torch.load(weights_only=True)``, each after its size
+and CRC are checked against meta.json. Every problem with a checkpoint's files is a
+:class:`CheckpointError`: one line naming the file.
 """
 from __future__ import annotations
 
@@ -32,6 +39,7 @@ from megalite.parallel import comm
 from megalite.parallel.dims import ParallelDims
 
 STEP_NAME = re.compile(r"step_\d{8}")
+FORMAT = 2  # 1: per-layout torch.save shards (still loaded at the same tp and pp); 2: DCP
 
 
 class CheckpointError(ValueError):
@@ -135,21 +143,6 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def _save_file(obj: Any, path: str) -> Dict[str, int]:
-    """torch.save, fsync; the file's size and CRC-32 for the manifest."""
-    try:
-        with open(path, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-    except RuntimeError as e:  # torch's zip writer turns a failed write into "unexpected pos"
-        cause = e.__context__ or e.__cause__
-        if isinstance(cause, OSError):
-            raise cause from None
-        raise OSError(errno.EIO, f"torch.save failed: {e}") from None
-    return {"bytes": os.path.getsize(path), "crc32": _crc32(path)}
-
-
 def _write_atomic(path: str, text: str) -> None:
     tmp = f"{path}.tmp.{os.getpid()}"
     with open(tmp, "w") as f:
@@ -174,13 +167,15 @@ def _write_failure(e: OSError, where: str) -> str:
     return f"cannot write {where} ({e.strerror or e})"
 
 
-def save(ckpt_dir: str, step: int, dims: ParallelDims, shard: Dict[str, Any],
-         meta: Dict[str, Any], tokenizer_file: Optional[str] = None, keep: int = 0,
-         dp_shard: Optional[Dict[str, Any]] = None) -> str:
-    """Collective: every rank calls it; dp-rank-0 ranks write their model-parallel shard, and
-    every rank its ``dp_shard`` when given (ZeRO's sharded optimizer state). A failed write on
-    any rank (a full disk) removes the temporary directory on every rank's word and raises
-    CheckpointError; the previous checkpoint and ``latest`` are untouched."""
+def save(ckpt_dir: str, step: int, dims: ParallelDims, entries: Dict[str, Any],
+         meta: Dict[str, Any], tokenizer_file: Optional[str] = None, keep: int = 0) -> str:
+    """Collective: every rank writes the boxes it owns of ``entries`` ({key: ShardEntry}) with
+    torch.distributed.checkpoint; rank 0 adds meta.json (``meta`` plus the step, the layout and
+    each file's and item's CRC), the tokenizer, renames the directory into place and points
+    ``latest`` at it. A failed write on any rank (a full disk) removes the temporary directory
+    on every rank's word and raises CheckpointError; the previous checkpoint is untouched."""
+    from megalite.checkpoint.sharded import save_entries
+
     final = step_dir(ckpt_dir, step)
     tmp = os.path.join(ckpt_dir, f".tmp_step_{step:08d}")
     if dims.rank == 0:
@@ -188,24 +183,28 @@ def save(ckpt_dir: str, step: int, dims: ParallelDims, shard: Dict[str, Any],
         os.makedirs(tmp)
     comm.barrier()
     files: Dict[str, Dict[str, int]] = {}
+    items: Dict[str, int] = {}
     failure = None
     try:
-        if dims.dp_rank == 0:
-            files[shard_name(dims)] = _save_file(shard, os.path.join(tmp, shard_name(dims)))
-        if dp_shard is not None:
-            files[dp_shard_name(dims)] = _save_file(dp_shard, os.path.join(tmp,
-                                                                          dp_shard_name(dims)))
+        files, items = save_entries(tmp, entries, dims.world_group, dims.rank)
     except OSError as e:
         failure = _write_failure(e, tmp)
-    gathered = _all_gather((files, failure))
-    failure = next((f for _, f in gathered if f), None)
+    except BaseException as e:  # DCP wraps every rank's failure in a CheckpointException
+        cause = _os_error(_dcp_failure(e))
+        if cause is None:
+            raise
+        failure = _write_failure(cause, tmp)
+    gathered = _all_gather((files, items, failure))
+    failure = next((f for _, _, f in gathered if f), None)
     if failure is None and dims.rank == 0:
         try:
-            for rank_files, _ in gathered:
+            for rank_files, rank_items, _ in gathered:
                 files.update(rank_files)
-            _finish(ckpt_dir, tmp, final, dict(meta, step=step, files=files,
-                                               layout={"dp": dims.dp, "tp": dims.tp,
-                                                       "pp": dims.pp}), tokenizer_file, keep)
+                items.update(rank_items)
+            layout = dict(meta.pop("layout", {}), dp=dims.dp, tp=dims.tp, pp=dims.pp)
+            _finish(ckpt_dir, tmp, final, dict(meta, format=FORMAT, step=step, layout=layout,
+                                               files=files, items=items),
+                    tokenizer_file, keep)
         except OSError as e:
             failure = _write_failure(e, tmp)
     failure = _all_gather(failure)[0]  # rank 0's word on the last phase
@@ -218,6 +217,28 @@ def save(ckpt_dir: str, step: int, dims: ParallelDims, shard: Dict[str, Any],
                               f"directory, the previous checkpoint ({previous or 'none'}) is "
                               "intact: free space or point --checkpoint.dir at another disk")
     return final
+
+
+def _os_error(e: Optional[BaseException]) -> Optional[OSError]:
+    """The OSError behind ``e`` (torch's zip writer turns a failed write into a RuntimeError,
+    "unexpected pos", raised while the OSError is handled), or None."""
+    for _ in range(8):
+        if e is None or isinstance(e, OSError):
+            return e
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def _dcp_failure(e: BaseException) -> Optional[BaseException]:
+    """The first rank's original exception inside DCP's CheckpointException, else None."""
+    failures = getattr(e, "failures", None)
+    if not isinstance(failures, dict):
+        return None
+    for value in failures.values():
+        exc = value[0] if isinstance(value, tuple) else value
+        if isinstance(exc, BaseException):
+            return exc
+    return None
 
 
 def _finish(ckpt_dir: str, tmp: str, final: str, meta: Dict[str, Any],
@@ -308,14 +329,15 @@ def load_file(path: str, name: str, meta: Dict[str, Any], everyone: bool = False
 def check_layout(path: str, meta: Dict[str, Any], dims: ParallelDims) -> None:
     layout = meta.get("layout", {})
     if (layout.get("tp"), layout.get("pp")) != (dims.tp, dims.pp):
-        raise CheckpointError(f"checkpoint {path} was saved with tp={layout.get('tp')}, "
-                              f"pp={layout.get('pp')}; this run has tp={dims.tp}, pp={dims.pp}: "
-                              "resharding is not supported yet, use the same tp and pp")
+        raise CheckpointError(f"checkpoint {path} (the per-layout format of megalite before "
+                              f"DCP) was saved with tp={layout.get('tp')}, pp={layout.get('pp')}; "
+                              f"this run has tp={dims.tp}, pp={dims.pp}: resume it once at its "
+                              "own tp and pp (the next save is layout-free), then change layout")
 
 
 def load_shard(path: str, dims: ParallelDims, meta: Optional[Dict[str, Any]] = None
                ) -> Dict[str, Any]:
-    """This rank's shard of a checkpoint saved with the same layout."""
+    """This rank's shard of a format-1 checkpoint saved with the same layout."""
     meta = read_meta(path) if meta is None else meta
     check_layout(path, meta, dims)
     return load_file(path, shard_name(dims), meta)
@@ -323,9 +345,53 @@ def load_shard(path: str, dims: ParallelDims, meta: Optional[Dict[str, Any]] = N
 
 def load_dp_shard(path: str, dims: ParallelDims, meta: Optional[Dict[str, Any]] = None
                   ) -> Dict[str, Any]:
-    """This rank's own optimizer shard (ZeRO stage >= 1) of a checkpoint."""
+    """This rank's own optimizer shard (ZeRO stage >= 1) of a format-1 checkpoint."""
     meta = read_meta(path) if meta is None else meta
     return load_file(path, dp_shard_name(dims), meta)
+
+
+# ---- the layout-free format (2) -----------------------------------------------------------------
+KINDS = ("master", "exp_avg", "exp_avg_sq")
+TIED_SOURCE = "embed.tok.weight"  # what a last stage's tied copy is a copy of (models._full_name)
+
+
+def state_entries(table, opt_state: Dict[str, Any], kinds=KINDS) -> Dict[str, Any]:
+    """{"kind/name": ShardEntry} of ``ShardedAdamW.state_dict()``: the fp32 masters (the
+    parameters are their cast) and AdamW moments, keyed by the single-process model's names (a
+    tied copy by the embedding it copies)."""
+    out = {}
+    for kind in kinds:
+        for name, entry in opt_state[kind].items():
+            key = TIED_SOURCE if table.info(name).tied_copy else name
+            out[f"{kind}/{key}"] = entry
+    return out
+
+
+def is_sharded(meta: Dict[str, Any]) -> bool:
+    return meta.get("format", 1) >= 2
+
+
+def load_sharded(path: str, meta: Dict[str, Any], entries: Dict[str, Any], group=None) -> int:
+    """Fill ``entries`` (this rank's boxes, any layout) from a format-2 checkpoint; collective
+    over ``group``. Every file's size and each item read's CRC are checked first; the bytes
+    read are returned."""
+    from megalite.checkpoint.planners import StateMismatch
+    from megalite.checkpoint.sharded import load_entries
+    from megalite.checkpoint.storage import UnsafeCheckpoint
+
+    check_sizes(path, meta)
+    verify_file(path, ".metadata", meta, everyone=True)
+    try:
+        return load_entries(path, entries, meta.get("items"), group)
+    except BaseException as e:  # DCP wraps each rank's failure in a CheckpointException
+        cause = e if isinstance(e, (UnsafeCheckpoint, StateMismatch)) else _dcp_failure(e)
+        if isinstance(cause, StateMismatch):
+            raise CheckpointError(f"checkpoint {path}: {cause}: it holds another model; use "
+                                  "its model settings") from None
+        if isinstance(cause, (UnsafeCheckpoint, OSError)):
+            raise CheckpointError(f"{cause}; nothing in it was run: replace the file or use "
+                                  "another checkpoint") from None  # DCP tells every rank
+        raise
 
 
 def check_sizes(path: str, meta: Dict[str, Any]) -> None:

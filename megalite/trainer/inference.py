@@ -35,8 +35,26 @@ def load_for_inference(path: str, device: str = "cpu") -> Tuple[CausalLM, object
     meta = checkpoint.read_meta(path)
     args = ModelArgs(**meta["model_args"])
     model = build_model(args, seed=0, device=device)
-    load_params(model, merge_shards(path, meta, dict(model.named_parameters())))
+    if checkpoint.is_sharded(meta):
+        load_whole(path, meta, model)
+    else:
+        load_params(model, merge_shards(path, meta, dict(model.named_parameters())))
     return model.eval(), load_tokenizer(os.path.join(path, "tokenizer.json"))
+
+
+@torch.no_grad()
+def load_whole(path: str, meta: dict, model: CausalLM) -> None:
+    """Every parameter whole, from the fp32 masters of a checkpoint of any layout."""
+    from megalite.zero.state import ShardEntry
+
+    entries = {}
+    for name, p in model.named_parameters():
+        full = p.data if p.dtype == torch.float32 else torch.empty(p.shape)
+        entries[f"master/{name}"] = ShardEntry(tuple(p.shape), [((0,) * p.dim(), tuple(p.shape))],
+                                               [full])
+    checkpoint.load_sharded(path, meta, entries)
+    for name, p in model.named_parameters():
+        p.copy_(entries[f"master/{name}"].tensors[0])
 
 
 def merge_shards(path: str, meta: dict, params: dict) -> Dict[str, torch.Tensor]:

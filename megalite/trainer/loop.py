@@ -128,6 +128,7 @@ class Trainer:
         # checkpoint.keep prunes only checkpoints carrying this id (rank 0's is the one written;
         # a resumed run takes its checkpoint's)
         self.run_id = uuid.uuid4().hex
+        self.bytes_read = 0  # of the checkpoint resumed from, by this rank
         self.read_only = read_only
         self.log = MetricsLogger(cfg.run.dir, t.steps, dims.rank == 0, cfg.run.tensorboard,
                                  cfg.run.log_interval, write=not read_only)
@@ -196,14 +197,42 @@ class Trainer:
                 + ", ".join(f"{k}={saved} there, {mine} here" for k, saved, mine in differ)
                 + "; resume with the checkpoint's model settings, or give this run its own "
                 "--run.dir")
+        if not checkpoint.is_sharded(meta):
+            self._resume_format1(path, meta)
+        else:
+            self._check_batch(path, meta)
+            state = self.opt.state_dict()
+            read = checkpoint.load_sharded(path, meta, checkpoint.state_entries(
+                self.engine.table, state), self.dims.world_group)
+            self.opt.load_state_dict(dict(state, step=meta["optimizer_step"]))
+            if self.scaler is not None and meta.get("scaler"):
+                self.scaler.load_state_dict(meta["scaler"])
+            self.step = meta["step"]
+            self.bytes_read = read
+        self.run_id = meta.get("run_id", self.run_id)  # the resumed run goes on
+        self.log.print(f"resumed from {path} at step {self.step}")
+
+    def _check_batch(self, path: str, meta: dict) -> None:
+        # A batch is indexed by step, so the same global batch continues the data exactly.
+        # (Dropout is seeded by step and rank — step_seed — so no per-rank RNG state is saved.)
+        saved = meta.get("global_batch_size", self.gbs)
+        if saved != self.gbs:
+            raise ResumeError(
+                f"checkpoint.resume: {path} was trained with a global batch of {saved} samples, "
+                f"this run's is {self.gbs} (micro {self.mbs} x grad_accum {self.ga} x dp "
+                f"{self.dims.dp}): keep train.micro_batch_size x train.grad_accum x parallel.dp "
+                f"= {saved}, or give this run its own --run.dir")
+
+    def _resume_format1(self, path: str, meta: dict) -> None:
+        """A checkpoint of the per-layout format: only at its own tp, pp and ZeRO sharding."""
         saved_layout = meta.get("layout", {})
         here = {"tp": self.dims.tp, "pp": self.dims.pp}
         if any(saved_layout.get(axis, size) != size for axis, size in here.items()):
             raise ResumeError(
                 f"checkpoint.resume: {path} was saved at tp={saved_layout.get('tp')} "
-                f"pp={saved_layout.get('pp')}, this run is tp={self.dims.tp} pp={self.dims.pp}: "
-                "resume with the same parallel.tp and parallel.pp, or give this run its own "
-                "--run.dir")
+                f"pp={saved_layout.get('pp')} in the per-layout format, this run is "
+                f"tp={self.dims.tp} pp={self.dims.pp}: resume it once at its own layout (the "
+                "next save is layout-free), or give this run its own --run.dir")
         saved = meta.get("zero")
         if saved != self.engine.layout():
             raise ResumeError(
@@ -217,12 +246,18 @@ class Trainer:
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.step = shard["step"]
-        self.run_id = meta.get("run_id", self.run_id)  # the resumed run goes on
-        self.log.print(f"resumed from {path} at step {self.step}")
 
     def load_weights(self, path: str) -> None:
-        """Model weights only (for eval): the master values, cast to the parameter dtype."""
-        self.opt.load(checkpoint.load_shard(path, self.dims)["model"], None)
+        """Model weights only (for eval), from a checkpoint of any layout: the fp32 masters,
+        cast to the parameter dtype."""
+        meta = checkpoint.read_meta(path)
+        if not checkpoint.is_sharded(meta):
+            self.opt.load(checkpoint.load_shard(path, self.dims, meta)["model"], None)
+            return
+        state = self.opt.state_dict()
+        checkpoint.load_sharded(path, meta, checkpoint.state_entries(
+            self.engine.table, state, kinds=("master",)), self.dims.world_group)
+        self.opt.load_state_dict(state)
 
     def sample(self, prompt: str, max_new_tokens: int, seed: int = 0) -> str:
         from megalite.trainer.inference import sample_text
@@ -342,19 +377,19 @@ class Trainer:
         return (total / tokens.clamp(min=1)).item()
 
     def save_checkpoint(self) -> str:
-        shard = {"model": self.engine.full_values(self.opt.masters), "step": self.step}
-        state = {"optimizer": self.opt.adamw_state(),
-                 "scaler": self.scaler.state_dict() if self.scaler is not None else None}
-        sharded = self.engine.shards_over_dp
-        if not sharded:
-            shard.update(state)
-        layout = self.model.shard_layout
+        """Every rank writes the boxes it owns (checkpoint.save); the non-tensor state goes
+        into meta.json."""
+        state = self.opt.state_dict()
+        p = self.cfg.parallel
         meta = {"config": asdict(self.cfg), "model_args": asdict(self.args),
-                "tp_shard_dims": layout.shard_dim, "zero": self.engine.layout(),
-                "run_id": self.run_id}
-        return checkpoint.save(self.ckpt_dir, self.step, self.dims, shard, meta,
-                               self.tokenizer_file, self.cfg.checkpoint.keep,
-                               dp_shard=state if sharded else None)
+                "run_id": self.run_id, "optimizer_step": state["step"],
+                "consumed_samples": self.step * self.gbs, "global_batch_size": self.gbs,
+                "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+                "layout": {"zero_stage": p.zero_stage, "offload": p.offload_optimizer,
+                           "chunks": len(self.model.chunks)}}
+        return checkpoint.save(self.ckpt_dir, self.step, self.dims,
+                               checkpoint.state_entries(self.engine.table, state), meta,
+                               self.tokenizer_file, self.cfg.checkpoint.keep)
 
     # ---- the loop ---------------------------------------------------------------------------
     def _on_signal(self, signum, frame) -> None:
