@@ -9,6 +9,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 import pickle
@@ -74,6 +75,7 @@ class SafeReader(FileSystemReader):
     def __init__(self, path: str, crcs: Optional[Dict[str, int]] = None):
         super().__init__(path)
         self.directory, self.crcs, self.bytes_read = str(path), crcs, 0
+        self._last = None  # (file, offset), bytes of the item read last
 
     def read_metadata(self, *args, **kwargs) -> Metadata:
         path = os.path.join(self.directory, ".metadata")
@@ -92,7 +94,24 @@ class SafeReader(FileSystemReader):
         metadata.storage_meta.load_id = self.load_id
         return metadata
 
+    def read_data(self, plan, planner):
+        """DCP reads one request per (wanted box, stored item) overlap; sorted by item, each
+        stored item is read (and checked) once however many wanted boxes it feeds."""
+        def where(req):
+            info = self.storage_data[req.storage_index]
+            return info.relative_path, info.offset
+
+        self._last = None
+        try:
+            return super().read_data(dataclasses.replace(plan, items=sorted(plan.items,
+                                                                            key=where)), planner)
+        finally:
+            self._last = None
+
     def _slice_file(self, file, sinfo) -> io.IOBase:
+        key = (sinfo.relative_path, sinfo.offset)
+        if self._last is not None and self._last[0] == key:
+            return io.BytesIO(self._last[1])
         file.seek(sinfo.offset)
         data = file.read(sinfo.length)
         self.bytes_read += len(data)
@@ -105,4 +124,5 @@ class SafeReader(FileSystemReader):
             if expected is None or zlib.crc32(data) != expected:
                 raise UnsafeCheckpoint(f"{where} fails the CRC-32 check of its item at byte "
                                        f"{sinfo.offset}: the file is corrupted")
+        self._last = (key, data)
         return io.BytesIO(data)
