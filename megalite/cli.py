@@ -16,6 +16,7 @@ commands:
   prepare-data  tokenize files into a training dataset
   generate      sample text from a checkpoint
   eval          validation loss and perplexity of a checkpoint
+  checkpoint    megalite checkpoint verify DIR: check every byte of a checkpoint
   bench         microbenchmarks: megalite bench kernels [--device cpu|cuda] (fused kernels)
   launch        start a job on several processes/nodes (local, pdsh, ssh, slurm, openmpi)
 
@@ -284,6 +285,29 @@ def generate_main(argv: List[str]) -> int:
     return 0
 
 
+def checkpoint_main(argv: List[str]) -> int:
+    p = argparse.ArgumentParser(prog="megalite checkpoint",
+                                description="Check every byte of a checkpoint against the sizes "
+                                            "and CRC-32s its meta.json records; exit 2 naming "
+                                            "the first bad file.")
+    sub = p.add_subparsers(dest="action", required=True)
+    verify = sub.add_parser("verify", help="check a checkpoint's files")
+    verify.add_argument("dir", help="a checkpoint directory, a checkpoints directory (its latest) "
+                                    "or a run directory")
+    a = p.parse_args(argv)
+    from megalite.trainer import checkpoint
+    from megalite.trainer.inference import resolve_checkpoint
+
+    try:
+        path = resolve_checkpoint(a.dir)
+        files, size = checkpoint.verify_all(path)
+    except (FileNotFoundError, checkpoint.CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"ok: {path}: {files} files, {size:,} bytes match meta.json")
+    return 0
+
+
 def prepare_data_main(argv: List[str]) -> int:
     from megalite.data.prepare import main
 
@@ -317,6 +341,7 @@ def bench_main(argv: List[str]) -> int:
 
 
 COMMANDS = {"train": train_main, "eval": eval_main, "generate": generate_main,
+            "checkpoint": checkpoint_main,
             "prepare-data": prepare_data_main, "bench": bench_main, "launch": launch_main}
 
 

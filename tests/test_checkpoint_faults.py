@@ -45,7 +45,7 @@ def _copy(trained, tmp_path) -> str:
 
 def _cli(capsys, command, run, data_cache, *extra):
     argv = [command]
-    if command != "generate":
+    if command not in ("generate", "checkpoint"):
         argv += ["--config", TINY, f"--run.dir={run}", f"--data.cache_dir={data_cache}",
                  "--run.tensorboard=false", "--run.sample_tokens=0", "--parallel.backend=gloo",
                  "--train.eval_iters=1", "--train.steps=6"]
@@ -140,7 +140,15 @@ def test_damaged_checkpoint_is_one_line_naming_the_file(trained, tmp_path, data_
     _one_error_line(code, err, path, why)
     code, _, err = _cli(capsys, "eval", run, data_cache)
     _one_error_line(code, err, path, why)
+    code, _, err = _cli(capsys, "checkpoint", run, data_cache, "verify", step)
+    _one_error_line(code, err, path, why)
     assert os.listdir(step) and open(path, "rb").read() == data  # nothing removed or rewritten
+
+
+def test_verify_checks_every_byte(trained, capsys):
+    code = main(["checkpoint", "verify", trained])
+    out = capsys.readouterr().out
+    assert code == 0 and out.startswith(f"ok: {trained}/checkpoints/step_00000004: "), out
 
 
 def test_dangling_latest_resumes_newest_complete_with_a_warning(trained, tmp_path, data_cache,

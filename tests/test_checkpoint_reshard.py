@@ -7,7 +7,9 @@ resumed run starts from a copy of another layout's step-4 checkpoint. Pairs:
 - tp1 (one process) -> dp2 x tp2;
 - dp2 x pp2 -> pp1 (one process);
 and the dp2 x tp2 x pp2 checkpoint evaluated from one process (eval's loader and generate's
-whole-model loader) equals that run's own validation loss. Two spawned worlds, 8 and 4 ranks.
+whole-model loader) equals that run's own validation loss. The tp1 and dp2 x pp2 sources save
+asynchronously (checkpoint.async_save: a writer thread, on its own gloo group in the 4-rank
+world), so those pairs also resume from asynchronous saves. Two spawned worlds, 8 and 4 ranks.
 
 Tolerance: fp32 layouts differ only in the order partial sums are added (all-reduce vs
 reduce-scatter, TP partial products), a relative 1e-7 effect per step; over 4 Adam steps the
@@ -59,15 +61,18 @@ def _world4(tmp, cache):
     out["x_dp4"] = (trainer.step, result.losses, trainer.bytes_read, needed)
     trainer, result = train(_cfg(f"{tmp}/ref_tp2", cache, 2, "--parallel.tp=2"), True)
     out["ref_tp2"] = (trainer.step, result.losses)
-    _, result = train(_cfg(f"{tmp}/p", cache, 2, "--parallel.pp=2"), True)
+    trainer, result = train(_cfg(f"{tmp}/p", cache, 2, "--parallel.pp=2",
+                                 "--checkpoint.async_save=true"), True)
     out["p"] = result.losses
+    out["p_saver_group"] = trainer.saver.group is not None and trainer.saver.pending is None
     return out
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, data_cache):
     tmp = str(tmp_path_factory.mktemp("reshard"))
-    _, ref = train(_cfg(f"{tmp}/ref", data_cache, 1), distributed=False)
+    _, ref = train(_cfg(f"{tmp}/ref", data_cache, 1, "--checkpoint.async_save=true"),
+                   distributed=False)
     x_losses, x_val = run_distributed(_world8, 8, tmp, data_cache, timeout_s=600)[0]
     _resume_copy(f"{tmp}/x", f"{tmp}/x_dp4")
     _resume_copy(f"{tmp}/ref", f"{tmp}/ref_tp2")
@@ -100,6 +105,7 @@ def test_tp1_resumes_at_tp2(runs):
 
 def test_pp2_resumes_at_pp1(runs):
     p_losses = runs["world4"][0]["p"]
+    assert all(rank["p_saver_group"] for rank in runs["world4"])  # saved on its own group
     step, losses = runs["p_pp1"]
     assert step == STEPS and max_abs_diff(losses, p_losses[SAVE:]) < TOL
 

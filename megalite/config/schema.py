@@ -245,6 +245,10 @@ class CheckpointConfig:
     keep: int = 2
     """Keep this many most recent checkpoints written by this run (0 keeps all); checkpoints
     of other runs are never removed."""
+    async_save: bool = False
+    """Write checkpoints while training goes on: the save copies this rank's part to host
+    memory, a writer thread (on its own gloo group, created at start-up) writes it; the next
+    save, the end of training and a preemption wait for it."""
 
 
 @dataclass

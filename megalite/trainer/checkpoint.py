@@ -153,11 +153,11 @@ def _write_atomic(path: str, text: str) -> None:
     _fsync_dir(os.path.dirname(path) or ".")
 
 
-def _all_gather(obj: Any) -> List[Any]:
+def _all_gather(obj: Any, group=None) -> List[Any]:
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return [obj]
     out: List[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
+    dist.all_gather_object(out, obj, group=group)
     return out
 
 
@@ -168,8 +168,9 @@ def _write_failure(e: OSError, where: str) -> str:
 
 
 def save(ckpt_dir: str, step: int, dims: ParallelDims, entries: Dict[str, Any],
-         meta: Dict[str, Any], tokenizer_file: Optional[str] = None, keep: int = 0) -> str:
-    """Collective: every rank writes the boxes it owns of ``entries`` ({key: ShardEntry}) with
+         meta: Dict[str, Any], tokenizer_file: Optional[str] = None, keep: int = 0,
+         group=None) -> str:
+    """Collective over ``group`` (default: every rank's world group): every rank writes the boxes it owns of ``entries`` ({key: ShardEntry}) with
     torch.distributed.checkpoint; rank 0 adds meta.json (``meta`` plus the step, the layout and
     each file's and item's CRC), the tokenizer, renames the directory into place and points
     ``latest`` at it. A failed write on any rank (a full disk) removes the temporary directory
@@ -181,12 +182,13 @@ def save(ckpt_dir: str, step: int, dims: ParallelDims, entries: Dict[str, Any],
     if dims.rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
-    comm.barrier()
+    group = group if group is not None else dims.world_group
+    comm.barrier(group)
     files: Dict[str, Dict[str, int]] = {}
     items: Dict[str, int] = {}
     failure = None
     try:
-        files, items = save_entries(tmp, entries, dims.world_group, dims.rank)
+        files, items = save_entries(tmp, entries, group, dims.rank)
     except OSError as e:
         failure = _write_failure(e, tmp)
     except BaseException as e:  # DCP wraps every rank's failure in a CheckpointException
@@ -194,7 +196,7 @@ def save(ckpt_dir: str, step: int, dims: ParallelDims, entries: Dict[str, Any],
         if cause is None:
             raise
         failure = _write_failure(cause, tmp)
-    gathered = _all_gather((files, items, failure))
+    gathered = _all_gather((files, items, failure), group)
     failure = next((f for _, _, f in gathered if f), None)
     if failure is None and dims.rank == 0:
         try:
@@ -207,11 +209,11 @@ def save(ckpt_dir: str, step: int, dims: ParallelDims, entries: Dict[str, Any],
                     tokenizer_file, keep)
         except OSError as e:
             failure = _write_failure(e, tmp)
-    failure = _all_gather(failure)[0]  # rank 0's word on the last phase
+    failure = _all_gather(failure, group)[0]  # rank 0's word on the last phase
     if failure:
         if dims.rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
-        comm.barrier()
+        comm.barrier(group)
         previous = latest(ckpt_dir)
         raise CheckpointError(f"checkpoint at step {step}: {failure}; removed the temporary "
                               f"directory, the previous checkpoint ({previous or 'none'}) is "
@@ -405,6 +407,26 @@ def check_sizes(path: str, meta: Dict[str, Any]) -> None:
                                   f"{record['bytes']}: the file was truncated or overwritten; "
                                   "resume from an earlier checkpoint (rewrite 'latest') or use "
                                   "a new --run.dir")
+
+
+def verify_all(path: str) -> Tuple[int, int]:
+    """Every file of a checkpoint against meta.json (size and CRC-32: every byte) and DCP's
+    ``.metadata`` through the safe unpickler; (files, bytes) checked."""
+    meta = read_meta(path)
+    files = meta.get("files")
+    if not files:
+        raise CheckpointError(f"{path}/meta.json records no checksums (a checkpoint saved "
+                              "before megalite recorded them): nothing to verify against")
+    for name in sorted(files):
+        verify_file(path, name, meta, everyone=True)
+    if is_sharded(meta):
+        from megalite.checkpoint.storage import SafeReader, UnsafeCheckpoint
+
+        try:
+            SafeReader(path).read_metadata()
+        except UnsafeCheckpoint as e:
+            raise CheckpointError(str(e)) from None
+    return len(files), sum(f["bytes"] for f in files.values())
 
 
 def model_mismatch(saved_args: Dict[str, Any], args: Dict[str, Any]) -> List[Tuple[str, Any, Any]]:

@@ -15,6 +15,7 @@ from typing import Dict, List, Optional
 import torch
 
 from megalite.config import save_yaml
+from megalite.checkpoint.async_save import AsyncSaver, staged
 from megalite.config.schema import Config
 from megalite.data import build_datasets, ensure_dataset, micro_batch, tokenizer_file
 from megalite.hardware import device_peak_tflops
@@ -129,6 +130,7 @@ class Trainer:
         # a resumed run takes its checkpoint's)
         self.run_id = uuid.uuid4().hex
         self.bytes_read = 0  # of the checkpoint resumed from, by this rank
+        self.saver = AsyncSaver(dims.world_size) if cfg.checkpoint.async_save else None
         self.read_only = read_only
         self.log = MetricsLogger(cfg.run.dir, t.steps, dims.rank == 0, cfg.run.tensorboard,
                                  cfg.run.log_interval, write=not read_only)
@@ -338,6 +340,7 @@ class Trainer:
         if self.scaler is not None:
             record.update(loss_scale=scale, skipped=skipped)
         if not math.isfinite(loss):
+            self.wait_for_save()
             raise TrainingDiverged(f"loss is {loss} at step {self.step}; stopping. The last "
                                    f"checkpoint ({self._latest_or_none()}) is kept.")
         record["stop"] = stop
@@ -387,9 +390,19 @@ class Trainer:
                 "scaler": self.scaler.state_dict() if self.scaler is not None else None,
                 "layout": {"zero_stage": p.zero_stage, "offload": p.offload_optimizer,
                            "chunks": len(self.model.chunks)}}
-        return checkpoint.save(self.ckpt_dir, self.step, self.dims,
-                               checkpoint.state_entries(self.engine.table, state), meta,
-                               self.tokenizer_file, self.cfg.checkpoint.keep)
+        entries = checkpoint.state_entries(self.engine.table, state)
+        args = (self.ckpt_dir, self.step, self.dims)
+        if self.saver is None:
+            return checkpoint.save(*args, entries, meta, self.tokenizer_file,
+                                   self.cfg.checkpoint.keep)
+        self.saver.submit(checkpoint.save, *args, staged(entries), meta, self.tokenizer_file,
+                          self.cfg.checkpoint.keep, group=self.saver.group)
+        return checkpoint.step_dir(self.ckpt_dir, self.step)
+
+    def wait_for_save(self) -> None:
+        """The in-flight asynchronous save is complete (its error raised here)."""
+        if self.saver is not None:
+            self.saver.wait()
 
     # ---- the loop ---------------------------------------------------------------------------
     def _on_signal(self, signum, frame) -> None:
@@ -431,6 +444,7 @@ class Trainer:
                 self.log.log(record)
                 if record["stop"]:
                     result.checkpoint = self.save_checkpoint()
+                    self.wait_for_save()
                     result.preempted = True
                     self.log.print(f"signal received: saved {result.checkpoint} at step "
                                    f"{self.step}; exiting")
@@ -448,6 +462,7 @@ class Trainer:
                                f"(perplexity {math.exp(min(result.val_loss, 50)):.2f})")
             if result.checkpoint is None or not result.checkpoint.endswith(f"{self.step:08d}"):
                 result.checkpoint = self.save_checkpoint()
+            self.wait_for_save()
             self.log.print(f"checkpoint: {result.checkpoint}")
         result.step = self.step
         self.log.close()
