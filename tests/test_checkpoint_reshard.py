@@ -5,7 +5,7 @@ Every run trains the same 8 steps of the same global batch (8 samples) and saves
 resumed run starts from a copy of another layout's step-4 checkpoint. Pairs:
 - dp2 x tp2 x pp2 ZeRO-3 (8 ranks) -> dp4 ZeRO-1 (4 ranks);
 - tp1 (one process) -> dp2 x tp2;
-- dp2 x pp2 -> pp1 (one process);
+- dp2 x pp2 ZeRO-3 with the optimizer offloaded -> pp1 ZeRO-0 (one process);
 and the dp2 x tp2 x pp2 checkpoint evaluated from one process (eval's loader and generate's
 whole-model loader) equals that run's own validation loss. The tp1 and dp2 x pp2 sources save
 asynchronously (checkpoint.async_save: a writer thread, on its own gloo group in the 4-rank
@@ -62,6 +62,7 @@ def _world4(tmp, cache):
     trainer, result = train(_cfg(f"{tmp}/ref_tp2", cache, 2, "--parallel.tp=2"), True)
     out["ref_tp2"] = (trainer.step, result.losses)
     trainer, result = train(_cfg(f"{tmp}/p", cache, 2, "--parallel.pp=2",
+                                 "--parallel.zero_stage=3", "--parallel.offload_optimizer=true",
                                  "--checkpoint.async_save=true"), True)
     out["p"] = result.losses
     out["p_saver_group"] = trainer.saver.group is not None and trainer.saver.pending is None
@@ -103,7 +104,7 @@ def test_tp1_resumes_at_tp2(runs):
         assert step == STEPS and max_abs_diff(losses, runs["ref"][SAVE:]) < TOL
 
 
-def test_pp2_resumes_at_pp1(runs):
+def test_pp2_zero3_offload_resumes_at_pp1_zero0(runs):
     p_losses = runs["world4"][0]["p"]
     assert all(rank["p_saver_group"] for rank in runs["world4"])  # saved on its own group
     step, losses = runs["p_pp1"]
