@@ -149,3 +149,19 @@ def _overlapping_item_bytes(trainer, path: str) -> int:
 def _distcp_bytes(path: str) -> int:
     return sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path)
                if f.endswith(".distcp"))
+
+
+def test_fp16_resume_is_exact_with_its_loss_scaler(tmp_path, data_cache):
+    """The loss scaler lives in meta.json (no pickled state): a resumed fp16 run (scale grown
+    twice by then) continues bit for bit."""
+    cfg = tiny_config(str(tmp_path / "run"), data_cache, "--train.precision=fp16",
+                      "--train.steps=6", "--checkpoint.interval=3", "--checkpoint.keep=0",
+                      "--train.eval_iters=1", "--train.initial_loss_scale=1024",
+                      "--train.loss_scale_window=1")
+    first_trainer, first = train(cfg, distributed=False)
+    with open(tmp_path / "run" / "checkpoints" / "latest", "w") as f:
+        f.write("step_00000003")
+    trainer, second = train(cfg, distributed=False)
+    assert second.losses == first.losses[3:]
+    assert trainer.scaler.state_dict() == first_trainer.scaler.state_dict()
+    assert trainer.scaler.scale > 1024  # the scale the checkpoint carried, grown on
