@@ -204,6 +204,8 @@ def _resume_problem(cfg) -> Optional[str]:
             return None
         meta = checkpoint.read_meta(path)
         checkpoint.check_sizes(path, meta)
+        if cfg.checkpoint.verify == "full" and meta.get("files"):
+            checkpoint.verify_all(path)
         step, layout = int(meta["step"]), dict(meta.get("layout", {}))
     except checkpoint.CheckpointError as e:
         return str(e)

@@ -138,6 +138,10 @@ def test_damaged_checkpoint_is_one_line_naming_the_file(trained, tmp_path, data_
     why = {"truncated": "bytes", "emptied": "bytes", "overwritten": "CRC-32",
            "cut meta.json": "cannot be read"}[damage]
     _one_error_line(code, err, path, why)
+    if damage == "overwritten":  # found by the rank reading the item, or before ranks start
+        assert "its item at byte" in err
+        code, _, err = _cli(capsys, "train", run, data_cache, "--checkpoint.verify=full")
+        _one_error_line(code, err, path, "fails its CRC-32 check against meta.json")
     code, _, err = _cli(capsys, "eval", run, data_cache)
     _one_error_line(code, err, path, why)
     code, _, err = _cli(capsys, "checkpoint", run, data_cache, "verify", step)
