@@ -3,7 +3,8 @@ process (one rank: no process world): a shard carrying pickled code under resume
 generate; truncated, emptied, overwritten shards and a cut meta.json; a dangling ``latest``;
 ``resume=false`` beside another run's checkpoints; a model-shape mismatch; a full disk (a real
 1.5-checkpoint tmpfs where mounting is allowed); ``checkpoint.keep`` sparing other runs'
-checkpoints. Each fault: one ``error:`` line naming the file, exit 2, nothing run, nothing lost.
+checkpoints; ``megalite checkpoint verify``; SIGKILL during an asynchronous write (a
+subprocess). Each fault: one ``error:`` line naming the file, exit 2, nothing run, nothing lost.
 
 One 4-step run (checkpoints at steps 2 and 4) is trained once; each test damages a copy."""
 from __future__ import annotations
@@ -14,11 +15,13 @@ import os
 import pickle
 import shutil
 import subprocess
+import sys
+import time
 import zlib
 
 import pytest
 
-from helpers import REPO, tiny_config
+from helpers import REPO, tiny_config, train
 from megalite.cli import main
 
 TINY = os.path.join(REPO, "configs", "tiny.yaml")
@@ -253,3 +256,56 @@ def test_full_disk_keeps_previous_checkpoint(trained, tmp_path, data_cache, caps
     finally:
         if mounted:
             subprocess.run(["umount", ckpts], check=True)
+
+
+_SLOW_WRITER = """
+import sys, time
+sys.path.insert(0, {tests!r})
+from helpers import tiny_config, train
+from megalite.checkpoint import sharded
+
+real = sharded.save_entries
+
+def slow(directory, *args, **kwargs):  # a slow disk: step 4's write is stuck after its data
+    out = real(directory, *args, **kwargs)
+    if directory.endswith("step_00000004"):
+        open({marker!r}, "w").close()
+        time.sleep(120)
+    return out
+
+sharded.save_entries = slow
+train(tiny_config({run!r}, {cache!r}, *{args!r}), distributed=False)
+"""
+
+
+def test_sigkill_during_async_write_keeps_latest_complete(tmp_path, data_cache):
+    """SIGKILL while an asynchronous save is being written (its data on disk, not yet renamed):
+    `latest` still names the previous, complete checkpoint, and resuming from it gives the
+    uninterrupted run's losses exactly."""
+    from megalite.trainer import checkpoint
+
+    args = ["--train.steps=6", "--checkpoint.interval=2", "--checkpoint.keep=0",
+            "--train.eval_iters=1"]
+    run, marker = str(tmp_path / "run"), str(tmp_path / "writing")
+    script = _SLOW_WRITER.format(tests=os.path.join(REPO, "tests"), marker=marker, run=run,
+                                 cache=data_cache, args=args + ["--checkpoint.async_save=true"])
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while not os.path.exists(marker) and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        assert os.path.exists(marker), proc.poll()
+    finally:
+        proc.kill()
+        proc.wait()
+    ckpts = os.path.join(run, "checkpoints")
+    assert open(os.path.join(ckpts, "latest")).read() == "step_00000002"
+    assert ".tmp_step_00000004" in os.listdir(ckpts)  # the write the kill cut short
+    checkpoint.verify_all(os.path.join(ckpts, "step_00000002"))  # every byte as written
+    _, resumed = train(tiny_config(run, data_cache, *args), distributed=False)
+    _, reference = train(tiny_config(str(tmp_path / "ref"), data_cache, *args),
+                         distributed=False)
+    assert resumed.losses == reference.losses[2:]
+    assert sorted(os.listdir(ckpts)) == ["latest", "step_00000002", "step_00000004",
+                                         "step_00000006"]
