@@ -49,9 +49,27 @@ def _resume_copy(src_run: str, dst_run: str) -> None:
 
 
 def _world8(tmp, cache):
-    _, result = train(_cfg(f"{tmp}/x", cache, 2, "--parallel.tp=2", "--parallel.pp=2",
-                           "--parallel.zero_stage=3"), distributed=True)
-    return result.losses, result.val_loss
+    trainer, result = train(_cfg(f"{tmp}/x", cache, 2, "--parallel.tp=2", "--parallel.pp=2",
+                                 "--parallel.zero_stage=3"), distributed=True)
+    return result.losses, result.val_loss, _written(trainer, f"{tmp}/x/checkpoints")
+
+
+def _written(trainer, ckpts: str):
+    """(bytes of this rank's DCP file, bytes and number of the boxes it owns, its stored
+    items) of the last checkpoint."""
+    import json
+
+    from megalite.trainer import checkpoint
+
+    rank = trainer.dims.rank
+    path = os.path.join(ckpts, f"step_{STEPS:08d}")
+    boxes = [t for e in checkpoint.state_entries(trainer.engine.table,
+                                                 trainer.opt.state_dict()).values()
+             if not e.replica for t in e.tensors]
+    items = sum(key.startswith(f"__{rank}_") for key in
+                json.load(open(os.path.join(path, "meta.json")))["items"])
+    return (os.path.getsize(os.path.join(path, f"__{rank}_0.distcp")),
+            sum(t.numel() * t.element_size() for t in boxes), len(boxes), items)
 
 
 def _world4(tmp, cache):
@@ -74,13 +92,15 @@ def runs(tmp_path_factory, data_cache):
     tmp = str(tmp_path_factory.mktemp("reshard"))
     _, ref = train(_cfg(f"{tmp}/ref", data_cache, 1, "--checkpoint.async_save=true"),
                    distributed=False)
-    x_losses, x_val = run_distributed(_world8, 8, tmp, data_cache, timeout_s=600)[0]
+    world8 = run_distributed(_world8, 8, tmp, data_cache, timeout_s=600)
+    x_losses, x_val, _ = world8[0]
     _resume_copy(f"{tmp}/x", f"{tmp}/x_dp4")
     _resume_copy(f"{tmp}/ref", f"{tmp}/ref_tp2")
     world4 = run_distributed(_world4, 4, tmp, data_cache, timeout_s=600)
     _resume_copy(f"{tmp}/p", f"{tmp}/p_pp1")
     trainer, p_pp1 = train(_cfg(f"{tmp}/p_pp1", data_cache, 1), distributed=False)
     return {"tmp": tmp, "ref": ref.losses, "x": (x_losses, x_val), "world4": world4,
+            "written": [w for _, _, w in world8],
             "p_pp1": (trainer.step, p_pp1.losses)}
 
 
@@ -96,6 +116,15 @@ def test_dp2_tp2_pp2_zero3_resumes_at_dp4_zero1(runs):
         # a rank reads each stored item that overlaps a box of its new layout once, nothing
         # else (an item is one torch.save'd tensor: DCP reads it whole)
         assert bytes_read == needed < checkpoint_bytes, (bytes_read, needed, checkpoint_bytes)
+
+
+def test_each_rank_writes_what_it_owns(runs):
+    """A rank's file holds its own boxes and nothing else (no replica, no gathered tensor):
+    its size is the boxes' bytes plus torch.save's container per stored item (~1.5 KiB of zip
+    headers; 2 KiB allowed)."""
+    for written, owned, boxes, items in runs["written"]:
+        assert items == boxes  # one stored item per owned box, none for a replica
+        assert 0 < owned <= written <= owned + 2048 * items, (written, owned, items)
 
 
 def test_tp1_resumes_at_tp2(runs):
