@@ -4,7 +4,7 @@ losses that follow equal those of continuing in the original layout.
 Every run trains the same 8 steps of the same global batch (8 samples) and saves at step 4; a
 resumed run starts from a copy of another layout's step-4 checkpoint. Pairs:
 - dp2 x tp2 x pp2 ZeRO-3 (8 ranks) -> dp4 ZeRO-1 (4 ranks);
-- tp1 (one process) -> dp2 x tp2;
+- tp1 (one process) -> dp2 x tp2 and -> tp4 (vocabulary padded differently at each tp);
 - dp2 x pp2 ZeRO-3 with the optimizer offloaded -> pp1 ZeRO-0 (one process);
 and the dp2 x tp2 x pp2 checkpoint evaluated from one process (eval's loader and generate's
 whole-model loader) equals that run's own validation loss. The tp1 and dp2 x pp2 sources save
@@ -79,6 +79,8 @@ def _world4(tmp, cache):
     out["x_dp4"] = (trainer.step, result.losses, trainer.bytes_read, needed)
     trainer, result = train(_cfg(f"{tmp}/ref_tp2", cache, 2, "--parallel.tp=2"), True)
     out["ref_tp2"] = (trainer.step, result.losses)
+    trainer, result = train(_cfg(f"{tmp}/ref_tp4", cache, 1, "--parallel.tp=4"), True)
+    out["ref_tp4"] = (trainer.step, result.losses)
     trainer, result = train(_cfg(f"{tmp}/p", cache, 2, "--parallel.pp=2",
                                  "--parallel.zero_stage=3", "--parallel.offload_optimizer=true",
                                  "--checkpoint.async_save=true"), True)
@@ -96,6 +98,7 @@ def runs(tmp_path_factory, data_cache):
     x_losses, x_val, _ = world8[0]
     _resume_copy(f"{tmp}/x", f"{tmp}/x_dp4")
     _resume_copy(f"{tmp}/ref", f"{tmp}/ref_tp2")
+    _resume_copy(f"{tmp}/ref", f"{tmp}/ref_tp4")
     world4 = run_distributed(_world4, 4, tmp, data_cache, timeout_s=600)
     _resume_copy(f"{tmp}/p", f"{tmp}/p_pp1")
     trainer, p_pp1 = train(_cfg(f"{tmp}/p_pp1", data_cache, 1), distributed=False)
@@ -127,9 +130,10 @@ def test_each_rank_writes_what_it_owns(runs):
         assert 0 < owned <= written <= owned + 2048 * items, (written, owned, items)
 
 
-def test_tp1_resumes_at_tp2(runs):
+@pytest.mark.parametrize("tp", [2, 4])
+def test_tp1_resumes_at_tp2_and_tp4(runs, tp):
     for rank in runs["world4"]:
-        step, losses = rank["ref_tp2"]
+        step, losses = rank[f"ref_tp{tp}"]
         assert step == STEPS and max_abs_diff(losses, runs["ref"][SAVE:]) < TOL
 
 
