@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import math
 import os
 import sys
@@ -17,6 +16,7 @@ commands:
   generate      sample text from a checkpoint
   eval          validation loss and perplexity of a checkpoint
   convert       Hugging Face <-> megalite: convert --to hf CKPT OUT | convert --from hf HF_DIR CKPT
+  checkpoint    megalite checkpoint verify DIR: check every byte of a checkpoint
   bench         microbenchmarks: megalite bench kernels [--device cpu|cuda] (fused kernels)
   launch        start a job on several processes/nodes (local, pdsh, ssh, slurm, openmpi)
 
@@ -102,6 +102,7 @@ def _run_ranks(command: str, argv: List[str]) -> int:
         extra = ["--checkpoint", ckpt] if ckpt else []
         return launch_local(["megalite.cli", command, *argv, *extra], cfg.world_size)
     from megalite.parallel.dims import LayoutError, ParallelDims
+    from megalite.trainer.checkpoint import CheckpointError
     from megalite.trainer.loop import ResumeError, Trainer, TrainingDiverged
 
     try:
@@ -131,6 +132,10 @@ def _run_ranks(command: str, argv: List[str]) -> int:
         return 1
     except ResumeError as e:
         if dims.rank == 0:
+            print(f"error: {e}", file=sys.stderr)
+        return 2
+    except CheckpointError as e:  # said by rank 0, or by the one rank whose file it is
+        if dims.rank == 0 or not e.everyone:
             print(f"error: {e}", file=sys.stderr)
         return 2
     finally:
@@ -183,41 +188,54 @@ def _unwritable_run_dirs(cfg) -> Optional[str]:
 
 
 def _resume_problem(cfg) -> Optional[str]:
-    """Why the run directory's latest checkpoint cannot be resumed by this config, or None:
-    it is past train.steps (another run's: the trainer would resume it and train nothing) or
-    at another tensor/pipeline layout. Plain file reads, before any rank starts."""
-    if not cfg.checkpoint.resume:
-        return None
+    """Why the run directory's checkpoints stop this config, or None, by plain file reads
+    before any rank starts: resume off beside another run's checkpoints; a missing, cut or
+    truncated latest checkpoint; one past train.steps (another run's: the trainer would resume
+    it and train nothing) or, in the per-layout format of before DCP, at another tp or pp."""
+    from megalite.trainer import checkpoint
+    from megalite.trainer.loop import resume_off_problem
+
     ckpt_dir = cfg.checkpoint.dir or os.path.join(cfg.run.dir, "checkpoints")
+    if not cfg.checkpoint.resume:
+        return resume_off_problem(ckpt_dir)
     try:
-        with open(os.path.join(ckpt_dir, "latest")) as f:
-            path = os.path.join(ckpt_dir, f.read().strip())
-        with open(os.path.join(path, "meta.json")) as f:
-            meta = json.load(f)
+        path = checkpoint.latest(ckpt_dir)  # its warning comes from the trainer's rank 0
+        if path is None:
+            return None
+        meta = checkpoint.read_meta(path)
+        checkpoint.check_sizes(path, meta)
+        if cfg.checkpoint.verify == "full" and meta.get("files"):
+            checkpoint.verify_all(path)
         step, layout = int(meta["step"]), dict(meta.get("layout", {}))
-    except (OSError, ValueError, KeyError, TypeError):
-        return None  # no checkpoint, or one the trainer will name when it reads it
+    except checkpoint.CheckpointError as e:
+        return str(e)
+    except (ValueError, KeyError, TypeError):
+        return f"{path}/meta.json lacks a valid step or layout: not a megalite checkpoint"
     if step > cfg.train.steps:
         return (f"checkpoint.resume: {path} is at step {step}, past train.steps="
                 f"{cfg.train.steps}: this run directory holds another run; give this one its "
                 f"own --run.dir, raise train.steps, or pass --checkpoint.resume=false")
     p = cfg.parallel
+    if checkpoint.is_sharded(meta):
+        return None  # layout-free: any dp, tp, pp, ZeRO stage
     if layout.get("tp", p.tp) != p.tp or layout.get("pp", p.pp) != p.pp:
         return (f"checkpoint.resume: {path} was saved at tp={layout.get('tp')} "
-                f"pp={layout.get('pp')}, this run is tp={p.tp} pp={p.pp}: resume with the same "
-                "parallel.tp and parallel.pp, or give this run its own --run.dir")
+                f"pp={layout.get('pp')} in the per-layout format, this run is tp={p.tp} "
+                f"pp={p.pp}: resume it once at its own layout (the next save is layout-free), "
+                "or give this run its own --run.dir")
     return None
 
 
 def _eval(trainer, ckpt: Optional[str]) -> int:
     from megalite.trainer import checkpoint
 
-    path = ckpt or checkpoint.latest(trainer.ckpt_dir)
+    warn = trainer._warn
+    path = ckpt or checkpoint.latest(trainer.ckpt_dir, warn)
     if path is None:
         print(f"error: no checkpoint in {trainer.ckpt_dir}: train first or pass --checkpoint",
               file=sys.stderr)
         return 2
-    path = checkpoint.latest(path) or path  # accept a checkpoints directory too
+    path = checkpoint.latest(path, warn) or path  # accept a checkpoints directory too
     trainer.load_weights(path)
     loss = trainer.evaluate()
     if loss is None:
@@ -256,11 +274,12 @@ def generate_main(argv: List[str]) -> int:
     p.add_argument("--top_p", type=float, default=0.95, help="nucleus sampling mass; 1 = off")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     a = p.parse_args(argv)
+    from megalite.trainer.checkpoint import CheckpointError
     from megalite.trainer.inference import load_for_inference, sample_text
 
     try:
         model, tokenizer = load_for_inference(a.checkpoint)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(sample_text(model, tokenizer, a.prompt, a.max_new_tokens, a.temperature, a.top_k,
@@ -310,6 +329,29 @@ def convert_main(argv: List[str]) -> int:
     return 0
 
 
+def checkpoint_main(argv: List[str]) -> int:
+    p = argparse.ArgumentParser(prog="megalite checkpoint",
+                                description="Check every byte of a checkpoint against the sizes "
+                                            "and CRC-32s its meta.json records; exit 2 naming "
+                                            "the first bad file.")
+    sub = p.add_subparsers(dest="action", required=True)
+    verify = sub.add_parser("verify", help="check a checkpoint's files")
+    verify.add_argument("dir", help="a checkpoint directory, a checkpoints directory (its latest) "
+                                    "or a run directory")
+    a = p.parse_args(argv)
+    from megalite.trainer import checkpoint
+    from megalite.trainer.inference import resolve_checkpoint
+
+    try:
+        path = resolve_checkpoint(a.dir)
+        files, size = checkpoint.verify_all(path)
+    except (FileNotFoundError, checkpoint.CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"ok: {path}: {files} files, {size:,} bytes match meta.json")
+    return 0
+
+
 def prepare_data_main(argv: List[str]) -> int:
     from megalite.data.prepare import main
 
@@ -344,6 +386,7 @@ def bench_main(argv: List[str]) -> int:
 
 COMMANDS = {"train": train_main, "eval": eval_main, "generate": generate_main,
             "convert": convert_main,
+            "checkpoint": checkpoint_main,
             "prepare-data": prepare_data_main, "bench": bench_main, "launch": launch_main}
 
 

@@ -279,9 +279,20 @@ class CheckpointConfig:
     interval: int = 0
     """Save every this many steps (0: only at the end and on SIGTERM/SIGUSR1)."""
     resume: bool = True
-    """Resume from the `latest` checkpoint in `dir` when there is one."""
+    """Resume from the `latest` checkpoint in `dir` when there is one, at any parallel layout
+    (dp, tp, pp, ZeRO stage, offload) with the same model and global batch; false refuses a
+    `dir` that already holds checkpoints (give the run its own run.dir)."""
     keep: int = 2
-    """Keep this many most recent checkpoints (0 keeps all)."""
+    """Keep this many most recent checkpoints written by this run (0 keeps all); checkpoints
+    of other runs are never removed."""
+    verify: str = "sizes"
+    """What `train` checks of the checkpoint it resumes before any rank starts: "sizes" (every
+    file's size against meta.json; each rank then checks the CRC-32 of every item it reads) or
+    "full" (every byte of every file against its CRC-32, as `megalite checkpoint verify`)."""
+    async_save: bool = False
+    """Write checkpoints while training goes on: the save copies this rank's part to host
+    memory, a writer thread (on its own gloo group, created at start-up) writes it; the next
+    save, the end of training and a preemption wait for it."""
     init_from: Optional[str] = None
     """Start a new run from these weights (fresh optimizer, step 0), in any layout:
     `hf:DIR` (a Hugging Face model directory: config.json + safetensors, read without running

@@ -360,6 +360,7 @@ def _check_rest(cfg: Config, err: _Errors) -> None:
     c, r = cfg.checkpoint, cfg.run
     err.check(c.interval >= 0, "checkpoint.interval", c.interval, "must be >= 0 (0: at end)")
     err.check(c.keep >= 0, "checkpoint.keep", c.keep, "must be >= 0 (0 keeps all)")
+    _choice(err, "checkpoint.verify", c.verify, ["sizes", "full"])
     err.check(r.log_interval > 0, "run.log_interval", r.log_interval, "must be positive")
     err.check(r.sample_tokens >= 0, "run.sample_tokens", r.sample_tokens, "must be >= 0")
 

@@ -1,26 +1,45 @@
-"""Atomic checkpoints: written into a temporary directory, renamed into place, then the
-``latest`` pointer is replaced — a crash at any moment leaves the previous checkpoint intact.
+"""Atomic, layout-free checkpoints: written into a temporary directory, fsynced, renamed into
+place, then the ``latest`` pointer is replaced — a crash at any moment leaves the previous
+checkpoint intact.
 
-Layout of ``CKPT_DIR/step_00000100/``:
-- ``model_tp{t}_pp{p}.pt``: per model-parallel rank (written by data-parallel rank 0): the fp32
-  master weights (as a model state dict, gathered over dp when ZeRO shards them), the step, and
-  without dp sharding the optimizer state.
-- ``optim_tp{t}_pp{p}_dp{d}.pt``: with ZeRO stage >= 1, every rank's own optimizer shard (AdamW
-  moments of its segments, loss scaler).
-- ``meta.json``: step, resolved config, parallel layout.
+Layout of ``CKPT_DIR/step_00000100/`` (format 2):
+- ``.metadata``, ``__{rank}_0.distcp``: a ``torch.distributed.checkpoint`` of the fp32 master
+  weights and AdamW moments (keys ``master/NAME``, ``exp_avg/NAME``, ``exp_avg_sq/NAME``, NAME
+  the single-process model's parameter name, global shapes without vocabulary padding). Each
+  rank writes the boxes it owns (``zero/state.py``), replicated ones once; each rank reads back
+  the boxes its own layout needs, whatever layout wrote them (``megalite/checkpoint``).
+- ``meta.json``: the manifest — step, optimizer step, consumed samples, loss scaler, resolved
+  config and model, layout, the run's id (``checkpoint.keep`` prunes only its own run's
+  checkpoints), ``files`` (size and CRC-32 of each file) and ``items`` (CRC-32 of each stored
+  tensor item, checked as it is read). No pickled item exists in the DCP state.
 - ``tokenizer.json``: the tokenizer, so generate/eval need nothing else.
+
+Format 1 (before DCP: ``model_tp{t}_pp{p}.pt`` / ``optim_tp{t}_pp{p}_dp{d}.pt`` torch.save
+shards) still loads at its own tp, pp and ZeRO sharding; its next save is format 2.
+
+Loading never executes code: ``.metadata`` through an unpickler admitting only DCP's metadata
+classes, tensors and format-1 shards with ``torch.load(weights_only=True)``, each after its size
+and CRC are checked against meta.json. Every problem with a checkpoint's files is a
+:class:`CheckpointError`: one line naming the file.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
-import torch
+import torch.distributed as dist
 
+from megalite.checkpoint.files import (STEP_NAME, CheckpointError, check_sizes,  # noqa: F401
+                                       is_complete, is_sharded, latest, load_file, read_meta,
+                                       step_dirs, verify_all, verify_file)
+from megalite.checkpoint.files import fsync_dir, write_atomic
 from megalite.parallel import comm
 from megalite.parallel.dims import ParallelDims
+
+FORMAT = 2  # 1: per-layout torch.save shards (still loaded at the same tp and pp); 2: DCP
 
 
 def step_dir(ckpt_dir: str, step: int) -> str:
@@ -35,79 +54,199 @@ def dp_shard_name(dims: ParallelDims) -> str:
     return f"optim_tp{dims.tp_rank:02d}_pp{dims.pp_rank:02d}_dp{dims.dp_rank:02d}.pt"
 
 
-def latest(ckpt_dir: str) -> Optional[str]:
-    """Path of the newest complete checkpoint, or None."""
-    pointer = os.path.join(ckpt_dir, "latest")
-    if not os.path.exists(pointer):
-        return None
-    with open(pointer) as f:
-        path = os.path.join(ckpt_dir, f.read().strip())
-    return path if os.path.isdir(path) else None
+# ---- writing ----------------------------------------------------------------------------------
+def _all_gather(obj: Any, group=None) -> List[Any]:
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [obj]
+    out: List[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj, group=group)
+    return out
 
 
-def _write_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def _write_failure(e: OSError, where: str) -> str:
+    if e.errno == errno.ENOSPC:
+        return f"no space left on device writing {where}"
+    return f"cannot write {where} ({e.strerror or e})"
 
 
-def save(ckpt_dir: str, step: int, dims: ParallelDims, shard: Dict[str, Any],
+def save(ckpt_dir: str, step: int, dims: ParallelDims, entries: Dict[str, Any],
          meta: Dict[str, Any], tokenizer_file: Optional[str] = None, keep: int = 0,
-         dp_shard: Optional[Dict[str, Any]] = None) -> str:
-    """Collective: every rank calls it; dp-rank-0 ranks write their model-parallel shard, and
-    every rank its ``dp_shard`` when given (ZeRO's sharded optimizer state)."""
+         group=None) -> str:
+    """Collective over ``group`` (default: every rank's world group): every rank writes the boxes it owns of ``entries`` ({key: ShardEntry}) with
+    torch.distributed.checkpoint; rank 0 adds meta.json (``meta`` plus the step, the layout and
+    each file's and item's CRC), the tokenizer, renames the directory into place and points
+    ``latest`` at it. A failed write on any rank (a full disk) removes the temporary directory
+    on every rank's word and raises CheckpointError; the previous checkpoint is untouched."""
+    from megalite.checkpoint.sharded import save_entries
+
     final = step_dir(ckpt_dir, step)
     tmp = os.path.join(ckpt_dir, f".tmp_step_{step:08d}")
     if dims.rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
-    comm.barrier()
-    if dims.dp_rank == 0:
-        torch.save(shard, os.path.join(tmp, shard_name(dims)))
-    if dp_shard is not None:
-        torch.save(dp_shard, os.path.join(tmp, dp_shard_name(dims)))
-    comm.barrier()
-    if dims.rank == 0:
-        meta = dict(meta, step=step, layout={"dp": dims.dp, "tp": dims.tp, "pp": dims.pp})
-        _write_atomic(os.path.join(tmp, "meta.json"), json.dumps(meta, indent=1))
-        if tokenizer_file:
-            shutil.copyfile(tokenizer_file, os.path.join(tmp, "tokenizer.json"))
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        _write_atomic(os.path.join(ckpt_dir, "latest"), os.path.basename(final))
-        _prune(ckpt_dir, keep)
-    comm.barrier()
+    group = group if group is not None else dims.world_group
+    comm.barrier(group)
+    files: Dict[str, Dict[str, int]] = {}
+    items: Dict[str, int] = {}
+    failure = None
+    try:
+        files, items = save_entries(tmp, entries, group, dims.rank)
+    except OSError as e:
+        failure = _write_failure(e, tmp)
+    except BaseException as e:  # DCP wraps every rank's failure in a CheckpointException
+        cause = _os_error(_dcp_failure(e))
+        if cause is None:
+            raise
+        failure = _write_failure(cause, tmp)
+    gathered = _all_gather((files, items, failure), group)
+    failure = next((f for _, _, f in gathered if f), None)
+    if failure is None and dims.rank == 0:
+        try:
+            for rank_files, rank_items, _ in gathered:
+                files.update(rank_files)
+                items.update(rank_items)
+            layout = dict(meta.pop("layout", {}), dp=dims.dp, tp=dims.tp, pp=dims.pp)
+            _finish(ckpt_dir, tmp, final, dict(meta, format=FORMAT, step=step, layout=layout,
+                                               files=files, items=items),
+                    tokenizer_file, keep)
+        except OSError as e:
+            failure = _write_failure(e, tmp)
+    failure = _all_gather(failure, group)[0]  # rank 0's word on the last phase
+    if failure:
+        if dims.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        comm.barrier(group)
+        previous = latest(ckpt_dir)
+        raise CheckpointError(f"checkpoint at step {step}: {failure}; removed the temporary "
+                              f"directory, the previous checkpoint ({previous or 'none'}) is "
+                              "intact: free space or point --checkpoint.dir at another disk")
     return final
 
 
-def _prune(ckpt_dir: str, keep: int) -> None:
-    if keep <= 0:
+def _os_error(e: Optional[BaseException]) -> Optional[OSError]:
+    """The OSError behind ``e`` (torch's zip writer turns a failed write into a RuntimeError,
+    "unexpected pos", raised while the OSError is handled), or None."""
+    for _ in range(8):
+        if e is None or isinstance(e, OSError):
+            return e
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def _dcp_failure(e: BaseException) -> Optional[BaseException]:
+    """The first rank's original exception inside DCP's CheckpointException, else None."""
+    failures = getattr(e, "failures", None)
+    if not isinstance(failures, dict):
+        return None
+    for value in failures.values():
+        exc = value[0] if isinstance(value, tuple) else value
+        if isinstance(exc, BaseException):
+            return exc
+    return None
+
+
+def _finish(ckpt_dir: str, tmp: str, final: str, meta: Dict[str, Any],
+            tokenizer_file: Optional[str], keep: int) -> None:
+    """Rank 0: meta.json, the tokenizer, fsync, rename into place, then ``latest``, then prune."""
+    if tokenizer_file:
+        shutil.copyfile(tokenizer_file, os.path.join(tmp, "tokenizer.json"))
+        with open(os.path.join(tmp, "tokenizer.json"), "rb+") as f:
+            os.fsync(f.fileno())
+    write_atomic(os.path.join(tmp, "meta.json"), json.dumps(meta, indent=1))
+    fsync_dir(tmp)
+    shutil.rmtree(final, ignore_errors=True)  # the same step saved again (a rewound resume)
+    os.replace(tmp, final)
+    fsync_dir(ckpt_dir)
+    write_atomic(os.path.join(ckpt_dir, "latest"), os.path.basename(final))
+    _prune(ckpt_dir, keep, meta.get("run_id"), final)
+
+
+def _prune(ckpt_dir: str, keep: int, run_id: Optional[str], protect: str) -> None:
+    """Keep the ``keep`` newest checkpoints written by this run (``run_id``); checkpoints of
+    other runs (and those saved before run ids existed) are never removed."""
+    if keep <= 0 or run_id is None:
         return
-    steps = sorted(d for d in os.listdir(ckpt_dir) if d.startswith("step_"))
-    for old in steps[:-keep]:
-        shutil.rmtree(os.path.join(ckpt_dir, old), ignore_errors=True)
+    ours = []
+    for name in step_dirs(ckpt_dir):
+        path = os.path.join(ckpt_dir, name)
+        try:
+            if read_meta(path).get("run_id") == run_id:
+                ours.append(path)
+        except CheckpointError:
+            continue
+    for path in ours[:-keep]:
+        if path != protect:
+            shutil.rmtree(path, ignore_errors=True)
 
 
-def read_meta(path: str) -> Dict[str, Any]:
-    with open(os.path.join(path, "meta.json")) as f:
-        return json.load(f)
+def check_layout(path: str, meta: Dict[str, Any], dims: ParallelDims) -> None:
+    layout = meta.get("layout", {})
+    if (layout.get("tp"), layout.get("pp")) != (dims.tp, dims.pp):
+        raise CheckpointError(f"checkpoint {path} (the per-layout format of megalite before "
+                              f"DCP) was saved with tp={layout.get('tp')}, pp={layout.get('pp')}; "
+                              f"this run has tp={dims.tp}, pp={dims.pp}: resume it once at its "
+                              "own tp and pp (the next save is layout-free), then change layout")
 
 
-def load_shard(path: str, dims: ParallelDims) -> Dict[str, Any]:
-    """This rank's shard of a checkpoint saved with the same layout."""
-    meta = read_meta(path)
-    layout = meta["layout"]
-    if (layout["tp"], layout["pp"]) != (dims.tp, dims.pp):
-        raise ValueError(f"checkpoint {path} was saved with tp={layout['tp']}, pp={layout['pp']}; "
-                         f"this run has tp={dims.tp}, pp={dims.pp}: resharding is not supported "
-                         f"yet, resume with the same tp and pp")
-    return torch.load(os.path.join(path, shard_name(dims)), map_location="cpu", weights_only=False)
+def load_shard(path: str, dims: ParallelDims, meta: Optional[Dict[str, Any]] = None
+               ) -> Dict[str, Any]:
+    """This rank's shard of a format-1 checkpoint saved with the same layout."""
+    meta = read_meta(path) if meta is None else meta
+    check_layout(path, meta, dims)
+    return load_file(path, shard_name(dims), meta)
 
 
-def load_dp_shard(path: str, dims: ParallelDims) -> Dict[str, Any]:
-    """This rank's own optimizer shard (ZeRO stage >= 1) of a checkpoint."""
-    return torch.load(os.path.join(path, dp_shard_name(dims)), map_location="cpu",
-                      weights_only=False)
+def load_dp_shard(path: str, dims: ParallelDims, meta: Optional[Dict[str, Any]] = None
+                  ) -> Dict[str, Any]:
+    """This rank's own optimizer shard (ZeRO stage >= 1) of a format-1 checkpoint."""
+    meta = read_meta(path) if meta is None else meta
+    return load_file(path, dp_shard_name(dims), meta)
+
+
+# ---- the layout-free format (2) -----------------------------------------------------------------
+KINDS = ("master", "exp_avg", "exp_avg_sq")
+TIED_SOURCE = "embed.tok.weight"  # what a last stage's tied copy is a copy of (models._full_name)
+
+
+def state_entries(table, opt_state: Dict[str, Any], kinds=KINDS) -> Dict[str, Any]:
+    """{"kind/name": ShardEntry} of ``ShardedAdamW.state_dict()``: the fp32 masters (the
+    parameters are their cast) and AdamW moments, keyed by the single-process model's names (a
+    tied copy by the embedding it copies)."""
+    out = {}
+    for kind in kinds:
+        for name, entry in opt_state[kind].items():
+            key = TIED_SOURCE if table.info(name).tied_copy else name
+            out[f"{kind}/{key}"] = entry
+    return out
+
+
+def load_sharded(path: str, meta: Dict[str, Any], entries: Dict[str, Any], group=None) -> int:
+    """Fill ``entries`` (this rank's boxes, any layout) from a format-2 checkpoint; collective
+    over ``group``. Every file's size and each item read's CRC are checked first; the bytes
+    read are returned."""
+    from megalite.checkpoint.planners import StateMismatch
+    from megalite.checkpoint.sharded import load_entries
+    from megalite.checkpoint.storage import UnsafeCheckpoint
+
+    check_sizes(path, meta)
+    verify_file(path, ".metadata", meta, everyone=True)
+    try:
+        return load_entries(path, entries, meta.get("items"), group)
+    except BaseException as e:  # DCP wraps each rank's failure in a CheckpointException
+        cause = e if isinstance(e, (UnsafeCheckpoint, StateMismatch)) else _dcp_failure(e)
+        if isinstance(cause, StateMismatch):
+            raise CheckpointError(f"checkpoint {path}: {cause}: it holds another model; use "
+                                  "its model settings") from None
+        if isinstance(cause, (UnsafeCheckpoint, OSError)):
+            raise CheckpointError(f"{cause}; nothing in it was run: replace the file or use "
+                                  "another checkpoint") from None  # DCP tells every rank
+        raise
+
+
+def model_mismatch(saved_args: Dict[str, Any], args: Dict[str, Any]) -> List[Tuple[str, Any, Any]]:
+    """(field, saved, this run) for each model field that shapes the parameters and differs."""
+    fields = ["family", "num_layers", "hidden_size", "num_heads", "num_kv_heads",
+              "ffn_hidden_size", "vocab_size", "tie_embeddings"]
+    if args.get("family") != "llama":  # learned positions: a [max_seq_len, hidden] table
+        fields.append("max_seq_len")
+    return [(k, saved_args.get(k), args.get(k)) for k in fields if saved_args.get(k) != args.get(k)]

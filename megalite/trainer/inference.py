@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from typing import Dict, List, Tuple
 
 import torch
@@ -10,12 +11,16 @@ from megalite.models import CausalLM, ModelArgs, build_model
 from megalite.trainer import checkpoint
 
 
-def resolve_checkpoint(path: str) -> str:
+def _stderr(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def resolve_checkpoint(path: str, warn=_stderr) -> str:
     """A checkpoint directory, a checkpoints directory (its latest) or a run directory."""
     for candidate in (path, os.path.join(path, "checkpoints")):
         if os.path.exists(os.path.join(candidate, "meta.json")):
             return candidate
-        found = checkpoint.latest(candidate) if os.path.isdir(candidate) else None
+        found = checkpoint.latest(candidate, warn) if os.path.isdir(candidate) else None
         if found:
             return found
     raise FileNotFoundError(f"no checkpoint at {path!r} (looked for meta.json or a 'latest' "
@@ -30,8 +35,26 @@ def load_for_inference(path: str, device: str = "cpu") -> Tuple[CausalLM, object
     meta = checkpoint.read_meta(path)
     args = ModelArgs(**meta["model_args"])
     model = build_model(args, seed=0, device=device)
-    load_params(model, merge_shards(path, meta, dict(model.named_parameters())))
+    if checkpoint.is_sharded(meta):
+        load_whole(path, meta, model)
+    else:
+        load_params(model, merge_shards(path, meta, dict(model.named_parameters())))
     return model.eval(), load_tokenizer(os.path.join(path, "tokenizer.json"))
+
+
+@torch.no_grad()
+def load_whole(path: str, meta: dict, model: CausalLM) -> None:
+    """Every parameter whole, from the fp32 masters of a checkpoint of any layout."""
+    from megalite.zero.state import ShardEntry
+
+    entries = {}
+    for name, p in model.named_parameters():
+        full = p.data if p.dtype == torch.float32 else torch.empty(p.shape)
+        entries[f"master/{name}"] = ShardEntry(tuple(p.shape), [((0,) * p.dim(), tuple(p.shape))],
+                                               [full])
+    checkpoint.load_sharded(path, meta, entries)
+    for name, p in model.named_parameters():
+        p.copy_(entries[f"master/{name}"].tensors[0])
 
 
 def merge_shards(path: str, meta: dict, params: dict) -> Dict[str, torch.Tensor]:
@@ -42,8 +65,7 @@ def merge_shards(path: str, meta: dict, params: dict) -> Dict[str, torch.Tensor]
     pieces: Dict[str, List[torch.Tensor]] = {}
     for p in range(pp):
         for t in range(tp):
-            shard = torch.load(os.path.join(path, f"model_tp{t:02d}_pp{p:02d}.pt"),
-                               map_location="cpu", weights_only=False)["model"]
+            shard = checkpoint.load_file(path, f"model_tp{t:02d}_pp{p:02d}.pt", meta)["model"]
             for name, value in shard.items():
                 if len(pieces.setdefault(name, [])) < tp:  # a tied copy repeats the embedding
                     pieces[name].append(value)

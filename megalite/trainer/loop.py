@@ -6,13 +6,16 @@ from __future__ import annotations
 import math
 import os
 import signal
+import sys
 import time
+import uuid
 from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional
 
 import torch
 
 from megalite.config import save_yaml
+from megalite.checkpoint.async_save import AsyncSaver, staged
 from megalite.config.schema import Config
 from megalite.data import build_datasets, ensure_dataset, micro_batch, tokenizer_file
 from megalite.hardware import device_peak_tflops
@@ -41,6 +44,18 @@ class TrainingDiverged(RuntimeError):
 class ResumeError(ValueError):
     """The checkpoint found in the run cannot continue this config (a user's mistake: the CLI
     prints it as one ``error:`` line)."""
+
+
+def resume_off_problem(ckpt_dir: str) -> Optional[str]:
+    """Why a run with checkpoint.resume=false cannot use ``ckpt_dir``, or None."""
+    found = checkpoint.step_dirs(ckpt_dir)
+    if found or os.path.exists(os.path.join(ckpt_dir, "latest")):
+        held = f"checkpoints up to {found[-1]}" if found else "a 'latest' pointer"
+        return (f"checkpoint.resume=false: {ckpt_dir} already holds {held} of another run; "
+                "this run will not write beside them (its 'latest' would hide them and "
+                "checkpoint.keep could remove them): give it its own --run.dir (or "
+                "--checkpoint.dir), or resume")
+    return None
 
 
 @dataclass
@@ -112,6 +127,11 @@ class Trainer:
                                      static=t.loss_scale > 0)
         self.ckpt_dir = cfg.checkpoint.dir or os.path.join(cfg.run.dir, "checkpoints")
         self.step = 0
+        # checkpoint.keep prunes only checkpoints carrying this id (rank 0's is the one written;
+        # a resumed run takes its checkpoint's)
+        self.run_id = uuid.uuid4().hex
+        self.bytes_read = 0  # of the checkpoint resumed from, by this rank
+        self.saver = AsyncSaver(dims.world_size) if cfg.checkpoint.async_save else None
         self.read_only = read_only
         self.log = MetricsLogger(cfg.run.dir, t.steps, dims.rank == 0, cfg.run.tensorboard,
                                  cfg.run.log_interval, write=not read_only)
@@ -164,42 +184,97 @@ class Trainer:
         report["total"] = sum(report.values())
         return report
 
+    def _warn(self, text: str) -> None:
+        if self.dims.rank == 0:
+            print(text, file=sys.stderr, flush=True)
+
     def maybe_resume(self) -> None:
-        path = checkpoint.latest(self.ckpt_dir) if self.cfg.checkpoint.resume else None
+        """Continue from the run's latest checkpoint (checkpoint.resume), checked before any
+        shard is read: step, model shape, layout. With resume off, a checkpoints directory that
+        already holds checkpoints is refused: this run's would sit beside them, its ``latest``
+        hide them and its pruning could remove them."""
+        if not self.cfg.checkpoint.resume:
+            problem = resume_off_problem(self.ckpt_dir)
+            if problem:
+                raise ResumeError(problem)
+            return
+        path = checkpoint.latest(self.ckpt_dir, warn=self._warn)
         if path is None:
             return
-        meta = checkpoint.read_meta(path)  # checked before any shard is read
+        meta = checkpoint.read_meta(path)
         if meta.get("step", 0) > self.cfg.train.steps:
             raise ResumeError(
                 f"checkpoint.resume: {path} is at step {meta['step']}, past train.steps="
                 f"{self.cfg.train.steps}: this run directory holds another run; give this one "
                 f"its own --run.dir, raise train.steps, or pass --checkpoint.resume=false")
+        differ = checkpoint.model_mismatch(meta.get("model_args", {}), asdict(self.args))
+        if differ:
+            raise ResumeError(
+                f"checkpoint.resume: {path} holds another model: "
+                + ", ".join(f"{k}={saved} there, {mine} here" for k, saved, mine in differ)
+                + "; resume with the checkpoint's model settings, or give this run its own "
+                "--run.dir")
+        if not checkpoint.is_sharded(meta):
+            self._resume_format1(path, meta)
+        else:
+            self._check_batch(path, meta)
+            state = self.opt.state_dict()
+            read = checkpoint.load_sharded(path, meta, checkpoint.state_entries(
+                self.engine.table, state), self.dims.world_group)
+            self.opt.load_state_dict(dict(state, step=meta["optimizer_step"]))
+            if self.scaler is not None and meta.get("scaler"):
+                self.scaler.load_state_dict(meta["scaler"])
+            self.step = meta["step"]
+            self.bytes_read = read
+        self.run_id = meta.get("run_id", self.run_id)  # the resumed run goes on
+        self.log.print(f"resumed from {path} at step {self.step}")
+
+    def _check_batch(self, path: str, meta: dict) -> None:
+        # A batch is indexed by step, so the same global batch continues the data exactly.
+        # (Dropout is seeded by step and rank — step_seed — so no per-rank RNG state is saved.)
+        saved = meta.get("global_batch_size", self.gbs)
+        if saved != self.gbs:
+            raise ResumeError(
+                f"checkpoint.resume: {path} was trained with a global batch of {saved} samples, "
+                f"this run's is {self.gbs} (micro {self.mbs} x grad_accum {self.ga} x dp "
+                f"{self.dims.dp}): keep train.micro_batch_size x train.grad_accum x parallel.dp "
+                f"= {saved}, or give this run its own --run.dir")
+
+    def _resume_format1(self, path: str, meta: dict) -> None:
+        """A checkpoint of the per-layout format: only at its own tp, pp and ZeRO sharding."""
         saved_layout = meta.get("layout", {})
         here = {"tp": self.dims.tp, "pp": self.dims.pp}
         if any(saved_layout.get(axis, size) != size for axis, size in here.items()):
             raise ResumeError(
                 f"checkpoint.resume: {path} was saved at tp={saved_layout.get('tp')} "
-                f"pp={saved_layout.get('pp')}, this run is tp={self.dims.tp} pp={self.dims.pp}: "
-                "resume with the same parallel.tp and parallel.pp, or give this run its own "
-                "--run.dir")
-        shard = checkpoint.load_shard(path, self.dims)
+                f"pp={saved_layout.get('pp')} in the per-layout format, this run is "
+                f"tp={self.dims.tp} pp={self.dims.pp}: resume it once at its own layout (the "
+                "next save is layout-free), or give this run its own --run.dir")
         saved = meta.get("zero")
         if saved != self.engine.layout():
             raise ResumeError(
                 f"checkpoint {path} holds optimizer state sharded as {saved}; this run shards it "
                 f"as {self.engine.layout()}: resume with the same parallel.dp (with ZeRO >= 1), "
                 f"parallel.bucket_mb and train.grad_dtype")
+        shard = checkpoint.load_shard(path, self.dims, meta)
         sharded = self.engine.shards_over_dp
-        state = checkpoint.load_dp_shard(path, self.dims) if sharded else shard
+        state = checkpoint.load_dp_shard(path, self.dims, meta) if sharded else shard
         self.opt.load(shard["model"], state["optimizer"])
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.step = shard["step"]
-        self.log.print(f"resumed from {path} at step {self.step}")
 
     def load_weights(self, path: str) -> None:
-        """Model weights only (for eval): the master values, cast to the parameter dtype."""
-        self.opt.load(checkpoint.load_shard(path, self.dims)["model"], None)
+        """Model weights only (for eval), from a checkpoint of any layout: the fp32 masters,
+        cast to the parameter dtype."""
+        meta = checkpoint.read_meta(path)
+        if not checkpoint.is_sharded(meta):
+            self.opt.load(checkpoint.load_shard(path, self.dims, meta)["model"], None)
+            return
+        state = self.opt.state_dict()
+        checkpoint.load_sharded(path, meta, checkpoint.state_entries(
+            self.engine.table, state, kinds=("master",)), self.dims.world_group)
+        self.opt.load_state_dict(state)
 
     def sample(self, prompt: str, max_new_tokens: int, seed: int = 0) -> str:
         from megalite.trainer.inference import sample_text
@@ -280,10 +355,17 @@ class Trainer:
         if self.scaler is not None:
             record.update(loss_scale=scale, skipped=skipped)
         if not math.isfinite(loss):
+            self.wait_for_save()
             raise TrainingDiverged(f"loss is {loss} at step {self.step}; stopping. The last "
-                                   f"checkpoint ({checkpoint.latest(self.ckpt_dir)}) is kept.")
+                                   f"checkpoint ({self._latest_or_none()}) is kept.")
         record["stop"] = stop
         return record
+
+    def _latest_or_none(self) -> Optional[str]:
+        try:
+            return checkpoint.latest(self.ckpt_dir)
+        except checkpoint.CheckpointError:
+            return None
 
     def peak_tflops(self) -> Optional[float]:
         """Peak dense TFLOP/s of this rank's device for the MFU figure: train.peak_tflops, else
@@ -313,18 +395,29 @@ class Trainer:
         return (total / tokens.clamp(min=1)).item()
 
     def save_checkpoint(self) -> str:
-        shard = {"model": self.engine.full_values(self.opt.masters), "step": self.step}
-        state = {"optimizer": self.opt.adamw_state(),
-                 "scaler": self.scaler.state_dict() if self.scaler is not None else None}
-        sharded = self.engine.shards_over_dp
-        if not sharded:
-            shard.update(state)
-        layout = self.model.shard_layout
+        """Every rank writes the boxes it owns (checkpoint.save); the non-tensor state goes
+        into meta.json."""
+        state = self.opt.state_dict()
+        p = self.cfg.parallel
         meta = {"config": asdict(self.cfg), "model_args": asdict(self.args),
-                "tp_shard_dims": layout.shard_dim, "zero": self.engine.layout()}
-        return checkpoint.save(self.ckpt_dir, self.step, self.dims, shard, meta,
-                               self.tokenizer_file, self.cfg.checkpoint.keep,
-                               dp_shard=state if sharded else None)
+                "run_id": self.run_id, "optimizer_step": state["step"],
+                "consumed_samples": self.step * self.gbs, "global_batch_size": self.gbs,
+                "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+                "layout": {"zero_stage": p.zero_stage, "offload": p.offload_optimizer,
+                           "chunks": len(self.model.chunks)}}
+        entries = checkpoint.state_entries(self.engine.table, state)
+        args = (self.ckpt_dir, self.step, self.dims)
+        if self.saver is None:
+            return checkpoint.save(*args, entries, meta, self.tokenizer_file,
+                                   self.cfg.checkpoint.keep)
+        self.saver.submit(checkpoint.save, *args, staged(entries), meta, self.tokenizer_file,
+                          self.cfg.checkpoint.keep, group=self.saver.group)
+        return checkpoint.step_dir(self.ckpt_dir, self.step)
+
+    def wait_for_save(self) -> None:
+        """The in-flight asynchronous save is complete (its error raised here)."""
+        if self.saver is not None:
+            self.saver.wait()
 
     # ---- the loop ---------------------------------------------------------------------------
     def _on_signal(self, signum, frame) -> None:
@@ -346,7 +439,7 @@ class Trainer:
         result = TrainResult()
         if self.step == cfg.train.steps:
             self.log.print(f"already trained to train.steps={self.step}: nothing to train")
-            result.checkpoint = checkpoint.latest(self.ckpt_dir)  # not saved again
+            result.checkpoint = self._latest_or_none()  # not saved again
         self.log.print(self.describe())
         signals = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
         previous = {s: signal.signal(s, self._on_signal) for s in signals}
@@ -366,6 +459,7 @@ class Trainer:
                 self.log.log(record)
                 if record["stop"]:
                     result.checkpoint = self.save_checkpoint()
+                    self.wait_for_save()
                     result.preempted = True
                     self.log.print(f"signal received: saved {result.checkpoint} at step "
                                    f"{self.step}; exiting")
@@ -383,6 +477,7 @@ class Trainer:
                                f"(perplexity {math.exp(min(result.val_loss, 50)):.2f})")
             if result.checkpoint is None or not result.checkpoint.endswith(f"{self.step:08d}"):
                 result.checkpoint = self.save_checkpoint()
+            self.wait_for_save()
             self.log.print(f"checkpoint: {result.checkpoint}")
         result.step = self.step
         self.log.close()

@@ -105,5 +105,13 @@ def load_entries(target: Dict[str, ShardEntry], source: Dict[str, ShardEntry]) -
         for box, view in zip(entry.boxes, entry.tensors):
             if box not in given:
                 raise KeyError(f"state for {name!r} lacks box offsets={box[0]} sizes={box[1]}")
-            if given[box] is not view:
-                view.copy_(given[box].reshape(view.shape))
+            src = given[box].reshape(view.shape)
+            if not _same_memory(src, view):  # a reader that filled these views in place
+                view.copy_(src)
+
+
+def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """The same elements (strides of size-1 dims do not matter: reshape may change them)."""
+    strides = [(n, sa, sb) for n, sa, sb in zip(a.shape, a.stride(), b.stride()) if n > 1]
+    return (a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.dtype == b.dtype
+            and a.device == b.device and all(sa == sb for _, sa, sb in strides))

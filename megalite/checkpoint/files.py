@@ -1,0 +1,204 @@
+"""A checkpoint directory's files: finding the one to resume (``latest``), meta.json, and the
+checks every read goes through — sizes and CRC-32s against meta.json, ``weights_only``
+unpickling. Any problem is a :class:`CheckpointError`: one line naming the file."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import zlib
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import torch
+
+STEP_NAME = re.compile(r"step_\d{8}")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be read or written (a missing, truncated, corrupted or unsafe file, a
+    full disk): the CLI prints it as one ``error:`` line and exits 2. ``everyone``: every rank
+    raises it (rank 0 alone says it); otherwise the rank that found it does."""
+
+    def __init__(self, message: str, everyone: bool = True):
+        super().__init__(message)
+        self.everyone = everyone
+
+
+# ---- finding the checkpoint to resume ---------------------------------------------------------
+
+
+def step_dirs(ckpt_dir: str) -> List[str]:
+    """Names of the ``step_*`` directories in ``ckpt_dir``, oldest step first."""
+    if not os.path.isdir(ckpt_dir):
+        return []
+    return sorted(d for d in os.listdir(ckpt_dir) if STEP_NAME.fullmatch(d)
+                  and os.path.isdir(os.path.join(ckpt_dir, d)))
+
+
+def is_complete(path: str) -> bool:
+    """meta.json parses and every file it lists is there with its recorded size."""
+    try:
+        meta = read_meta(path)
+        return all(os.path.getsize(os.path.join(path, name)) == f["bytes"]
+                   for name, f in meta.get("files", {}).items())
+    except (CheckpointError, OSError, KeyError, TypeError, AttributeError):
+        return False
+
+
+def _newest_complete(ckpt_dir: str) -> Optional[str]:
+    for name in reversed(step_dirs(ckpt_dir)):
+        if is_complete(os.path.join(ckpt_dir, name)):
+            return os.path.join(ckpt_dir, name)
+    return None
+
+
+def latest(ckpt_dir: str, warn: Optional[Callable[[str], None]] = None) -> Optional[str]:
+    """Path of the checkpoint ``latest`` names; None when ``ckpt_dir`` holds no checkpoint.
+
+    A ``latest`` naming a missing directory (or no ``latest`` beside step directories) falls
+    back to the newest complete checkpoint, said through ``warn``; with none: CheckpointError —
+    never a silent fresh start."""
+    pointer = os.path.join(ckpt_dir, "latest")
+    if not os.path.exists(pointer):
+        found = _newest_complete(ckpt_dir)
+        if found and warn:
+            warn(f"warning: {ckpt_dir} has no 'latest' pointer; using the newest complete "
+                 f"checkpoint {found}")
+        return found
+    try:
+        with open(pointer) as f:
+            name = f.read().strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"cannot read {pointer} ({e}): remove it to resume from the "
+                              "newest complete checkpoint") from None
+    if not STEP_NAME.fullmatch(name):
+        raise CheckpointError(f"{pointer} holds {name[:60]!r}, not a step_NNNNNNNN name: "
+                              "remove it to resume from the newest complete checkpoint")
+    path = os.path.join(ckpt_dir, name)
+    if os.path.isdir(path):
+        return path
+    found = _newest_complete(ckpt_dir)
+    if found is None:
+        raise CheckpointError(f"{pointer} names {name}, which does not exist, and {ckpt_dir} "
+                              "holds no complete checkpoint: remove the pointer to start afresh, "
+                              "or give this run its own --run.dir")
+    if warn:
+        warn(f"warning: {pointer} names {name}, which does not exist; resuming from the newest "
+             f"complete checkpoint {found}")
+    return found
+
+
+def _crc32(path: str) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            crc = zlib.crc32(block, crc)
+    return crc
+
+
+def fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: str, text: str) -> None:
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(os.path.dirname(path) or ".")
+
+
+# ---- reading ----------------------------------------------------------------------------------
+
+
+def read_meta(path: str) -> Dict[str, Any]:
+    file = os.path.join(path, "meta.json")
+    try:
+        with open(file) as f:
+            meta = json.load(f)
+    except FileNotFoundError:
+        raise CheckpointError(f"{file} is missing: {path} is not a complete checkpoint") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{file} cannot be read ({type(e).__name__}: {e}): the checkpoint "
+                              "was cut or overwritten; resume from an earlier step_* directory "
+                              "by rewriting 'latest', or use a new --run.dir") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{file} does not hold a JSON object: not a megalite checkpoint")
+    return meta
+
+
+def verify_file(path: str, name: str, meta: Dict[str, Any], everyone: bool = False) -> str:
+    """The file's path once it exists and matches meta.json's recorded size and CRC-32
+    (checkpoints saved before the manifest: existence only)."""
+    file = os.path.join(path, name)
+    if not os.path.isfile(file):
+        raise CheckpointError(f"{file} is missing from the checkpoint", everyone)
+    record = meta.get("files", {}).get(name)
+    if record is None:
+        return file
+    size = os.path.getsize(file)
+    if size != record["bytes"]:
+        raise CheckpointError(f"{file} is {size} bytes, meta.json records {record['bytes']}: "
+                              "the file was truncated or overwritten; resume from an earlier "
+                              "checkpoint (rewrite 'latest') or use a new --run.dir", everyone)
+    if _crc32(file) != record["crc32"]:
+        raise CheckpointError(f"{file} fails its CRC-32 check against meta.json: the file is "
+                              "corrupted; resume from an earlier checkpoint (rewrite 'latest') "
+                              "or use a new --run.dir", everyone)
+    return file
+
+
+def load_file(path: str, name: str, meta: Dict[str, Any], everyone: bool = False) -> Any:
+    """A verified file's contents, unpickled with ``weights_only=True``: tensors, numbers,
+    strings and containers only — a pickled callable is refused, never run."""
+    file = verify_file(path, name, meta, everyone)
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure is the file's problem
+        reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{file} cannot be loaded safely ({reason}): it is not a "
+                              "checkpoint shard megalite wrote (nothing in it was run); replace "
+                              "it or use another checkpoint", everyone) from None
+
+
+def is_sharded(meta: Dict[str, Any]) -> bool:
+    return meta.get("format", 1) >= 2
+
+
+def check_sizes(path: str, meta: Dict[str, Any]) -> None:
+    """Every file meta.json lists is there at its recorded size (cheap: no bytes read)."""
+    for name, record in sorted(meta.get("files", {}).items()):
+        file = os.path.join(path, name)
+        if not os.path.isfile(file):
+            raise CheckpointError(f"{file} is missing from the checkpoint")
+        if os.path.getsize(file) != record["bytes"]:
+            raise CheckpointError(f"{file} is {os.path.getsize(file)} bytes, meta.json records "
+                                  f"{record['bytes']}: the file was truncated or overwritten; "
+                                  "resume from an earlier checkpoint (rewrite 'latest') or use "
+                                  "a new --run.dir")
+
+
+def verify_all(path: str) -> Tuple[int, int]:
+    """Every file of a checkpoint against meta.json (size and CRC-32: every byte) and DCP's
+    ``.metadata`` through the safe unpickler; (files, bytes) checked."""
+    meta = read_meta(path)
+    files = meta.get("files")
+    if not files:
+        raise CheckpointError(f"{path}/meta.json records no checksums (a checkpoint saved "
+                              "before megalite recorded them): nothing to verify against")
+    for name in sorted(files):
+        verify_file(path, name, meta, everyone=True)
+    if is_sharded(meta):
+        from megalite.checkpoint.storage import SafeReader, UnsafeCheckpoint
+
+        try:
+            SafeReader(path).read_metadata()
+        except UnsafeCheckpoint as e:
+            raise CheckpointError(str(e)) from None
+    return len(files), sum(f["bytes"] for f in files.values())

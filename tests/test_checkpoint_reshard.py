@@ -1,0 +1,200 @@
+"""A checkpoint saved at one layout resumes at another, optimizer state included, and the
+losses that follow equal those of continuing in the original layout.
+
+Every run trains the same 8 steps of the same global batch (8 samples) and saves at step 4; a
+resumed run starts from a copy of another layout's step-4 checkpoint. Pairs:
+- dp2 x tp2 x pp2 ZeRO-3 (8 ranks) -> dp4 ZeRO-1 (4 ranks);
+- tp1 (one process) -> dp2 x tp2 and -> tp4 (vocabulary padded differently at each tp);
+- dp2 x pp2 ZeRO-3 with the optimizer offloaded -> pp1 ZeRO-0 (one process);
+and the dp2 x tp2 x pp2 checkpoint evaluated from one process (eval's loader and generate's
+whole-model loader) equals that run's own validation loss. The tp1 and dp2 x pp2 sources save
+asynchronously (checkpoint.async_save: a writer thread, on its own gloo group in the 4-rank
+world), so those pairs also resume from asynchronous saves. Two spawned worlds, 8 and 4 ranks.
+
+Tolerance: fp32 layouts differ only in the order partial sums are added (all-reduce vs
+reduce-scatter, TP partial products), a relative 1e-7 effect per step; over 4 Adam steps the
+losses stay within 1e-5 (tests/test_zero.py, test_train_dp.py hold each layout to it against
+the single process). A wrong resharding (a box read from the wrong offset, moments lost, a
+transposed TP slice) moves the loss by > 1e-2.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+
+from distributed import run_distributed
+from helpers import max_abs_diff, tiny_config, train
+
+STEPS, SAVE, GLOBAL = 8, 4, 8
+TOL = 1e-5
+
+
+def _cfg(run, cache, dp, *extra):
+    return tiny_config(run, cache, f"--parallel.dp={dp}", "--train.micro_batch_size=1",
+                       f"--train.grad_accum={GLOBAL // dp}", f"--train.steps={STEPS}",
+                       "--train.eval_iters=1", "--checkpoint.keep=0",
+                       f"--checkpoint.interval={SAVE}", *extra)
+
+
+def _resume_copy(src_run: str, dst_run: str) -> None:
+    """dst_run starts from src_run's step-SAVE checkpoint (its `latest`)."""
+    name = f"step_{SAVE:08d}"
+    os.makedirs(os.path.join(dst_run, "checkpoints"))
+    shutil.copytree(os.path.join(src_run, "checkpoints", name),
+                    os.path.join(dst_run, "checkpoints", name))
+    with open(os.path.join(dst_run, "checkpoints", "latest"), "w") as f:
+        f.write(name)
+
+
+def _world8(tmp, cache):
+    trainer, result = train(_cfg(f"{tmp}/x", cache, 2, "--parallel.tp=2", "--parallel.pp=2",
+                                 "--parallel.zero_stage=3"), distributed=True)
+    return result.losses, result.val_loss, _written(trainer, f"{tmp}/x/checkpoints")
+
+
+def _written(trainer, ckpts: str):
+    """(bytes of this rank's DCP file, bytes and number of the boxes it owns, its stored
+    items) of the last checkpoint."""
+    import json
+
+    from megalite.trainer import checkpoint
+
+    rank = trainer.dims.rank
+    path = os.path.join(ckpts, f"step_{STEPS:08d}")
+    boxes = [t for e in checkpoint.state_entries(trainer.engine.table,
+                                                 trainer.opt.state_dict()).values()
+             if not e.replica for t in e.tensors]
+    items = sum(key.startswith(f"__{rank}_") for key in
+                json.load(open(os.path.join(path, "meta.json")))["items"])
+    return (os.path.getsize(os.path.join(path, f"__{rank}_0.distcp")),
+            sum(t.numel() * t.element_size() for t in boxes), len(boxes), items)
+
+
+def _world4(tmp, cache):
+    out = {}
+    trainer, result = train(_cfg(f"{tmp}/x_dp4", cache, 4, "--parallel.zero_stage=1"), True)
+    needed = _overlapping_item_bytes(trainer, f"{tmp}/x/checkpoints/step_{SAVE:08d}")
+    out["x_dp4"] = (trainer.step, result.losses, trainer.bytes_read, needed)
+    trainer, result = train(_cfg(f"{tmp}/ref_tp2", cache, 2, "--parallel.tp=2"), True)
+    out["ref_tp2"] = (trainer.step, result.losses)
+    trainer, result = train(_cfg(f"{tmp}/ref_tp4", cache, 1, "--parallel.tp=4"), True)
+    out["ref_tp4"] = (trainer.step, result.losses)
+    trainer, result = train(_cfg(f"{tmp}/p", cache, 2, "--parallel.pp=2",
+                                 "--parallel.zero_stage=3", "--parallel.offload_optimizer=true",
+                                 "--checkpoint.async_save=true"), True)
+    out["p"] = result.losses
+    out["p_saver_group"] = trainer.saver.group is not None and trainer.saver.pending is None
+    return out
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, data_cache):
+    tmp = str(tmp_path_factory.mktemp("reshard"))
+    _, ref = train(_cfg(f"{tmp}/ref", data_cache, 1, "--checkpoint.async_save=true"),
+                   distributed=False)
+    world8 = run_distributed(_world8, 8, tmp, data_cache, timeout_s=600)
+    x_losses, x_val, _ = world8[0]
+    _resume_copy(f"{tmp}/x", f"{tmp}/x_dp4")
+    _resume_copy(f"{tmp}/ref", f"{tmp}/ref_tp2")
+    _resume_copy(f"{tmp}/ref", f"{tmp}/ref_tp4")
+    world4 = run_distributed(_world4, 4, tmp, data_cache, timeout_s=600)
+    _resume_copy(f"{tmp}/p", f"{tmp}/p_pp1")
+    trainer, p_pp1 = train(_cfg(f"{tmp}/p_pp1", data_cache, 1), distributed=False)
+    return {"tmp": tmp, "ref": ref.losses, "x": (x_losses, x_val), "world4": world4,
+            "written": [w for _, _, w in world8],
+            "p_pp1": (trainer.step, p_pp1.losses)}
+
+
+def test_dp2_tp2_pp2_zero3_resumes_at_dp4_zero1(runs):
+    x_losses, _ = runs["x"]
+    assert max_abs_diff(x_losses, runs["ref"]) < TOL  # the source layout itself is right
+    checkpoint_bytes = _distcp_bytes(os.path.join(runs["tmp"], "x", "checkpoints",
+                                                  f"step_{SAVE:08d}"))
+    for rank in runs["world4"]:
+        step, losses, bytes_read, needed = rank["x_dp4"]
+        assert step == STEPS and len(losses) == STEPS - SAVE  # resumed at 4, not restarted
+        assert max_abs_diff(losses, x_losses[SAVE:]) < TOL
+        # a rank reads each stored item that overlaps a box of its new layout once, nothing
+        # else (an item is one torch.save'd tensor: DCP reads it whole)
+        assert bytes_read == needed < checkpoint_bytes, (bytes_read, needed, checkpoint_bytes)
+
+
+def test_each_rank_writes_what_it_owns(runs):
+    """A rank's file holds its own boxes and nothing else (no replica, no gathered tensor):
+    its size is the boxes' bytes plus torch.save's container per stored item (~1.5 KiB of zip
+    headers; 2 KiB allowed)."""
+    for written, owned, boxes, items in runs["written"]:
+        assert items == boxes  # one stored item per owned box, none for a replica
+        assert 0 < owned <= written <= owned + 2048 * items, (written, owned, items)
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_tp1_resumes_at_tp2_and_tp4(runs, tp):
+    for rank in runs["world4"]:
+        step, losses = rank[f"ref_tp{tp}"]
+        assert step == STEPS and max_abs_diff(losses, runs["ref"][SAVE:]) < TOL
+
+
+def test_pp2_zero3_offload_resumes_at_pp1_zero0(runs):
+    p_losses = runs["world4"][0]["p"]
+    assert all(rank["p_saver_group"] for rank in runs["world4"])  # saved on its own group
+    step, losses = runs["p_pp1"]
+    assert step == STEPS and max_abs_diff(losses, p_losses[SAVE:]) < TOL
+
+
+def test_tp2_pp2_checkpoint_evaluated_in_one_process(runs, data_cache):
+    from megalite.parallel.dims import ParallelDims
+    from megalite.trainer.inference import load_for_inference
+    from megalite.trainer.loop import Trainer
+
+    _, x_val = runs["x"]
+    path = os.path.join(runs["tmp"], "x", "checkpoints", f"step_{STEPS:08d}")
+    cfg = _cfg(os.path.join(runs["tmp"], "eval"), data_cache, 1)
+    trainer = Trainer(cfg, ParallelDims.single(), read_only=True)
+    trainer.load_weights(path)
+    assert abs(trainer.evaluate() - x_val) < TOL
+    model, _ = load_for_inference(path)  # generate's loader: the same weights, whole
+    for name, p in model.named_parameters():
+        assert p.equal(dict(trainer.model.named_parameters())[name]), name
+
+
+def _overlapping_item_bytes(trainer, path: str) -> int:
+    """Bytes of the stored items that overlap this rank's boxes (from the checkpoint's
+    metadata and this rank's state boxes)."""
+    from megalite.checkpoint.storage import SafeReader
+    from megalite.trainer import checkpoint
+
+    md = SafeReader(path).read_metadata()
+    by_offset = {(i.fqn, tuple(i.offset)): info for i, info in md.storage_data.items()}
+    total = 0
+    for key, entry in checkpoint.state_entries(trainer.engine.table,
+                                               trainer.opt.state_dict()).items():
+        for chunk in md.state_dict_metadata[key].chunks:
+            if any(all(o < c + s and c < o + n for o, n, c, s in
+                       zip(offsets, sizes, chunk.offsets, chunk.sizes))
+                   for offsets, sizes in entry.boxes):
+                total += by_offset[(key, tuple(chunk.offsets))].length
+    return total
+
+
+def _distcp_bytes(path: str) -> int:
+    return sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path)
+               if f.endswith(".distcp"))
+
+
+def test_fp16_resume_is_exact_with_its_loss_scaler(tmp_path, data_cache):
+    """The loss scaler lives in meta.json (no pickled state): a resumed fp16 run (scale grown
+    twice by then) continues bit for bit."""
+    cfg = tiny_config(str(tmp_path / "run"), data_cache, "--train.precision=fp16",
+                      "--train.steps=6", "--checkpoint.interval=3", "--checkpoint.keep=0",
+                      "--train.eval_iters=1", "--train.initial_loss_scale=1024",
+                      "--train.loss_scale_window=1")
+    first_trainer, first = train(cfg, distributed=False)
+    with open(tmp_path / "run" / "checkpoints" / "latest", "w") as f:
+        f.write("step_00000003")
+    trainer, second = train(cfg, distributed=False)
+    assert second.losses == first.losses[3:]
+    assert trainer.scaler.state_dict() == first_trainer.scaler.state_dict()
+    assert trainer.scaler.scale > 1024  # the scale the checkpoint carried, grown on
