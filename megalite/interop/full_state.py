@@ -23,6 +23,7 @@ from typing import Callable, Dict, Iterator, List, Mapping, Optional, Tuple
 import torch
 
 from megalite.models import CausalLM, ModelArgs
+from megalite.trainer import checkpoint
 
 SHARD = "model_tp{t:02d}_pp{p:02d}.pt"
 
@@ -110,6 +111,17 @@ def load_full_model_state(ckpt_dir: str) -> Tuple[ModelArgs, FullState, Optional
                                   "checkpoint is damaged: use another step") from None
     args = model_args_from(meta, meta_file)
     shapes = full_shapes(args)
+    tokenizer = os.path.join(path, "tokenizer.json")
+    tokenizer_file = tokenizer if os.path.isfile(tokenizer) else None
+    if checkpoint.is_sharded(meta):  # format 2 (DCP): the fp32 masters, one tensor at a time
+        record = meta
+
+        def master(name: str, meta: bool = False) -> torch.Tensor:
+            return _dcp_tensor(path, record, name, shapes[name], meta)
+
+        state = FullState(shapes, master)
+        state.check()
+        return args, state, tokenizer_file
     split_dim: Dict[str, int] = meta.get("tp_shard_dims", {})
     pieces: Dict[str, List[torch.Tensor]] = {}
     for p in range(pp):
@@ -142,8 +154,23 @@ def load_full_model_state(ckpt_dir: str) -> Tuple[ModelArgs, FullState, Optional
 
     state = FullState(shapes, merge)
     state.check()
-    tokenizer = os.path.join(path, "tokenizer.json")
-    return args, state, tokenizer if os.path.isfile(tokenizer) else None
+    return args, state, tokenizer_file
+
+
+def _dcp_tensor(path: str, meta: dict, name: str, shape: Tuple[int, ...],
+                meta_only: bool) -> torch.Tensor:
+    """Parameter ``name`` whole from a format-2 checkpoint's masters (only its bytes are read)."""
+    from megalite.zero.state import ShardEntry
+
+    if meta_only:
+        return torch.empty(shape, device="meta")
+    full = torch.empty(shape, dtype=torch.float32)
+    entry = ShardEntry(tuple(shape), [((0,) * len(shape), tuple(shape))], [full])
+    try:
+        checkpoint.load_sharded(path, meta, {f"master/{name}": entry})
+    except checkpoint.CheckpointError as e:
+        raise CheckpointReadError(str(e)) from None
+    return full
 
 
 def save_full_model_state(ckpt_dir: str, args: ModelArgs, state: Mapping[str, torch.Tensor],
