@@ -198,3 +198,48 @@ def test_fp16_resume_is_exact_with_its_loss_scaler(tmp_path, data_cache):
     assert second.losses == first.losses[3:]
     assert trainer.scaler.state_dict() == first_trainer.scaler.state_dict()
     assert trainer.scaler.scale > 1024  # the scale the checkpoint carried, grown on
+
+
+def test_resume_with_another_global_batch_continues_by_consumed_samples(tmp_path, data_cache,
+                                                                         monkeypatch, capsys):
+    """Saved at step 4 with a global batch of 2, resumed with 4 (grad_accum 2 -> 4): the
+    resumed steps read exactly the next samples by sample number (4*2 .. 4*2 + 2*4), with one
+    warning, and the next checkpoint records the samples consumed in both runs."""
+    import json
+
+    import megalite.trainer.loop as loop
+
+    run = str(tmp_path / "run")
+    common = ("--train.micro_batch_size=1", "--train.eval_iters=1", "--checkpoint.keep=0",
+              "--checkpoint.interval=2")
+    train(tiny_config(run, data_cache, "--train.grad_accum=2", "--train.steps=4", *common),
+          distributed=False)
+    seen = []  # (sample number, inputs) of every training micro-batch after the resume
+
+    def recording(dataset, step, micro, dp_rank, mbs, ga, dp, start=None):
+        x, y = real(dataset, step, micro, dp_rank, mbs, ga, dp, start)
+        first = (step * mbs * ga * dp if start is None else start) + (dp_rank * ga + micro) * mbs
+        seen.extend((first + i, row) for i, row in enumerate(x))
+        return x, y
+
+    real = loop.micro_batch
+    monkeypatch.setattr(loop, "micro_batch", recording)
+    capsys.readouterr()
+    trainer, result = train(tiny_config(run, data_cache, "--train.grad_accum=4",
+                                        "--train.steps=6", *common), distributed=False)
+    err = capsys.readouterr().err
+    assert err.count("global batch of 2 samples, this run's is 4") == 1, err
+    assert trainer.step == 6 and len(result.losses) == 2
+    assert all(0 < loss < 20 for loss in result.losses)  # it trains
+    train_seen = seen[:2 * 4]  # then the validation batch (its own dataset, from sample 0)
+    assert [i for i, _ in train_seen] == list(range(8, 16))
+    for i, row in train_seen:  # the dataset's samples 8..15, nothing else
+        assert row.equal(torch_row(trainer.train_ds[i][:-1]))
+    meta = json.load(open(os.path.join(run, "checkpoints", "step_00000006", "meta.json")))
+    assert (meta["consumed_samples"], meta["global_batch_size"]) == (16, 4)
+
+
+def torch_row(values):
+    import torch
+
+    return torch.from_numpy(values)
