@@ -6,6 +6,8 @@ resumed run starts from a copy of another layout's step-4 checkpoint. Pairs:
 - dp2 x tp2 x pp2 ZeRO-3 (8 ranks) -> dp4 ZeRO-1 (4 ranks);
 - tp1 (one process) -> dp2 x tp2 and -> tp4 (vocabulary padded differently at each tp);
 - dp2 x pp2 ZeRO-3 with the optimizer offloaded -> pp1 ZeRO-0 (one process);
+- interleaved dp2 x pp2 (virtual_stages=2) -> pp4 1F1B, and that run's step-8 checkpoint ->
+  pp1 (one process): 4 layers, 10 steps;
 and the dp2 x tp2 x pp2 checkpoint evaluated from one process (eval's loader and generate's
 whole-model loader) equals that run's own validation loss. The tp1 and dp2 x pp2 sources save
 asynchronously (checkpoint.async_save: a writer thread, on its own gloo group in the 4-rank
@@ -29,6 +31,9 @@ from helpers import max_abs_diff, tiny_config, train
 
 STEPS, SAVE, GLOBAL = 8, 4, 8
 TOL = 1e-5
+# the pipeline chain (interleaved -> pp4 -> pp1): 4 layers (one per stage or chunk), 10 steps,
+# so that pp4, resumed at step 4, saves at 8 with 2 steps left for pp1
+LAYERS4 = ("--model.num_layers=4", "--train.steps=10")
 
 
 def _cfg(run, cache, dp, *extra):
@@ -38,9 +43,9 @@ def _cfg(run, cache, dp, *extra):
                        f"--checkpoint.interval={SAVE}", *extra)
 
 
-def _resume_copy(src_run: str, dst_run: str) -> None:
-    """dst_run starts from src_run's step-SAVE checkpoint (its `latest`)."""
-    name = f"step_{SAVE:08d}"
+def _resume_copy(src_run: str, dst_run: str, step: int = SAVE) -> None:
+    """dst_run starts from src_run's step-``step`` checkpoint (its `latest`)."""
+    name = f"step_{step:08d}"
     os.makedirs(os.path.join(dst_run, "checkpoints"))
     shutil.copytree(os.path.join(src_run, "checkpoints", name),
                     os.path.join(dst_run, "checkpoints", name))
@@ -86,6 +91,23 @@ def _world4(tmp, cache):
                                  "--checkpoint.async_save=true"), True)
     out["p"] = result.losses
     out["p_saver_group"] = trainer.saver.group is not None and trainer.saver.pending is None
+    # interleaved dp2 x pp2 (2 chunks per rank) -> pp4 1F1B, which saves the pp4 -> pp1 source
+    import time
+
+    import torch
+
+    start = time.perf_counter()
+    trainer, result = train(_cfg(f"{tmp}/i", cache, 2, "--parallel.pp=2",
+                                 "--parallel.schedule=interleaved",
+                                 "--parallel.virtual_stages=2", *LAYERS4), True)
+    out["i"] = (len(trainer.model.chunks), result.losses)
+    torch.distributed.barrier()
+    if int(os.environ["RANK"]) == 0:
+        _resume_copy(f"{tmp}/i", f"{tmp}/i_pp4")
+    torch.distributed.barrier()
+    trainer, result = train(_cfg(f"{tmp}/i_pp4", cache, 1, "--parallel.pp=4", *LAYERS4), True)
+    out["i_pp4"] = (trainer.step, result.losses)
+    out["i_seconds"] = time.perf_counter() - start
     return out
 
 
@@ -102,9 +124,11 @@ def runs(tmp_path_factory, data_cache):
     world4 = run_distributed(_world4, 4, tmp, data_cache, timeout_s=600)
     _resume_copy(f"{tmp}/p", f"{tmp}/p_pp1")
     trainer, p_pp1 = train(_cfg(f"{tmp}/p_pp1", data_cache, 1), distributed=False)
+    _resume_copy(f"{tmp}/i_pp4", f"{tmp}/i_pp1", step=8)
+    i_trainer, i_pp1 = train(_cfg(f"{tmp}/i_pp1", data_cache, 1, *LAYERS4), distributed=False)
     return {"tmp": tmp, "ref": ref.losses, "x": (x_losses, x_val), "world4": world4,
             "written": [w for _, _, w in world8],
-            "p_pp1": (trainer.step, p_pp1.losses)}
+            "p_pp1": (trainer.step, p_pp1.losses), "i_pp1": (i_trainer.step, i_pp1.losses)}
 
 
 def test_dp2_tp2_pp2_zero3_resumes_at_dp4_zero1(runs):
@@ -142,6 +166,17 @@ def test_pp2_zero3_offload_resumes_at_pp1_zero0(runs):
     assert all(rank["p_saver_group"] for rank in runs["world4"])  # saved on its own group
     step, losses = runs["p_pp1"]
     assert step == STEPS and max_abs_diff(losses, p_losses[SAVE:]) < TOL
+
+
+def test_interleaved_resumes_at_pp4_1f1b_and_pp4_at_pp1(runs):
+    for rank in runs["world4"]:
+        chunks, i_losses = rank["i"]
+        assert chunks == 2 and len(i_losses) == 10  # the source really ran interleaved
+        step, losses = rank["i_pp4"]
+        assert step == 10 and max_abs_diff(losses, i_losses[SAVE:]) < TOL
+    _, pp4_losses = runs["world4"][0]["i_pp4"]
+    step, losses = runs["i_pp1"]
+    assert step == 10 and max_abs_diff(losses, pp4_losses[8 - SAVE:]) < TOL
 
 
 def test_tp2_pp2_checkpoint_evaluated_in_one_process(runs, data_cache):
@@ -198,3 +233,48 @@ def test_fp16_resume_is_exact_with_its_loss_scaler(tmp_path, data_cache):
     assert second.losses == first.losses[3:]
     assert trainer.scaler.state_dict() == first_trainer.scaler.state_dict()
     assert trainer.scaler.scale > 1024  # the scale the checkpoint carried, grown on
+
+
+def test_resume_with_another_global_batch_continues_by_consumed_samples(tmp_path, data_cache,
+                                                                         monkeypatch, capsys):
+    """Saved at step 4 with a global batch of 2, resumed with 4 (grad_accum 2 -> 4): the
+    resumed steps read exactly the next samples by sample number (4*2 .. 4*2 + 2*4), with one
+    warning, and the next checkpoint records the samples consumed in both runs."""
+    import json
+
+    import megalite.trainer.loop as loop
+
+    run = str(tmp_path / "run")
+    common = ("--train.micro_batch_size=1", "--train.eval_iters=1", "--checkpoint.keep=0",
+              "--checkpoint.interval=2")
+    train(tiny_config(run, data_cache, "--train.grad_accum=2", "--train.steps=4", *common),
+          distributed=False)
+    seen = []  # (sample number, inputs) of every training micro-batch after the resume
+
+    def recording(dataset, step, micro, dp_rank, mbs, ga, dp, start=None):
+        x, y = real(dataset, step, micro, dp_rank, mbs, ga, dp, start)
+        first = (step * mbs * ga * dp if start is None else start) + (dp_rank * ga + micro) * mbs
+        seen.extend((first + i, row) for i, row in enumerate(x))
+        return x, y
+
+    real = loop.micro_batch
+    monkeypatch.setattr(loop, "micro_batch", recording)
+    capsys.readouterr()
+    trainer, result = train(tiny_config(run, data_cache, "--train.grad_accum=4",
+                                        "--train.steps=6", *common), distributed=False)
+    err = capsys.readouterr().err
+    assert err.count("global batch of 2 samples, this run's is 4") == 1, err
+    assert trainer.step == 6 and len(result.losses) == 2
+    assert all(0 < loss < 20 for loss in result.losses)  # it trains
+    train_seen = seen[:2 * 4]  # then the validation batch (its own dataset, from sample 0)
+    assert [i for i, _ in train_seen] == list(range(8, 16))
+    for i, row in train_seen:  # the dataset's samples 8..15, nothing else
+        assert row.equal(torch_row(trainer.train_ds[i][:-1]))
+    meta = json.load(open(os.path.join(run, "checkpoints", "step_00000006", "meta.json")))
+    assert (meta["consumed_samples"], meta["global_batch_size"]) == (16, 4)
+
+
+def torch_row(values):
+    import torch
+
+    return torch.from_numpy(values)

@@ -220,6 +220,11 @@ def test_micro_batch_layouts(synth: IndexedTokens) -> None:
         assert step_samples(2, 2, step) == ref == step_samples(4, 1, step)
     with pytest.raises(IndexError):
         micro_batch(ds, 8, 0, 0, mbs, 4, 1)
+    # start (a run resumed with another global batch): the step's batch begins at that sample
+    x, _ = micro_batch(ds, 5, 1, 1, mbs, 2, 2, start=13)
+    assert [row.tolist() for row in x] == [ds[i][:-1].tolist() for i in (13 + 6, 13 + 7)]
+    assert micro_batch(ds, 2, 1, 0, mbs, 4, 1, start=2 * g)[0].equal(
+        micro_batch(ds, 2, 1, 0, mbs, 4, 1)[0])  # the default start is step x global batch
     x, _ = eval_batch(ds, 40, 1, 2, 2)  # wraps around the end
     assert np.array_equal(x[0].numpy(), ds[(40 * 2 + 1) * 2 % 64][:-1])
 

@@ -332,12 +332,19 @@ def _stack(dataset: object, idx: np.ndarray) -> Tuple["torch.Tensor", "torch.Ten
 
 
 def micro_batch(dataset: object, step: int, micro: int, dp_rank: int, micro_batch_size: int,
-                grad_accum: int, dp: int) -> Tuple["torch.Tensor", "torch.Tensor"]:
+                grad_accum: int, dp: int, start: Optional[int] = None
+                ) -> Tuple["torch.Tensor", "torch.Tensor"]:
     """(inputs, labels), int64 [micro_batch_size, seq_len], of micro-batch ``micro`` of rank
     ``dp_rank`` at ``step``: a fixed slice of the step's global samples, so the union over ranks
-    and micro-batches is the same for every layout with the same global batch."""
+    and micro-batches is the same for every layout with the same global batch.
+
+    ``start``: the sample number where the step's global batch begins (the samples consumed
+    before it); default ``step`` x the global batch. A run resumed with another global batch
+    passes the checkpoint's consumed samples + (step - resumed step) x its global batch, so the
+    data continues with the next sample."""
     g = micro_batch_size * grad_accum * dp
-    first = step * g + (dp_rank * grad_accum + micro) * micro_batch_size
+    base = step * g if start is None else start
+    first = base + (dp_rank * grad_accum + micro) * micro_batch_size
     n = len(dataset)  # type: ignore[arg-type]
     if first + micro_batch_size > n:
         raise IndexError(f"step {step} needs samples up to {first + micro_batch_size} but the "

@@ -127,6 +127,9 @@ class Trainer:
                                      static=t.loss_scale > 0)
         self.ckpt_dir = cfg.checkpoint.dir or os.path.join(cfg.run.dir, "checkpoints")
         self.step = 0
+        # samples consumed before step 0 of this run's global batch: consumed samples at a step
+        # = step x global batch + shift (not 0 only when resumed with another global batch)
+        self.sample_shift = 0
         # checkpoint.keep prunes only checkpoints carrying this id (rank 0's is the one written;
         # a resumed run takes its checkpoint's)
         self.run_id = uuid.uuid4().hex
@@ -230,15 +233,24 @@ class Trainer:
         self.log.print(f"resumed from {path} at step {self.step}")
 
     def _check_batch(self, path: str, meta: dict) -> None:
-        # A batch is indexed by step, so the same global batch continues the data exactly.
-        # (Dropout is seeded by step and rank — step_seed — so no per-rank RNG state is saved.)
+        """A batch is indexed by step, so the same global batch continues the data exactly;
+        another continues by consumed samples (the next sample after the checkpoint's last),
+        with a warning. (Dropout is seeded by step and rank — step_seed — so no per-rank RNG
+        state is saved.)"""
         saved = meta.get("global_batch_size", self.gbs)
-        if saved != self.gbs:
-            raise ResumeError(
-                f"checkpoint.resume: {path} was trained with a global batch of {saved} samples, "
-                f"this run's is {self.gbs} (micro {self.mbs} x grad_accum {self.ga} x dp "
-                f"{self.dims.dp}): keep train.micro_batch_size x train.grad_accum x parallel.dp "
-                f"= {saved}, or give this run its own --run.dir")
+        if saved == self.gbs:
+            return
+        step = int(meta["step"])
+        consumed = int(meta.get("consumed_samples", step * saved))
+        self.sample_shift = consumed - step * self.gbs
+        self._warn(f"warning: {path} was trained with a global batch of {saved} samples, this "
+                   f"run's is {self.gbs}: the data continues by consumed samples (from sample "
+                   f"{consumed}), not as the original run would have; the learning-rate "
+                   "schedule still follows the step")
+        needed = self.cfg.train.steps * self.gbs + self.sample_shift
+        if needed > len(self.train_ds):  # a smaller global batch reaches further samples
+            self.train_ds, _, _ = build_datasets(self.cfg.data, self.cfg.train.seed, needed,
+                                                 self.cfg.train.eval_iters * self.gbs)
 
     def _resume_format1(self, path: str, meta: dict) -> None:
         """A checkpoint of the per-layout format: only at its own tp, pp and ZeRO sharding."""
@@ -288,9 +300,10 @@ class Trainer:
     def micro_batches(self, step: int, data=None) -> List[Dict[str, torch.Tensor]]:
         """This rank's micro-batches of global batch ``step``, one batch dict each."""
         out = []
+        start = step * self.gbs + self.sample_shift if data is None else None
         for micro in range(self.ga):
             x, y = micro_batch(self.train_ds if data is None else data, step, micro,
-                               self.dims.dp_rank, self.mbs, self.ga, self.dims.dp)
+                               self.dims.dp_rank, self.mbs, self.ga, self.dims.dp, start)
             out.append({"tokens": x.to(self.dims.device), "labels": y.to(self.dims.device)})
         return out
 
@@ -401,7 +414,8 @@ class Trainer:
         p = self.cfg.parallel
         meta = {"config": asdict(self.cfg), "model_args": asdict(self.args),
                 "run_id": self.run_id, "optimizer_step": state["step"],
-                "consumed_samples": self.step * self.gbs, "global_batch_size": self.gbs,
+                "consumed_samples": self.step * self.gbs + self.sample_shift,
+                "global_batch_size": self.gbs,
                 "scaler": self.scaler.state_dict() if self.scaler is not None else None,
                 "layout": {"zero_stage": p.zero_stage, "offload": p.offload_optimizer,
                            "chunks": len(self.model.chunks)}}

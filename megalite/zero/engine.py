@@ -362,10 +362,11 @@ class ZeroEngine:
         shard_state.load_entries(self.state_dict(), entries)
         self.publish()
 
-    # ---- checkpoints (same-layout format) ------------------------------------------------------
+    # ---- full values; loading the per-layout checkpoint format of before DCP -----------------
     def full_values(self, shards: Sequence[torch.Tensor]) -> Dict[str, torch.Tensor]:
         """Collective over dp: name -> full value of every parameter, from each group's owned
-        shard of some per-group tensor (the fp32 master weights), one group at a time."""
+        shard of some per-group tensor (gradients, in tests), one group at a time. Checkpoints
+        never gather: each rank saves its own boxes (``state_dict``)."""
         out: Dict[str, torch.Tensor] = {}
         for g, shard in zip(self.groups, shards):
             if self.shards == 1:

@@ -167,10 +167,6 @@ class ShardedAdamW:
             out["offload_grads"] = nbytes(self.grad_copies)
         return out
 
-    def adamw_state(self) -> Dict:
-        """torch AdamW's own state dict (the same-layout checkpoint format)."""
-        return self.opt.state_dict()
-
     def state_dict(self) -> Dict[str, object]:
         """fp32 master weights and AdamW moments as N-d boxes of the global tensors (views of
         this rank's state, see ``zero/state.py``), and the step count."""
