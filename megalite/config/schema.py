@@ -280,8 +280,9 @@ class CheckpointConfig:
     """Save every this many steps (0: only at the end and on SIGTERM/SIGUSR1)."""
     resume: bool = True
     """Resume from the `latest` checkpoint in `dir` when there is one, at any parallel layout
-    (dp, tp, pp, ZeRO stage, offload) with the same model and global batch; false refuses a
-    `dir` that already holds checkpoints (give the run its own run.dir)."""
+    (dp, tp, pp, ZeRO stage, offload) with the same model (another global batch continues by
+    consumed samples, with a warning); false refuses a `dir` that already holds checkpoints
+    (give the run its own run.dir)."""
     keep: int = 2
     """Keep this many most recent checkpoints written by this run (0 keeps all); checkpoints
     of other runs are never removed."""
