@@ -22,10 +22,11 @@ millisecond during the save; printed is the peak minus the RSS just before (``gl
 trimming is off, as in bench/zero.py, so freed memory does not hide a later peak), next to the
 bytes the rank owns.
 
-Async save (in the largest world): rounds of ``--async-steps`` training steps followed by a
-save, in three modes run in alternating blocks: no save, ``async_save=false`` and
-``async_save=true`` (the same Trainer built with async save on; the synchronous mode calls
-``checkpoint.save`` directly through the Trainer with its saver detached). A block's time
+Async save (in the ``--async-world`` world, after its save/load repetitions): rounds of
+``--async-steps`` training steps followed by a save, in three modes run in alternating
+blocks: no save, ``async_save=false`` and ``async_save=true`` (the same Trainer built with
+async save on; the synchronous mode runs ``checkpoint.save`` inline: ``save_checkpoint`` with
+the Trainer's saver detached). A block's time
 includes waiting for its last async save. Hidden fraction = 1 - (async - none) / (sync - none).
 On a machine whose cores are all busy training, the writer thread competes with the step for
 CPU, so less is hidden than with a spare core (or a GPU).
@@ -119,7 +120,7 @@ def pin_malloc() -> None:
         pass
 
 
-# ---- one rank --------------------------------------------------------------------------------------
+# ---- one rank ------------------------------------------------------------------------------------
 def megalite_argv(a, world: int, run_dir: str, async_save: bool) -> List[str]:
     return ["--config", os.path.join(REPO, "configs", "tiny.yaml"), f"--run.dir={run_dir}",
             "--run.tensorboard=false", "--run.sample_tokens=0", "--train.eval_interval=0",
@@ -180,15 +181,19 @@ def _torch_save(state, path: str) -> None:
 
 
 def io_world(a, world: int, rank: int, run_dir: str) -> dict:
+    """Save/load repetitions (and the reference in a 1-rank world); in the world of
+    ``--async-world`` ranks also the async-save blocks (one spawned world for both)."""
     from megalite.config import parse_args
     from megalite.parallel.dims import ParallelDims
     from megalite.parallel.env import discover
     from megalite.trainer import checkpoint
     from megalite.trainer.loop import Trainer
 
-    cfg, _ = parse_args(megalite_argv(a, world, run_dir, False), verbose=False)
+    do_async = world == a.async_world
+    cfg, _ = parse_args(megalite_argv(a, world, run_dir, do_async), verbose=False)
     dims = ParallelDims.initialize(world, 1, 1, discover(), "gloo")
     trainer = Trainer(cfg, dims)
+    saver, trainer.saver = trainer.saver, None  # None: save_checkpoint runs checkpoint.save inline
     trainer.train_step()  # AdamW moments exist
     owned = sum(t.numel() * t.element_size()
                 for e in checkpoint.state_entries(trainer.engine.table,
@@ -216,6 +221,8 @@ def io_world(a, world: int, rank: int, run_dir: str) -> dict:
     res["ckpt_bytes"], per_rank = _ckpt_bytes(path)
     res["written"] = per_rank.get(rank, 0)
     res["ckpt"] = os.path.dirname(path)
+    if do_async:
+        res["async"] = _async_blocks(a, trainer, saver)
     return res
 
 
@@ -233,20 +240,11 @@ def _reference(trainer, path: str, res: dict) -> None:
     os.remove(path)
 
 
-def async_world(a, world: int, rank: int, run_dir: str) -> dict:
-    from megalite.config import parse_args
-    from megalite.parallel.dims import ParallelDims
-    from megalite.parallel.env import discover
-    from megalite.trainer.loop import Trainer
-
-    cfg, _ = parse_args(megalite_argv(a, world, run_dir, True), verbose=False)
-    dims = ParallelDims.initialize(world, 1, 1, discover(), "gloo")
-    trainer = Trainer(cfg, dims)
-    saver = trainer.saver
-    trainer.train_step()  # warm-up
-
+def _async_blocks(a, trainer, saver) -> Dict[str, List[float]]:
+    """Seconds per round (``--async-steps`` steps + a save) with no save, a synchronous save
+    and an asynchronous one, in alternating blocks."""
     def block(mode: str) -> float:
-        trainer.saver = saver if mode == "async" else None  # None: checkpoint.save inline
+        trainer.saver = saver if mode == "async" else None
 
         def run() -> None:
             for _ in range(a.async_rounds):
@@ -278,8 +276,7 @@ def _rank(kind: str, rank: int, world: int, port: int, a, run_dir: str, log: str
     torch.set_num_threads(1)
     pin_malloc()
     try:
-        fn = io_world if kind == "io" else async_world
-        out.put((rank, "ok", fn(a, world, rank, run_dir)))
+        out.put((rank, "ok", io_world(a, world, rank, run_dir)))
     except BaseException:  # noqa: BLE001 - every failure must reach the parent
         out.put((rank, "error", traceback.format_exc()))
     finally:
@@ -320,7 +317,7 @@ def run_world(kind: str, world: int, a, run_dir: str) -> List[dict]:
     return [results[r] for r in range(world)]
 
 
-# ---- HF conversion ---------------------------------------------------------------------------------
+# ---- HF conversion -------------------------------------------------------------------------------
 _PEAK = ("import resource, subprocess, sys; rc = subprocess.call(sys.argv[1:]); "
          "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024); sys.exit(rc)")
 
@@ -337,8 +334,9 @@ def child_peak_rss(cmd: List[str]) -> int:
 
 
 def hf_convert(ckpt: str, out_root: str, max_shard_mb: float) -> dict:
-    imports = ("import torch, megalite.cli, megalite.interop.hf_files, "
-               "megalite.interop.full_state")
+    imports = ("import torch, torch.distributed.checkpoint, safetensors.torch, transformers, "
+               "megalite.cli, megalite.interop.hf_files, megalite.trainer.inference; "
+               "transformers.GPT2Config, transformers.LlamaConfig")
     base = child_peak_rss([sys.executable, "-c", imports])
     out = os.path.join(out_root, "hf")
     t0 = time.perf_counter()
@@ -351,7 +349,7 @@ def hf_convert(ckpt: str, out_root: str, max_shard_mb: float) -> dict:
                 largest=max(sizes), total=sum(sizes))
 
 
-# ---- report ----------------------------------------------------------------------------------------
+# ---- report --------------------------------------------------------------------------------------
 def table(rows: List[List[str]], header: List[str]) -> str:
     widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
     line = lambda r: "  ".join(str(c).rjust(w) if i else str(c).ljust(w)  # noqa: E731
@@ -418,28 +416,31 @@ def report(io: Dict[int, List[dict]], asy: Optional[Tuple[int, List[dict]]],
         cost_sync, cost_async = t["sync"] - t["none"], t["async"] - t["none"]
         hidden = 1 - cost_async / cost_sync if cost_sync > 0 else float("nan")
         print()
-        print(table([[m, f"{1e3 * t[m]:.0f}", ns[m], f"{1e3 * (t[m] - t['none']):.0f}"]
+        label = {"none": "no save", "sync": "sync save", "async": "async save"}
+        print(table([[label[m], f"{1e3 * t[m]:.0f}", ns[m], f"{1e3 * (t[m] - t['none']):.0f}"]
                      for m in t],
-                    [f"async save, {world} ranks: {a.async_steps} steps + 1 save", "ms per round",
+                    [f"round = {a.async_steps} steps + 1 save, {world} rank(s)", "ms per round",
                      "noise", "save cost ms"]))
         print(f"save time hidden by checkpoint.async_save: {100 * hidden:.0f}% "
               f"(1 - async cost / sync cost; a round's time includes waiting for its save)")
     if hf is not None:
         extra = hf["peak"] - hf["base"]
         print()
-        print(table([["megalite convert --to hf", f"{hf['seconds']:.1f}", f"{hf['total'] / MiB:.1f}",
+        print(table([["megalite convert --to hf", f"{hf['seconds']:.1f}",
+                      f"{hf['total'] / MiB:.1f}",
                       f"{hf['shards']}", f"{hf['largest'] / MiB:.1f}", f"{hf['peak'] / MiB:.0f}",
                       f"{extra / MiB:.0f}", f"{extra / hf['largest']:.2f}",
                       f"{extra / hf['total']:.2f}"]],
                     ["HF export (fp32)", "s", "model MiB", "shards", "largest MiB", "peak RSS MiB",
                      "peak extra MiB", "extra / shard", "extra / model"]))
         print("peak extra = the conversion's peak RSS minus that of a process importing the same "
-              "modules")
+              "modules (torch, DCP, safetensors, transformers' config classes, megalite)")
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--worlds", default="1,2,4", help="rank counts of the save/load worlds")
+    ap.add_argument("--worlds", default=None, help="rank counts of the save/load worlds "
+                    "(default 1,2,4; --quick: 1,2)")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--hidden", type=int, default=1024)
@@ -448,7 +449,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--seq", type=int, default=32)
     ap.add_argument("--async-steps", type=int, default=2, help="training steps per save")
     ap.add_argument("--async-rounds", type=int, default=2, help="rounds per timed block")
-    ap.add_argument("--async-world", type=int, default=2, help="ranks of the async world")
+    ap.add_argument("--async-world", type=int, default=None,
+                    help="the world (one of --worlds) that also times async save (default 2); "
+                    "0: none")
     ap.add_argument("--max-shard-mb", type=float, default=100.0)
     ap.add_argument("--no-hf", action="store_true", help="skip the HF conversion")
     ap.add_argument("--timeout", type=float, default=900.0, help="seconds per world")
@@ -457,8 +460,11 @@ def main(argv: Optional[List[str]] = None) -> int:
                     help="tiny model, one repetition, worlds 1,2: every row in seconds")
     a = ap.parse_args(argv)
     if a.quick:
-        a.worlds, a.reps, a.layers, a.hidden, a.heads, a.vocab, a.seq = "1,2", 1, 1, 64, 4, 0, 16
-        a.async_steps, a.async_rounds, a.async_world, a.max_shard_mb = 1, 1, 2, 0.1
+        a.reps, a.layers, a.hidden, a.heads, a.vocab, a.seq = 1, 1, 64, 4, 0, 16
+        a.async_steps, a.async_rounds, a.max_shard_mb = 1, 1, 0.1
+        a.worlds = a.worlds or "1,2"
+    a.worlds = a.worlds or "1,2,4"
+    a.async_world = 2 if a.async_world is None else a.async_world
     worlds = [int(w) for w in a.worlds.split(",") if w]
     root = tempfile.mkdtemp(prefix="megalite-bench-ckpt-", dir=a.dir)
     a.data_cache = os.path.join(REPO, ".cache", "megalite") if not a.quick else \
@@ -469,9 +475,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         for w in worlds:
             io[w] = run_world("io", w, a, os.path.join(root, f"io{w}"))
         asy = None
-        if a.async_world > 0:
-            asy = (a.async_world, run_world("async", a.async_world, a,
-                                            os.path.join(root, "async")))
+        if a.async_world in io:
+            asy = (a.async_world, [r["async"] for r in io[a.async_world]])
         hf = None
         if not a.no_hf:
             src = next(iter(io.values()))[0]["ckpt"]
