@@ -47,7 +47,6 @@ from __future__ import annotations
 import argparse
 import os
 import queue
-import resource
 import shutil
 import statistics
 import subprocess
