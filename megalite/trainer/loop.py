@@ -9,18 +9,17 @@ import signal
 import sys
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
 import torch
 
+from megalite.checkpoint.async_save import AsyncSaver
 from megalite.config import save_yaml
-from megalite.checkpoint.async_save import AsyncSaver, staged
 from megalite.config.schema import Config
 from megalite.data import build_datasets, ensure_dataset, micro_batch, tokenizer_file
 from megalite.hardware import device_peak_tflops
-from megalite.models import (CausalLM, build_model, flops_per_token, num_params,
-                             resolve_model_args)
+from megalite.models import CausalLM, build_model, flops_per_token, num_params, resolve_model_args
 from megalite.parallel import comm
 from megalite.parallel.dims import ParallelDims
 from megalite.pipeline import schedules
@@ -29,9 +28,10 @@ from megalite.pipeline.inference import inference_view
 from megalite.plan import model_plan
 from megalite.tensor_parallel.plan import loss_fn
 from megalite.tensor_parallel.random import SplitRegionRNG, cover_split_regions
-from megalite.trainer import checkpoint
+from megalite.trainer import checkpoint, resume
 from megalite.trainer.lr import train_lr
 from megalite.trainer.metrics import MetricsLogger, Timers
+from megalite.trainer.resume import ResumeError, resume_off_problem  # noqa: F401 (API)
 from megalite.zero import LossScaler, ShardedAdamW, ZeroEngine
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -39,23 +39,6 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or Inf; the last good checkpoint is kept."""
-
-
-class ResumeError(ValueError):
-    """The checkpoint found in the run cannot continue this config (a user's mistake: the CLI
-    prints it as one ``error:`` line)."""
-
-
-def resume_off_problem(ckpt_dir: str) -> Optional[str]:
-    """Why a run with checkpoint.resume=false cannot use ``ckpt_dir``, or None."""
-    found = checkpoint.step_dirs(ckpt_dir)
-    if found or os.path.exists(os.path.join(ckpt_dir, "latest")):
-        held = f"checkpoints up to {found[-1]}" if found else "a 'latest' pointer"
-        return (f"checkpoint.resume=false: {ckpt_dir} already holds {held} of another run; "
-                "this run will not write beside them (its 'latest' would hide them and "
-                "checkpoint.keep could remove them): give it its own --run.dir (or "
-                "--checkpoint.dir), or resume")
-    return None
 
 
 @dataclass
@@ -191,102 +174,15 @@ class Trainer:
         if self.dims.rank == 0:
             print(text, file=sys.stderr, flush=True)
 
+    # ---- checkpoints: megalite/trainer/resume.py ------------------------------------------
     def maybe_resume(self) -> None:
-        """Continue from the run's latest checkpoint (checkpoint.resume), checked before any
-        shard is read: step, model shape, layout. With resume off, a checkpoints directory that
-        already holds checkpoints is refused: this run's would sit beside them, its ``latest``
-        hide them and its pruning could remove them."""
-        if not self.cfg.checkpoint.resume:
-            problem = resume_off_problem(self.ckpt_dir)
-            if problem:
-                raise ResumeError(problem)
-            return
-        path = checkpoint.latest(self.ckpt_dir, warn=self._warn)
-        if path is None:
-            return
-        meta = checkpoint.read_meta(path)
-        if meta.get("step", 0) > self.cfg.train.steps:
-            raise ResumeError(
-                f"checkpoint.resume: {path} is at step {meta['step']}, past train.steps="
-                f"{self.cfg.train.steps}: this run directory holds another run; give this one "
-                f"its own --run.dir, raise train.steps, or pass --checkpoint.resume=false")
-        differ = checkpoint.model_mismatch(meta.get("model_args", {}), asdict(self.args))
-        if differ:
-            raise ResumeError(
-                f"checkpoint.resume: {path} holds another model: "
-                + ", ".join(f"{k}={saved} there, {mine} here" for k, saved, mine in differ)
-                + "; resume with the checkpoint's model settings, or give this run its own "
-                "--run.dir")
-        if not checkpoint.is_sharded(meta):
-            self._resume_format1(path, meta)
-        else:
-            self._check_batch(path, meta)
-            state = self.opt.state_dict()
-            read = checkpoint.load_sharded(path, meta, checkpoint.state_entries(
-                self.engine.table, state), self.dims.world_group)
-            self.opt.load_state_dict(dict(state, step=meta["optimizer_step"]))
-            if self.scaler is not None and meta.get("scaler"):
-                self.scaler.load_state_dict(meta["scaler"])
-            self.step = meta["step"]
-            self.bytes_read = read
-        self.run_id = meta.get("run_id", self.run_id)  # the resumed run goes on
-        self.log.print(f"resumed from {path} at step {self.step}")
-
-    def _check_batch(self, path: str, meta: dict) -> None:
-        """A batch is indexed by step, so the same global batch continues the data exactly;
-        another continues by consumed samples (the next sample after the checkpoint's last),
-        with a warning. (Dropout is seeded by step and rank — step_seed — so no per-rank RNG
-        state is saved.)"""
-        saved = meta.get("global_batch_size", self.gbs)
-        if saved == self.gbs:
-            return
-        step = int(meta["step"])
-        consumed = int(meta.get("consumed_samples", step * saved))
-        self.sample_shift = consumed - step * self.gbs
-        self._warn(f"warning: {path} was trained with a global batch of {saved} samples, this "
-                   f"run's is {self.gbs}: the data continues by consumed samples (from sample "
-                   f"{consumed}), not as the original run would have; the learning-rate "
-                   "schedule still follows the step")
-        needed = self.cfg.train.steps * self.gbs + self.sample_shift
-        if needed > len(self.train_ds):  # a smaller global batch reaches further samples
-            self.train_ds, _, _ = build_datasets(self.cfg.data, self.cfg.train.seed, needed,
-                                                 self.cfg.train.eval_iters * self.gbs)
-
-    def _resume_format1(self, path: str, meta: dict) -> None:
-        """A checkpoint of the per-layout format: only at its own tp, pp and ZeRO sharding."""
-        saved_layout = meta.get("layout", {})
-        here = {"tp": self.dims.tp, "pp": self.dims.pp}
-        if any(saved_layout.get(axis, size) != size for axis, size in here.items()):
-            raise ResumeError(
-                f"checkpoint.resume: {path} was saved at tp={saved_layout.get('tp')} "
-                f"pp={saved_layout.get('pp')} in the per-layout format, this run is "
-                f"tp={self.dims.tp} pp={self.dims.pp}: resume it once at its own layout (the "
-                "next save is layout-free), or give this run its own --run.dir")
-        saved = meta.get("zero")
-        if saved != self.engine.layout():
-            raise ResumeError(
-                f"checkpoint {path} holds optimizer state sharded as {saved}; this run shards it "
-                f"as {self.engine.layout()}: resume with the same parallel.dp (with ZeRO >= 1), "
-                f"parallel.bucket_mb and train.grad_dtype")
-        shard = checkpoint.load_shard(path, self.dims, meta)
-        sharded = self.engine.shards_over_dp
-        state = checkpoint.load_dp_shard(path, self.dims, meta) if sharded else shard
-        self.opt.load(shard["model"], state["optimizer"])
-        if self.scaler is not None and state.get("scaler"):
-            self.scaler.load_state_dict(state["scaler"])
-        self.step = shard["step"]
+        resume.maybe_resume(self)
 
     def load_weights(self, path: str) -> None:
-        """Model weights only (for eval), from a checkpoint of any layout: the fp32 masters,
-        cast to the parameter dtype."""
-        meta = checkpoint.read_meta(path)
-        if not checkpoint.is_sharded(meta):
-            self.opt.load(checkpoint.load_shard(path, self.dims, meta)["model"], None)
-            return
-        state = self.opt.state_dict()
-        checkpoint.load_sharded(path, meta, checkpoint.state_entries(
-            self.engine.table, state, kinds=("master",)), self.dims.world_group)
-        self.opt.load_state_dict(state)
+        resume.load_weights(self, path)
+
+    def save_checkpoint(self) -> str:
+        return resume.save_checkpoint(self)
 
     def sample(self, prompt: str, max_new_tokens: int, seed: int = 0) -> str:
         from megalite.trainer.inference import sample_text
@@ -406,27 +302,6 @@ class Trainer:
         total *= self.dims.reports_loss
         comm.all_reduce(total, self.dims.world_group, self.dims.meter)
         return (total / tokens.clamp(min=1)).item()
-
-    def save_checkpoint(self) -> str:
-        """Every rank writes the boxes it owns (checkpoint.save); the non-tensor state goes
-        into meta.json."""
-        state = self.opt.state_dict()
-        p = self.cfg.parallel
-        meta = {"config": asdict(self.cfg), "model_args": asdict(self.args),
-                "run_id": self.run_id, "optimizer_step": state["step"],
-                "consumed_samples": self.step * self.gbs + self.sample_shift,
-                "global_batch_size": self.gbs,
-                "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-                "layout": {"zero_stage": p.zero_stage, "offload": p.offload_optimizer,
-                           "chunks": len(self.model.chunks)}}
-        entries = checkpoint.state_entries(self.engine.table, state)
-        args = (self.ckpt_dir, self.step, self.dims)
-        if self.saver is None:
-            return checkpoint.save(*args, entries, meta, self.tokenizer_file,
-                                   self.cfg.checkpoint.keep)
-        self.saver.submit(checkpoint.save, *args, staged(entries), meta, self.tokenizer_file,
-                          self.cfg.checkpoint.keep, group=self.saver.group)
-        return checkpoint.step_dir(self.ckpt_dir, self.step)
 
     def wait_for_save(self) -> None:
         """The in-flight asynchronous save is complete (its error raised here)."""
