@@ -140,8 +140,11 @@ def test_outsider_on_a_second_address_cannot_steer_a_two_node_job(two_hosts, tmp
         assert len(warned) == len(set(warned)), warned  # once per key and reason
         assert any("key 'failed' that carries a wrong MAC" in w for w in warned), out[-3000:]
     warned0 = outs[0]
-    assert "key 'hb/1' that carries a wrong MAC" in warned0, warned0[-3000:]
-    assert "key 'hb/1' that is a replay" in warned0, warned0[-3000:]
+    # node 0 sees only the latest value of hb/1, which node 1's own beats also overwrite: under
+    # load its 10 Hz poll may catch one kind of forged beat and not the other (both kinds are
+    # checked deterministically in tests/test_launcher_security.py)
+    assert ("key 'hb/1' that carries a wrong MAC" in warned0
+            or "key 'hb/1' that is a replay" in warned0), warned0[-3000:]
     assert "key 'done/1' that carries a wrong MAC" in warned0, warned0[-3000:]
     expected, got = losses(str(tmp_path / "ref")), losses(run_dir)
     assert sorted(got) == sorted(expected) == list(range(1, STEPS + 1)), (got, expected)
