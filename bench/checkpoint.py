@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import queue
 import shutil
 import statistics
 import subprocess
@@ -60,6 +59,8 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as tmp
+
+from _worlds import collect
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
@@ -293,26 +294,13 @@ def run_world(kind: str, world: int, a, run_dir: str) -> List[dict]:
     logs = [os.path.join(run_dir, f"{kind}.rank{r}.log") for r in range(world)]
     procs = [mp.Process(target=_rank, args=(kind, r, world, port, a, run_dir, logs[r], out),
                         daemon=True) for r in range(world)]
-    for p in procs:
-        p.start()
-    results: Dict[int, dict] = {}
-    deadline = time.monotonic() + a.timeout
-    try:
-        while len(results) < world:
-            try:
-                rank, status, value = out.get(timeout=max(1.0, deadline - time.monotonic()))
-            except queue.Empty:
-                raise RuntimeError(f"{kind} world of {world}: no result within {a.timeout:.0f} s "
-                                   f"(logs: {run_dir})") from None
-            if status != "ok":
-                raise RuntimeError(f"{kind} world of {world}, rank {rank}:\n{value}")
-            results[rank] = value
-    finally:
-        for p in procs:
-            p.join(timeout=10)
-            if p.is_alive():
-                p.kill()
-                p.join()
+    results, failure = collect(procs, out, a.timeout)
+    if failure is not None:
+        rank, value = failure
+        if rank is None:
+            raise RuntimeError(f"{kind} world of {world}: no result within {a.timeout:.0f} s "
+                               f"(logs: {run_dir})")
+        raise RuntimeError(f"{kind} world of {world}, rank {rank}:\n{value}")
     return [results[r] for r in range(world)]
 
 

@@ -72,7 +72,6 @@ import argparse
 import contextlib
 import dataclasses
 import os
-import queue
 import resource
 import statistics
 import sys
@@ -84,6 +83,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as tmp
+
+from _worlds import collect
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
@@ -576,28 +577,12 @@ def run_world(v: Variant, ctx: dict, log_dir: str, timeout_s: float) -> Tuple[bo
     logs = [os.path.join(log_dir, f"{v.key}.rank{r}.log") for r in range(WORLD)]
     procs = [mp.Process(target=_rank, args=(r, port, v, ctx, logs[r], out), daemon=True)
              for r in range(WORLD)]
-    for p in procs:
-        p.start()
-    results: Dict[int, dict] = {}
+    results, failure = collect(procs, out, timeout_s)
     error = None
-    deadline = time.monotonic() + timeout_s
-    try:
-        while len(results) < WORLD and error is None:
-            try:
-                rank, status, value = out.get(timeout=max(1.0, deadline - time.monotonic()))
-            except queue.Empty:
-                error = f"no result within {timeout_s:.0f} s (logs: {log_dir})"
-                break
-            if status != "ok":
-                error = f"rank {rank}: {value.strip().splitlines()[-1]} (log: {logs[rank]})"
-            else:
-                results[rank] = value
-    finally:
-        for p in procs:
-            p.join(timeout=10)
-            if p.is_alive():
-                p.kill()
-                p.join()
+    if failure is not None:
+        rank, value = failure
+        error = (f"no result within {timeout_s:.0f} s (logs: {log_dir})" if rank is None else
+                 f"rank {rank}: {value.strip().splitlines()[-1]} (log: {logs[rank]})")
     return (False, error) if error else (True, [results[r] for r in range(WORLD)])
 
 

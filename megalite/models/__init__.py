@@ -30,16 +30,17 @@ def resolve_model_args(cfg: ModelConfig, vocab_size: Optional[int] = None,
     vocab = cfg.vocab_size if cfg.vocab_size is not None else vocab_size
     if vocab is None:
         raise ValueError("model.vocab_size is unknown: set it or give data with a tokenizer")
+    flags = {k: bool(data and getattr(data, k))
+             for k in ("reset_attention_mask", "reset_position_ids", "eod_mask_loss")}
     return ModelArgs(
         family=cfg.family, num_layers=cfg.num_layers, hidden_size=cfg.hidden_size,
         num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads or cfg.num_heads,
         ffn_hidden_size=ffn, vocab_size=vocab, max_seq_len=cfg.max_seq_len, norm_eps=cfg.norm_eps,
         rope_theta=cfg.rope_theta, dropout=cfg.dropout,
         tie_embeddings=(not llama) if cfg.tie_embeddings is None else cfg.tie_embeddings,
-        init_std=cfg.init_std, kernels=cfg.kernels, eod_id=eod_id,
-        reset_attention_mask=bool(data and data.reset_attention_mask),
-        reset_position_ids=bool(data and data.reset_position_ids),
-        eod_mask_loss=bool(data and data.eod_mask_loss),
+        init_std=cfg.init_std, kernels=cfg.kernels,
+        eod_id=eod_id if any(flags.values()) else None,  # only the document flags read it
+        **flags,
         rope_scaling=parse_rope_scaling(cfg.rope_scaling) if llama else None)
 
 
