@@ -248,8 +248,15 @@ def _eval(trainer, ckpt: Optional[str]) -> int:
 
 def train_main(argv: List[str]) -> int:
     if "-h" in argv or "--help" in argv:
-        print(_config_help("train"))
+        print(_config_help("train", " [--dry_run [--rank R] [--world_size N]]")
+              + "\n\n--dry_run: build rank R (default: the one predicted to peak) of the "
+              "N-rank job on fake tensors, run one step, print its peak memory by kind "
+              "(megalite/planner/dry_run.py); reads no data, writes nothing")
         return 0
+    if "--dry_run" in argv:
+        from megalite.planner.cli import dry_run_main
+
+        return dry_run_main(argv)
     return run_ranks("train", argv)
 
 

@@ -1,0 +1,274 @@
+"""The dry run: rank R of the real job at full scale, on fake tensors, one step under a memory
+tracker (``megalite train ... --dry_run [--rank R] [--world_size N]``).
+
+What runs is the training code itself: ``ParallelDims`` builds its groups on torch's fake
+process-group backend (collectives are no-ops), then — under ``FakeTensorMode``, so no tensor
+holds memory — ``build_model`` through the TP plan and the pipeline cut, the ZeRO engine, the
+executor and ``ShardedAdamW`` are built exactly as ``Trainer.__init__`` builds them, and one step
+runs: the schedule's actions for the fewest micro-batches that reach the step's peak, the
+engine's reductions, clipping and the optimizer update. Nothing is read from the dataset (the
+micro-batches are fake token tensors) and nothing is written to ``run.dir``; host reads
+(``.item()``, which fake tensors refuse) are left out — the step never needs one but for the
+loss it logs.
+
+Memory is measured by ``torch.distributed._tools.mem_tracker.MemTracker``. The model states
+exist before the step: the engine's and the optimizer's own buffers (parameters, gradients,
+fp32 masters, AdamW moments) are registered with ``track_external`` and reported under their
+kind from the same registry ``Trainer.memory()`` reads; what the tracker sees on top at the
+peak is split into activations (saved by forward), temporaries (backward and optimizer
+scratch, parameter gradients before the engine takes them) and the rest (ZeRO-3 gathered
+units, ZeRO-2/3 gradient buckets). The kinds add up to the tracker's peak by construction;
+``check`` says how far the named rest is from the engine's own peak counters.
+
+Private torch APIs (``fake_pg``, ``MemTracker``): feature-detected by ``missing_apis``; the
+tracker needs torch >= 2.5. Norms run PyTorch's ops here (megalite's fused CPU kernels cannot
+take fake tensors); they save the same tensors.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from typing import Dict, Iterator, List, Optional
+
+import torch
+
+from megalite.config.schema import Config
+from megalite.parallel.dims import ParallelDims
+from megalite.pipeline import schedules
+
+MIN_TORCH = "2.5"  # MemTracker (torch.distributed._tools.mem_tracker) first shipped in 2.5
+
+
+def missing_apis() -> Optional[str]:
+    """None when this torch has what the dry run needs, else the reason (naming the version)."""
+    try:
+        from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: F401
+        from torch.distributed._tools.mem_tracker import MemTracker  # noqa: F401
+        from torch.testing._internal.distributed.fake_pg import FakeStore  # noqa: F401
+    except ImportError as e:
+        return (f"the dry run needs torch >= {MIN_TORCH} (fake process group, FakeTensorMode, "
+                f"MemTracker); this is torch {torch.__version__} ({e})")
+    return None
+
+
+@contextlib.contextmanager
+def fake_world(dp: int, tp: int, pp: int, rank: int) -> Iterator[ParallelDims]:
+    """``ParallelDims`` of ``rank`` in a dp x tp x pp world on the fake backend: every group is
+    built as in training, every collective returns at once without moving data."""
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    if dist.is_initialized():
+        raise RuntimeError("the dry run needs its own (fake) process group; one is running")
+    dims = ParallelDims(dp=dp, tp=tp, pp=pp, rank=rank)
+    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=dims.world_size)
+    dims.backend = "fake"
+    try:
+        dims._build_groups()
+        yield dims
+    finally:
+        dist.destroy_process_group()
+
+
+def peak_micro_batches(schedule: str, pp: int, ga: int, pp_rank: int, v: int) -> int:
+    """How many of the step's ``ga`` micro-batches the dry run runs on this rank: with pp = 1,
+    one (each micro-batch's forward and backward end before the next begins); with pp > 1 the
+    fewest whose schedule holds as many micro-batches in flight (and, for zb-h1, defers as many
+    weight passes) as the full step's — warm-up plus a steady pair for 1F1B, every one for
+    GPipe — plus two steady micro-batches more: on CPU a sent activation's values are freed
+    only once its send is seen complete, so a stage's peak settles a little after the in-flight
+    count does (tests/test_dry_run.py: within 3% of the whole step). Interleaved counts go in
+    multiples of pp."""
+    if pp == 1:
+        return min(ga, 1)
+
+    def shape(m: int):
+        acts = schedules.build(schedule, pp, m, pp_rank, v)
+        return schedules.max_in_flight(acts), _max_deferred(acts)
+
+    target = shape(ga)
+    step = pp if schedule == "interleaved" else 1
+    fewest = next((m for m in range(step, ga, step) if shape(m) == target), ga)
+    return min(ga, -(-(fewest + 2) // step) * step)
+
+
+def _max_deferred(actions: List[schedules.Action]) -> int:
+    """Most B passes whose W pass is still to come (zb-h1's weight-gradient store)."""
+    if not any(a.kind == "W" for a in actions):
+        return 0
+    live = peak = 0
+    for a in actions:
+        live += {"B": 1, "W": -1}.get(a.kind, 0)
+        peak = max(peak, live)
+    return peak
+
+
+def dry_vocab(cfg: Config) -> int:
+    """The vocabulary size without reading the dataset: model.vocab_size, else the tokenizer's
+    (bytes: 257; a tokenizer.json: its size; bpe:N: N, an upper bound of what training on the
+    corpus yields)."""
+    from megalite.data.tokenizer import ByteTokenizer, load_tokenizer, parse_spec
+
+    if cfg.model.vocab_size is not None:
+        return cfg.model.vocab_size
+    if cfg.data.source == "synthetic":
+        return ByteTokenizer().vocab_size
+    if cfg.data.source == "prepared" and cfg.data.paths:
+        import os
+
+        path = cfg.data.paths[0] + ".tokenizer.json"
+        if os.path.isfile(path):
+            return load_tokenizer(path).vocab_size
+    kind, value = parse_spec(cfg.data.tokenizer)
+    if kind == "bytes":
+        return ByteTokenizer().vocab_size
+    if kind == "bpe":
+        return int(value)
+    return load_tokenizer(str(value)).vocab_size
+
+
+@dataclass
+class RankParts:
+    """One rank's training objects, built as ``Trainer.__init__`` builds them."""
+    args: object
+    model: torch.nn.Module
+    engine: object
+    executor: object
+    opt: object
+    dims: ParallelDims
+    dtype: torch.dtype
+
+
+def build_rank(cfg: Config, dims: ParallelDims, vocab_size: int,
+               fused_kernels: bool = True) -> RankParts:
+    """Model through the plan, ZeRO engine, executor, optimizer of ``dims``' rank — the
+    Trainer's constructors with the Trainer's arguments, minus data and run directory.
+    Weights are not drawn (``torch.empty``): the dry run and the memory tests need shapes."""
+    from megalite.models import build_model, resolve_model_args
+    from megalite.pipeline.executor import PipelineExecutor
+    from megalite.plan import model_plan
+    from megalite.tensor_parallel.plan import loss_fn
+    from megalite.trainer.loop import DTYPES
+    from megalite.zero import ShardedAdamW, ZeroEngine
+
+    t, p = cfg.train, cfg.parallel
+    args = resolve_model_args(cfg.model, vocab_size, cfg.data, None)
+    if not fused_kernels:
+        args = dataclasses.replace(args, kernels="torch")
+    dtype = DTYPES[t.precision]
+    engine = ZeroEngine(p.zero_stage, dims, dtype, DTYPES[t.grad_dtype], p.bucket_mb,
+                        p.zero2_accumulate, p.zero3_reshard_after_forward,
+                        tied_across_stages=args.tie_embeddings and dims.pp > 1)
+    model = build_model(args, t.seed, dims.device, dtype, plan=model_plan(dims, p),
+                        materialize=engine.materialize,
+                        values=lambda name, shape: torch.empty(shape))
+    engine.attach(model)
+    seq = cfg.data.seq_len // (dims.tp if p.sequence_parallel else 1)
+    executor = PipelineExecutor(model, dims, loss_fn(args, dims, p.vocab_multiple, "sum"),
+                                (t.micro_batch_size, seq, args.hidden_size), dtype,
+                                grads=engine)
+    opt = ShardedAdamW(engine, t.lr, (t.beta1, t.beta2), t.eps, t.weight_decay,
+                       offload=p.offload_optimizer)
+    opt._ensure_moments()  # the steady state: moments exist from the second step on
+    return RankParts(args, model, engine, executor, opt, dims, dtype)
+
+
+KINDS = ("params", "grads", "master", "optimizer", "buffers", "activations", "temporaries",
+         "gathered+buckets")
+
+
+@dataclass
+class StepMemory:
+    """Peak bytes of one step on one rank, by kind (``KINDS``); ``peak`` is the tracker's."""
+    peak: int
+    kinds: Dict[str, int] = field(default_factory=dict)
+    engine_peaks: Dict[str, int] = field(default_factory=dict)  # engine's own counters
+    micro_batches: int = 0
+    of: int = 0  # micro-batches of the real step
+    seconds: float = 0.0
+
+
+def _step_tracker():
+    """A MemTracker that keeps no per-module snapshots: the step calls each module once per
+    micro-batch, which MemTracker's per-module statistics refuse ("multiple iterative calls"),
+    and the snapshots (a deep copy per module call) dominate its cost. The device-wide peak and
+    the activation / temporary split (forward vs backward, from its ModTracker) are kept."""
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    class StepTracker(MemTracker):
+        def _pre_fw_hook(self, module, inputs) -> None:
+            pass
+
+        def _post_fw_hook(self, module, inputs, outputs) -> None:
+            pass
+
+        def _pre_bw_hook(self, module, args) -> None:
+            pass
+
+        def _post_bw_hook(self, module, args) -> None:
+            pass
+
+    return StepTracker()
+
+
+def tracked_step(parts: RankParts, cfg: Config, micro_batches: int,
+                 batches: Optional[list] = None) -> StepMemory:
+    """Run one training step of ``micro_batches`` (random tokens unless ``batches``) under
+    MemTracker and return its peak by kind. Real or fake tensors alike: the CPU measurement of
+    a real step uses the same function."""
+    e, o, dims = parts.engine, parts.opt, parts.dims
+    state = {**e.memory(), **o.memory()}
+    offloaded = {"master", "optimizer", "offload_grads"} if o.offload else set()
+    device_tensors: List[torch.Tensor] = []
+    for g in e.groups:
+        device_tensors += [g.grad.full if g.grad.full is not None else g.grad.shard]
+        if g.shard is not None:
+            device_tensors.append(g.shard)
+    if not o.offload:
+        device_tensors += [m for m, a in zip(o.masters, o.aliased) if not a]
+    tracker = _step_tracker()
+    tracker.track_external(parts.model, *device_tensors)
+    if not o.offload:
+        tracker.track_external(o.opt)
+    actions = schedules.build(cfg.parallel.schedule, dims.pp, micro_batches, dims.pp_rank,
+                              len(parts.model.chunks))
+    if batches is None:
+        shape = (cfg.train.micro_batch_size, cfg.data.seq_len)
+        vocab = parts.args.vocab_size
+        batches = [{"tokens": torch.randint(0, vocab, shape),
+                    "labels": torch.randint(0, vocab, shape)} for _ in range(micro_batches)]
+    start = time.perf_counter()
+    with tracker:
+        parts.executor.run(actions, batches, 1.0)
+        e.finalize_grads()
+        o.clip_grad_norm(cfg.train.grad_clip)
+        o.step(cfg.train.lr)
+    seconds = time.perf_counter() - start
+    snap = next(iter(tracker.get_tracker_snapshot("peak").values()), {})
+    by_type = {str(getattr(k, "value", k)): v for k, v in snap.items()}
+    total = by_type.get("Total", 0)
+    kinds = {k: state.get(k, 0) for k in ("params", "grads", "master", "optimizer", "buffers")
+             if k not in offloaded}
+    kinds["activations"] = by_type.get("Activation", 0)
+    kinds["temporaries"] = by_type.get("Temp", 0) + by_type.get("Gradient", 0)
+    kinds["gathered+buckets"] = total - sum(kinds.values())
+    return StepMemory(total, kinds, e.metrics(), micro_batches, seconds=seconds)
+
+
+def dry_run(cfg: Config, rank: int) -> StepMemory:
+    """Rank ``rank`` of ``cfg``'s job (validated, dp resolved) on fake tensors: its step's
+    peak memory by kind."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    p = cfg.parallel
+    vocab = dry_vocab(cfg)
+    start = time.perf_counter()
+    with fake_world(p.dp, p.tp, p.pp, rank) as dims, FakeTensorMode():
+        parts = build_rank(cfg, dims, vocab, fused_kernels=False)
+        ga = cfg.train.grad_accum
+        m = peak_micro_batches(p.schedule, p.pp, ga, dims.pp_rank, p.virtual_stages)
+        result = tracked_step(parts, cfg, m)
+    result.of, result.seconds = ga, time.perf_counter() - start
+    return result

@@ -1,0 +1,125 @@
+"""The dry run (``megalite train --dry_run``) against the real step: the same rank's peak memory,
+measured by the same tracker on real CPU tensors in a gloo world, and on fake tensors in a fake
+1-process world; and the full-scale runs (LLaMA-7B at 64 ranks, 70B at 512) finish in time."""
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from megalite.config.load import parse_args
+from megalite.planner.dry_run import dry_run, missing_apis
+from tests.distributed import run_distributed
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.skipif(missing_apis() is not None, reason=str(missing_apis()))
+
+TINY_LLAMA = ["--model.family=llama", "--model.num_layers=4", "--model.hidden_size=128",
+              "--model.num_heads=8", "--model.num_kv_heads=4", "--model.max_seq_len=128",
+              "--model.vocab_size=512", "--data.seq_len=128"]
+# ~20M parameters: 6 layers, hidden 512, FFN 1536, vocab 8192
+SMALL_LLAMA = ["--model.family=llama", "--model.num_layers=6", "--model.hidden_size=512",
+               "--model.num_heads=8", "--model.ffn_hidden_size=1536", "--model.max_seq_len=128",
+               "--model.vocab_size=8192", "--data.seq_len=128"]
+GPT = ["--model.vocab_size=257"]
+
+# (name, overrides) on 4 ranks; each is measured on ranks 0 and 3 (first and last stage)
+LAYOUTS = [
+    ("gpt dp4 zero0", GPT + ["--parallel.dp=4", "--train.micro_batch_size=4"]),
+    ("llama dp2 tp2 sp zero1 bf16", TINY_LLAMA + [
+        "--parallel.dp=2", "--parallel.tp=2", "--parallel.sequence_parallel=true",
+        "--parallel.zero_stage=1", "--train.precision=bf16", "--train.micro_batch_size=2"]),
+    ("llama dp4 zero3", TINY_LLAMA + ["--parallel.dp=4", "--parallel.zero_stage=3",
+                                      "--train.micro_batch_size=2", "--train.grad_accum=2"]),
+    ("llama dp2 pp2 1f1b zero2", TINY_LLAMA + [
+        "--parallel.dp=2", "--parallel.pp=2", "--parallel.zero_stage=2",
+        "--train.micro_batch_size=2", "--train.grad_accum=4"]),
+    ("llama tp2 pp2 zb-h1", TINY_LLAMA + [
+        "--parallel.dp=1", "--parallel.tp=2", "--parallel.pp=2", "--parallel.schedule=zb-h1",
+        "--train.micro_batch_size=2", "--train.grad_accum=4"]),
+    ("llama dp2 pp2 interleaved zero1 bf16", TINY_LLAMA + [
+        "--parallel.dp=2", "--parallel.pp=2", "--parallel.schedule=interleaved",
+        "--parallel.virtual_stages=2", "--parallel.zero_stage=1", "--train.precision=bf16",
+        "--train.micro_batch_size=1", "--train.grad_accum=4"]),
+    ("llama pp4 gpipe", TINY_LLAMA + [
+        "--parallel.dp=1", "--parallel.pp=4", "--parallel.schedule=gpipe",
+        "--train.micro_batch_size=2", "--train.grad_accum=4"]),
+    ("20M llama tp4 sp", SMALL_LLAMA + ["--parallel.dp=1", "--parallel.tp=4",
+                                        "--parallel.sequence_parallel=true",
+                                        "--train.micro_batch_size=2"]),
+    ("20M llama dp2 tp2 zero1 offload bf16", SMALL_LLAMA + [
+        "--parallel.dp=2", "--parallel.tp=2", "--parallel.zero_stage=1",
+        "--parallel.offload_optimizer=true", "--train.precision=bf16",
+        "--train.micro_batch_size=2"]),
+]
+RANKS = (0, 3)
+
+
+def config(overrides, world=None):
+    cfg, _ = parse_args(["--config", os.path.join(REPO, "configs/tiny.yaml"), *overrides],
+                        verbose=False, world_size=world)
+    return cfg
+
+
+def _real_peaks(layouts):
+    """Every layout's real step (all its micro-batches) on this gloo rank, measured by the dry
+    run's tracker."""
+    import torch.distributed as dist
+
+    from megalite.parallel.dims import ParallelDims
+    from megalite.planner.dry_run import build_rank, tracked_step
+
+    dist.init_process_group("gloo")
+    rank, out = dist.get_rank(), {}
+    for name, overrides in layouts:
+        cfg = config(overrides, 4)
+        p = cfg.parallel
+        dims = ParallelDims(dp=p.dp, tp=p.tp, pp=p.pp, rank=rank)
+        dims.backend = "gloo"
+        dims._build_groups()
+        torch.manual_seed(rank)
+        parts = build_rank(cfg, dims, cfg.model.vocab_size, fused_kernels=False)
+        step = tracked_step(parts, cfg, cfg.train.grad_accum)  # the whole step
+        out[name] = (step.peak, step.kinds)
+    return out
+
+
+def test_dry_run_peak_equals_real_step_peak():
+    """Each layout's dry-run peak is the real CPU step's within 10% (same code, same tracker;
+    real and fake tensors allocate the same bytes)."""
+    real = run_distributed(_real_peaks, 4, LAYOUTS, timeout_s=300)
+    lines = []
+    for name, overrides in LAYOUTS:
+        cfg = config(overrides, 4)
+        for rank in RANKS:
+            fake = dry_run(cfg, rank)
+            peak, kinds = real[rank][name]
+            lines.append(f"{name} rank {rank}: real {peak / 2**20:.2f} MiB, dry run "
+                         f"{fake.peak / 2**20:.2f} MiB")
+            assert fake.peak == pytest.approx(peak, rel=0.10), lines[-1]
+            for kind in ("params", "grads", "master", "optimizer"):
+                assert fake.kinds.get(kind) == kinds.get(kind), (lines[-1], kind)
+    print("\n".join(lines))
+
+
+def test_dry_run_cli_at_scale():
+    """`megalite train --dry_run`: LLaMA-7B at dp8 x tp8 (64 ranks) and the 70B at dp8 x tp8
+    x pp8 (512 ranks) finish within 60 s each, printing the peak table; a bad rank is one
+    line, exit 2."""
+    for cfg_file, limit in (("configs/llama-7b.yaml", 60), ("configs/llama-70b.yaml", 60)):
+        start = time.perf_counter()
+        r = subprocess.run([sys.executable, "-m", "megalite.cli", "train", "--config",
+                            os.path.join(REPO, cfg_file), "--dry_run"],
+                           capture_output=True, text=True, cwd=REPO, timeout=300)
+        took = time.perf_counter() - start
+        assert r.returncode == 0, r.stderr
+        assert "peak memory of rank" in r.stdout and "activations" in r.stdout, r.stdout
+        assert took < limit, f"{cfg_file}: {took:.1f} s"
+        assert "Traceback" not in r.stderr
+    r = subprocess.run([sys.executable, "-m", "megalite.cli", "train", "--config",
+                        os.path.join(REPO, "configs/tiny.yaml"), "--dry_run", "--rank", "4"],
+                       capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert r.returncode == 2 and r.stderr.startswith("error: --rank=4"), r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
