@@ -25,6 +25,7 @@ from megalite.parallel.dims import ParallelDims
 from megalite.pipeline import schedules
 from megalite.pipeline.executor import PipelineExecutor, StepLoss
 from megalite.pipeline.inference import inference_view
+from megalite.models.recompute import apply_recompute
 from megalite.plan import model_plan
 from megalite.tensor_parallel.plan import loss_fn
 from megalite.tensor_parallel.random import SplitRegionRNG, cover_split_regions
@@ -101,6 +102,9 @@ class Trainer:
         if dims.tp > 1 and self.args.dropout > 0:
             self.split_rng = SplitRegionRNG(dims.device)
             cover_split_regions(self.model, self.split_rng, p.sequence_parallel)
+        # recomputation replays the split stream too (its hooks re-run inside the block)
+        self.recompute = apply_recompute(self.model, cfg.model.recompute,
+                                         cfg.model.recompute_layers, self.split_rng)
         self.opt = ShardedAdamW(self.engine, t.lr, (t.beta1, t.beta2), t.eps, t.weight_decay,
                                 offload=p.offload_optimizer)
         self.scaler = None  # fp16 only
