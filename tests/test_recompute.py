@@ -170,3 +170,60 @@ def test_recompute_single_process_and_split_stream_replay():
     assert all(torch.equal(a, b) for a, b in zip(replayed[1], base[1]))
     unreplayed = run(args, "full", rng_mode="no-replay")
     assert not all(torch.equal(a, b) for a, b in zip(unreplayed[1], base[1]))
+
+
+@pytest.mark.parametrize("size", ["tiny", "20M"])
+def test_measured_activation_memory_matches_the_re_derived_terms(size):
+    """GPT, dropout 0.1, fp32 on CPU (SDPA's math path keeps the s² probabilities; CPU dropout
+    keeps fp32 masks): per layer full < selective < none, each within 25% of
+    ``layer_activation_terms`` (the issue's bound; on these shapes they agree to the byte), and
+    ``full`` with k of L layers measures k full layers plus L-k plain ones."""
+    from megalite.models import build_model, lm_loss
+    from megalite.models.activation_memory import (SavedActivationCounter,
+                                                   layer_activation_bytes, units_of)
+    from megalite.models.recompute import apply_recompute
+
+    if size == "tiny":
+        args, b, s = _args("gpt", layers=4, hidden=64, heads=4, seq=64), 2, 64
+    else:  # 6 layers of hidden 512 + 128 x 512 embeddings: ~19M parameters
+        args, b, s = _args("gpt", layers=6, hidden=512, heads=8, seq=256), 1, 256
+    tok = torch.randint(0, args.vocab_size, (b, s))
+    measured = {}
+    for mode, k in MODES + [("full", 2)]:
+        model = build_model(args, seed=1)
+        model.train()
+        apply_recompute(model, mode, k)
+        counter = SavedActivationCounter(units_of(model), model.parameters(), [tok])
+        with counter:
+            loss = lm_loss(model(tok), tok)
+        del loss
+        measured[(mode, k)] = [counter.bytes[f"layers.{i}"] for i in range(args.num_layers)]
+    predict = {m: layer_activation_bytes(args, b, s, recompute=m, dtype_bytes=4,
+                                         dropout_mask_bytes=4)
+               for m in ("none", "selective", "full")}
+    per_layer = {m: measured[(m, 0)][-1] for m in predict}
+    assert per_layer["full"] < per_layer["selective"] < per_layer["none"], per_layer
+    for m, want in predict.items():
+        assert abs(per_layer[m] - want) <= 0.25 * want, (m, per_layer[m], want)
+        assert len(set(measured[(m, 0)])) == 1, measured[(m, 0)]  # every layer alike
+    for k in (1, 2):
+        assert measured[("full", k)] == ([per_layer["full"]] * k + [per_layer["none"]]
+                                         * (args.num_layers - k)), (k, measured[("full", k)])
+
+
+def test_trainer_reports_activation_memory(tmp_path, data_cache):
+    """The trainer prints the re-derived per-layer bytes at start-up and puts micro-batch 0's
+    measured bytes beside them in step 1's metrics.jsonl row (LLaMA, selective)."""
+    import json
+
+    from helpers import tiny_config, train
+
+    cfg = tiny_config(str(tmp_path / "run"), data_cache, "--train.steps=2",
+                      "--model.family=llama", "--model.dropout=0.1",
+                      "--model.recompute=selective", "--train.eval_iters=1")
+    trainer, _ = train(cfg, distributed=False)
+    rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    assert "act_mib_per_layer" not in rows[1]
+    got, want = rows[0]["act_mib_per_layer"], rows[0]["act_mib_per_layer_formula"]
+    assert want > 0 and abs(got - want) <= 0.25 * want, rows[0]
+    assert "recompute selective" in trainer.activations.describe()

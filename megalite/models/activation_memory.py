@@ -53,10 +53,16 @@ class SavedActivationCounter:
             self.bytes[self._current] += t.untyped_storage().nbytes()
         return t
 
+    def _enter_unit(self, label: str, unit: nn.Module) -> None:
+        # parameters as they are now: ZeRO-3 gathered them in its own (earlier) pre-hook
+        self.skip.update(_key(p) for p in unit.parameters())
+        self._current = label
+
     def __enter__(self) -> "SavedActivationCounter":
+        self._current = None
         for label, unit in self.units:
             self._handles.append(unit.register_forward_pre_hook(
-                lambda m, a, label=label: setattr(self, "_current", label)))
+                lambda m, a, label=label: self._enter_unit(label, m)))
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
         self._hooks.__enter__()
         return self
