@@ -227,3 +227,17 @@ def test_trainer_reports_activation_memory(tmp_path, data_cache):
     got, want = rows[0]["act_mib_per_layer"], rows[0]["act_mib_per_layer_formula"]
     assert want > 0 and abs(got - want) <= 0.25 * want, rows[0]
     assert "recompute selective" in trainer.activations.describe()
+
+
+def test_bench_recompute_quick():
+    """bench/recompute.py --quick runs and prints every mode with memory saved against none."""
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, os.path.join(repo, "bench", "recompute.py"),
+                          "--quick"], capture_output=True, text=True, timeout=300, check=True)
+    rows = [line.split() for line in out.stdout.splitlines()[1:]]
+    assert [r[1] for r in rows] == ["none", "selective", "full", "full"], out.stdout
+    saved = [float(next(x for x in r if x.endswith("%")).rstrip("%")) for r in rows]
+    assert saved[0] == 0 and 0 < saved[1] < saved[2], out.stdout
