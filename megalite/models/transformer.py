@@ -217,13 +217,14 @@ class Attention(nn.Module):
         s, d], k/v [b, nkv, s, d] -> [b, nh, s, d]. ``blocked`` [b, 1, s, s] (True = masked
         out) takes megalite's fused masked softmax; otherwise SDPA with ``mask``/``causal``.
 
-        What each path keeps for backward (measured, ``models.activation_memory``): SDPA's
-        math path (CPU with dropout, or with a mask) keeps the scaled q and k, v, the softmax
-        output, the dropout mask (1 byte/element) and the dropped probabilities — two s² tensors
-        of the activation dtype and one of bytes per head; CPU's flash path (no dropout, no
-        mask) keeps q, k, v, the output and the log-sum-exp, no s² term (so do CUDA's
-        flash/efficient kernels); the fused masked softmax keeps q, k, its output
-        probabilities, the dropout mask, the dropped probabilities and v."""
+        What each path keeps for backward (measured by ``models.activation_memory``'s counter,
+        byte for byte the re-derived terms there): SDPA's math path (CPU with dropout) keeps
+        scaled copies of q and k, v, the softmax output, the dropout mask (of the activation
+        dtype on CPU) and the dropped probabilities — two s² tensors of the dtype and the mask
+        per head; CPU's flash path (no dropout) keeps q, k, v, the log-sum-exp and the output
+        (which o_proj then reads as is), and with a document mask that mask as floats, no s²
+        term per head (CUDA's flash/efficient kernels likewise); the fused masked softmax keeps
+        q, k, its output probabilities, the dropout mask, the dropped probabilities and v."""
         if k.shape[1] != q.shape[1]:  # grouped-query: each kv head serves nh/nkv query heads
             rep = q.shape[1] // k.shape[1]
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)

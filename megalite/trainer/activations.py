@@ -6,6 +6,7 @@ from typing import Dict, List, Optional
 
 import torch
 
+from megalite import ops
 from megalite.models.activation_memory import (SavedActivationCounter, layer_activation_terms,
                                                units_of)
 
@@ -20,12 +21,16 @@ class ActivationReport:
                  sequence_parallel: bool, dtype: torch.dtype, device: torch.device):
         self.model = model
         e = torch.tensor([], dtype=dtype).element_size()
-        documents = args.reset_attention_mask  # masked attention keeps its probabilities
-        probs = documents or (device.type == "cpu" and args.dropout > 0)  # CPU SDPA: math path
+        # the fused masked softmax (packed documents) keeps its probabilities; so does CPU
+        # SDPA's math path, which dropout selects (Attention.core says what each path keeps)
+        fused = args.kernels == "fused" and ops.model_uses_kernels(device)
+        probs = (args.reset_attention_mask and fused) or (device.type == "cpu" and
+                                                          args.dropout > 0)
         mask = e if device.type == "cpu" else 1  # CPU dropout keeps a mask of the dtype
-        self.formula = [sum(layer_activation_terms(
-            args, micro_batch, seq_len, tp, sequence_parallel, kind, e, probs, mask).values())
-            for kind in kinds]
+        terms = {kind: layer_activation_terms(args, micro_batch, seq_len, tp, sequence_parallel,
+                                              kind, e, probs, mask) for kind in set(kinds)}
+        self.formula = [sum(terms[kind].values()) for kind in kinds]
+        self.terms = terms
         self.kinds = kinds
         self.counter: Optional[SavedActivationCounter] = None
 
@@ -35,7 +40,10 @@ class ActivationReport:
         span = f"{per[0] / MiB:.2f}" + (f"-{per[-1] / MiB:.2f}" if len(per) > 1 else "")
         return (f"activations per layer (re-derived, micro-batch 0, recompute "
                 f"{'/'.join(kinds)}): {span} MiB x {len(self.formula)} layers here = "
-                f"{sum(self.formula) / MiB:.2f} MiB")
+                f"{sum(self.formula) / MiB:.2f} MiB" + "".join(
+                    f"\n  {kind} layer terms (MiB): " + ", ".join(
+                        f"{name} {value / MiB:.3f}" for name, value in terms.items())
+                    for kind, terms in sorted(self.terms.items())))
 
     def arm(self, executor) -> None:
         """Count micro-batch 0's saved activations in the executor's next run."""
