@@ -79,7 +79,7 @@ def run(quick: bool = False, repeats: int = 5, dropout: float = 0.1) -> List[Dic
             layers = [counter.bytes[f"layers.{i}"] for i in range(args.num_layers)]
             formula = sum(layer_activation_bytes(args, b, s, recompute=mode if i < (k or 99)
                                                  else "none", dtype_bytes=4,
-                                                 dropout_mask_bytes=4)
+                                                 dropout_mask_bytes=None)
                           for i in range(args.num_layers))
             label = f"{mode}" + (f" (first {k})" if k else "")
             models[label] = model

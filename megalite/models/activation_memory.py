@@ -93,21 +93,26 @@ def units_of(model: nn.Module) -> List[Tuple[str, nn.Module]]:
 def layer_activation_terms(args, micro_batch: int, seq_len: int, tp: int = 1,
                            sequence_parallel: bool = False, recompute: str = "none",
                            dtype_bytes: int = 2, attention_stores_probs: Optional[bool] = None,
-                           dropout_mask_bytes: int = 1) -> Dict[str, int]:
+                           dropout_mask_bytes: Optional[int] = 1,
+                           attention_dtype_bytes: Optional[int] = None) -> Dict[str, int]:
     """Bytes one transformer layer keeps from its forward to its backward, as named terms
     (``args``: ``ModelArgs``; norms as megalite's fused kernels save them).
 
     ``attention_stores_probs`` None: stored when dropout > 0 (CPU's SDPA then takes its math
     path); pass True for the fused masked softmax (packed documents) and False for flash or
     memory-efficient kernels. ``dropout_mask_bytes``: 1 where dropout keeps a byte mask (CUDA's
-    fused dropout); PyTorch's CPU dropout keeps a mask of the activation dtype — pass
-    ``dtype_bytes`` there."""
+    fused dropout); None where it keeps a mask of the dropped tensor's dtype (PyTorch's CPU
+    dropout). ``attention_dtype_bytes``: element size of what a probability-storing core
+    attention keeps (None: ``dtype_bytes``; CPU's SDPA math path computes 16-bit inputs in fp32:
+    4)."""
     s, b, h, e, t = seq_len, micro_batch, args.hidden_size, dtype_bytes, tp
     d, f = args.head_dim, args.ffn_hidden_size
     sb, sbh = s * b, s * b * h
     chunk = t if sequence_parallel else 1  # norm / residual-dropout tensors: sequence chunks
     drop = args.dropout > 0
-    mask = dropout_mask_bytes
+    mask = e if dropout_mask_bytes is None else dropout_mask_bytes
+    ea = attention_dtype_bytes or e  # core attention's saved tensors (math path)
+    attn_mask = ea if dropout_mask_bytes is None else dropout_mask_bytes
     probs = drop if attention_stores_probs is None else attention_stores_probs
     if recompute == "full":
         return {"block input (checkpoint)": e * sbh // chunk}
@@ -126,12 +131,12 @@ def layer_activation_terms(args, micro_batch: int, seq_len: int, tp: int = 1,
     else:
         kv_used = hl if args.num_kv_heads != args.num_heads else kvl  # GQA: k, v expanded
         if probs:
-            terms["q, k (QKᵀ inputs)"] = e * sb * (hl + kv_used)
-            terms["v (·V input)"] = e * sb * kv_used
-            terms["softmax output"] = e * al * s * s * b
+            terms["q, k (QKᵀ inputs)"] = ea * sb * (hl + kv_used)
+            terms["v (·V input)"] = ea * sb * kv_used
+            terms["softmax output"] = ea * al * s * s * b
             if drop:
-                terms["attention dropout mask"] = mask * al * s * s * b
-                terms["dropped probabilities (·V input)"] = e * al * s * s * b
+                terms["attention dropout mask"] = attn_mask * al * s * s * b
+                terms["dropped probabilities (·V input)"] = ea * al * s * s * b
             terms["o_proj input"] = e * sb * hl
         else:  # flash: q, k, v, log-sum-exp, and the output, which o_proj reads as is
             terms["q, k, v (flash inputs)"] = e * sb * (hl + 2 * kv_used)

@@ -23,12 +23,14 @@ class ActivationReport:
         e = torch.tensor([], dtype=dtype).element_size()
         # the fused masked softmax (packed documents) keeps its probabilities; so does CPU
         # SDPA's math path, which dropout selects (Attention.core says what each path keeps)
-        fused = args.kernels == "fused" and ops.model_uses_kernels(device)
-        probs = (args.reset_attention_mask and fused) or (device.type == "cpu" and
-                                                          args.dropout > 0)
-        mask = e if device.type == "cpu" else 1  # CPU dropout keeps a mask of the dtype
+        cpu = device.type == "cpu"
+        fused = args.reset_attention_mask and args.kernels == "fused" and \
+            ops.model_uses_kernels(device)
+        math = cpu and args.dropout > 0 and not fused  # SDPA's math path, in fp32 on CPU
+        mask = None if cpu else 1  # CPU dropout keeps a mask of the dropped tensor's dtype
         terms = {kind: layer_activation_terms(args, micro_batch, seq_len, tp, sequence_parallel,
-                                              kind, e, probs, mask) for kind in set(kinds)}
+                                              kind, e, fused or math, mask, 4 if math else None)
+                 for kind in set(kinds)}
         self.formula = [sum(terms[kind].values()) for kind in kinds]
         self.terms = terms
         self.kinds = kinds
