@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# GPU check of the fused kernels and the CUDA paths (issues 6, 5, 13), for a machine with one or
-# more GPUs, nvcc and no network. Steps, each under its own `timeout` (they sum to 415 s, so the
-# whole check stays under 7 minutes; GPU time for a check is scarce):
+# GPU check of the fused kernels and the CUDA paths (issues 6, 5, 13, 15), for a machine with one or
+# more GPUs, nvcc and no network. Steps, each under its own `timeout` (they sum to 420 s, so the
+# whole check stays within 7 minutes; GPU time for a check is scarce):
 #   env        torch, the GPU and nvcc
 #   build      megalite from source (CPU + CUDA kernels, sm_80/sm_90; nothing compiled elsewhere)
 #   tests      tests/test_ops.py's CUDA cases (norm rows up to 32768 wide, past the register
@@ -14,6 +14,8 @@
 #   zero-bf16, zero-fp16
 #              ZeRO-3 with the optimizer offloaded to pinned CPU buffers, one process on one GPU
 #              (no process group), bf16 and fp16 (loss scaling), 20 steps each
+#   recompute  tests/test_recompute.py -k cuda: every recomputation mode bit-identical to none
+#              with dropout on CUDA (fp32, bf16), activation bytes per layer vs the re-derived terms
 # A failed build stops the check (the other steps would test the PyTorch fallback); any other
 # failure is reported and the next step runs. A summary (PASS/FAIL/TIMEOUT per step) ends it;
 # the exit status is 1 when any step did not pass.
@@ -40,13 +42,14 @@ export WORK
 
 # name|timeout in seconds, in order; each step is the function step_<name with - as _>
 STEPS=(
-  "env|15"
+  "env|10"
   "build|110"
-  "tests|90"
-  "bench|70"
-  "nccl|50"
-  "zero-bf16|40"
-  "zero-fp16|40"
+  "tests|80"
+  "bench|60"
+  "nccl|45"
+  "zero-bf16|35"
+  "zero-fp16|35"
+  "recompute|45"
 )
 
 step_env() {
@@ -94,7 +97,11 @@ step_zero_fp16() {
     --run.tensorboard=false 2>&1 | tee "$WORK/zero-fp16.log" &&
   grep -q "step 20/20 " "$WORK/zero-fp16.log"
 }
-export -f step_env step_build step_tests step_bench step_nccl step_zero_bf16 step_zero_fp16
+step_recompute() {  # issue 15: exact recomputation on CUDA, activation bytes vs re-derived
+  "$PY" -m pytest -q -x -p no:cacheprovider tests/test_recompute.py -k cuda
+}
+export -f step_env step_build step_tests step_bench step_nccl step_zero_bf16 step_zero_fp16 \
+  step_recompute
 
 total=0
 for entry in "${STEPS[@]}"; do total=$(( total + ${entry#*|} )); done

@@ -12,6 +12,7 @@ from typing import Any, Dict, List
 import pytest
 
 from megalite.config import map_deepspeed, parse_args, parse_or_exit
+from megalite.config.validate import ConfigError
 from megalite.trainer.lr import train_lr
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -146,16 +147,35 @@ def test_monitor_blocks_mapped_or_named_once() -> None:
     out, warnings = map_deepspeed({
         "tensorboard": {"enabled": True, "output_path": "logs/", "job_name": "bert"},
         "wandb": {"enabled": True, "project": "p"}, "csv_monitor": {"enabled": False},
-        "activation_checkpointing": {"partition_activations": True}})
+        "activation_checkpointing": {"profile": False}})
     assert out["run"] == {"tensorboard": True}
     assert [w for w in warnings if "tensorboard" in w] == [
         "deepspeed tensorboard.output_path=logs/, tensorboard.job_name=bert: megalite "
         "writes TensorBoard events to RUN_DIR/tensorboard; choose the folder with --run.dir"]
     unused = [w for w in warnings if "does not use" in w]
-    assert len(unused) == 1 and len(warnings) == 2
-    for key in ("wandb.enabled", "wandb.project", "csv_monitor.enabled",
-                "activation_checkpointing.partition_activations"):
+    assert len(unused) == 1 and len(warnings) == 3
+    for key in ("wandb.enabled", "wandb.project", "csv_monitor.enabled"):
         assert key in unused[0]
+    assert [w for w in warnings if "activation_checkpointing" in w] == [
+        "deepspeed activation_checkpointing.profile=false is ignored: the block does not turn "
+        "recomputation on (in DeepSpeed the model calls its checkpoint function); use "
+        "--model.recompute=selective|full"]
+
+
+def test_activation_checkpointing_block_turns_nothing_on() -> None:
+    """As in DeepSpeed the block alone does not recompute: its fields are warned once each,
+    partitioning and CPU offload of activations are refused by name."""
+    block = {"partition_activations": False, "contiguous_memory_optimization": True,
+             "number_checkpoints": 4, "synchronize_checkpoint_boundary": False}
+    out, warnings = map_deepspeed({"activation_checkpointing": block})
+    assert out["parallel"] == {} and "recompute" not in str(out)
+    assert len(warnings) == 4 and all("is ignored" in w for w in warnings)
+    for key in block:
+        assert sum(f"activation_checkpointing.{key}=" in w for w in warnings) == 1, key
+    with pytest.raises(ConfigError) as e:
+        map_deepspeed({"activation_checkpointing": {"partition_activations": True,
+                                                    "cpu_checkpointing": True}})
+    assert len(e.value.lines) == 2 and all("does not partition" in x for x in e.value.lines)
     out, warnings = map_deepspeed({"tensorboard": {"enabled": False, "output_path": "x"}})
     assert out["run"] == {"tensorboard": False} and warnings == []
 

@@ -459,7 +459,7 @@ def test_gpu_check_script_plan():
     assert run.returncode == 0, run.stderr
     steps = re.findall(r"^== step (\S+) \(timeout (\d+) s\)$", run.stdout, re.M)
     assert [name for name, _ in steps] == ["env", "build", "tests", "bench", "nccl", "zero-bf16",
-                                           "zero-fp16"], run.stdout
+                                           "zero-fp16", "recompute"], run.stdout
     assert sum(int(limit) for _, limit in steps) <= 7 * 60
     bodies = dict(zip([name for name, _ in steps],
                       re.split(r"^== step .*$", run.stdout, flags=re.M)[1:]))

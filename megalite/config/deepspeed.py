@@ -248,6 +248,27 @@ def _precision_and_zero(r: _Reader) -> None:
     _zero(r)
 
 
+def _activation_checkpointing(r: _Reader) -> None:
+    """DeepSpeed's ``activation_checkpointing`` block configures its checkpoint function, which
+    the model must call: the block alone turns nothing on in DeepSpeed, so it does not here
+    (``model.recompute`` does). Partitioning or offloading checkpointed activations is not
+    built: refused by name; every other field is warned about once."""
+    block = r.ds.get("activation_checkpointing")
+    if not isinstance(block, dict):
+        return
+    for key in block:
+        value = r.get(f"activation_checkpointing.{key}")
+        if key in ("partition_activations", "cpu_checkpointing") and value:
+            r.error(f"activation_checkpointing.{key}", value,
+                    "megalite does not partition or offload checkpointed activations; remove "
+                    "it (recomputation itself: model.recompute=selective|full)")
+        else:
+            r.warnings.append(f"deepspeed activation_checkpointing.{key}={fmt(value)} is "
+                              "ignored: the block does not turn recomputation on (in DeepSpeed "
+                              "the model calls its checkpoint function); use "
+                              "--model.recompute=selective|full")
+
+
 def map_deepspeed(ds: Dict[str, Any],
                   lr: Optional[float] = None) -> Tuple[Dict[str, Dict[str, Any]], List[str]]:
     """Return ``({"train": {...}, "parallel": {...}, "run": {...}}, warnings)``.
@@ -268,6 +289,7 @@ def map_deepspeed(ds: Dict[str, Any],
     _scheduler(r, opt_lr, lr)
     _precision_and_zero(r)
     _tensorboard(r)
+    _activation_checkpointing(r)
     unused = [leaf for leaf in _leaves(ds)
               if leaf not in r.used and not any(leaf.startswith(u + ".") for u in r.used)]
     if unused:

@@ -52,6 +52,16 @@ class ModelConfig:
     (elsewhere, and with `torch`, attention is PyTorch's scaled_dot_product_attention, given
     the document mask as a boolean mask). `torch`: plain PyTorch ops everywhere. Same results
     within float rounding."""
+    recompute: str = "none"
+    """Activation recomputation (Korthikanti et al. 2022). `none`: keep every activation the
+    backward needs. `selective`: re-run only core attention (QKᵀ, softmax, dropout, ·V) in the
+    backward, dropping its s² tensors. `full`: each transformer block keeps only its input and
+    is re-run inside its own backward (about one extra forward of compute). Exact: dropout replays
+    its masks, so losses and gradients are bit-identical to `none` in every layout. The
+    DeepSpeed JSON `activation_checkpointing` block does not turn it on (as in DeepSpeed)."""
+    recompute_layers: int = 0
+    """With model.recompute=full: recompute only the first k blocks of each pipeline stage (or
+    virtual chunk), Megatron's `--recompute-method block`; 0 means every block."""
 
 
 LLAMA3_ROPE_FIELDS = ("factor", "low_freq_factor", "high_freq_factor",

@@ -196,6 +196,12 @@ def _check_model(cfg: Config, err: _Errors) -> None:
     m = cfg.model
     _choice(err, "model.family", m.family, ["gpt", "llama"])
     _choice(err, "model.kernels", m.kernels, ["fused", "torch"])
+    _choice(err, "model.recompute", m.recompute, ["none", "selective", "full"])
+    err.check(m.recompute_layers >= 0, "model.recompute_layers", m.recompute_layers,
+              "must be >= 0 (0: every block)")
+    err.check(m.recompute_layers == 0 or m.recompute == "full", "model.recompute_layers",
+              m.recompute_layers, f"applies to model.recompute=full only (it is "
+              f"{m.recompute}); set model.recompute=full or drop it")
     for name in ("num_layers", "hidden_size", "num_heads", "max_seq_len"):
         value = getattr(m, name)
         err.check(value > 0, f"model.{name}", value, "must be positive")

@@ -198,20 +198,41 @@ class Attention(nn.Module):
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(k, v)
+        mask, causal, blocked = None, start == 0 and s > 1, None
+        if start > 0 and s > 1:  # chunk after a prefix: query i sees keys <= start + i
+            mask = torch.ones(s, start + s, dtype=torch.bool, device=x.device).tril(start)
+        if doc is not None and doc.attend is not None:  # packed documents: block-diagonal causal
+            if self.fused and ops.model_uses_kernels(q.device):
+                blocked = doc.blocked
+            else:
+                mask, causal = doc.attend, False
+        y = self.core(q, k, v, mask, causal, blocked)  # [b, nh, s, d]
+        return self.o_proj(y.transpose(1, 2).reshape(b, s, -1))
+
+    def core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+             mask: Optional[torch.Tensor], causal: bool,
+             blocked: Optional[torch.Tensor]) -> torch.Tensor:
+        """Core attention — what selective recomputation re-runs (``models.recompute``):
+        grouped-query kv expansion, softmax(q kᵀ/√d, masked) with dropout, times v; q [b, nh,
+        s, d], k/v [b, nkv, s, d] -> [b, nh, s, d]. ``blocked`` [b, 1, s, s] (True = masked
+        out) takes megalite's fused masked softmax; otherwise SDPA with ``mask``/``causal``.
+
+        What each path keeps for backward (measured by ``models.activation_memory``'s counter,
+        byte for byte the re-derived terms there): SDPA's math path (CPU with dropout) keeps
+        scaled copies of q and k, v, the softmax output, the dropout mask (of the activation
+        dtype on CPU) and the dropped probabilities — two s² tensors of the dtype and the mask
+        per head; CPU's flash path (no dropout) keeps q, k, v, the log-sum-exp and the output
+        (which o_proj then reads as is), and with a document mask that mask as floats, no s²
+        term per head (CUDA's flash/efficient kernels likewise); the fused masked softmax keeps
+        q, k, its output probabilities, the dropout mask, the dropped probabilities and v."""
         if k.shape[1] != q.shape[1]:  # grouped-query: each kv head serves nh/nkv query heads
             rep = q.shape[1] // k.shape[1]
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        mask, causal = None, start == 0 and s > 1
-        if start > 0 and s > 1:  # chunk after a prefix: query i sees keys <= start + i
-            mask = torch.ones(s, start + s, dtype=torch.bool, device=x.device).tril(start)
         p = self.dropout if self.training else 0.0
-        if doc is not None and doc.attend is not None:  # packed documents: block-diagonal causal
-            if self.fused and ops.model_uses_kernels(q.device):
-                y = self._fused_masked(q, k, v, doc.blocked, p)
-                return self.o_proj(y.transpose(1, 2).reshape(b, s, -1))
-            mask, causal = doc.attend, False
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=causal)
-        return self.o_proj(y.transpose(1, 2).reshape(b, s, -1))
+        if blocked is not None:
+            return self._fused_masked(q, k, v, blocked, p)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p,
+                                              is_causal=causal)
 
     def _fused_masked(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                       blocked: torch.Tensor, p: float) -> torch.Tensor:

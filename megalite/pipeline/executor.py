@@ -95,6 +95,8 @@ class PipelineExecutor:
         self.transport = TorchTransport()
         # CUDA: a wait only orders streams, so sent activations can be freed without polling
         self.stream_ordered = dims.device.type == "cuda"
+        # activation-memory counter around micro-batch 0's forwards (trainer.activations)
+        self.probe = None
 
     def vstage(self, chunk: int) -> int:
         return chunk * self.dims.pp + self.dims.pp_rank
@@ -126,8 +128,9 @@ class PipelineExecutor:
         for action in actions:
             slot = state.setdefault((action.chunk, action.micro), _Micro())
             if action.kind == "F":
-                with self.timers.phase("forward"):
-                    loss = self._forward(action, slot, batches[action.micro])
+                probe = self.probe if self.probe is not None and action.micro == 0 else None
+                with self.timers.phase("forward"), probe or contextlib.nullcontext():
+                    loss = self._forward(action, slot, batches[action.micro], probe)
                 if loss is not None:
                     total += loss
                 live += 1
@@ -144,7 +147,8 @@ class PipelineExecutor:
         self.p2p.flush()
         return StepLoss(total, tokens)
 
-    def _forward(self, a: Action, slot: _Micro, batch: Batch) -> Optional[torch.Tensor]:
+    def _forward(self, a: Action, slot: _Micro, batch: Batch,
+                 probe=None) -> Optional[torch.Tensor]:
         rank, s = self.dims.pp_rank, self.vstage(a.chunk)
         if self.stage.is_first(a.chunk):
             x = batch["tokens"]
@@ -153,8 +157,11 @@ class PipelineExecutor:
                               a.micro, 0)
             x.requires_grad_(torch.is_grad_enabled())
             slot.inputs = x
-        out = self.stage.forward_chunk(a.chunk, x, doc=context_for(batch["tokens"],
-                                                                    self.stage.args))
+        doc = context_for(batch["tokens"], self.stage.args)
+        if probe is not None:  # alive before the forward: not this micro-batch's activations
+            probe.exclude(x, *batch.values(),
+                          *((doc.positions, doc.attend, doc.blocked) if doc else ()))
+        out = self.stage.forward_chunk(a.chunk, x, doc=doc)
         if self.stage.is_last(a.chunk):
             loss = self.loss_fn(out, batch["labels"])
             if torch.is_grad_enabled():

@@ -38,6 +38,13 @@ class SplitRegionRNG:
         if self.cuda:
             torch.cuda.set_rng_state(outer[1])
 
+    def snapshot(self) -> tuple:
+        """The stream's state, for activation recomputation to replay (``models.recompute``)."""
+        return self.state, self.cuda_state
+
+    def restore(self, snap: tuple) -> None:
+        self.state, self.cuda_state = snap
+
     def _enter(self, module, args) -> None:
         self._saved.append((torch.get_rng_state(),
                             torch.cuda.get_rng_state() if self.cuda else None))

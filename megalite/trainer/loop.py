@@ -25,10 +25,12 @@ from megalite.parallel.dims import ParallelDims
 from megalite.pipeline import schedules
 from megalite.pipeline.executor import PipelineExecutor, StepLoss
 from megalite.pipeline.inference import inference_view
+from megalite.models.recompute import apply_recompute
 from megalite.plan import model_plan
 from megalite.tensor_parallel.plan import loss_fn
 from megalite.tensor_parallel.random import SplitRegionRNG, cover_split_regions
 from megalite.trainer import checkpoint, resume
+from megalite.trainer.activations import ActivationReport
 from megalite.trainer.lr import train_lr
 from megalite.trainer.metrics import MetricsLogger, Timers
 from megalite.trainer.resume import ResumeError, resume_off_problem  # noqa: F401 (API)
@@ -101,6 +103,12 @@ class Trainer:
         if dims.tp > 1 and self.args.dropout > 0:
             self.split_rng = SplitRegionRNG(dims.device)
             cover_split_regions(self.model, self.split_rng, p.sequence_parallel)
+        # recomputation replays the split stream too (its hooks re-run inside the block)
+        self.recompute = apply_recompute(self.model, cfg.model.recompute,
+                                         cfg.model.recompute_layers, self.split_rng)
+        self.activations = ActivationReport(self.model, self.args, self.recompute, self.mbs,
+                                            cfg.data.seq_len, dims.tp, p.sequence_parallel,
+                                            dtype, dims.device)
         self.opt = ShardedAdamW(self.engine, t.lr, (t.beta1, t.beta2), t.eps, t.weight_decay,
                                 offload=p.offload_optimizer)
         self.scaler = None  # fp16 only
@@ -162,7 +170,7 @@ class Trainer:
             f"{self.dims.dp}; {self.gbs * self.cfg.data.seq_len:,} tokens/step",
             f"data: {len(self.train_ds):,} train samples, "
             f"{len(self.val_ds) if self.val_ds is not None else 0:,} validation samples of "
-            f"{self.cfg.data.seq_len} tokens"])
+            f"{self.cfg.data.seq_len} tokens", self.activations.describe()])
 
     def memory(self) -> dict:
         """Model-state bytes on this rank by kind (AdamW moments counted before they exist)."""
@@ -335,7 +343,13 @@ class Trainer:
         evaluated = False
         try:
             while self.step < cfg.train.steps:
+                first = not result.losses
+                if first:  # measure micro-batch 0's saved activations in this step
+                    self.activations.arm(self.executor)
                 record = self.train_step()
+                if first and (measured := self.activations.measured(self.executor)):
+                    record.update(measured)
+                    self.log.print(ActivationReport.line(measured))
                 result.losses.append(record["loss"])
                 last = self.step == cfg.train.steps and not record["stop"]
                 if last or (cfg.train.eval_interval and
