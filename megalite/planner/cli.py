@@ -55,6 +55,7 @@ def dry_run_main(argv: List[str]) -> int:
     """``megalite train --config F.yaml ... --dry_run [--rank R] [--world_size N]``."""
     from megalite.config import parse_or_exit
     from megalite.planner.dry_run import dry_run, missing_apis
+    from megalite.planner.memory import rank_memory
 
     argv = [a for a in argv if a != "--dry_run"]
     try:
@@ -91,11 +92,51 @@ def dry_run_main(argv: List[str]) -> int:
           f"reductions and the optimizer step in {result.seconds:.1f} s")
     columns = {"dry run": dict(result.kinds)}
     columns["dry run"]["total"] = result.peak
-    print(f"peak memory of rank {rank} by kind (GiB):")
+    pp_rank = rank // (p.dp * p.tp)
+    args = dry_args(cfg)
+    cpu_terms = rank_memory(cfg, args, pp_rank, gpu=False)
+    columns["analytic"] = by_kind(cpu_terms)
+    print(f"peak memory of rank {rank} by kind (GiB; the analytic model with the attention and "
+          "dropout paths the CPU run takes):")
     print(memory_table(columns))
+    ratio = result.peak / max(cpu_terms["total"], 1)
+    print(f"dry run / analytic: {ratio:.3f}")
+    gpu_terms = rank_memory(cfg, args, pp_rank, gpu=True)
+    print(f"analytic terms on a GPU (flash attention, byte dropout masks, allocator allowance), "
+          f"total {gpu_terms['total'] / GIB:.2f} GiB:")
+    for name, value in gpu_terms.items():
+        if name != "total" and value:
+            print(f"  {name}: {value / GIB:.3f}")
     return 0
+
+
+def dry_args(cfg):
+    """The ModelArgs the dry run builds (PyTorch norms; vocabulary without reading data)."""
+    import dataclasses
+
+    from megalite.models import resolve_model_args
+    from megalite.planner.dry_run import dry_vocab
+
+    args = resolve_model_args(cfg.model, dry_vocab(cfg), cfg.data, None)
+    return dataclasses.replace(args, kernels="torch")
+
+
+def by_kind(terms: Dict[str, int]) -> Dict[str, int]:
+    """The analytic model's named terms summed into the dry run's kinds."""
+    out = {k: terms.get(k, 0) for k in ("params", "grads", "master", "optimizer")}
+    out["buffers"] = 0
+    out["activations"] = sum(v for k, v in terms.items()
+                             if k.startswith(("activations", "head", "loss")))
+    out["temporaries"] = sum(v for k, v in terms.items() if k.startswith("temporaries"))
+    out["gathered+buckets"] = terms.get("gathered", 0) + terms.get("buckets", 0)
+    out["total"] = terms["total"]
+    return out
 
 
 def default_rank(cfg) -> int:
-    """Rank 0: the first stage holds the most micro-batches in flight."""
-    return 0
+    """The first rank of the pipeline stage the analytic model predicts to peak (first or
+    last)."""
+    from megalite.planner.memory import peak_rank
+
+    pp_rank, _ = peak_rank(cfg, dry_args(cfg), gpu=False)
+    return pp_rank * cfg.parallel.dp * cfg.parallel.tp

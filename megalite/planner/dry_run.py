@@ -147,9 +147,11 @@ def build_rank(cfg: Config, dims: ParallelDims, vocab_size: int,
     Trainer's constructors with the Trainer's arguments, minus data and run directory.
     Weights are not drawn (``torch.empty``): the dry run and the memory tests need shapes."""
     from megalite.models import build_model, resolve_model_args
+    from megalite.models.recompute import apply_recompute
     from megalite.pipeline.executor import PipelineExecutor
     from megalite.plan import model_plan
     from megalite.tensor_parallel.plan import loss_fn
+    from megalite.tensor_parallel.random import SplitRegionRNG, cover_split_regions
     from megalite.trainer.loop import DTYPES
     from megalite.zero import ShardedAdamW, ZeroEngine
 
@@ -165,6 +167,11 @@ def build_rank(cfg: Config, dims: ParallelDims, vocab_size: int,
                         materialize=engine.materialize,
                         values=lambda name, shape: torch.empty(shape))
     engine.attach(model)
+    split_rng = None  # as the Trainer: per-TP-rank dropout stream, then recomputation
+    if dims.tp > 1 and args.dropout > 0:
+        split_rng = SplitRegionRNG(dims.device)
+        cover_split_regions(model, split_rng, p.sequence_parallel)
+    apply_recompute(model, cfg.model.recompute, cfg.model.recompute_layers, split_rng)
     seq = cfg.data.seq_len // (dims.tp if p.sequence_parallel else 1)
     executor = PipelineExecutor(model, dims, loss_fn(args, dims, p.vocab_multiple, "sum"),
                                 (t.micro_batch_size, seq, args.hidden_size), dtype,
