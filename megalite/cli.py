@@ -19,6 +19,7 @@ commands:
   checkpoint    megalite checkpoint verify DIR: check every byte of a checkpoint
   bench         microbenchmarks: megalite bench kernels [--device cpu|cuda] (fused kernels)
   launch        start a job on several processes/nodes (local, pdsh, ssh, slurm, openmpi)
+  plan          which layout of N GPUs fits and runs fastest: plan --config F --gpus N
 
 `megalite <command> --help` describes each command."""
 
@@ -338,7 +339,13 @@ def checkpoint_main(argv: List[str]) -> int:
     return run(argv)
 
 
-COMMANDS = {"train": train_main, "eval": eval_main, "generate": generate_main,
+def plan_main(argv: List[str]) -> int:
+    from megalite.planner.cli import plan_main as run
+
+    return run(argv)
+
+
+COMMANDS = {"train": train_main, "plan": plan_main, "eval": eval_main, "generate": generate_main,
             "convert": convert_main, "checkpoint": checkpoint_main,
             "prepare-data": prepare_data_main, "bench": bench_main, "launch": launch_main}
 

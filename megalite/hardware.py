@@ -14,6 +14,7 @@ no MFU is reported unless ``train.peak_tflops`` gives one.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -71,3 +72,37 @@ def device_peak_tflops(device: torch.device, precision: str) -> Optional[float]:
     if device.type != "cuda":
         return None
     return peak_tflops(torch.cuda.get_device_name(device), precision, tf32_matmul_enabled())
+
+
+# ---- the planner's GPU presets (megalite plan --gpu NAME) -------------------------------------
+@dataclass(frozen=True)
+class GPUSpec:
+    """What the planner's roofline and memory check need of one GPU. Bandwidths are what a
+    collective or kernel can use (GB/s, 1e9 bytes): ``intra`` the per-GPU NVLink bandwidth one
+    way (datasheet total / 2), ``inter`` the per-GPU network bandwidth between nodes (one NIC
+    per GPU); ``memory`` is the usable device memory in bytes."""
+    name: str
+    memory: int
+    bf16_tflops: float  # dense; fp16 the same, fp32 runs at the TF32 peak (the table above)
+    tf32_tflops: float
+    hbm_gbs: float
+    intra_gbs: float
+    inter_gbs: float
+
+    def peak_tflops(self, precision: str) -> float:
+        return self.tf32_tflops if precision == "fp32" else self.bf16_tflops
+
+
+GIB = 2**30
+# Peaks are the dense datasheet figures of PEAKS above (B200: HGX B200 datasheet, 4.5 PF
+# sparse BF16 -> 2.25 dense, TF32 1.1 dense); HBM bandwidth from each datasheet; NVLink
+# 600 GB/s (A100), 900 GB/s (H100, H200), 1.8 TB/s (B200) total per GPU; one 200 Gb/s HDR
+# (A100) or 400 Gb/s NDR (H100 on) NIC per GPU. Memory: the capacity torch reports, rounded
+# down to whole GiB (an "80GB" H100 shows 79.6 GiB).
+GPU_SPECS: Dict[str, GPUSpec] = {s.name: s for s in [
+    GPUSpec("a100-40gb", 39 * GIB, 312.0, 156.0, 1555.0, 300.0, 25.0),
+    GPUSpec("a100-80gb", 79 * GIB, 312.0, 156.0, 2039.0, 300.0, 25.0),
+    GPUSpec("h100-80gb", 79 * GIB, 989.0, 494.5, 3350.0, 450.0, 50.0),
+    GPUSpec("h200-141gb", 139 * GIB, 989.0, 494.5, 4800.0, 450.0, 50.0),
+    GPUSpec("b200", 178 * GIB, 2250.0, 1100.0, 8000.0, 900.0, 50.0),
+]}

@@ -140,3 +140,90 @@ def default_rank(cfg) -> int:
 
     pp_rank, _ = peak_rank(cfg, dry_args(cfg), gpu=False)
     return pp_rank * cfg.parallel.dp * cfg.parallel.tp
+
+
+PLAN_USAGE = """usage: megalite plan --config FILE.yaml --gpus N [--gpus-per-node 8] [--gpu h100-80gb]
+       [--tokens 1e12] [--seq_len 4096] [--global_batch_tokens 4M] [--top 10] [--json]
+       [--explain] [--layout dp=8,tp=8,...] [--confirm K] [--memory-fraction 0.9]
+       [--gpu-memory-gib G --gpu-tflops T --gpu-hbm-gbs B --gpu-intra-gbs I --gpu-inter-gbs E]
+       [--section.field=value ...]
+
+Ranks every dp x tp x pp / schedule / ZeRO / offload / micro-batch / recompute layout of N GPUs
+that the config validation accepts by predicted step time, among those whose predicted peak
+memory per GPU fits in --memory-fraction of the GPU (megalite/planner/). GPU presets: {gpus}.
+A custom GPU: all five --gpu-* numbers. --layout evaluates one layout (keys dp, tp, pp, v,
+schedule, mbs, zero, offload, recompute); --explain prints every term of the best (or that)
+layout; --confirm K runs the dry run (megalite train --dry_run) of the top K on fake tensors."""
+
+PLAN_FLAGS = ("--gpus", "--gpus-per-node", "--gpu", "--tokens", "--seq_len",
+              "--global_batch_tokens", "--top", "--layout", "--confirm", "--memory-fraction",
+              "--gpu-memory-gib", "--gpu-tflops", "--gpu-hbm-gbs", "--gpu-intra-gbs",
+              "--gpu-inter-gbs")
+
+
+def _number(text: str, name: str, binary: bool = False) -> float:
+    """1e12, 4M, 2.5B, 512K -> float (ValueError naming the flag); ``binary``: K, M, B are
+    2^10, 2^20, 2^30 (a "4M-token batch" is 1024 x 4096 tokens)."""
+    scale = {"K": 2.0**10, "M": 2.0**20, "B": 2.0**30, "G": 2.0**30, "T": 2.0**40} if binary \
+        else {"K": 1e3, "M": 1e6, "B": 1e9, "G": 1e9, "T": 1e12}
+    t = text.strip()
+    try:
+        if t and t[-1].upper() in scale:
+            return float(t[:-1]) * scale[t[-1].upper()]
+        return float(t)
+    except ValueError:
+        raise ValueError(f"{name}={text}: not a number (e.g. 64, 1e12, 4M)") from None
+
+
+def plan_main(argv: List[str]) -> int:
+    try:
+        return _plan(list(argv))
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _gpu_spec(opts: Dict[str, str]):
+    from megalite.hardware import GIB, GPU_SPECS, GPUSpec
+
+    custom = [k for k in ("--gpu-memory-gib", "--gpu-tflops", "--gpu-hbm-gbs",
+                          "--gpu-intra-gbs", "--gpu-inter-gbs") if k in opts]
+    if custom:
+        if len(custom) != 5:
+            raise ValueError(f"a custom GPU needs all five of --gpu-memory-gib, --gpu-tflops, "
+                             f"--gpu-hbm-gbs, --gpu-intra-gbs, --gpu-inter-gbs (got "
+                             f"{', '.join(custom)})")
+        v = {k: _number(opts[k], k) for k in custom}
+        return GPUSpec("custom", int(v["--gpu-memory-gib"] * GIB), v["--gpu-tflops"],
+                       v["--gpu-tflops"] / 2, v["--gpu-hbm-gbs"], v["--gpu-intra-gbs"],
+                       v["--gpu-inter-gbs"])
+    name = opts.get("--gpu", "h100-80gb").lower()
+    if name not in GPU_SPECS:
+        raise ValueError(f"--gpu={name}: unknown; use one of {', '.join(GPU_SPECS)} or give a "
+                         "custom GPU with the five --gpu-* numbers")
+    return GPU_SPECS[name]
+
+
+def _plan(argv: List[str]) -> int:
+    from megalite.hardware import GPU_SPECS
+
+    if not argv or "-h" in argv or "--help" in argv:
+        print(PLAN_USAGE.format(gpus=", ".join(GPU_SPECS)))
+        return 0 if argv else 2
+    opts = {}
+    for flag in PLAN_FLAGS:
+        value = _pop(argv, flag)
+        if value is not None:
+            opts[flag] = value
+    flags = {f for f in ("--json", "--explain") if f in argv}
+    argv = [a for a in argv if a not in flags]
+    if "--gpus" not in opts:
+        raise ValueError("--gpus is required: the number of GPUs of the job")
+    gpus = int(_number(opts["--gpus"], "--gpus"))
+    per_node = int(_number(opts.get("--gpus-per-node", "8"), "--gpus-per-node"))
+    if gpus < 1 or per_node < 1:
+        raise ValueError(f"--gpus={gpus}, --gpus-per-node={per_node}: both must be >= 1")
+    gpu = _gpu_spec(opts)
+    from megalite.planner.report import run_plan
+
+    return run_plan(argv, opts, flags, gpus, per_node, gpu)

@@ -171,23 +171,32 @@ def in_flight(cfg: Config, pp_rank: int, chunk_bytes: int, deferred_bytes: int
     chunk's activations but its W pass still needs the linear layers' inputs and output
     gradients)."""
     p = cfg.parallel
-    actions = schedules.build(p.schedule, p.pp, cfg.train.grad_accum, pp_rank,
-                              p.virtual_stages)
-    split = any(a.kind == "W" for a in actions)
-    live = deferred = 0
-    best = (0, 0)
-    for a in actions:
-        if a.kind == "F":
-            live += 1
-        elif a.kind == "B":
-            live -= 1
-            deferred += split
-        else:
-            deferred -= 1
-        if live * chunk_bytes + deferred * deferred_bytes > \
-                best[0] * chunk_bytes + best[1] * deferred_bytes:
-            best = (live, deferred)
-    return best
+    states = _live_states(p.schedule, p.pp, cfg.train.grad_accum, pp_rank, p.virtual_stages)
+    return max(states, key=lambda st: st[0] * chunk_bytes + st[1] * deferred_bytes)
+
+
+_LIVE: Dict[Tuple, List[Tuple[int, int]]] = {}
+
+
+def _live_states(schedule: str, pp: int, ga: int, pp_rank: int, v: int
+                 ) -> List[Tuple[int, int]]:
+    """The distinct (live chunks, deferred W passes) the action list goes through. Cached."""
+    key = (schedule, pp, ga, pp_rank, v)
+    if key not in _LIVE:
+        actions = schedules.build(schedule, pp, ga, pp_rank, v)
+        split = any(a.kind == "W" for a in actions)
+        live = deferred = 0
+        seen = {(0, 0)}
+        for a in actions:
+            if a.kind == "F":
+                live += 1
+            elif a.kind == "B":
+                live, deferred = live - 1, deferred + split
+            else:
+                deferred -= 1
+            seen.add((live, deferred))
+        _LIVE[key] = sorted(seen)
+    return _LIVE[key]
 
 
 def activation_terms(cfg: Config, args, pp_rank: int, cpu: bool = False) -> Dict[str, int]:

@@ -1,0 +1,182 @@
+"""The analytic step-time model: a roofline per micro-batch, the pipeline bubble of the schedule,
+and the collectives that do not overlap, each a named term in seconds.
+
+**Compute.** One transformer block and the head run forward and backward once on fake tensors
+(micro-batch 1, the run's sequence length, full width) under ``FlopCounterMode`` — its matmul
+FLOPs — and a byte counter, the bytes every other op reads and writes (norms, RoPE, SwiGLU,
+residual adds: memory-bound). Attention's QKᵀ and ·V are added analytically (4·b·s²·h forward,
+twice that backward: the counter sees a fused SDPA kernel, or nothing for CPU's flash path).
+Both scale linearly in the micro-batch and split evenly over TP. Each part takes
+its roof — matmuls ``flops / (peak · efficiency)``, the other (memory-bound) kernels
+``bytes / (HBM bandwidth · efficiency)``, added since they run one after another — with the
+efficiency constants below named, not fitted. Recomputation adds its forward again (full:
+the block; selective: core attention).
+
+**Tensor parallelism**: per block two collectives forward (all-reduce, or all-gather +
+reduce-scatter with SP: the same bytes) and two backward, on NVLink when the TP group fits in a
+node; the backward's dX all-reduce overlaps the dW matmuls (``tensor_parallel/plan.py``), so
+only what exceeds them is exposed. **Pipeline**: (m + p − 1) micro-batch slots of which p − 1
+are bubble (1F1B, GPipe), (p − 1)/v for interleaved, a third of 1F1B's for zb-h1 (Qi et al.:
+(p−1)(T_F + T_B − T_W)); p2p sends are small and overlap. **Data parallelism / ZeRO**: the
+step's gradient reduction (reduce-scatter + all-gather of parameters for ZeRO-1/2 = one
+all-reduce's bytes; per micro-batch for ZeRO-2 ``shard`` and ZeRO-3, whose parameter
+all-gathers also run twice per micro-batch) on the network when the dp group spans nodes;
+bucketed reductions overlap the last micro-batch's backward (ZeRO-3: each micro-batch's),
+so only the excess is exposed. **Optimizer**: AdamW reads and writes 36 bytes per owned
+parameter (memory-bound); offloaded, 2 x PCIe copies and the host's update.
+"""
+from __future__ import annotations
+
+from typing import Dict, Tuple
+
+import torch
+
+from megalite.config.schema import Config
+from megalite.hardware import GPUSpec
+from megalite.planner.memory import DTYPE_BYTES, stage_units
+
+MATMUL_EFFICIENCY = 0.7  # bf16 GEMMs of LLM shapes reach ~65-75% of the dense peak (H100, A100)
+ATTENTION_EFFICIENCY = 0.5  # flash-attention 2 forward + backward: ~50% of peak on H100
+HBM_EFFICIENCY = 0.8  # elementwise kernels: ~80% of the datasheet bandwidth
+COMM_EFFICIENCY = 0.8  # NCCL bus bandwidth against the link's
+PCIE_GBS = 25.0  # offload: host <-> device copies per GPU (PCIe 4/5 x16, one way, achieved)
+HOST_ADAM_GBS = 20.0  # offload: the CPU update's memory traffic per GPU's share of the host
+
+COUNT_TOKENS = 256  # tokens of the fake forward + backward whose costs are counted
+_BLOCK: Dict[str, Tuple[float, float, float, float]] = {}
+
+
+def block_costs(args, seq_len: int, precision: str) -> Tuple[float, float, float, float]:
+    """(block matmul FLOPs, block other-op bytes, head matmul FLOPs, head other-op bytes) of
+    forward + backward of one sample at full width, counted on fake tensors at up to 256
+    tokens and scaled to ``seq_len`` (both are linear in the tokens once attention's s² part
+    is left to the analytic term). Cached."""
+    key = repr((args, seq_len, precision))
+    if key not in _BLOCK:
+        counted = min(seq_len, COUNT_TOKENS)
+        _BLOCK[key] = tuple(x * seq_len / counted for x in _count(args, counted, precision))
+    return _BLOCK[key]
+
+
+def _count(args, seq_len: int, precision: str) -> Tuple[float, float, float, float]:
+    import dataclasses
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from megalite.models.transformer import Block, Head
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    args = dataclasses.replace(args, kernels="torch", dropout=0.0)
+    out = []
+    default = torch.get_default_dtype()
+    with FakeTensorMode():
+        for make in (lambda: Block(args), lambda: Head(args)):
+            torch.set_default_dtype(dtype)  # built in the run's dtype (.to cannot swap fakes)
+            try:
+                module = make()
+            finally:
+                torch.set_default_dtype(default)
+            x = torch.randn(1, seq_len, args.hidden_size, dtype=dtype, requires_grad=True)
+            counter, traffic = FlopCounterMode(display=False), _Bytes()
+            with counter, traffic:
+                y = module(x)
+                y.float().sum().backward()
+            flops = sum(v for op, v in counter.get_flop_counts().get("Global", {}).items()
+                        if "attention" not in str(op))
+            out += [float(flops), float(traffic.bytes)]
+    return tuple(out)  # type: ignore[return-value]
+
+
+class _Bytes(torch.utils._python_dispatch.TorchDispatchMode):
+    """Bytes read and written by the ops that are not matmuls (views move nothing)."""
+    MATMUL = ("mm", "addmm", "bmm", "baddbmm", "_scaled_dot_product", "convolution")
+
+    def __init__(self):
+        super().__init__()
+        self.bytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        outs = list(out) if isinstance(out, (tuple, list)) else [out]
+        name = func.__name__
+        moves = any(isinstance(t, torch.Tensor) for t in outs)  # not prim.device & co.
+        if moves and not any(m in name for m in self.MATMUL) and not _is_view(func):
+            flat = list(args) + list((kwargs or {}).values()) + outs
+            self.bytes += sum(t.numel() * t.element_size() for t in flat
+                              if isinstance(t, torch.Tensor))
+        return out
+
+
+def _is_view(func) -> bool:
+    schema = func._schema
+    return any(a.alias_info is not None and not a.alias_info.is_write
+               for a in schema.returns) or func.__name__.split(".")[0] in (
+        "detach", "t", "_unsafe_view")
+
+
+def _roofline(flops: float, nbytes: float, gpu: GPUSpec, precision: str) -> float:
+    """Matmuls at the compute roof, the other ops at the bandwidth roof: they are different
+    kernels run one after another, so their times add (each kernel's max(flops / peak,
+    bytes / bandwidth) is its compute term for a matmul, its bytes term for the rest)."""
+    return (flops / (gpu.peak_tflops(precision) * 1e12 * MATMUL_EFFICIENCY)
+            + nbytes / (gpu.hbm_gbs * 1e9 * HBM_EFFICIENCY))
+
+
+def _allreduce(nbytes: float, n: int, gbs: float) -> float:
+    return 0.0 if n <= 1 else 2 * (n - 1) / n * nbytes / (gbs * 1e9 * COMM_EFFICIENCY)
+
+
+def step_time(cfg: Config, args, gpu: GPUSpec, gpus_per_node: int) -> Dict[str, float]:
+    """Named seconds of one optimizer step of ``cfg``'s layout, ``total`` their sum."""
+    p, t = cfg.parallel, cfg.train
+    tp, pp, dp, v = p.tp, p.pp, p.dp, p.virtual_stages
+    b, s, h = t.micro_batch_size, cfg.data.seq_len, args.hidden_size
+    e = DTYPE_BYTES[t.precision]
+    m = t.grad_accum
+    blk_f, blk_b, head_f, head_b = block_costs(args, s, t.precision)
+    layers = args.num_layers / pp  # per pipeline rank
+    attn_fwd = 4.0 * b * s * s * h / tp
+    recompute = {"none": 0.0, "selective": 1.0, "full": 1.0}[cfg.model.recompute]
+    # one micro-batch through this rank's layers: matmuls + other ops (roofline), attention
+    mm = layers * (b * blk_f / tp * (1 + recompute / 3 * (cfg.model.recompute == "full")))
+    other = layers * b * blk_b / tp * (1 + recompute / 3 * (cfg.model.recompute == "full"))
+    attn = layers * attn_fwd * (3 + recompute)
+    head = b * head_f / tp
+    t_mb = (_roofline(mm + head, other + b * head_b / tp, gpu, t.precision)
+            + attn / (gpu.peak_tflops(t.precision) * 1e12 * ATTENTION_EFFICIENCY))
+    # tensor parallelism: 4 collectives of b*s*h per block; backward's overlap the dW matmuls
+    tp_bw = gpu.intra_gbs if tp <= gpus_per_node else gpu.inter_gbs
+    coll = _allreduce(b * s * h * e, tp, tp_bw)
+    dw = mm / 3 / max(layers, 1)  # per block
+    tp_mb = layers * (2 * coll + max(0.0, 2 * coll - dw))
+    slot = t_mb + tp_mb
+    bubble_slots = (pp - 1) * {"interleaved": 1 / v, "zb-h1": 1 / 3}.get(p.schedule, 1.0)
+    out = {"compute (roofline, all micro-batches)": m * t_mb,
+           "tensor-parallel collectives (exposed)": m * tp_mb,
+           "pipeline bubble": bubble_slots * slot if pp > 1 else 0.0}
+    # data parallelism / ZeRO over dp: inter-node once tp*dp spans more than a node
+    dp_bw = gpu.intra_gbs if tp * dp <= gpus_per_node else gpu.inter_gbs
+    params = sum(n for unit in stage_units(cfg, args, 0) for _, n in unit)
+    g = DTYPE_BYTES[t.grad_dtype]
+    sharded = p.zero_stage == 3 or (p.zero_stage == 2 and p.zero2_accumulate == "shard")
+    half = _allreduce(params * g, dp, dp_bw) / 2  # one reduce-scatter (or all-gather)
+    gather = _allreduce(params * e, dp, dp_bw) / 2
+    backward_mb = t_mb * 2 / 3
+    if p.zero_stage == 3:
+        per_mb = half + gather * (2 if p.pp == 1 else 1)
+        dp_time = m * max(0.0, per_mb - t_mb) + gather
+    elif sharded:
+        dp_time = m * max(0.0, half - backward_mb) + gather
+    else:
+        reduce = 2 * half if p.zero_stage == 0 else half + gather
+        dp_time = max(0.0, reduce - backward_mb)
+    out["data-parallel / ZeRO collectives (exposed)"] = dp_time
+    shard = params / (dp if p.zero_stage >= 1 else 1)
+    if p.offload_optimizer:
+        out["optimizer step (offloaded)"] = (shard * (4 + e) / (PCIE_GBS * 1e9)
+                                             + shard * 36 / (HOST_ADAM_GBS * 1e9))
+    else:
+        out["optimizer step"] = shard * 36 / (gpu.hbm_gbs * 1e9 * HBM_EFFICIENCY)
+    out["total"] = sum(out.values())
+    return out
