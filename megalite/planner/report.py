@@ -93,7 +93,8 @@ def run_plan(argv: List[str], opts: Dict[str, str], flags: Set[str], gpus: int, 
     if "--json" in flags:
         rows = [{"layout": c.layout, "fits": c.fits, "reason": c.reason,
                  "peak_pp_rank": c.pp_rank, "memory": c.memory, "time": c.time,
-                 "dry_run_peak": c.dry_run, **rate(c)} for c in ok + rejected]
+                 "dry_run_peak": c.dry_run, **(rate(c) if c.time else {})}
+                for c in ok + rejected]
         print(json.dumps({"gpus": gpus, "gpu": gpu.name, "params": n_params,
                           "flops_per_token": fpt, "global_batch": global_batch,
                           "seq_len": seq, "seconds": took, "layouts": rows}, indent=1))
