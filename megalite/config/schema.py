@@ -13,8 +13,10 @@ from typing import Any, Dict, List, Literal, Optional, Union
 @dataclass
 class ModelConfig:
     family: str = "gpt"
-    """Architecture family: `gpt` (GPT-2: learned positions, LayerNorm, GELU, tied embeddings) or
-    `llama` (RMSNorm, RoPE, SwiGLU, grouped-query attention, untied head)."""
+    """Architecture family: `gpt` (GPT-2: learned positions, LayerNorm, GELU, tied embeddings),
+    `llama` (RMSNorm, RoPE, SwiGLU, grouped-query attention, untied head) or `bert` (the
+    bidirectional encoder: segment embeddings, post-LayerNorm, exact GELU, a masked-LM head tied
+    to the word embeddings; trained on masked-LM samples)."""
     num_layers: int = 2
     """Number of transformer blocks."""
     hidden_size: int = 64

@@ -194,7 +194,7 @@ def resolve_batch(cfg: Config, err: _Errors) -> None:
 
 def _check_model(cfg: Config, err: _Errors) -> None:
     m = cfg.model
-    _choice(err, "model.family", m.family, ["gpt", "llama"])
+    _choice(err, "model.family", m.family, ["gpt", "llama", "bert"])
     _choice(err, "model.kernels", m.kernels, ["fused", "torch"])
     _choice(err, "model.recompute", m.recompute, ["none", "selective", "full"])
     err.check(m.recompute_layers >= 0, "model.recompute_layers", m.recompute_layers,
