@@ -282,6 +282,11 @@ def generate_main(argv: List[str]) -> int:
     except (FileNotFoundError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if model.args.is_encoder:
+        print(f"error: --checkpoint {a.checkpoint}: a {model.args.family} encoder (masked-LM) "
+              "does not generate text; use a gpt or llama checkpoint, or `megalite finetune` "
+              "/ `megalite eval` for this one", file=sys.stderr)
+        return 2
     print(sample_text(model, tokenizer, a.prompt, a.max_new_tokens, a.temperature, a.top_k,
                       a.top_p, a.seed))
     return 0
