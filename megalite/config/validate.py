@@ -24,7 +24,7 @@ class ConfigError(ValueError):
         return "\n".join(self.lines)
 
 
-_TOKENIZER_RE = re.compile(r"^(bytes|bpe:(\d+)|.+\.json)$")
+_TOKENIZER_RE = re.compile(r"^(bytes|bpe:(\d+)|wordpiece:(\d+)|.+\.json)$")
 
 
 def fmt(value: Any) -> str:
@@ -348,9 +348,11 @@ def _check_data(cfg: Config, err: _Errors) -> None:
         elif any(w <= 0 for w in d.weights):
             err.add("data.weights", d.weights, "every weight must be positive")
     match = _TOKENIZER_RE.match(d.tokenizer)
-    if not match or (match.group(2) is not None and int(match.group(2)) < 257):
+    if not match or (match.group(2) is not None and int(match.group(2)) < 257) or (
+            match.group(3) is not None and int(match.group(3)) < 64):
         err.add("data.tokenizer", d.tokenizer,
-                "must be `bytes`, `bpe:N` with N >= 257, or a tokenizer .json path")
+                "must be `bytes`, `bpe:N` with N >= 257, `wordpiece:N` with N >= 64, or a "
+                "tokenizer .json path")
     err.check(d.stdlib_max_bytes > 0, "data.stdlib_max_bytes", d.stdlib_max_bytes,
               "must be positive")
     if d.seq_len <= 0:
