@@ -362,11 +362,9 @@ def _check_data(cfg: Config, err: _Errors) -> None:
                 f"exceeds model.max_seq_len={cfg.model.max_seq_len}; lower it or raise that")
     _check_split(d.split, err)
     err.check(d.num_workers >= 1, "data.num_workers", d.num_workers, "must be at least 1")
-    if cfg.model.family == "bert":  # masked-LM samples hold one document each, padded
-        for name in ("reset_attention_mask", "reset_position_ids", "eod_mask_loss"):
-            err.check(not getattr(d, name), f"data.{name}", getattr(d, name),
-                      "separates packed documents for decoders; bert samples are never "
-                      "packed: drop it")
+    for name in ("reset_attention_mask", "reset_position_ids", "eod_mask_loss"):
+        err.check(cfg.model.family != "bert" or not getattr(d, name), f"data.{name}", True,
+                  "separates packed documents; bert samples are never packed: drop it")
 
 
 def _check_rest(cfg: Config, err: _Errors) -> None:
