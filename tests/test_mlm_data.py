@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from megalite.config.schema import DataConfig
-from megalite.data import (DataError, IndexedTokens, load_tokenizer, prepare_documents,
-                           split_documents, synthetic_texts, train_tokenizer)
-from megalite.data.classification import (GLUE_FIELDS, encode_pair, load_classification_jsonl,
-                                          truncate_pair)
+from megalite.data import (DataError, IndexedTokens, MegatronTokens, load_tokenizer,
+                           prepare_documents, split_documents, synthetic_texts, train_tokenizer)
+from megalite.data.classification import (GLUE_FIELDS, encode_examples, encode_pair,
+                                          load_classification_jsonl, truncate_pair)
 from megalite.data.mlm import (IGNORE_INDEX, KEYS, MLMSamples, build_mlm_datasets,
                                check_mlm_data, content_lengths, mlm_eval_batch, mlm_micro_batch)
 
@@ -101,10 +101,53 @@ def test_bert_tokenizer_json_and_prepared_documents(tmp_path) -> None:
         assert _contains(doc[:-1], body), i  # inside one document, without its [SEP]
         if n == 3:  # a one-token document ("a"): [CLS] A [SEP], no B
             assert s["token_types"].tolist() == [0] * 16
+    # two prepared datasets blended 1:3, as build_datasets blends GPT data
+    prepare_documents(lambda: docs[::-1], str(tmp_path / "e"), path, num_workers=1)
+    cfg = DataConfig(source="prepared", paths=[str(tmp_path / "d"), str(tmp_path / "e")],
+                     weights=[1, 3], seq_len=16, split="1,0")
+    blend, val, _ = build_mlm_datasets(cfg, seed=5, num_train_samples=40, num_val_samples=8)
+    assert val is None and len(blend) == 40 and blend.counts == [10, 30]
+    assert set(blend[0]) == set(KEYS)
+    prepare_documents(lambda: docs, str(tmp_path / "bytes"), "bytes", num_workers=1)
+    with pytest.raises(DataError, match=r"bytes\.tokenizer\.json: masked-LM needs"):
+        check_mlm_data(DataConfig(source="prepared", paths=[str(tmp_path / "bytes")]))
     with pytest.raises(DataError, match="seq_len=3"):
         MLMSamples(t, np.arange(len(docs)), 3, seed=5, num_samples=4, tokenizer=tok)
     with pytest.raises(DataError, match="masked-LM needs"):
         MLMSamples(t, [0], 16, 5, 4, train_tokenizer("bytes", []))
+
+
+def _write_megatron(prefix: str, docs: List[List[int]]) -> None:
+    """A Megatron indexed dataset (megatron.py's header layout), one uint16 sequence per doc."""
+    from megalite.data.megatron import _HEADER, MAGIC
+    lengths = np.asarray([len(d) for d in docs], dtype=np.int32)
+    pointers = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64) * 2
+    with open(prefix + ".idx", "wb") as f:
+        f.write(_HEADER.pack(MAGIC, 1, 8, len(docs), len(docs) + 1))  # dtype code 8: uint16
+        f.write(lengths.tobytes() + pointers.tobytes())
+        f.write(np.arange(len(docs) + 1, dtype=np.int64).tobytes())
+    np.concatenate([np.asarray(d, dtype=np.uint16) for d in docs]).tofile(prefix + ".bin")
+
+
+def test_megatron_documents_give_the_same_mlm_samples(tmp_path) -> None:
+    """Documents read from a Megatron dataset, with or without an eod at their end, give the
+    masked-LM samples of the same documents prepared by megalite: the eod is never content."""
+    path = str(tmp_path / "bert.json")
+    _bert_tokenizer_json(path)
+    tok = load_tokenizer(path)
+    docs = ["the quick dog chases the red bird . " * 5, "hello world", "a cat sat on the mat"]
+    prepare_documents(lambda: docs, str(tmp_path / "ours"), path, num_workers=1)
+    ours = IndexedTokens(str(tmp_path / "ours"))
+    ids = [tok.encode(d) for d in docs]
+    _write_megatron(str(tmp_path / "plain"), ids)
+    _write_megatron(str(tmp_path / "eod"), [x + [tok.eod_id] for x in ids])
+    ref = MLMSamples(ours, [0, 1, 2], 16, 9, 30, tok)
+    for name, append in (("plain", True), ("plain", False), ("eod", False)):
+        meg = MegatronTokens(str(tmp_path / name), path, append_eod=append)
+        assert content_lengths(meg).tolist() == [len(x) for x in ids]
+        ds = MLMSamples(meg, [0, 1, 2], 16, 9, 30, tok)
+        for i in range(30):
+            assert all(np.array_equal(ds[i][k], ref[i][k]) for k in KEYS), (name, append, i)
 
 
 def _contains(haystack: np.ndarray, needle: np.ndarray) -> bool:
@@ -316,5 +359,10 @@ def test_encode_pair_equals_hugging_face(tmp_path) -> None:
         assert got["token_types"].tolist() == want.type_ids
         assert got["attention_mask"].tolist() == want.attention_mask
     assert truncate_pair(10, 2, 6) == (4, 2) and truncate_pair(5, 5, 7) == (3, 4)
+    mrpc = load_classification_jsonl(os.path.join(FIXTURES, "mrpc.jsonl"), task="mrpc")
+    batch = encode_examples(ours, mrpc, 24)
+    assert batch["labels"].tolist() == [1, 0, 1] and batch["tokens"].shape == (3, 24)
+    assert batch["tokens"][1].tolist() == encode_pair(ours, mrpc.text[1], mrpc.text_pair[1],
+                                                      24)["tokens"].tolist()
     with pytest.raises(DataError, match="BERT-style tokenizer"):
         encode_pair(train_tokenizer("bytes", []), "a", "b", 8)

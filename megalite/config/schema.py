@@ -245,7 +245,7 @@ class DataConfig:
     source: str = "stdlib"
     """`stdlib` (this Python's standard-library .py sources, prepared on first use; no download),
     `synthetic` (a small seeded corpus generated in code, identical on every machine; byte
-    tokenizer) or `prepared` (the datasets in `paths`, made by `megalite prepare-data` or
+    tokenizer, or data.tokenizer when it is `wordpiece:VOCAB`) or `prepared` (the datasets in `paths`, made by `megalite prepare-data` or
     Megatron-LM)."""
     paths: List[str] = field(default_factory=list)
     """Prefixes of prepared datasets (source=prepared): PREFIX.meta.json etc. made by `megalite
@@ -254,9 +254,13 @@ class DataConfig:
     weights: List[float] = field(default_factory=list)
     """Blending weights of `paths` (empty: proportional weights 1 each)."""
     tokenizer: str = "bpe:4096"
-    """For source=stdlib: `bytes`, `bpe:VOCAB` (byte-level BPE trained on the corpus) or the
-    path of a Hugging Face tokenizer.json. For Megatron datasets in `paths`: the path of the
-    tokenizer.json they were made with (required). Ignored for megalite-prepared datasets."""
+    """For source=stdlib: `bytes`, `bpe:VOCAB` (byte-level BPE trained on the corpus),
+    `wordpiece:VOCAB` (BERT-style WordPiece trained on the corpus, cased, with [PAD] [UNK] [CLS]
+    [SEP] [MASK] as ids 0-4 and [SEP] ending each document; also for source=synthetic) or the
+    path of a Hugging Face tokenizer.json (a BERT one's [SEP] ends each document). Masked-LM
+    needs [PAD] [CLS] [SEP] [MASK]: wordpiece or a BERT tokenizer.json. For Megatron datasets in
+    `paths`: the path of the tokenizer.json they were made with (required). Ignored for
+    megalite-prepared datasets."""
     stdlib_max_bytes: int = 4_000_000
     """For source=stdlib: byte budget of the corpus, so runs compare across machines."""
     cache_dir: str = ".cache/megalite"

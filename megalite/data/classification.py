@@ -178,3 +178,15 @@ def encode_pair(tokenizer: Tokenizer, a: str, b: Optional[str],
         ids_a = ids_a[:seq_len - 2]
     return pack_pair(ids_a, ids_b, seq_len, tokenizer.cls_id, tokenizer.sep_id,  # type: ignore
                      tokenizer.pad_id)  # type: ignore[arg-type]
+
+
+def encode_examples(tokenizer: Tokenizer, examples: ClassificationExamples,
+                    seq_len: int) -> Dict[str, np.ndarray]:
+    """Every example through ``encode_pair``: tokens, token_types, attention_mask as int64
+    [num_examples, seq_len], and labels [num_examples] (int64, or float32 for regression)."""
+    pairs = examples.text_pair or [None] * len(examples)
+    rows = [encode_pair(tokenizer, a, b, seq_len) for a, b in zip(examples.text, pairs)]
+    out = {k: np.stack([r[k] for r in rows]) for k in ("tokens", "token_types", "attention_mask")}
+    out["labels"] = np.asarray(examples.labels,
+                               dtype=np.float32 if examples.regression else np.int64)
+    return out
