@@ -54,6 +54,9 @@ class ModelConfig:
     (elsewhere, and with `torch`, attention is PyTorch's scaled_dot_product_attention, given
     the document mask as a boolean mask). `torch`: plain PyTorch ops everywhere. Same results
     within float rounding."""
+    num_labels: int = 0
+    """bert: 0 trains the masked-LM head; N > 0 puts a classifier over N classes on the pooled
+    [CLS] token instead (`megalite finetune` sets it from the training file's labels)."""
     recompute: str = "none"
     """Activation recomputation (Korthikanti et al. 2022). `none`: keep every activation the
     backward needs. `selective`: re-run only core attention (QKᵀ, softmax, dropout, ·V) in the
@@ -336,6 +339,29 @@ class RunConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    """Classification fine-tuning of an encoder on labelled JSON lines instead of the
+    pre-training corpus (`megalite finetune` fills this section)."""
+
+    train: Optional[str] = None
+    """JSON-lines training file, one example per line (a text, an optional second text, an
+    integer label); set, the run fine-tunes a classifier of model.num_labels classes (bert)."""
+    eval: Optional[str] = None
+    """JSON-lines evaluation file with the same fields: validation loss during training,
+    accuracy and F1 after it."""
+    task: Optional[str] = None
+    """A GLUE task (cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte, wnli): its field names as the
+    `datasets` library writes them; the *_field options override them."""
+    text_field: Optional[str] = None
+    """Field of the (first) text; default: the task's, else `text`."""
+    text_pair_field: Optional[str] = None
+    """Field of the second text of a pair task; default: the task's, else none."""
+    label_field: Optional[str] = None
+    """Field of the integer label; default `label`. Label -1 (GLUE's unlabeled test split) is
+    refused for training."""
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -343,6 +369,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
     @property
     def world_size(self) -> int:

@@ -10,32 +10,11 @@ import copy
 import re
 from typing import Any, List, Optional
 
+from .errors import ConfigError, fmt  # noqa: F401 (re-exported)
 from .schema import Config, parse_rope_scaling
 
 
-class ConfigError(ValueError):
-    """Bad configuration; holds one-line messages so the CLI can print each as ``error: ...``."""
-
-    def __init__(self, lines: List[str]) -> None:
-        self.lines: List[str] = list(lines)
-        super().__init__("\n".join(self.lines))
-
-    def __str__(self) -> str:
-        return "\n".join(self.lines)
-
-
 _TOKENIZER_RE = re.compile(r"^(bytes|bpe:(\d+)|wordpiece:(\d+)|.+\.json)$")
-
-
-def fmt(value: Any) -> str:
-    """Render a value the way a user would type it (none/true/false, comma lists)."""
-    if value is None:
-        return "none"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (list, tuple)):
-        return "[" + ",".join(fmt(v) for v in value) + "]"
-    return str(value)
 
 
 class _Errors:
@@ -196,6 +175,8 @@ def _check_model(cfg: Config, err: _Errors) -> None:
     m = cfg.model
     _choice(err, "model.family", m.family, ["gpt", "llama", "bert"])
     _choice(err, "model.kernels", m.kernels, ["fused", "torch"])
+    err.check(m.num_labels == 0 or (m.family == "bert" and m.num_labels >= 2),
+              "model.num_labels", m.num_labels, "needs model.family=bert and 2+ classes")
     _choice(err, "model.recompute", m.recompute, ["none", "selective", "full"])
     err.check(m.recompute_layers >= 0, "model.recompute_layers", m.recompute_layers,
               "must be >= 0 (0: every block)")

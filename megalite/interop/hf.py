@@ -285,11 +285,18 @@ def from_hf(model_or_path: Union[Any, str, os.PathLike]) -> CausalLM:
     if isinstance(model_or_path, (str, os.PathLike)):
         tf = _transformers()
         config = tf.AutoConfig.from_pretrained(os.fspath(model_or_path), local_files_only=True)
-        auto = tf.AutoModelForMaskedLM if _family(config) == "bert" else tf.AutoModelForCausalLM
+        auto = tf.AutoModelForCausalLM
+        if _family(config) == "bert":
+            classifier = any("SequenceClassification" in a for a in config.architectures or [])
+            auto = tf.AutoModelForSequenceClassification if classifier else \
+                tf.AutoModelForMaskedLM
         hf = auto.from_pretrained(os.fspath(model_or_path), local_files_only=True)
     else:
         hf = model_or_path
     args = args_from_hf_config(hf.config)
+    if args.is_encoder:  # an in-memory model may carry no `architectures`: its class tells
+        args = hf_bert.args_from_bert_config(
+            hf.config, type(hf).__name__.endswith("ForSequenceClassification"))
     model = build_model(args, seed=0)
     hf_sd = {k: v.detach().to("cpu", torch.float32) for k, v in hf.state_dict().items()}
     model.load_state_dict(megalite_state_dict(hf_sd, args), strict=True)
@@ -310,8 +317,10 @@ def to_hf(model: CausalLM) -> Any:
             "megalite.trainer.inference")
     tf = _transformers()
     config = hf_config_from_args(model.args)
-    cls = tf.LlamaForCausalLM if model.args.is_llama else \
-        tf.BertForMaskedLM if model.args.is_encoder else tf.GPT2LMHeadModel
+    cls = tf.LlamaForCausalLM if model.args.is_llama else tf.GPT2LMHeadModel
+    if model.args.is_encoder:
+        cls = tf.BertForSequenceClassification if model.args.num_labels else \
+            tf.BertForMaskedLM
     hf = cls(config)
     sd = {k: v.detach().clone() for k, v in hf_state_dict(model).items()}
     hf.load_state_dict(sd, strict=True)

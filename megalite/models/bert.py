@@ -44,6 +44,26 @@ class BertEmbedding(nn.Module):
         return self.drop(self.norm(x))
 
 
+class ClassifierHead(nn.Module):
+    """Sequence classification (``num_labels`` > 0): classifier(dropout(tanh(pooler(x[:, 0]))))
+    — BERT's pooled [CLS] token (HF ``bert.pooler.dense``, ``classifier``); logits [b, labels].
+    ``first_token`` is the seam sequence parallelism overrides (the [CLS] token lives in TP
+    rank 0's chunk)."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.pooler = nn.Linear(args.hidden_size, args.hidden_size)
+        self.drop = nn.Dropout(args.dropout)
+        self.classifier = nn.Linear(args.hidden_size, args.num_labels)
+
+    def first_token(self, x: torch.Tensor) -> torch.Tensor:
+        return x[:, 0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pooled = torch.tanh(self.pooler(self.first_token(x)))
+        return self.classifier(self.drop(pooled))
+
+
 class MLMHead(nn.Module):
     """Masked-LM logits: output(norm(gelu(dense(x)))); ``output`` holds the vocabulary bias and,
     tied, the word embeddings as its weight."""

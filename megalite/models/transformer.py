@@ -53,6 +53,7 @@ class ModelArgs:
     # LLaMA-3.x long-context RoPE (``parse_rope_scaling``): None is plain RoPE
     rope_scaling: Optional[Dict[str, Any]] = None
     type_vocab_size: int = 2  # bert: segment (token type) embeddings
+    num_labels: int = 0  # bert: > 0 replaces the MLM head by a classifier over that many classes
 
     @property
     def is_encoder(self) -> bool:
@@ -312,8 +313,9 @@ class CausalLM(nn.Module):
         super().__init__()
         self.args = args
         if args.is_encoder:
-            from megalite.models.bert import BertEmbedding, MLMHead
-            self.embed, self.head = BertEmbedding(args), MLMHead(args)
+            from megalite.models.bert import BertEmbedding, ClassifierHead, MLMHead
+            self.embed = BertEmbedding(args)
+            self.head = ClassifierHead(args) if args.num_labels else MLMHead(args)
         else:
             self.embed, self.head = Embedding(args), Head(args)
         self.layers = nn.ModuleList(Block(args) for _ in range(args.num_layers))

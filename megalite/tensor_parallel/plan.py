@@ -25,6 +25,7 @@ from typing import Callable, Iterator, Optional, Tuple
 import torch
 import torch.nn as nn
 
+from megalite.models.bert import ClassifierHead
 from megalite.models.transformer import MLP, Attention, CausalLM, ModelArgs, lm_loss
 from megalite.parallel.dims import ParallelDims
 from megalite.tensor_parallel.collectives import gather_from_tp
@@ -49,6 +50,15 @@ class ParallelMLP(MLP):
     def project(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
         return column_parallel(x, (self.gate_proj, self.up_proj) if self.swiglu else
                                (self.fc_in,))
+
+
+class ParallelClassifierHead(ClassifierHead):
+    """The classifier under sequence parallelism: [CLS] is the first token of TP rank 0's
+    chunk, so the chunks' first tokens are gathered (backward: each rank keeps its own) and the
+    replicated pooler and classifier run on the global first token."""
+
+    def first_token(self, x: torch.Tensor) -> torch.Tensor:
+        return gather_from_tp(x[:, :1], self.group, dim=1, meter=self.meter)[:, 0]
 
 
 def _to_parallel(module: nn.Module, twin: type) -> None:
@@ -166,6 +176,11 @@ def parallelize(model: CausalLM, dims: ParallelDims, sequence_parallel: bool = F
             if hasattr(mlp, name):
                 setattr(mlp, name, row(getattr(mlp, name), f"{pre}.mlp.{name}"))
         _to_parallel(mlp, ParallelMLP)
+    if not hasattr(model.head, "output"):  # a classifier: replicated, on the [CLS] token
+        if sp:
+            model.head.group, model.head.meter = group, meter
+            _to_parallel(model.head, ParallelClassifierHead)
+        return layout
     norm_on_chunk(model.head.norm, "head.norm")
     if hasattr(model.head, "dense"):  # bert's MLM transform: replicated, on this rank's chunk
         norm_on_chunk(model.head.dense, "head.dense")
@@ -218,7 +233,7 @@ def loss_fn(args: ModelArgs, dims: ParallelDims, vocab_multiple: int = 64,
     plain cross-entropy, or with TP the vocab-parallel one on this rank's slice of the (padded)
     vocabulary — full-vocabulary logits never exist. Training uses ``reduction="sum"``: the
     executor divides by the global batch's token count."""
-    if dims.tp == 1:
+    if dims.tp == 1 or args.num_labels:  # a classifier's logits are whole on every TP rank
         return lambda logits, labels: lm_loss(logits, labels, reduction=reduction)
     local = pad_vocab(args.vocab_size, dims.tp, vocab_multiple) // dims.tp
 
