@@ -1,4 +1,5 @@
-"""``megalite`` command line: train, prepare-data, generate, eval, convert, bench, launch."""
+"""``megalite`` command line: train, finetune, prepare-data, generate, eval, convert, bench,
+launch."""
 from __future__ import annotations
 
 import argparse
@@ -13,6 +14,8 @@ USAGE = """usage: megalite <command> [options]
 commands:
   train         train a model: megalite train --config configs/tiny.yaml [--section.field=value]
   prepare-data  tokenize files into a training dataset
+  finetune      fine-tune a bert checkpoint as a classifier: megalite finetune --task
+                classification --train F.jsonl --eval F.jsonl --init_from CKPT|hf:DIR
   generate      sample text from a checkpoint
   eval          validation loss and perplexity of a checkpoint
   convert       Hugging Face <-> megalite: convert --to hf CKPT OUT | convert --from hf HF_DIR CKPT
@@ -74,14 +77,14 @@ def _run_ranks(command: str, argv: List[str]) -> int:
         return 2
     cfg, _ = parse_or_exit(argv, env.world_size if env is not None else None,
                            node_speaker=env is None or env.local_rank == 0)
-    from megalite.data import DataError, check_data, ensure_dataset
+    from megalite.data import DataError
+    from megalite.trainer import objective
 
     try:  # bad data is one line, before any rank or process group starts
         # prepared here, before any process group (a bare run: once, for the ranks it starts);
         # launched ranks all call it: the cache's file lock lets one per node prepare while the
         # others wait on the lock, never in a collective with a timeout
-        ensure_dataset(cfg.data)
-        check_data(cfg.data)
+        objective.prepare(cfg)
     except DataError as e:
         if env is None or env.rank == 0:  # launched ranks would all say it
             print(f"error: {e}", file=sys.stderr)
@@ -290,6 +293,11 @@ def generate_main(argv: List[str]) -> int:
     except (FileNotFoundError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if model.args.is_encoder:
+        print(f"error: --checkpoint {a.checkpoint}: a {model.args.family} encoder (masked-LM) "
+              "does not generate text; use a gpt or llama checkpoint, or `megalite finetune` "
+              "/ `megalite eval` for this one", file=sys.stderr)
+        return 2
     print(sample_text(model, tokenizer, a.prompt, a.max_new_tokens, a.temperature, a.top_k,
                       a.top_p, a.seed))
     return 0
@@ -345,7 +353,14 @@ def plan_main(argv: List[str]) -> int:
     return run(argv)
 
 
+def finetune_main(argv: List[str]) -> int:
+    from megalite.finetune import main
+
+    return main(argv)
+
+
 COMMANDS = {"train": train_main, "plan": plan_main, "eval": eval_main, "generate": generate_main,
+            "finetune": finetune_main,
             "convert": convert_main, "checkpoint": checkpoint_main,
             "prepare-data": prepare_data_main, "bench": bench_main, "launch": launch_main}
 

@@ -427,7 +427,7 @@ BASE: Dict[str, Any] = {
 }
 
 BAD = [
-    ({"model": {"family": "bert"}}, "model.family", "bert"),
+    ({"model": {"family": "t5"}}, "model.family", "t5"),
     ({"model": {"num_layers": 0}}, "model.num_layers", "0"),
     ({"model": {"hidden_size": -64}}, "model.hidden_size", "-64"),
     ({"model": {"num_heads": 5}}, "model.num_heads", "5"),

@@ -13,8 +13,10 @@ from typing import Any, Dict, List, Literal, Optional, Union
 @dataclass
 class ModelConfig:
     family: str = "gpt"
-    """Architecture family: `gpt` (GPT-2: learned positions, LayerNorm, GELU, tied embeddings) or
-    `llama` (RMSNorm, RoPE, SwiGLU, grouped-query attention, untied head)."""
+    """Architecture family: `gpt` (GPT-2: learned positions, LayerNorm, GELU, tied embeddings),
+    `llama` (RMSNorm, RoPE, SwiGLU, grouped-query attention, untied head) or `bert` (the
+    bidirectional encoder: segment embeddings, post-LayerNorm, exact GELU, a masked-LM head tied
+    to the word embeddings; trained on masked-LM samples)."""
     num_layers: int = 2
     """Number of transformer blocks."""
     hidden_size: int = 64
@@ -52,6 +54,9 @@ class ModelConfig:
     (elsewhere, and with `torch`, attention is PyTorch's scaled_dot_product_attention, given
     the document mask as a boolean mask). `torch`: plain PyTorch ops everywhere. Same results
     within float rounding."""
+    num_labels: int = 0
+    """bert: 0 trains the masked-LM head; N > 0 puts a classifier over N classes on the pooled
+    [CLS] token instead (`megalite finetune` sets it from the training file's labels)."""
     recompute: str = "none"
     """Activation recomputation (Korthikanti et al. 2022). `none`: keep every activation the
     backward needs. `selective`: re-run only core attention (QKᵀ, softmax, dropout, ·V) in the
@@ -243,7 +248,7 @@ class DataConfig:
     source: str = "stdlib"
     """`stdlib` (this Python's standard-library .py sources, prepared on first use; no download),
     `synthetic` (a small seeded corpus generated in code, identical on every machine; byte
-    tokenizer) or `prepared` (the datasets in `paths`, made by `megalite prepare-data` or
+    tokenizer, or data.tokenizer when it is `wordpiece:VOCAB`) or `prepared` (the datasets in `paths`, made by `megalite prepare-data` or
     Megatron-LM)."""
     paths: List[str] = field(default_factory=list)
     """Prefixes of prepared datasets (source=prepared): PREFIX.meta.json etc. made by `megalite
@@ -252,9 +257,13 @@ class DataConfig:
     weights: List[float] = field(default_factory=list)
     """Blending weights of `paths` (empty: proportional weights 1 each)."""
     tokenizer: str = "bpe:4096"
-    """For source=stdlib: `bytes`, `bpe:VOCAB` (byte-level BPE trained on the corpus) or the
-    path of a Hugging Face tokenizer.json. For Megatron datasets in `paths`: the path of the
-    tokenizer.json they were made with (required). Ignored for megalite-prepared datasets."""
+    """For source=stdlib: `bytes`, `bpe:VOCAB` (byte-level BPE trained on the corpus),
+    `wordpiece:VOCAB` (BERT-style WordPiece trained on the corpus, cased, with [PAD] [UNK] [CLS]
+    [SEP] [MASK] as ids 0-4 and [SEP] ending each document; also for source=synthetic) or the
+    path of a Hugging Face tokenizer.json (a BERT one's [SEP] ends each document). Masked-LM
+    needs [PAD] [CLS] [SEP] [MASK]: wordpiece or a BERT tokenizer.json. For Megatron datasets in
+    `paths`: the path of the tokenizer.json they were made with (required). Ignored for
+    megalite-prepared datasets."""
     stdlib_max_bytes: int = 4_000_000
     """For source=stdlib: byte budget of the corpus, so runs compare across machines."""
     cache_dir: str = ".cache/megalite"
@@ -330,6 +339,29 @@ class RunConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    """Classification fine-tuning of an encoder on labelled JSON lines instead of the
+    pre-training corpus (`megalite finetune` fills this section)."""
+
+    train: Optional[str] = None
+    """JSON-lines training file, one example per line (a text, an optional second text, an
+    integer label); set, the run fine-tunes a classifier of model.num_labels classes (bert)."""
+    eval: Optional[str] = None
+    """JSON-lines evaluation file with the same fields: validation loss during training,
+    accuracy and F1 after it."""
+    task: Optional[str] = None
+    """A GLUE task (cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte, wnli): its field names as the
+    `datasets` library writes them; the *_field options override them."""
+    text_field: Optional[str] = None
+    """Field of the (first) text; default: the task's, else `text`."""
+    text_pair_field: Optional[str] = None
+    """Field of the second text of a pair task; default: the task's, else none."""
+    label_field: Optional[str] = None
+    """Field of the integer label; default `label`. Label -1 (GLUE's unlabeled test split) is
+    refused for training."""
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -337,6 +369,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
     @property
     def world_size(self) -> int:

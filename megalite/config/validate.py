@@ -10,32 +10,11 @@ import copy
 import re
 from typing import Any, List, Optional
 
+from .errors import ConfigError, fmt  # noqa: F401 (re-exported)
 from .schema import Config, parse_rope_scaling
 
 
-class ConfigError(ValueError):
-    """Bad configuration; holds one-line messages so the CLI can print each as ``error: ...``."""
-
-    def __init__(self, lines: List[str]) -> None:
-        self.lines: List[str] = list(lines)
-        super().__init__("\n".join(self.lines))
-
-    def __str__(self) -> str:
-        return "\n".join(self.lines)
-
-
-_TOKENIZER_RE = re.compile(r"^(bytes|bpe:(\d+)|.+\.json)$")
-
-
-def fmt(value: Any) -> str:
-    """Render a value the way a user would type it (none/true/false, comma lists)."""
-    if value is None:
-        return "none"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (list, tuple)):
-        return "[" + ",".join(fmt(v) for v in value) + "]"
-    return str(value)
+_TOKENIZER_RE = re.compile(r"^(bytes|bpe:(\d+)|wordpiece:(\d+)|.+\.json)$")
 
 
 class _Errors:
@@ -194,8 +173,10 @@ def resolve_batch(cfg: Config, err: _Errors) -> None:
 
 def _check_model(cfg: Config, err: _Errors) -> None:
     m = cfg.model
-    _choice(err, "model.family", m.family, ["gpt", "llama"])
+    _choice(err, "model.family", m.family, ["gpt", "llama", "bert"])
     _choice(err, "model.kernels", m.kernels, ["fused", "torch"])
+    err.check(m.num_labels == 0 or (m.family == "bert" and m.num_labels >= 2),
+              "model.num_labels", m.num_labels, "needs model.family=bert and 2+ classes")
     _choice(err, "model.recompute", m.recompute, ["none", "selective", "full"])
     err.check(m.recompute_layers >= 0, "model.recompute_layers", m.recompute_layers,
               "must be >= 0 (0: every block)")
@@ -348,9 +329,11 @@ def _check_data(cfg: Config, err: _Errors) -> None:
         elif any(w <= 0 for w in d.weights):
             err.add("data.weights", d.weights, "every weight must be positive")
     match = _TOKENIZER_RE.match(d.tokenizer)
-    if not match or (match.group(2) is not None and int(match.group(2)) < 257):
+    if not match or (match.group(2) is not None and int(match.group(2)) < 257) or (
+            match.group(3) is not None and int(match.group(3)) < 64):
         err.add("data.tokenizer", d.tokenizer,
-                "must be `bytes`, `bpe:N` with N >= 257, or a tokenizer .json path")
+                "must be `bytes`, `bpe:N` with N >= 257, `wordpiece:N` with N >= 64, or a "
+                "tokenizer .json path")
     err.check(d.stdlib_max_bytes > 0, "data.stdlib_max_bytes", d.stdlib_max_bytes,
               "must be positive")
     if d.seq_len <= 0:
@@ -360,6 +343,9 @@ def _check_data(cfg: Config, err: _Errors) -> None:
                 f"exceeds model.max_seq_len={cfg.model.max_seq_len}; lower it or raise that")
     _check_split(d.split, err)
     err.check(d.num_workers >= 1, "data.num_workers", d.num_workers, "must be at least 1")
+    for name in ("reset_attention_mask", "reset_position_ids", "eod_mask_loss"):
+        err.check(cfg.model.family != "bert" or not getattr(d, name), f"data.{name}", True,
+                  "separates packed documents; bert samples are never packed: drop it")
 
 
 def _check_rest(cfg: Config, err: _Errors) -> None:

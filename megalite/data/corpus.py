@@ -157,8 +157,8 @@ def _tokenizer_key(spec: str) -> str:
     kind, arg = parse_spec(spec)
     if kind == "bytes":
         return "bytes"
-    if kind == "bpe":
-        return f"bpe{arg}"
+    if kind in ("bpe", "wordpiece"):
+        return f"{kind}{arg}"
     with open(str(arg), "rb") as f:  # a file: key on its content, not its name
         digest = hashlib.sha256(f.read()).hexdigest()[:12]
     stem = re.sub(r"[^A-Za-z0-9]+", "_", os.path.basename(str(arg)))[:24]
@@ -218,8 +218,11 @@ def ensure_dataset(cfg: DataConfig) -> List[str]:
         prefix = os.path.join(cfg.cache_dir, f"stdlib-{key}")
         return [_cached(prefix, lambda: prepare(files, prefix, cfg.tokenizer, cfg.num_workers))]
     if cfg.source == "synthetic":
-        prefix = os.path.join(cfg.cache_dir, f"synthetic-v{SYNTHETIC_VERSION}")
+        # bytes, or a WordPiece for masked-LM (which needs BERT's special tokens)
+        spec = cfg.tokenizer if parse_spec(cfg.tokenizer)[0] == "wordpiece" else "bytes"
+        tag = "" if spec == "bytes" else "-" + _tokenizer_key(spec)
+        prefix = os.path.join(cfg.cache_dir, f"synthetic-v{SYNTHETIC_VERSION}{tag}")
         # ~0.5 MB of text: tokenizing in-process is faster than starting workers.
-        return [_cached(prefix, lambda: prepare_documents(synthetic_texts, prefix, "bytes", 1))]
+        return [_cached(prefix, lambda: prepare_documents(synthetic_texts, prefix, spec, 1))]
     raise DataError(f"bad data.source {cfg.source!r}: expected 'stdlib', 'synthetic' or "
                      "'prepared'")

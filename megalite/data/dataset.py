@@ -288,10 +288,9 @@ def _part_size(total: int, share: float, num_parts: int) -> int:
     return total if num_parts == 1 else int(math.ceil(share * total)) + 1
 
 
-def build_datasets(cfg: DataConfig, seed: int, num_train_samples: int,
-                   num_val_samples: int) -> Tuple[object, Optional[object], Tokenizer]:
-    """(train, val, tokenizer) for the config. val is None when the split gives it no documents
-    or no validation samples are asked for."""
+def open_blend(cfg: DataConfig) -> Tuple[List["IndexedTokens | MegatronTokens"], List[float]]:
+    """The datasets of the config (built-in corpora prepared on first use) and their blending
+    weights, checked to share one tokenizer."""
     prefixes = ensure_dataset(cfg)
     weights = list(cfg.weights) if cfg.weights else [1.0] * len(prefixes)
     if len(weights) != len(prefixes):
@@ -304,6 +303,14 @@ def build_datasets(cfg: DataConfig, seed: int, num_train_samples: int,
                 _tokenizer_digest(t) != ref:
             raise ValueError(f"datasets {tokens[0].prefix} and {t.prefix} use different "
                              "tokenizers; blend only datasets prepared with the same one")
+    return tokens, weights
+
+
+def build_datasets(cfg: DataConfig, seed: int, num_train_samples: int,
+                   num_val_samples: int) -> Tuple[object, Optional[object], Tokenizer]:
+    """(train, val, tokenizer) for the config. val is None when the split gives it no documents
+    or no validation samples are asked for."""
+    tokens, weights = open_blend(cfg)
     share = np.asarray(weights, dtype=np.float64) / float(np.sum(weights))
     train_parts: List[PackedSamples] = []
     val_parts: List[PackedSamples] = []
@@ -342,20 +349,33 @@ def micro_batch(dataset: object, step: int, micro: int, dp_rank: int, micro_batc
     before it); default ``step`` x the global batch. A run resumed with another global batch
     passes the checkpoint's consumed samples + (step - resumed step) x its global batch, so the
     data continues with the next sample."""
+    return _stack(dataset, micro_batch_indices(len(dataset), step, micro,  # type: ignore
+                                               dp_rank, micro_batch_size, grad_accum, dp, start))
+
+
+def micro_batch_indices(num_samples: int, step: int, micro: int, dp_rank: int,
+                        micro_batch_size: int, grad_accum: int, dp: int,
+                        start: Optional[int] = None) -> np.ndarray:
+    """Global sample numbers of ``micro_batch``'s micro-batch (same arguments), int64."""
     g = micro_batch_size * grad_accum * dp
     base = step * g if start is None else start
     first = base + (dp_rank * grad_accum + micro) * micro_batch_size
-    n = len(dataset)  # type: ignore[arg-type]
-    if first + micro_batch_size > n:
+    if first + micro_batch_size > num_samples:
         raise IndexError(f"step {step} needs samples up to {first + micro_batch_size} but the "
-                         f"training set was built with {n}; build it for more steps")
-    return _stack(dataset, np.arange(first, first + micro_batch_size))
+                         f"training set was built with {num_samples}; build it for more steps")
+    return np.arange(first, first + micro_batch_size)
+
+
+def eval_batch_indices(num_samples: int, it: int, dp_rank: int, micro_batch_size: int,
+                       dp: int) -> np.ndarray:
+    """Global sample numbers of ``eval_batch``'s micro-batch (same arguments), int64."""
+    first = (it * dp + dp_rank) * micro_batch_size
+    return np.arange(first, first + micro_batch_size) % num_samples
 
 
 def eval_batch(dataset: object, it: int, dp_rank: int, micro_batch_size: int,
                dp: int) -> Tuple["torch.Tensor", "torch.Tensor"]:
     """Validation micro-batch ``it`` of rank ``dp_rank``: consecutive samples, wrapping around,
     so every evaluation looks at the same samples."""
-    first = (it * dp + dp_rank) * micro_batch_size
-    n = len(dataset)  # type: ignore[arg-type]
-    return _stack(dataset, np.arange(first, first + micro_batch_size) % n)
+    return _stack(dataset, eval_batch_indices(len(dataset), it, dp_rank,  # type: ignore
+                                              micro_batch_size, dp))

@@ -159,7 +159,7 @@ def prepare(inputs: List[str], output_prefix: str, tokenizer: str, num_workers: 
         raise DataError(f"no input files matched {' '.join(map(str, inputs))!s} (directories "
                         f"are searched for {', '.join('*' + e for e in INPUT_EXTS)}, each "
                         "also as .gz or .zst)")
-    if kind != "bpe":  # training a BPE reads every document in this process first anyway
+    if kind not in ("bpe", "wordpiece"):  # training reads every document here first anyway
         check_inputs(files, text_key)
     result = prepare_documents(lambda: iter_documents(files, text_key), output_prefix,
                                tokenizer, num_workers)
@@ -186,8 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output path prefix, e.g. data/mycorpus")
     p.add_argument("--tokenizer", default="bytes", metavar="SPEC",
                    help="'bytes' (UTF-8 bytes + eod, vocab 257), 'bpe:VOCAB' (byte-level BPE "
-                   "trained on the inputs) or the path of a Hugging Face tokenizer.json "
-                   "(default: bytes)")
+                   "trained on the inputs), 'wordpiece:VOCAB' (BERT-style WordPiece with [PAD] "
+                   "[UNK] [CLS] [SEP] [MASK], trained on the inputs; [SEP] ends each document) "
+                   "or the path of a Hugging Face tokenizer.json (default: bytes)")
     p.add_argument("--workers", type=int, default=2, metavar="N",
                    help="tokenizer processes (default: 2; 1 tokenizes in this process)")
     return p

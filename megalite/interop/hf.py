@@ -16,6 +16,7 @@ from typing import Any, Callable, Dict, Mapping, Optional, Tuple, Union
 import torch
 
 from megalite.config.schema import LLAMA3_ROPE_FIELDS
+from megalite.interop import hf_bert
 from megalite.models import CausalLM, ModelArgs, build_model
 
 StateDict = Dict[str, torch.Tensor]
@@ -38,7 +39,10 @@ def _family(hf_config: Any) -> str:
         return "gpt"
     if model_type == "llama":
         return "llama"
-    raise ValueError(f"model_type {model_type!r} is not supported (only 'gpt2' and 'llama')")
+    if model_type == "bert":
+        return "bert"
+    raise ValueError(f"model_type {model_type!r} is not supported (only 'gpt2', 'llama' and "
+                     "'bert')")
 
 
 def _rope(cfg: Any) -> Tuple[float, Optional[Dict[str, Any]]]:
@@ -83,6 +87,8 @@ def args_from_hf_config(hf_config: Any) -> ModelArgs:
     model. Dropout: megalite has one rate; GPT-2's three are folded into their maximum (dropout
     never affects eval-mode equivalence)."""
     c = hf_config
+    if _family(c) == "bert":
+        return hf_bert.args_from_bert_config(c)
     if _family(c) == "gpt":
         for field in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn",
                       "add_cross_attention"):
@@ -135,6 +141,8 @@ def rope_fields(args: ModelArgs) -> Dict[str, Any]:
 def hf_config_from_args(args: ModelArgs) -> Any:
     """The transformers config equivalent to ``args`` (inverse of ``args_from_hf_config``)."""
     tf = _transformers()
+    if args.is_encoder:
+        return hf_bert.bert_config_from_args(args, tf)
     if args.is_llama:
         return tf.LlamaConfig(
             vocab_size=args.vocab_size, hidden_size=args.hidden_size,
@@ -176,6 +184,8 @@ def hf_sources(args: ModelArgs, with_tied_head: bool = True) -> Sources:
     stores weights [in, out], so projections are transposed, and q/k/v are fused into
     ``c_attn`` along the output dim. ``lm_head.weight`` is listed when untied or
     ``with_tied_head`` (HF state dicts list it even when tied; its files do not)."""
+    if args.is_encoder:
+        return hf_bert.hf_sources(args, with_tied_head)
     out: Sources = {}
     copy = lambda name: lambda get: get(name)  # noqa: E731
     if args.is_llama:
@@ -225,6 +235,8 @@ def megalite_sources(args: ModelArgs) -> Sources:
     """For every megalite parameter name (``named_parameters``: a tied head is not listed), how
     to compute it from HF tensors fetched by name: the lazy inverse of ``hf_sources``, so a rank
     building its slices reads one full tensor at a time."""
+    if args.is_encoder:
+        return hf_bert.megalite_sources(args)
     sd: Sources = {}
     copy = lambda name: lambda get: get(name)  # noqa: E731
     if args.is_llama:
@@ -272,11 +284,19 @@ def from_hf(model_or_path: Union[Any, str, os.PathLike]) -> CausalLM:
     (read locally with ``AutoModelForCausalLM.from_pretrained``; nothing is downloaded)."""
     if isinstance(model_or_path, (str, os.PathLike)):
         tf = _transformers()
-        hf = tf.AutoModelForCausalLM.from_pretrained(os.fspath(model_or_path),
-                                                     local_files_only=True)
+        config = tf.AutoConfig.from_pretrained(os.fspath(model_or_path), local_files_only=True)
+        auto = tf.AutoModelForCausalLM
+        if _family(config) == "bert":
+            classifier = any("SequenceClassification" in a for a in config.architectures or [])
+            auto = tf.AutoModelForSequenceClassification if classifier else \
+                tf.AutoModelForMaskedLM
+        hf = auto.from_pretrained(os.fspath(model_or_path), local_files_only=True)
     else:
         hf = model_or_path
     args = args_from_hf_config(hf.config)
+    if args.is_encoder:  # an in-memory model may carry no `architectures`: its class tells
+        args = hf_bert.args_from_bert_config(
+            hf.config, type(hf).__name__.endswith("ForSequenceClassification"))
     model = build_model(args, seed=0)
     hf_sd = {k: v.detach().to("cpu", torch.float32) for k, v in hf.state_dict().items()}
     model.load_state_dict(megalite_state_dict(hf_sd, args), strict=True)
@@ -298,6 +318,9 @@ def to_hf(model: CausalLM) -> Any:
     tf = _transformers()
     config = hf_config_from_args(model.args)
     cls = tf.LlamaForCausalLM if model.args.is_llama else tf.GPT2LMHeadModel
+    if model.args.is_encoder:
+        cls = tf.BertForSequenceClassification if model.args.num_labels else \
+            tf.BertForMaskedLM
     hf = cls(config)
     sd = {k: v.detach().clone() for k, v in hf_state_dict(model).items()}
     hf.load_state_dict(sd, strict=True)

@@ -70,6 +70,12 @@ def write_hf_tokenizer(tokenizer_file: Optional[str], out: str, max_seq_len: int
         "add_bos_token": False, "add_eos_token": False}
     if isinstance(ours, ByteTokenizer):  # megalite reads "<|endoftext|>" in text as 13 bytes
         config["split_special_tokens"] = True
+    if getattr(ours, "mask_id", None) is not None:  # a BERT (WordPiece) tokenizer
+        name = ours._tok.id_to_token
+        config.update({"pad_token": name(ours.pad_id), "cls_token": name(ours.cls_id),
+                       "sep_token": name(ours.sep_id), "mask_token": name(ours.mask_id),
+                       "bos_token": None, "eos_token": None,
+                       "model_input_names": ["input_ids", "token_type_ids", "attention_mask"]})
     kept = os.path.join(kept_dir, "tokenizer_config.json") if kept_dir else None
     if kept and os.path.isfile(kept):
         with open(kept) as f:

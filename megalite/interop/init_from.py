@@ -4,6 +4,8 @@ keeps this rank's slice, so a rank holds one full tensor at a time beyond its ow
 optimizer starts fresh."""
 from __future__ import annotations
 
+import os
+import sys
 from dataclasses import asdict
 from typing import Callable, Tuple
 
@@ -11,6 +13,7 @@ import torch
 
 from megalite.interop.full_state import FullState, load_full_model_state
 from megalite.models import ModelArgs
+from megalite.models.transformer import init_tensor
 
 # Fields that change the weights' shapes or meaning; kernels, dropout, init_std and the packed-
 # document flags are the run's own choice.
@@ -37,12 +40,16 @@ def read_source(spec: str) -> Tuple[ModelArgs, FullState]:
 def model_differences(source: ModelArgs, here: ModelArgs) -> str:
     """``model.f=ours (source: theirs)`` for every differing field, '' when the same model."""
     names = SAME_MODEL_FIELDS + (("max_seq_len",) if not here.is_llama else ())
+    if here.num_labels:  # a classifier has no decoder to tie, whatever its source had
+        names = tuple(n for n in names if n != "tie_embeddings")
     a, b = asdict(source), asdict(here)
     return ", ".join(f"model.{n}={b[n]} (source: {a[n]})" for n in names if a[n] != b[n])
 
 
-def initial_values(spec: str, args: ModelArgs) -> Callable[[str, torch.Size], torch.Tensor]:
-    """``build_model``'s ``values``: parameter name -> its full fp32 value from ``spec``."""
+def initial_values(spec: str, args: ModelArgs, seed: int = 0
+                   ) -> Callable[[str, torch.Size], torch.Tensor]:
+    """``build_model``'s ``values``: parameter name -> its full fp32 value from ``spec``; a
+    classifier's pooler and classifier missing there are drawn from ``seed`` (and said so)."""
     try:
         source, state = read_source(spec)
     except ValueError as e:
@@ -54,7 +61,22 @@ def initial_values(spec: str, args: ModelArgs) -> Callable[[str, torch.Size], to
                   else "") + ", or drop checkpoint.init_from")
         raise InitFromError(f"checkpoint.init_from={spec}: another model: {differ}{fix}")
 
+    have = set(state)
+    fresh = sorted(n for n in _head_names(args) if n not in have)
+    if fresh and os.environ.get("RANK", "0") == "0":  # an MLM source has no classifier
+        print(f"checkpoint.init_from={spec}: {', '.join(fresh)} not in the source: "
+              "seed-initialised", file=sys.stderr, flush=True)
+
     def value(name: str, shape: torch.Size) -> torch.Tensor:
+        if name in fresh:
+            return init_tensor(name, shape, args, seed)
         return state[name]
 
     return value
+
+
+def _head_names(args: ModelArgs) -> Tuple[str, ...]:
+    """A classifier's own parameters (the only ones a source may lack)."""
+    if not args.num_labels:
+        return ()
+    return tuple(f"head.{m}.{p}" for m in ("pooler", "classifier") for p in ("weight", "bias"))

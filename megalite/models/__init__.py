@@ -37,11 +37,14 @@ def resolve_model_args(cfg: ModelConfig, vocab_size: Optional[int] = None,
         num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads or cfg.num_heads,
         ffn_hidden_size=ffn, vocab_size=vocab, max_seq_len=cfg.max_seq_len, norm_eps=cfg.norm_eps,
         rope_theta=cfg.rope_theta, dropout=cfg.dropout,
-        tie_embeddings=(not llama) if cfg.tie_embeddings is None else cfg.tie_embeddings,
+        # a classifier has no decoder to tie
+        tie_embeddings=False if cfg.num_labels else
+        (not llama) if cfg.tie_embeddings is None else cfg.tie_embeddings,
         init_std=cfg.init_std, kernels=cfg.kernels,
         eod_id=eod_id if any(flags.values()) else None,  # only the document flags read it
         **flags,
-        rope_scaling=parse_rope_scaling(cfg.rope_scaling) if llama else None)
+        rope_scaling=parse_rope_scaling(cfg.rope_scaling) if llama else None,
+        num_labels=cfg.num_labels)
 
 
 @torch.no_grad()

@@ -33,6 +33,7 @@ class DocumentContext:
     positions: Optional[torch.Tensor]  # [b, s] int64, restarting after each EOD; None: 0..s-1
     attend: Optional[torch.Tensor]  # [b, 1, s, s] bool, True = query i may attend key j
     blocked: Optional[torch.Tensor]  # ~attend (the fused softmax's convention); None with it
+    token_types: Optional[torch.Tensor] = None  # [b, s] encoder segment ids (bert)
 
 
 def document_ids(tokens: torch.Tensor, eod_id: int) -> torch.Tensor:
@@ -68,6 +69,20 @@ def context_for(tokens: torch.Tensor, args) -> Optional[DocumentContext]:
     """``document_context`` with the flags and EOD id a model was built with (``ModelArgs``)."""
     return document_context(tokens, args.eod_id, args.reset_attention_mask,
                             args.reset_position_ids)
+
+
+def batch_context(batch: Dict[str, torch.Tensor], args) -> Optional[DocumentContext]:
+    """What a micro-batch's layers need beyond the tokens: for a decoder its packed documents
+    (``context_for``); for an encoder (bert) the padding mask — every query attends to the
+    batch's real tokens, [b, 1, 1, s] — and the segment ids, from the batch's
+    ``attention_mask`` (1 = token, 0 = padding) and ``token_types``."""
+    if not args.is_encoder:
+        return context_for(batch["tokens"], args)
+    mask, types = batch.get("attention_mask"), batch.get("token_types")
+    if mask is None and types is None:
+        return None
+    attend = None if mask is None else mask.bool()[:, None, None, :]
+    return DocumentContext(None, attend, None if attend is None else ~attend, types)
 
 
 def mask_eod_labels(batch: Dict[str, torch.Tensor], args) -> Dict[str, torch.Tensor]:

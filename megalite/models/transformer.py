@@ -23,7 +23,8 @@ import torch.nn.functional as F
 
 from megalite import ops
 from megalite.config.schema import parse_rope_scaling  # noqa: F401 (re-exported)
-from megalite.models.documents import DocumentContext, context_for
+from megalite.models.documents import DocumentContext, batch_context
+from megalite.models.rope import apply_rope, rope_cos_sin, rope_inv_freq  # noqa: F401 (API)
 
 
 @dataclass
@@ -51,6 +52,13 @@ class ModelArgs:
     eod_mask_loss: bool = False
     # LLaMA-3.x long-context RoPE (``parse_rope_scaling``): None is plain RoPE
     rope_scaling: Optional[Dict[str, Any]] = None
+    type_vocab_size: int = 2  # bert: segment (token type) embeddings
+    num_labels: int = 0  # bert: > 0 replaces the MLM head by a classifier over that many classes
+
+    @property
+    def is_encoder(self) -> bool:
+        """BERT: bidirectional attention over a padding mask, post-LN blocks, an MLM head."""
+        return self.family == "bert"
 
     @property
     def head_dim(self) -> int:
@@ -98,45 +106,6 @@ def make_norm(args: ModelArgs) -> nn.Module:
     return LayerNorm(args.hidden_size, args.norm_eps, fused)
 
 
-def rope_inv_freq(dim: int, theta: float, scaling: Optional[Dict[str, Any]] = None,
-                  device: Optional[torch.device] = None) -> torch.Tensor:
-    """Inverse frequencies theta^(-2i/d), i < d/2. LLaMA-3.x scaling (``rope_type`` llama3)
-    keeps wavelengths shorter than original_max / high_freq_factor, divides those longer than
-    original_max / low_freq_factor by ``factor``, and interpolates smoothly between (as HF's
-    ``_compute_llama3_parameters``; its attention scaling is 1)."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, device=device).float() / dim))
-    if not scaling:
-        return inv_freq
-    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
-    old_len = scaling["original_max_position_embeddings"]
-    wavelen = 2 * math.pi / inv_freq
-    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
-    smooth = (old_len / wavelen - low) / (high - low)
-    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-    medium = ~(wavelen < old_len / high) & ~(wavelen > old_len / low)
-    return torch.where(medium, smoothed, scaled)
-
-
-def rope_cos_sin(positions: torch.Tensor, dim: int, theta: float, dtype: torch.dtype,
-                 scaling: Optional[Dict[str, Any]] = None):
-    """cos/sin tables for the given positions, computed in fp32 then cast (as HF does):
-    [s, d] for positions [s]; [b, 1, s, d] (broadcast over heads) for per-sample positions
-    [b, s]."""
-    inv_freq = rope_inv_freq(dim, theta, scaling, positions.device)
-    if positions.dim() == 1:
-        freqs = torch.outer(positions.float(), inv_freq)  # [s, d/2]
-    else:
-        freqs = (positions.float()[..., None] * inv_freq).unsqueeze(1)  # [b, 1, s, d/2]
-    emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate [b, heads, s, d] by the half-split convention (HF ``rotate_half``)."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
-
-
 class KVCache:
     """Keys and values of the tokens seen so far, for one attention layer."""
 
@@ -166,6 +135,7 @@ class Attention(nn.Module):
         self.rope_scaling = args.rope_scaling if args.is_llama else None
         self.dropout = args.dropout
         self.fused = args.kernels == "fused"  # a document mask runs the fused masked softmax
+        self.causal = not args.is_encoder  # an encoder attends both ways (padding keys masked)
         # Tensor parallelism with fewer kv heads than ranks replicates k/v_proj and tells each
         # rank which kv head(s) its query heads use; None means all of them.
         self.kv_heads_slice: Optional[slice] = None
@@ -198,10 +168,11 @@ class Attention(nn.Module):
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(k, v)
-        mask, causal, blocked = None, start == 0 and s > 1, None
+        mask, causal, blocked = None, self.causal and start == 0 and s > 1, None
         if start > 0 and s > 1:  # chunk after a prefix: query i sees keys <= start + i
             mask = torch.ones(s, start + s, dtype=torch.bool, device=x.device).tril(start)
-        if doc is not None and doc.attend is not None:  # packed documents: block-diagonal causal
+        # packed documents: block-diagonal causal; an encoder's padding: keys masked
+        if doc is not None and doc.attend is not None:
             if self.fused and ops.model_uses_kernels(q.device):
                 blocked = doc.blocked
             else:
@@ -245,11 +216,13 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """GPT-2: fc_out(gelu_tanh(fc_in x)). LLaMA: down_proj(silu(gate_proj x) * up_proj x)."""
+    """GPT-2: fc_out(gelu_tanh(fc_in x)). BERT: the same with the exact (erf) GELU. LLaMA:
+    down_proj(silu(gate_proj x) * up_proj x)."""
 
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.swiglu = args.is_llama
+        self.gelu = "none" if args.is_encoder else "tanh"
         h, f = args.hidden_size, args.ffn_hidden_size
         if self.swiglu:
             self.gate_proj = nn.Linear(h, f, bias=False)
@@ -271,11 +244,13 @@ class MLP(nn.Module):
             gate, up = self.project(x)
             return self.down_proj(F.silu(gate) * up)
         (hidden,) = self.project(x)
-        return self.fc_out(F.gelu(hidden, approximate="tanh"))
+        return self.fc_out(F.gelu(hidden, approximate=self.gelu))
 
 
 class Block(nn.Module):
-    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x)). BERT's post-norm:
+    norm(x + attn(x)), then norm(x + mlp(x)) (``attn_norm``/``mlp_norm`` are then HF's
+    ``attention.output.LayerNorm``/``output.LayerNorm``)."""
 
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -284,9 +259,13 @@ class Block(nn.Module):
         self.mlp_norm = make_norm(args)
         self.mlp = MLP(args)
         self.drop = nn.Dropout(args.dropout)
+        self.post_norm = args.is_encoder
 
     def forward(self, x: torch.Tensor, cache: Optional[KVCache] = None,
                 doc: Optional[DocumentContext] = None) -> torch.Tensor:
+        if self.post_norm:
+            x = self.attn_norm(x + self.drop(self.attn(x, cache, doc)))
+            return self.mlp_norm(x + self.drop(self.mlp(x)))
         x = x + self.drop(self.attn(self.attn_norm(x), cache, doc))
         return x + self.drop(self.mlp(self.mlp_norm(x)))
 
@@ -301,8 +280,10 @@ class Embedding(nn.Module):
         self.drop = nn.Dropout(args.dropout)
 
     def forward(self, tokens: torch.Tensor, start: int = 0,
-                positions: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """``positions`` [b, s] (restarting per document) replace start..start+s-1."""
+                positions: Optional[torch.Tensor] = None,
+                token_types: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``positions`` [b, s] (restarting per document) replace start..start+s-1; decoders
+        have no ``token_types``."""
         x = self.tok(tokens)  # [b, s, h]
         if self.pos is not None:
             if positions is None:
@@ -324,26 +305,35 @@ class Head(nn.Module):
 
 
 class CausalLM(nn.Module):
-    """embed -> blocks -> head. ``units()`` is the sequence pipeline/ZeRO-3/recompute speak in."""
+    """embed -> blocks -> head. ``units()`` is the sequence pipeline/ZeRO-3/recompute speak in.
+    With ``family=bert`` the same shape holds the encoder (``models.bert``: embeddings with
+    segments and a norm, post-norm blocks, the MLM head)."""
 
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
-        self.embed = Embedding(args)
+        if args.is_encoder:
+            from megalite.models.bert import BertEmbedding, ClassifierHead, MLMHead
+            self.embed = BertEmbedding(args)
+            self.head = ClassifierHead(args) if args.num_labels else MLMHead(args)
+        else:
+            self.embed, self.head = Embedding(args), Head(args)
         self.layers = nn.ModuleList(Block(args) for _ in range(args.num_layers))
-        self.head = Head(args)
         if args.tie_embeddings:
             self.head.output.weight = self.embed.tok.weight
 
     def units(self) -> List[nn.Module]:
         return [self.embed, *self.layers, self.head]
 
-    def forward(self, tokens: torch.Tensor, caches: Optional[List[KVCache]] = None) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, caches: Optional[List[KVCache]] = None,
+                **batch: torch.Tensor) -> torch.Tensor:
         """Logits [b, s, vocab]. Without caches, packed documents are separated as the model's
-        flags say (``models.documents``); decoding with caches sees one text."""
+        flags say (``models.documents``); decoding with caches sees one text. An encoder takes
+        ``attention_mask`` (1 = token, 0 = padding) and ``token_types`` [b, s]."""
         start = caches[0].length if caches else 0
-        doc = context_for(tokens, self.args) if not caches else None
-        x = self.embed(tokens, start, doc.positions if doc is not None else None)
+        doc = batch_context({"tokens": tokens, **batch}, self.args) if not caches else None
+        x = self.embed(tokens, start, doc.positions if doc is not None else None,
+                       doc.token_types if doc is not None else None)
         for i, layer in enumerate(self.layers):
             x = layer(x, caches[i] if caches else None, doc)
         return self.head(x)

@@ -32,7 +32,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
-from megalite.models.documents import context_for, mask_eod_labels
+from megalite.models.documents import batch_context, mask_eod_labels
 from megalite.parallel import comm
 from megalite.parallel.dims import ParallelDims
 from megalite.pipeline.p2p import P2P, TorchTransport
@@ -157,7 +157,7 @@ class PipelineExecutor:
                               a.micro, 0)
             x.requires_grad_(torch.is_grad_enabled())
             slot.inputs = x
-        doc = context_for(batch["tokens"], self.stage.args)
+        doc = batch_context(batch, self.stage.args)
         if probe is not None:  # alive before the forward: not this micro-batch's activations
             probe.exclude(x, *batch.values(),
                           *((doc.positions, doc.attend, doc.blocked) if doc else ()))

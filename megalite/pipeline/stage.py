@@ -14,7 +14,7 @@ from typing import List, Optional, Sequence
 import torch
 import torch.nn as nn
 
-from megalite.models.documents import DocumentContext, context_for
+from megalite.models.documents import DocumentContext, batch_context
 from megalite.models.transformer import CausalLM, KVCache
 
 
@@ -52,13 +52,13 @@ class PipelineStage(nn.Module):
         mine = [ranges[c * pp + pp_rank] for c in range(v)]
         return cls(model, mine, first=pp_rank == 0, last=pp_rank == pp - 1)
 
-    def forward(self, tokens: torch.Tensor,
-                caches: Optional[List[KVCache]] = None) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, caches: Optional[List[KVCache]] = None,
+                **batch: torch.Tensor) -> torch.Tensor:
         """The whole model on one stage (pp = 1): tokens [b, s] -> logits, like ``CausalLM``."""
         if len(self.chunks) != 1 or not (self.is_first(0) and self.is_last(0)):
             raise RuntimeError("PipelineStage.forward needs the whole model on one stage; "
                                "a pipelined model runs through forward_chunk")
-        doc = context_for(tokens, self.args) if not caches else None
+        doc = batch_context({"tokens": tokens, **batch}, self.args) if not caches else None
         return self.forward_chunk(0, tokens, caches, doc)
 
     def units(self) -> List[nn.Module]:
@@ -78,10 +78,12 @@ class PipelineStage(nn.Module):
                       doc: Optional[DocumentContext] = None) -> torch.Tensor:
         """tokens [b, s] (first virtual stage) or hidden [b, s, h] -> hidden or logits;
         ``doc``: the micro-batch's packed-document positions and mask, which every stage
-        builds from the tokens (``models.documents.context_for``)."""
+        builds from the tokens, or an encoder's padding mask and segment ids
+        (``models.documents.batch_context``)."""
         if self.is_first(chunk):
             positions = doc.positions if doc is not None else None
-            x = self.embed(x, caches[0].length if caches else 0, positions)
+            types = doc.token_types if doc is not None else None
+            x = self.embed(x, caches[0].length if caches else 0, positions, types)
         for i in self.chunks[chunk]:
             x = self.layers[str(i)](x, caches[i] if caches else None, doc)
         if self.is_last(chunk):

@@ -25,6 +25,7 @@ from typing import Callable, Iterator, Optional, Tuple
 import torch
 import torch.nn as nn
 
+from megalite.models.bert import ClassifierHead
 from megalite.models.transformer import MLP, Attention, CausalLM, ModelArgs, lm_loss
 from megalite.parallel.dims import ParallelDims
 from megalite.tensor_parallel.collectives import gather_from_tp
@@ -51,6 +52,15 @@ class ParallelMLP(MLP):
                                (self.fc_in,))
 
 
+class ParallelClassifierHead(ClassifierHead):
+    """The classifier under sequence parallelism: [CLS] is the first token of TP rank 0's
+    chunk, so the chunks' first tokens are gathered (backward: each rank keeps its own) and the
+    replicated pooler and classifier run on the global first token."""
+
+    def first_token(self, x: torch.Tensor) -> torch.Tensor:
+        return gather_from_tp(x[:, :1], self.group, dim=1, meter=self.meter)[:, 0]
+
+
 def _to_parallel(module: nn.Module, twin: type) -> None:
     """Give ``module`` its tensor-parallel class: a subclass that overrides only ``project``
     (the model's seam) and adds no state, so every attribute carries over unchanged."""
@@ -64,17 +74,23 @@ class ParallelEmbedding(nn.Module):
     reduce-scatter that leaves this rank's sequence chunk); learned positions are added after,
     each rank those of the tokens it holds. Without SP every rank adds all positions and gets
     the whole position gradient; with SP rank r adds those of chunk r, so its position
-    gradient is partial (the plan records it)."""
+    gradient is partial (the plan records it). BERT's segment embeddings and norm follow the
+    same rule (``seg``, ``norm``; None for decoders)."""
 
     def __init__(self, tok: VocabParallelEmbedding, pos: Optional[nn.Embedding], drop: nn.Module,
-                 tp_rank: int):
+                 tp_rank: int, seg: Optional[nn.Embedding] = None,
+                 norm: Optional[nn.Module] = None):
         super().__init__()
         self.tok, self.pos, self.drop, self.tp_rank = tok, pos, drop, tp_rank
+        if seg is not None:
+            self.seg, self.norm = seg, norm
 
     def forward(self, tokens: torch.Tensor, start: int = 0,
-                positions: Optional[torch.Tensor] = None) -> torch.Tensor:
+                positions: Optional[torch.Tensor] = None,
+                token_types: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``positions`` [b, s] of the whole sequence (packed documents) replace
-        start..start+s-1; with SP this rank adds those of its chunk."""
+        start..start+s-1, ``token_types`` [b, s] are an encoder's segments; with SP this rank
+        adds those of its chunk."""
         x = self.tok(tokens)  # [b, s, h], or with SP this rank's chunk [b, s/tp, h]
         if self.pos is not None:
             s = x.shape[1]
@@ -84,6 +100,10 @@ class ParallelEmbedding(nn.Module):
                                               device=tokens.device))
             else:
                 x = x + self.pos(positions[:, first:first + s])
+        if hasattr(self, "seg"):  # bert: segments, then the embedding norm
+            first = self.tp_rank * x.shape[1] if self.tok.sequence_parallel else 0
+            types = torch.zeros_like(tokens) if token_types is None else token_types
+            x = self.norm(x + self.seg(types[:, first:first + x.shape[1]]))
         return self.drop(x)
 
 
@@ -137,8 +157,12 @@ def parallelize(model: CausalLM, dims: ParallelDims, sequence_parallel: bool = F
     layout.shard_dim["embed.tok.weight"] = 0
     if model.embed.pos is not None and sp:
         layout.partial_grad.add("embed.pos.weight")
+    seg, norm = getattr(model.embed, "seg", None), getattr(model.embed, "norm", None)
+    if seg is not None:  # bert: segments and the embedding norm see this rank's chunk
+        norm_on_chunk(seg, "embed.seg")
+        norm_on_chunk(norm, "embed.norm")
     model.embed = ParallelEmbedding(VocabParallelEmbedding(vocab, h, group, meter, sp),
-                                    model.embed.pos, model.embed.drop, dims.tp_rank)
+                                    model.embed.pos, model.embed.drop, dims.tp_rank, seg, norm)
     for i, block in enumerate(model.layers):
         pre = f"layers.{i}"
         norm_on_chunk(block.attn_norm, f"{pre}.attn_norm")
@@ -152,8 +176,16 @@ def parallelize(model: CausalLM, dims: ParallelDims, sequence_parallel: bool = F
             if hasattr(mlp, name):
                 setattr(mlp, name, row(getattr(mlp, name), f"{pre}.mlp.{name}"))
         _to_parallel(mlp, ParallelMLP)
+    if not hasattr(model.head, "output"):  # a classifier: replicated, on the [CLS] token
+        if sp:
+            model.head.group, model.head.meter = group, meter
+            _to_parallel(model.head, ParallelClassifierHead)
+        return layout
     norm_on_chunk(model.head.norm, "head.norm")
-    model.head.output = column(nn.Linear(h, vocab, bias=False, device="meta"), "head.output")
+    if hasattr(model.head, "dense"):  # bert's MLM transform: replicated, on this rank's chunk
+        norm_on_chunk(model.head.dense, "head.dense")
+    bias = model.head.output.bias is not None  # bert's vocabulary bias, split with the rows
+    model.head.output = column(nn.Linear(h, vocab, bias=bias, device="meta"), "head.output")
     if args.tie_embeddings:
         model.head.output.weight = model.embed.tok.weight
     return layout
@@ -201,7 +233,7 @@ def loss_fn(args: ModelArgs, dims: ParallelDims, vocab_multiple: int = 64,
     plain cross-entropy, or with TP the vocab-parallel one on this rank's slice of the (padded)
     vocabulary — full-vocabulary logits never exist. Training uses ``reduction="sum"``: the
     executor divides by the global batch's token count."""
-    if dims.tp == 1:
+    if dims.tp == 1 or args.num_labels:  # a classifier's logits are whole on every TP rank
         return lambda logits, labels: lm_loss(logits, labels, reduction=reduction)
     local = pad_vocab(args.vocab_size, dims.tp, vocab_multiple) // dims.tp
 

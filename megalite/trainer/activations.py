@@ -21,11 +21,12 @@ class ActivationReport:
                  sequence_parallel: bool, dtype: torch.dtype, device: torch.device):
         self.model = model
         e = torch.tensor([], dtype=dtype).element_size()
-        # the fused masked softmax (packed documents) keeps its probabilities; so does CPU
-        # SDPA's math path, which dropout selects (Attention.core says what each path keeps)
+        # the fused masked softmax (packed documents, bert's padding) keeps its probabilities;
+        # so does CPU SDPA's math path, which dropout selects (Attention.core says what each
+        # attention path keeps)
         cpu = device.type == "cpu"
-        fused = args.reset_attention_mask and args.kernels == "fused" and \
-            ops.model_uses_kernels(device)
+        masked = args.reset_attention_mask or args.is_encoder  # document or padding mask
+        fused = masked and args.kernels == "fused" and ops.model_uses_kernels(device)
         math = cpu and args.dropout > 0 and not fused  # SDPA's math path, in fp32 on CPU
         mask = None if cpu else 1  # CPU dropout keeps a mask of the dropped tensor's dtype
         terms = {kind: layer_activation_terms(args, micro_batch, seq_len, tp, sequence_parallel,

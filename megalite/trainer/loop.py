@@ -17,7 +17,6 @@ import torch
 from megalite.checkpoint.async_save import AsyncSaver
 from megalite.config import save_yaml
 from megalite.config.schema import Config
-from megalite.data import build_datasets, ensure_dataset, micro_batch, tokenizer_file
 from megalite.hardware import device_peak_tflops
 from megalite.models import CausalLM, build_model, flops_per_token, num_params, resolve_model_args
 from megalite.parallel import comm
@@ -29,7 +28,7 @@ from megalite.models.recompute import apply_recompute
 from megalite.plan import model_plan
 from megalite.tensor_parallel.plan import loss_fn
 from megalite.tensor_parallel.random import SplitRegionRNG, cover_split_regions
-from megalite.trainer import checkpoint, resume
+from megalite.trainer import checkpoint, objective, resume
 from megalite.trainer.activations import ActivationReport
 from megalite.trainer.lr import train_lr
 from megalite.trainer.metrics import MetricsLogger, Timers
@@ -75,10 +74,10 @@ class Trainer:
         # Every rank asks; the cache's file lock lets one per cache directory prepare while the
         # others wait on the lock, not in a collective whose timeout a large corpus outlasts.
         # (The CLI has prepared it before the process group: then this only returns the paths.)
-        self.prefixes = ensure_dataset(cfg.data)
-        self.train_ds, self.val_ds, self.tokenizer = build_datasets(
-            cfg.data, t.seed, t.steps * self.gbs, t.eval_iters * self.gbs)
-        self.tokenizer_file = tokenizer_file(self.prefixes[0], cfg.data)
+        self.prefixes = objective.prepare(cfg)
+        self.train_ds, self.val_ds, self.tokenizer = objective.datasets(
+            cfg, t.steps * self.gbs, t.eval_iters * self.gbs)
+        self.tokenizer_file = objective.tokenizer_path(cfg, self.prefixes)
         self.args = resolve_model_args(cfg.model, self.tokenizer.vocab_size, cfg.data,
                                        self.tokenizer.eod_id)  # eod: packed-document masks
         dtype = DTYPES[t.precision]
@@ -148,7 +147,7 @@ class Trainer:
         from megalite.interop.init_from import initial_values
 
         try:
-            return initial_values(c.init_from, self.args)
+            return initial_values(c.init_from, self.args, self.cfg.train.seed)
         except ValueError as e:
             raise ResumeError(str(e)) from None
 
@@ -206,9 +205,9 @@ class Trainer:
         out = []
         start = step * self.gbs + self.sample_shift if data is None else None
         for micro in range(self.ga):
-            x, y = micro_batch(self.train_ds if data is None else data, step, micro,
-                               self.dims.dp_rank, self.mbs, self.ga, self.dims.dp, start)
-            out.append({"tokens": x.to(self.dims.device), "labels": y.to(self.dims.device)})
+            out.append(objective.batch(self.cfg, self.train_ds if data is None else data, step,
+                                       micro, self.dims.dp_rank, self.mbs, self.ga,
+                                       self.dims.dp, start, self.dims.device))
         return out
 
     def train_step(self) -> dict:

@@ -8,8 +8,7 @@ from dataclasses import asdict
 from typing import Optional
 
 from megalite.checkpoint.async_save import staged
-from megalite.data import build_datasets
-from megalite.trainer import checkpoint
+from megalite.trainer import checkpoint, objective
 
 
 class ResumeError(ValueError):
@@ -88,8 +87,7 @@ def _check_batch(t, path: str, meta: dict) -> None:
                "schedule still follows the step")
     needed = t.cfg.train.steps * t.gbs + t.sample_shift
     if needed > len(t.train_ds):  # a smaller global batch reaches further samples
-        t.train_ds, _, _ = build_datasets(t.cfg.data, t.cfg.train.seed, needed,
-                                             t.cfg.train.eval_iters * t.gbs)
+        t.train_ds, _, _ = objective.datasets(t.cfg, needed, t.cfg.train.eval_iters * t.gbs)
 
 
 def _resume_format1(t, path: str, meta: dict) -> None:
