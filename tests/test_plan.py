@@ -125,3 +125,21 @@ def test_plan_confirm_runs_dry_runs():
     assert code == 0, err
     peaks = [r["dry_run_peak"] for r in out["layouts"] if r["fits"]]
     assert peaks[0] > 0 and peaks[1] > 0 and all(p is None for p in peaks[2:])
+
+
+def test_train_logs_predicted_and_measured_peak(tmp_path, data_cache):
+    """`megalite train` prints the planner's prediction for its rank at start-up and, after
+    step 1, the peak MemTracker measured on the real step (CPU); both go into metrics.jsonl."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = cli.main(["train", "--config", os.path.join(REPO, "configs/tiny.yaml"),
+                         "--train.steps=2", f"--run.dir={tmp_path}", "--run.sample_tokens=0",
+                         f"--data.cache_dir={data_cache}"])
+    assert code == 0, err.getvalue()
+    text = out.getvalue() + err.getvalue()
+    assert "memory predicted for this rank" in text and "memory measured in step 1" in text
+    row = json.loads(open(os.path.join(tmp_path, "metrics.jsonl")).readline())
+    assert row["mem.predicted_peak"] > 0 and row["mem.measured_peak"] > 0
+    # a real step holds at least its model states
+    states = sum(row[f"mem.{k}"] for k in ("params", "grads", "master", "optimizer"))
+    assert row["mem.measured_peak"] > states

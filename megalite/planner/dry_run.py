@@ -226,19 +226,6 @@ def tracked_step(parts: RankParts, cfg: Config, micro_batches: int,
     MemTracker and return its peak by kind. Real or fake tensors alike: the CPU measurement of
     a real step uses the same function."""
     e, o, dims = parts.engine, parts.opt, parts.dims
-    state = {**e.memory(), **o.memory()}
-    offloaded = {"master", "optimizer", "offload_grads"} if o.offload else set()
-    device_tensors: List[torch.Tensor] = []
-    for g in e.groups:
-        device_tensors += [g.grad.full if g.grad.full is not None else g.grad.shard]
-        if g.shard is not None:
-            device_tensors.append(g.shard)
-    if not o.offload:
-        device_tensors += [m for m, a in zip(o.masters, o.aliased) if not a]
-    tracker = _step_tracker()
-    tracker.track_external(parts.model, *device_tensors)
-    if not o.offload:
-        tracker.track_external(o.opt)
     actions = schedules.build(cfg.parallel.schedule, dims.pp, micro_batches, dims.pp_rank,
                               len(parts.model.chunks))
     if batches is None:
@@ -247,21 +234,45 @@ def tracked_step(parts: RankParts, cfg: Config, micro_batches: int,
         batches = [{"tokens": torch.randint(0, vocab, shape),
                     "labels": torch.randint(0, vocab, shape)} for _ in range(micro_batches)]
     start = time.perf_counter()
-    with tracker:
+    with track_step(e, o, parts.model) as result:
         parts.executor.run(actions, batches, 1.0)
         e.finalize_grads()
         o.clip_grad_norm(cfg.train.grad_clip)
         o.step(cfg.train.lr)
-    seconds = time.perf_counter() - start
+    result.micro_batches, result.seconds = micro_batches, time.perf_counter() - start
+    return result
+
+
+@contextlib.contextmanager
+def track_step(engine, opt, model: torch.nn.Module) -> Iterator[StepMemory]:
+    """MemTracker around a step, the model states registered from the engine's and the
+    optimizer's own buffers (offloaded ones left out: host memory); the yielded StepMemory is
+    filled when the block exits."""
+    state = {**engine.memory(), **opt.memory()}
+    offloaded = {"master", "optimizer", "offload_grads"} if opt.offload else set()
+    device_tensors: List[torch.Tensor] = []
+    for g in engine.groups:
+        device_tensors += [g.grad.full if g.grad.full is not None else g.grad.shard]
+        if g.shard is not None:
+            device_tensors.append(g.shard)
+    if not opt.offload:
+        device_tensors += [m for m, a in zip(opt.masters, opt.aliased) if not a]
+    tracker = _step_tracker()
+    tracker.track_external(model, *device_tensors)
+    if not opt.offload:
+        tracker.track_external(opt.opt)
+    result = StepMemory(0)
+    with tracker:
+        yield result
     snap = next(iter(tracker.get_tracker_snapshot("peak").values()), {})
     by_type = {str(getattr(k, "value", k)): v for k, v in snap.items()}
-    total = by_type.get("Total", 0)
+    result.peak = by_type.get("Total", 0)
     kinds = {k: state.get(k, 0) for k in ("params", "grads", "master", "optimizer", "buffers")
              if k not in offloaded}
     kinds["activations"] = by_type.get("Activation", 0)
     kinds["temporaries"] = by_type.get("Temp", 0) + by_type.get("Gradient", 0)
-    kinds["gathered+buckets"] = total - sum(kinds.values())
-    return StepMemory(total, kinds, e.metrics(), micro_batches, seconds=seconds)
+    kinds["gathered+buckets"] = result.peak - sum(kinds.values())
+    result.kinds, result.engine_peaks = kinds, engine.metrics()
 
 
 def dry_run(cfg: Config, rank: int) -> StepMemory:

@@ -3,6 +3,7 @@
 preemption handling around it."""
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import signal
@@ -24,6 +25,7 @@ from megalite.parallel.dims import ParallelDims
 from megalite.pipeline import schedules
 from megalite.pipeline.executor import PipelineExecutor, StepLoss
 from megalite.pipeline.inference import inference_view
+from megalite.planner.startup import MemoryCheck
 from megalite.models.recompute import apply_recompute
 from megalite.plan import model_plan
 from megalite.tensor_parallel.plan import loss_fn
@@ -110,6 +112,7 @@ class Trainer:
                                             dtype, dims.device)
         self.opt = ShardedAdamW(self.engine, t.lr, (t.beta1, t.beta2), t.eps, t.weight_decay,
                                 offload=p.offload_optimizer)
+        self.memory_check = MemoryCheck(cfg, self.args, dims, self.engine, self.opt, self.model)
         self.scaler = None  # fp16 only
         if t.precision == "fp16":
             self.scaler = LossScaler(t.loss_scale or t.initial_loss_scale, t.loss_scale_window,
@@ -169,7 +172,8 @@ class Trainer:
             f"{self.dims.dp}; {self.gbs * self.cfg.data.seq_len:,} tokens/step",
             f"data: {len(self.train_ds):,} train samples, "
             f"{len(self.val_ds) if self.val_ds is not None else 0:,} validation samples of "
-            f"{self.cfg.data.seq_len} tokens", self.activations.describe()])
+            f"{self.cfg.data.seq_len} tokens", self.activations.describe(),
+            self.memory_check.describe()])
 
     def memory(self) -> dict:
         """Model-state bytes on this rank by kind (AdamW moments counted before they exist)."""
@@ -345,7 +349,11 @@ class Trainer:
                 first = not result.losses
                 if first:  # measure micro-batch 0's saved activations in this step
                     self.activations.arm(self.executor)
-                record = self.train_step()
+                with self.memory_check.first_step() if first else contextlib.nullcontext():
+                    record = self.train_step()
+                if first and self.memory_check.line():
+                    record.update(self.memory_check.record())
+                    self.log.print(self.memory_check.line())
                 if first and (measured := self.activations.measured(self.executor)):
                     record.update(measured)
                     self.log.print(ActivationReport.line(measured))

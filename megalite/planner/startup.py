@@ -1,0 +1,75 @@
+"""What ``megalite train`` says about memory: the planner's prediction for its own rank at
+start-up, and what the first step measured — on CUDA ``torch.cuda.max_memory_allocated``, on a
+CPU the dry run's tracker (``MemTracker``) around the real step (RSS would count the allocator's
+cache and the interpreter, not the step). Both go into the first step's metrics row
+(``mem.predicted_peak``, ``mem.measured_peak``, bytes)."""
+from __future__ import annotations
+
+import contextlib
+from typing import Dict, Iterator, Optional
+
+import torch
+
+MIB = 2**20
+
+
+class MemoryCheck:
+    """One per Trainer: ``describe()`` at start-up, ``first_step()`` around step 1,
+    ``record()`` for its metrics row."""
+
+    def __init__(self, cfg, args, dims, engine, opt, model):
+        self.dims, self.engine, self.opt, self.model = dims, engine, opt, model
+        self.cuda = dims.device.type == "cuda"
+        self.terms: Optional[Dict[str, int]] = None
+        self.why = ""
+        if args.family not in ("gpt", "llama"):  # the planner models the decoder families
+            self.why = f"no prediction for family {args.family}"
+        else:
+            from megalite.planner.memory import rank_memory
+
+            self.terms = rank_memory(cfg, args, dims.pp_rank, gpu=self.cuda)
+        self.measured: Optional[int] = None
+
+    def describe(self) -> str:
+        if self.terms is None:
+            return f"memory: {self.why}"
+        act = sum(v for k, v in self.terms.items()
+                  if k.startswith(("activations", "head", "loss", "temporaries")))
+        where = "GPU (flash attention, allocator allowance)" if self.cuda else "CPU paths"
+        return (f"memory predicted for this rank by megalite plan's model ({where}): peak "
+                f"{self.terms['total'] / MIB:.1f} MiB, of which activations and temporaries "
+                f"{act / MIB:.1f} MiB")
+
+    @contextlib.contextmanager
+    def first_step(self) -> Iterator[None]:
+        """Measure the peak of the step run inside."""
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats(self.dims.device)
+            yield
+            self.measured = torch.cuda.max_memory_allocated(self.dims.device)
+            return
+        from megalite.planner.dry_run import missing_apis, track_step
+
+        if missing_apis() is not None:  # the tracker needs torch >= 2.5
+            yield
+            return
+        with track_step(self.engine, self.opt, self.model) as result:
+            yield
+        self.measured = result.peak
+
+    def record(self) -> Dict[str, int]:
+        out = {}
+        if self.terms is not None:
+            out["mem.predicted_peak"] = self.terms["total"]
+        if self.measured is not None:
+            out["mem.measured_peak"] = self.measured
+        return out
+
+    def line(self) -> str:
+        if self.measured is None:
+            return ""
+        text = f"memory measured in step 1: peak {self.measured / MIB:.1f} MiB"
+        if self.terms is not None:
+            text += f" (predicted {self.terms['total'] / MIB:.1f}, " \
+                    f"{self.measured / max(self.terms['total'], 1):.2f}x)"
+        return text
