@@ -105,13 +105,17 @@ def test_plan_against_published_llama_8b_h100():
 
 
 def test_plan_bad_input_is_one_line():
-    for argv, field in ((["--config", "configs/llama-7b.yaml"], "--gpus"),
-                        (["--config", "configs/llama-7b.yaml", "--gpus", "8", "--gpu", "x100"],
-                         "--gpu=x100"),
-                        (["--config", "configs/llama-7b.yaml", "--gpus", "8", "--layout",
-                          "dq=8"], "--layout"),
-                        (["--config", "configs/llama-7b.yaml", "--gpus", "8", "--layout",
-                          "dp=2,tp=2"], "--layout")):
+    """Missing --gpus, an unknown GPU, a bad --layout, a family the planner does not model, a
+    vocabulary it cannot know without data: one `error:` line naming it, exit 2."""
+    cfg = ["--config", os.path.join(REPO, "configs/llama-7b.yaml")]
+    for argv, field in ((cfg, "--gpus"),
+                        (cfg + ["--gpus", "8", "--gpu", "x100"], "--gpu=x100"),
+                        (cfg + ["--gpus", "8", "--layout", "dq=8"], "--layout"),
+                        (cfg + ["--gpus", "8", "--layout", "dp=2,tp=2"], "--layout"),
+                        (["--config", os.path.join(REPO, "configs/bert-tiny.yaml"), "--gpus",
+                          "2"], "model.family=bert"),
+                        (cfg + ["--gpus", "8", "--model.vocab_size=none",
+                                "--data.tokenizer=nope.json"], "--model.vocab_size")):
         code, _, err = plan(*argv)
         assert code == 2 and err.startswith("error: ") and field in err, err
         assert len(err.strip().splitlines()) == 1, err

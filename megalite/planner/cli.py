@@ -54,7 +54,7 @@ def memory_table(columns: Dict[str, Dict[str, int]], unit: int = GIB) -> str:
 def dry_run_main(argv: List[str]) -> int:
     """``megalite train --config F.yaml ... --dry_run [--rank R] [--world_size N]``."""
     from megalite.config import parse_or_exit
-    from megalite.planner.dry_run import dry_run, missing_apis
+    from megalite.planner.dry_run import dry_run, missing_apis, unsupported
     from megalite.planner.memory import rank_memory
 
     argv = [a for a in argv if a != "--dry_run"]
@@ -74,6 +74,10 @@ def dry_run_main(argv: List[str]) -> int:
         return 2
     cfg, _ = parse_or_exit(argv, world)
     world = cfg.world_size
+    problem = unsupported(cfg) or _vocab_problem(cfg)
+    if problem:
+        print(f"error: --dry_run: {problem}", file=sys.stderr)
+        return 2
     if rank is None:
         rank = default_rank(cfg)
     if rank >= world:
@@ -108,6 +112,18 @@ def dry_run_main(argv: List[str]) -> int:
         if name != "total" and value:
             print(f"  {name}: {value / GIB:.3f}")
     return 0
+
+
+def _vocab_problem(cfg) -> Optional[str]:
+    """The vocabulary size cannot be known without the data: the one-line reason, or None."""
+    from megalite.data import DataError
+    from megalite.planner.dry_run import dry_vocab
+
+    try:
+        dry_vocab(cfg)
+    except DataError as e:
+        return f"{e}; or set --model.vocab_size"
+    return None
 
 
 def dry_args(cfg):

@@ -107,8 +107,8 @@ def _max_deferred(actions: List[schedules.Action]) -> int:
 
 def dry_vocab(cfg: Config) -> int:
     """The vocabulary size without reading the dataset: model.vocab_size, else the tokenizer's
-    (bytes: 257; a tokenizer.json: its size; bpe:N: N, an upper bound of what training on the
-    corpus yields)."""
+    (bytes: 257; a tokenizer.json: its size; bpe:N, wordpiece:N: N, an upper bound of what
+    training on the corpus yields). Raises DataError (a missing tokenizer file)."""
     from megalite.data.tokenizer import ByteTokenizer, load_tokenizer, parse_spec
 
     if cfg.model.vocab_size is not None:
@@ -124,9 +124,9 @@ def dry_vocab(cfg: Config) -> int:
     kind, value = parse_spec(cfg.data.tokenizer)
     if kind == "bytes":
         return ByteTokenizer().vocab_size
-    if kind == "bpe":
-        return int(value)
-    return load_tokenizer(str(value)).vocab_size
+    if kind == "file":
+        return load_tokenizer(str(value)).vocab_size
+    return int(value)  # bpe:N, wordpiece:N
 
 
 @dataclass
@@ -273,6 +273,14 @@ def track_step(engine, opt, model: torch.nn.Module) -> Iterator[StepMemory]:
     kinds["temporaries"] = by_type.get("Temp", 0) + by_type.get("Gradient", 0)
     kinds["gathered+buckets"] = result.peak - sum(kinds.values())
     result.kinds, result.engine_peaks = kinds, engine.metrics()
+
+
+def unsupported(cfg: Config) -> Optional[str]:
+    """Why the planner cannot model this config, or None."""
+    if cfg.model.family not in ("gpt", "llama"):
+        return (f"model.family={cfg.model.family}: the dry run and megalite plan model the "
+                "decoder families (gpt, llama) only")
+    return None
 
 
 def dry_run(cfg: Config, rank: int) -> StepMemory:

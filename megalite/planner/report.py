@@ -37,6 +37,12 @@ def run_plan(argv: List[str], opts: Dict[str, str], flags: Set[str], gpus: int, 
         base, _ = parse_args(argv + extra, verbose=False)
     except ConfigError as e:
         return _fail(e.lines)
+    from megalite.planner.cli import _vocab_problem
+    from megalite.planner.dry_run import unsupported
+
+    problem = unsupported(base) or _vocab_problem(base)
+    if problem:
+        return _fail([problem])
     seq = base.data.seq_len
     global_batch = base.train.global_batch_size
     if "--global_batch_tokens" in opts:
