@@ -39,7 +39,9 @@ def test_flat_groups_and_schedule_states_by_hand():
     assert flat_groups(units, bucket_mb, 32, False) == [(0, 7), (0, 10), (1, 30)]
     tied = [[("embed.tok.weight", 4), ("x", 2)]]
     assert flat_groups(tied, 1.0, 32, True) == [(0, 2), (0, 4)]  # the tied weight alone
-    top = lambda *a: max(live for live, _ in _live_states(*a))  # noqa: E731
+    def top(*a):
+        return max(live for live, _ in _live_states(*a))
+
     assert top("1f1b", 4, 8, 0, 1) == 4 and top("1f1b", 4, 8, 3, 1) == 1
     assert top("gpipe", 4, 8, 2, 1) == 8
     assert max(d for _, d in _live_states("zb-h1", 4, 8, 0, 1)) > 0
@@ -142,7 +144,8 @@ def test_train_logs_predicted_and_measured_peak(tmp_path, data_cache):
     assert code == 0, err.getvalue()
     text = out.getvalue() + err.getvalue()
     assert "memory predicted for this rank" in text and "memory measured in step 1" in text
-    row = json.loads(open(os.path.join(tmp_path, "metrics.jsonl")).readline())
+    with open(os.path.join(tmp_path, "metrics.jsonl")) as f:
+        row = json.loads(f.readline())
     assert row["mem.predicted_peak"] > 0 and row["mem.measured_peak"] > 0
     # a real step holds at least its model states
     states = sum(row[f"mem.{k}"] for k in ("params", "grads", "master", "optimizer"))
