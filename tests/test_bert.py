@@ -45,7 +45,8 @@ def _batch(seed=3):
 def test_bert_equals_hugging_face_and_fused_equals_sdpa():
     """BertForMaskedLM <-> megalite logits within 1e-5 on a padded batch with two segments,
     with megalite's fused kernels (norms, masked softmax) and with PyTorch's SDPA; back to HF
-    bit for bit; the fused masked softmax gives zeros on fully masked rows."""
+    bit for bit; BertForSequenceClassification likewise; the fused masked softmax gives zeros
+    on fully masked rows."""
     transformers = pytest.importorskip("transformers")
     from megalite import ops
     from megalite.interop.hf import from_hf, to_hf
@@ -75,6 +76,16 @@ def test_bert_equals_hugging_face_and_fused_equals_sdpa():
     back = to_hf(ours)
     for name, value in hf.state_dict().items():
         assert torch.equal(back.state_dict()[name], value), name
+    config.num_labels = 3  # the sequence classifier: pooler + classifier as megalite's head
+    hf_cls = transformers.BertForSequenceClassification(config).eval()
+    with torch.no_grad():
+        want = hf_cls(input_ids=b["tokens"], token_type_ids=b["token_types"],
+                      attention_mask=b["attention_mask"]).logits
+        cls = from_hf(hf_cls).eval()
+        assert cls.args.num_labels == 3 and not cls.args.tie_embeddings
+        got = cls(b["tokens"], attention_mask=b["attention_mask"], token_types=b["token_types"])
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    assert type(to_hf(cls)).__name__ == "BertForSequenceClassification"
     scores = torch.randn(2, 4, 3, 5)
     blocked = torch.zeros(2, 1, 3, 5, dtype=torch.bool)
     blocked[1, 0, 2] = True  # a query that may see no key
