@@ -15,13 +15,13 @@ from distributed import run_distributed
 SEQ, BATCH = 12, 4
 
 
-def _args(kernels="fused", layers=2):
+def _args(kernels="fused", layers=2, num_labels=0):
     from megalite.config.schema import ModelConfig
     from megalite.models import resolve_model_args
 
     return resolve_model_args(ModelConfig(family="bert", num_layers=layers, hidden_size=32,
                                           num_heads=4, max_seq_len=SEQ, norm_eps=1e-12,
-                                          kernels=kernels), 100)
+                                          kernels=kernels, num_labels=num_labels), 100)
 
 
 def _batch(seed=3):
@@ -45,7 +45,8 @@ def _batch(seed=3):
 def test_bert_equals_hugging_face_and_fused_equals_sdpa():
     """BertForMaskedLM <-> megalite logits within 1e-5 on a padded batch with two segments,
     with megalite's fused kernels (norms, masked softmax) and with PyTorch's SDPA; back to HF
-    bit for bit; the fused masked softmax gives zeros on fully masked rows."""
+    bit for bit; BertForSequenceClassification likewise; the fused masked softmax gives zeros
+    on fully masked rows."""
     transformers = pytest.importorskip("transformers")
     from megalite import ops
     from megalite.interop.hf import from_hf, to_hf
@@ -75,6 +76,16 @@ def test_bert_equals_hugging_face_and_fused_equals_sdpa():
     back = to_hf(ours)
     for name, value in hf.state_dict().items():
         assert torch.equal(back.state_dict()[name], value), name
+    config.num_labels = 3  # the sequence classifier: pooler + classifier as megalite's head
+    hf_cls = transformers.BertForSequenceClassification(config).eval()
+    with torch.no_grad():
+        want = hf_cls(input_ids=b["tokens"], token_type_ids=b["token_types"],
+                      attention_mask=b["attention_mask"]).logits
+        cls = from_hf(hf_cls).eval()
+        assert cls.args.num_labels == 3 and not cls.args.tie_embeddings
+        got = cls(b["tokens"], attention_mask=b["attention_mask"], token_types=b["token_types"])
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    assert type(to_hf(cls)).__name__ == "BertForSequenceClassification"
     scores = torch.randn(2, 4, 3, 5)
     blocked = torch.zeros(2, 1, 3, 5, dtype=torch.bool)
     blocked[1, 0, 2] = True  # a query that may see no key
@@ -144,12 +155,15 @@ def _world():
 
     torch.set_num_threads(1)
     env = discover()
-    args, batch = _args(), _batch()
-    ref_loss, ref_grads = _reference(args, batch)
     out = {}
-    for name, (dp, tp, pp), opts in [("tp2-sp", (1, 2, 1), dict(sp=True)),
-                                     ("pp2", (1, 1, 2), {}),
-                                     ("dp2-zero3", (2, 1, 1), dict(zero=3))]:
+    mlm, classify = (_args(), _batch()), (_args(num_labels=3), _batch())
+    classify[1]["labels"] = torch.tensor([2, 0, 1, 2])  # one class per sample
+    for name, (dp, tp, pp), opts, (args, batch) in [
+            ("tp2-sp", (1, 2, 1), dict(sp=True), mlm), ("pp2", (1, 1, 2), {}, mlm),
+            ("dp2-zero3", (2, 1, 1), dict(zero=3), mlm),
+            ("classifier tp2-sp", (1, 2, 1), dict(sp=True), classify),
+            ("classifier pp2", (1, 1, 2), {}, classify)]:
+        ref_loss, ref_grads = _reference(args, batch)
         dims = ParallelDims.initialize(dp, tp, pp, env, "gloo", timeout_s=60)
         loss, grads = _layout_step(dims, args, batch, **opts)
         # a last stage's tied copy of the word embeddings gets the summed gradient
@@ -163,7 +177,8 @@ def _world():
 def test_bert_tp_sp_pp_zero3_equal_one_process():
     """TP2 with SP, PP2 (1F1B) and dp2 ZeRO-3, one sample per micro-batch, against one process
     taking the four padded samples at once: MLM loss (masked tokens of the global batch) and
-    every gradient within 1e-5."""
+    every gradient within 1e-5; the sequence classifier too at TP2+SP (its [CLS] token lives in
+    TP rank 0's chunk) and PP2."""
     for rank, out in enumerate(run_distributed(_world, 2, timeout_s=180)):
         for layout, r in out.items():
             assert r["names"] > 0, (rank, layout)
@@ -192,3 +207,54 @@ def test_bert_pretraining_loss_falls_and_measures(tmp_path):
     assert result.val_loss is not None and result.val_loss < losses[0]
     first = json.loads(open(f"{tmp_path}/run/metrics.jsonl").readline())
     assert abs(first["act_mib_per_layer"] / first["act_mib_per_layer_formula"] - 1) < 0.25
+
+
+def _classification_files(folder):
+    """A learnable task: label 1 iff the sentence holds the word "fire" (sst2's fields)."""
+    import json
+    import random
+
+    rng = random.Random(0)
+    words = ("the a cat dog house tree river stone light water green blue small large old new "
+             "quick slow bright").split()
+    for name, n in (("train", 1024), ("eval", 512)):
+        with open(folder / f"{name}.jsonl", "w") as f:
+            for _ in range(n):
+                w, label = [rng.choice(words) for _ in range(8)], rng.randint(0, 1)
+                if label:
+                    w[rng.randrange(8)] = "fire"
+                f.write(json.dumps({"sentence": " ".join(w), "label": label, "idx": 0}) + "\n")
+    return folder / "train.jsonl", folder / "eval.jsonl"
+
+
+@pytest.mark.slow
+def test_finetune_classification_from_megalite_and_hf(tmp_path):
+    """`megalite finetune` from a (briefly pre-trained) megalite bert checkpoint and from its HF
+    export (BertForMaskedLM + tokenizer: no pooler, seed-initialised and said so) reaches >= 95%
+    accuracy on 512 held-out examples; GLUE sst2 field names; a missing source is one error
+    line (exit 2)."""
+    import json
+
+    from helpers import REPO
+    from megalite.cli import main
+
+    common = [f"--data.cache_dir={tmp_path}/cache", "--data.source=synthetic",
+              "--data.tokenizer=wordpiece:512", "--model.hidden_size=64",
+              "--model.max_seq_len=64", "--data.seq_len=64", "--train.micro_batch_size=8",
+              "--train.warmup_steps=1", "--train.eval_interval=0", "--train.eval_iters=1",
+              "--run.tensorboard=false", "--parallel.backend=gloo"]
+    assert main(["train", "--config", f"{REPO}/configs/bert-tiny.yaml", *common,
+                 f"--run.dir={tmp_path}/pre", "--train.steps=4"]) == 0
+    assert main(["convert", "--to", "hf", f"{tmp_path}/pre", f"{tmp_path}/hf"]) == 0
+    train, held_out = _classification_files(tmp_path)
+    for source in (f"{tmp_path}/pre", f"hf:{tmp_path}/hf"):
+        run = tmp_path / source.replace(":", "_").replace("/", "_")
+        assert main(["finetune", "--task", "classification", "--train", str(train), "--eval",
+                     str(held_out), "--init_from", source, "--glue_task", "sst2",
+                     "--epochs", "2", f"--run.dir={run}", "--train.lr=2e-3",
+                     "--train.micro_batch_size=16", "--data.seq_len=48",
+                     "--run.tensorboard=false", "--parallel.backend=gloo"]) == 0
+        scores = json.load(open(run / "finetune_eval.json"))
+        assert scores["examples"] == 512 and scores["accuracy"] >= 0.95, (source, scores)
+    assert main(["finetune", "--task", "classification", "--train", str(train),
+                 "--init_from", f"{tmp_path}/nothing-here"]) == 2

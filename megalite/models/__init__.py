@@ -7,8 +7,9 @@ import torch
 import torch.nn as nn
 
 from megalite.config.schema import DataConfig, ModelConfig
-from megalite.models.transformer import (CausalLM, KVCache, ModelArgs, flops_per_token,
-                                         init_tensor, lm_loss, num_params, parse_rope_scaling)
+from megalite.models.transformer import (TIED_WEIGHTS, CausalLM, KVCache, ModelArgs,
+                                         flops_per_token, init_tensor, lm_loss, num_params,
+                                         parse_rope_scaling)
 from megalite.parallel.params import ParamTable
 
 __all__ = ["CausalLM", "KVCache", "ModelArgs", "build_model", "resolve_model_args", "lm_loss",
@@ -100,4 +101,4 @@ def build_model(args: ModelArgs, seed: int, device: torch.device | str = "cpu",
 
 
 def _full_name(name: str, full_shapes) -> str:
-    return name if name in full_shapes else "embed.tok.weight"
+    return name if name in full_shapes else TIED_WEIGHTS[0]

@@ -304,6 +304,11 @@ class Head(nn.Module):
         return self.output(self.norm(x))  # [b, s, vocab]
 
 
+TIED_WEIGHTS = ("embed.tok.weight", "head.output.weight")
+"""The word embeddings and the output projection that shares them (``tie_embeddings``): on a
+pipeline, the last stage's copy is named by the second and holds the first."""
+
+
 class CausalLM(nn.Module):
     """embed -> blocks -> head. ``units()`` is the sequence pipeline/ZeRO-3/recompute speak in.
     With ``family=bert`` the same shape holds the encoder (``models.bert``: embeddings with

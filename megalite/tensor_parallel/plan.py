@@ -20,6 +20,7 @@ cross-entropy. The layers are those of ``layers.py``, the ones ``bench/tp.py`` m
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 from typing import Callable, Iterator, Optional, Tuple
 
 import torch
@@ -122,94 +123,139 @@ def check_divisible(args: ModelArgs, tp: int) -> None:
         raise ValueError("tensor parallelism: " + "; ".join(problems))
 
 
-def parallelize(model: CausalLM, dims: ParallelDims, sequence_parallel: bool = False,
-                vocab_multiple: int = 64) -> ShardLayout:
-    """Replace ``model``'s modules with this TP rank's parallel twins (in place, on whatever
-    device the model is — normally meta) and return which parameters are split or partial."""
-    args, tp = model.args, dims.tp
-    layout = ShardLayout(tp_rank=dims.tp_rank, tp_size=tp)
-    if tp == 1:
-        return layout
-    check_divisible(args, tp)
-    group, meter, sp = dims.tp_group, dims.meter, sequence_parallel
-    h, vocab = args.hidden_size, pad_vocab(args.vocab_size, tp, vocab_multiple)
+# The TP plan: module name (an fnmatch pattern over ``named_modules``) -> style, applied in
+# order. An entry whose module this model lacks (gate_proj in GPT-2, seg in a decoder) does
+# nothing; a family adds its own entries (``plan_for``). Styles (``_STYLES``):
+#   vocab_embedding  the token rows split over the (padded) vocabulary; the twin adds positions
+#                    and segments for this rank's tokens (its sequence chunk under SP)
+#   column / row     Megatron's column- / row-parallel linear (output / input features split)
+#   column_kv        k/v_proj: split when tp divides the kv heads, else replicated (partial grads)
+#   heads            attention on this rank's heads; q/k/v computed as ONE column-parallel call
+#   mlp              the MLP's input projections computed as ONE column-parallel call
+#   sequence         replicated, but under SP it sees only this rank's sequence chunk: partial
+#                    gradients (norms, positions, segments, bert's MLM transform)
+#   vocab_column     the output projection over the padded vocabulary, logits left sharded
+#   classifier       a classifier on the [CLS] token: under SP the chunks' first tokens gathered
+DECODER_PLAN: Tuple[Tuple[str, str], ...] = (
+    ("embed", "vocab_embedding"),
+    ("embed.pos", "sequence"),
+    ("layers.*.attn_norm", "sequence"),
+    ("layers.*.attn.q_proj", "column"),
+    ("layers.*.attn.[kv]_proj", "column_kv"),
+    ("layers.*.attn.o_proj", "row"),
+    ("layers.*.attn", "heads"),
+    ("layers.*.mlp_norm", "sequence"),
+    ("layers.*.mlp.fc_in", "column"),
+    ("layers.*.mlp.gate_proj", "column"),
+    ("layers.*.mlp.up_proj", "column"),
+    ("layers.*.mlp.fc_out", "row"),
+    ("layers.*.mlp.down_proj", "row"),
+    ("layers.*.mlp", "mlp"),
+    ("head.norm", "sequence"),
+    ("head.output", "vocab_column"),
+)
+# BERT: the same blocks (post-LN changes where the norms sit, not what they see: the region
+# entry is the column-parallel call, whatever feeds it), plus its embedding norm and segments
+# and the MLM transform; a classifier replaces the vocabulary head.
+BERT_PLAN = DECODER_PLAN[:2] + (("embed.seg", "sequence"), ("embed.norm", "sequence")) + \
+    DECODER_PLAN[2:-1] + (("head.dense", "sequence"),)
 
-    def column(linear: nn.Linear, name: str, split: bool = True) -> ColumnParallelLinear:
+
+def plan_for(args: ModelArgs) -> Tuple[Tuple[str, str], ...]:
+    if not args.is_encoder:
+        return DECODER_PLAN
+    return BERT_PLAN + ((("head", "classifier"),) if args.num_labels else
+                        (("head.output", "vocab_column"),))
+
+
+class _Plan:
+    """What the styles share: the layout being recorded, the TP group, SP, the model args."""
+
+    def __init__(self, model: CausalLM, dims: ParallelDims, sp: bool, vocab_multiple: int):
+        self.model, self.dims, self.args, self.sp = model, dims, model.args, sp
+        self.group, self.meter = dims.tp_group, dims.meter
+        self.layout = ShardLayout(tp_rank=dims.tp_rank, tp_size=dims.tp)
+        self.vocab = pad_vocab(model.args.vocab_size, dims.tp, vocab_multiple)
+
+    def replace(self, name: str, new: nn.Module) -> None:
+        parent, _, child = name.rpartition(".")
+        setattr(self.model.get_submodule(parent) if parent else self.model, child, new)
+
+    def column(self, name: str, linear: nn.Linear, split: bool = True) -> None:
         for n, _ in linear.named_parameters():
             if split:
-                layout.shard_dim[f"{name}.{n}"] = 0
+                self.layout.shard_dim[f"{name}.{n}"] = 0
             else:  # replicated, but each rank uses only some output rows
-                layout.partial_grad.add(f"{name}.{n}")
-        return ColumnParallelLinear(linear.in_features, linear.out_features,
-                                    linear.bias is not None, group, meter, sp, split)
+                self.layout.partial_grad.add(f"{name}.{n}")
+        self.replace(name, ColumnParallelLinear(linear.in_features, linear.out_features,
+                                                linear.bias is not None, self.group, self.meter,
+                                                self.sp, split))
 
-    def row(linear: nn.Linear, name: str) -> RowParallelLinear:
-        layout.shard_dim[f"{name}.weight"] = 1
-        if linear.bias is not None and sp:
-            layout.partial_grad.add(f"{name}.bias")  # added to this rank's sequence chunk only
-        return RowParallelLinear(linear.in_features, linear.out_features,
-                                 linear.bias is not None, group, meter, sequence_parallel=sp)
+    def row(self, name: str, linear: nn.Linear) -> None:
+        self.layout.shard_dim[f"{name}.weight"] = 1
+        if linear.bias is not None and self.sp:
+            self.layout.partial_grad.add(f"{name}.bias")  # added to this rank's chunk only
+        self.replace(name, RowParallelLinear(linear.in_features, linear.out_features,
+                                             linear.bias is not None, self.group, self.meter,
+                                             sequence_parallel=self.sp))
 
-    def norm_on_chunk(norm: nn.Module, name: str) -> None:
-        if sp:  # the norm sees this rank's sequence chunk: its weight gradient is partial
-            layout.partial_grad.update(f"{name}.{n}" for n, _ in norm.named_parameters())
+    def sequence(self, name: str, module: nn.Module) -> None:
+        if self.sp:  # it sees this rank's sequence chunk: its gradients are partial
+            self.layout.partial_grad.update(f"{name}.{n}" for n, _ in module.named_parameters())
 
-    layout.shard_dim["embed.tok.weight"] = 0
-    if model.embed.pos is not None and sp:
-        layout.partial_grad.add("embed.pos.weight")
-    seg, norm = getattr(model.embed, "seg", None), getattr(model.embed, "norm", None)
-    if seg is not None:  # bert: segments and the embedding norm see this rank's chunk
-        norm_on_chunk(seg, "embed.seg")
-        norm_on_chunk(norm, "embed.norm")
-    model.embed = ParallelEmbedding(VocabParallelEmbedding(vocab, h, group, meter, sp),
-                                    model.embed.pos, model.embed.drop, dims.tp_rank, seg, norm)
-    for i, block in enumerate(model.layers):
-        pre = f"layers.{i}"
-        norm_on_chunk(block.attn_norm, f"{pre}.attn_norm")
-        _parallelize_attention(block.attn, f"{pre}.attn", args, dims, layout, column, row)
-        norm_on_chunk(block.mlp_norm, f"{pre}.mlp_norm")
-        mlp = block.mlp
-        for name in ("gate_proj", "up_proj", "fc_in"):
-            if hasattr(mlp, name):
-                setattr(mlp, name, column(getattr(mlp, name), f"{pre}.mlp.{name}"))
-        for name in ("down_proj", "fc_out"):
-            if hasattr(mlp, name):
-                setattr(mlp, name, row(getattr(mlp, name), f"{pre}.mlp.{name}"))
+    def column_kv(self, name: str, linear: nn.Linear) -> None:
+        self.column(name, linear, split=self.args.num_kv_heads % self.dims.tp == 0)
+
+    def heads(self, name: str, attn: Attention) -> None:
+        """Query heads split over TP; kv heads too when tp divides them, otherwise each rank
+        keeps the one (replicated) kv head its query heads share."""
+        tp, a = self.dims.tp, self.args
+        attn.num_heads = a.num_heads // tp
+        if a.num_kv_heads % tp == 0:
+            attn.num_kv_heads = a.num_kv_heads // tp
+        else:  # kv_heads < tp: gradients partial (only the local q heads use them)
+            kv = self.dims.tp_rank * a.num_kv_heads // tp
+            attn.kv_heads_slice = slice(kv, kv + 1)
+            attn.num_kv_heads = 1
+        _to_parallel(attn, ParallelAttention)
+
+    def mlp(self, name: str, mlp: MLP) -> None:
         _to_parallel(mlp, ParallelMLP)
-    if not hasattr(model.head, "output"):  # a classifier: replicated, on the [CLS] token
-        if sp:
-            model.head.group, model.head.meter = group, meter
-            _to_parallel(model.head, ParallelClassifierHead)
-        return layout
-    norm_on_chunk(model.head.norm, "head.norm")
-    if hasattr(model.head, "dense"):  # bert's MLM transform: replicated, on this rank's chunk
-        norm_on_chunk(model.head.dense, "head.dense")
-    bias = model.head.output.bias is not None  # bert's vocabulary bias, split with the rows
-    model.head.output = column(nn.Linear(h, vocab, bias=bias, device="meta"), "head.output")
-    if args.tie_embeddings:
+
+    def vocab_embedding(self, name: str, embed: nn.Module) -> None:
+        self.layout.shard_dim[f"{name}.tok.weight"] = 0
+        seg, norm = getattr(embed, "seg", None), getattr(embed, "norm", None)
+        self.replace(name, ParallelEmbedding(
+            VocabParallelEmbedding(self.vocab, self.args.hidden_size, self.group, self.meter,
+                                   self.sp), embed.pos, embed.drop, self.dims.tp_rank, seg, norm))
+
+    def vocab_column(self, name: str, linear: nn.Linear) -> None:
+        bias = linear.bias is not None  # bert's vocabulary bias, split with the rows
+        self.column(name, nn.Linear(self.args.hidden_size, self.vocab, bias=bias,
+                                    device="meta"))
+
+    def classifier(self, name: str, head: nn.Module) -> None:
+        if self.sp:
+            head.group, head.meter = self.group, self.meter
+            _to_parallel(head, ParallelClassifierHead)
+
+
+def parallelize(model: CausalLM, dims: ParallelDims, sequence_parallel: bool = False,
+                vocab_multiple: int = 64) -> ShardLayout:
+    """Apply the family's TP plan (``plan_for``): replace ``model``'s modules with this TP
+    rank's parallel twins (in place, on whatever device the model is — normally meta) and
+    return which parameters are split or partial."""
+    if dims.tp == 1:
+        return ShardLayout(tp_rank=dims.tp_rank, tp_size=1)
+    check_divisible(model.args, dims.tp)
+    plan = _Plan(model, dims, sequence_parallel, vocab_multiple)
+    for pattern, style in plan_for(model.args):
+        for name, module in list(model.named_modules()):
+            if fnmatch.fnmatchcase(name, pattern):
+                getattr(plan, style)(name, module)
+    if model.args.tie_embeddings and hasattr(model.head, "output"):
         model.head.output.weight = model.embed.tok.weight
-    return layout
-
-
-def _parallelize_attention(attn: Attention, name: str, args: ModelArgs, dims: ParallelDims,
-                           layout: ShardLayout, column, row) -> None:
-    """Query heads split over TP; kv heads split too when tp divides them, otherwise k/v_proj
-    are replicated (in the same column-parallel call) and each rank keeps the one kv head its
-    query heads share."""
-    tp = dims.tp
-    attn.q_proj = column(attn.q_proj, f"{name}.q_proj")
-    attn.num_heads = args.num_heads // tp
-    kv_split = args.num_kv_heads % tp == 0
-    attn.k_proj = column(attn.k_proj, f"{name}.k_proj", split=kv_split)
-    attn.v_proj = column(attn.v_proj, f"{name}.v_proj", split=kv_split)
-    if kv_split:
-        attn.num_kv_heads = args.num_kv_heads // tp
-    else:  # kv_heads < tp: gradients partial (only the local q heads use them)
-        kv = dims.tp_rank * args.num_kv_heads // tp
-        attn.kv_heads_slice = slice(kv, kv + 1)
-        attn.num_kv_heads = 1
-    attn.o_proj = row(attn.o_proj, f"{name}.o_proj")
-    _to_parallel(attn, ParallelAttention)
+    return plan.layout
 
 
 @contextlib.contextmanager

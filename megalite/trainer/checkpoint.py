@@ -36,6 +36,7 @@ from megalite.checkpoint.files import (STEP_NAME, CheckpointError, check_sizes, 
                                        is_complete, is_sharded, latest, load_file, read_meta,
                                        step_dirs, verify_all, verify_file)
 from megalite.checkpoint.files import fsync_dir, write_atomic
+from megalite.models.transformer import TIED_WEIGHTS
 from megalite.parallel import comm
 from megalite.parallel.dims import ParallelDims
 
@@ -205,7 +206,7 @@ def load_dp_shard(path: str, dims: ParallelDims, meta: Optional[Dict[str, Any]] 
 
 # ---- the layout-free format (2) -----------------------------------------------------------------
 KINDS = ("master", "exp_avg", "exp_avg_sq")
-TIED_SOURCE = "embed.tok.weight"  # what a last stage's tied copy is a copy of (models._full_name)
+TIED_SOURCE = TIED_WEIGHTS[0]  # what a last stage's tied copy is a copy of
 
 
 def state_entries(table, opt_state: Dict[str, Any], kinds=KINDS) -> Dict[str, Any]:

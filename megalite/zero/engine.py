@@ -43,6 +43,7 @@ from typing import Dict, List, Sequence, Set, Union
 import torch
 import torch.nn as nn
 
+from megalite.models.transformer import TIED_WEIGHTS
 from megalite.parallel import comm
 from megalite.parallel.dims import ParallelDims
 from megalite.parallel.params import ParamTable
@@ -50,7 +51,7 @@ from megalite.zero import state as shard_state
 from megalite.zero.flat import FlatGroup
 from megalite.zero.grads import FullGrads, ShardGrads
 
-TIED = ("embed.tok.weight", "head.output.weight")  # alone in their group when tied across stages
+TIED = TIED_WEIGHTS  # alone in their group when tied across stages
 
 
 class _PreBackward(torch.autograd.Function):
