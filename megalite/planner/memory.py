@@ -37,6 +37,7 @@ import torch
 
 from megalite.config.schema import Config
 from megalite.models.activation_memory import layer_activation_terms
+from megalite.models.transformer import TIED_WEIGHTS
 from megalite.pipeline import schedules
 from megalite.pipeline.stage import split_layers
 
@@ -108,7 +109,7 @@ def flat_groups(units: List[Named], bucket_mb: float, grad_bits: int, tied_solo:
     """(unit index, numel) of the ZeRO engine's flat groups: each unit's parameters, last
     first, in runs of at most one bucket; a tied embedding alone (``ZeroEngine._cut``)."""
     bucket = max(1, int(bucket_mb * 2**20 * 8 / grad_bits))
-    solo = {"embed.tok.weight", "head.output.weight"} if tied_solo else set()
+    solo = set(TIED_WEIGHTS) if tied_solo else set()
     out = []
     for u, params in enumerate(units):
         run: List[int] = []
