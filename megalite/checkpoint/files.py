@@ -3,6 +3,7 @@ checks every read goes through — sizes and CRC-32s against meta.json, ``weight
 unpickling. Any problem is a :class:`CheckpointError`: one line naming the file."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -202,3 +203,33 @@ def verify_all(path: str) -> Tuple[int, int]:
         except UnsafeCheckpoint as e:
             raise CheckpointError(str(e)) from None
     return len(files), sum(f["bytes"] for f in files.values())
+
+
+# ---- the tokenizer a checkpoint was trained with ---------------------------------------------
+
+
+def tokenizer_fingerprint(tokenizer_file: Optional[str], tokenizer) -> Dict[str, Any]:
+    """What identifies a tokenizer in meta.json: its kind (``bytes`` or a ``tokenizer.json``),
+    vocabulary size, end-of-document id and the SHA-256 of its file (None without one)."""
+    digest = None
+    if tokenizer_file and os.path.isfile(tokenizer_file):
+        with open(tokenizer_file, "rb") as f:
+            digest = hashlib.sha256(f.read()).hexdigest()
+    kind = "bytes" if type(tokenizer).__name__ == "ByteTokenizer" else "tokenizer.json"
+    return {"kind": kind, "vocab_size": int(tokenizer.vocab_size),
+            "eod_id": int(tokenizer.eod_id), "sha256": digest}
+
+
+def tokenizer_differences(saved: Optional[Dict[str, Any]], here: Dict[str, Any]) -> str:
+    """``field=saved there, here here`` for each differing field ('' when the same tokenizer,
+    or when the checkpoint records none: one saved before fingerprints)."""
+    if not isinstance(saved, dict):
+        return ""
+    out = []
+    for field in ("kind", "vocab_size", "eod_id", "sha256"):
+        a, b = saved.get(field), here.get(field)
+        if a != b:
+            if field == "sha256":
+                a, b = (str(v)[:12] if v else v for v in (a, b))
+            out.append(f"tokenizer {field}={a} there, {b} here")
+    return ", ".join(out)

@@ -10,8 +10,11 @@ Layout of ``CKPT_DIR/step_00000100/`` (format 2):
   the boxes its own layout needs, whatever layout wrote them (``megalite/checkpoint``).
 - ``meta.json``: the manifest — step, optimizer step, consumed samples, loss scaler, resolved
   config and model, layout, the run's id (``checkpoint.keep`` prunes only its own run's
-  checkpoints), ``files`` (size and CRC-32 of each file) and ``items`` (CRC-32 of each stored
-  tensor item, checked as it is read). No pickled item exists in the DCP state.
+  checkpoints), the tokenizer's fingerprint (kind, vocabulary size, end-of-document id,
+  SHA-256 of its file: resuming or ``init_from`` with another is refused), ``files`` (size
+  and CRC-32 of each file), ``items`` (CRC-32 of each stored tensor item) and ``blocks`` (per item: where its raw bytes start and a CRC-32 per block of
+  them — a rank reads and checks only the blocks its boxes need). No pickled item exists in the
+  DCP state.
 - ``tokenizer.json``: the tokenizer, so generate/eval need nothing else.
 
 Format 1 (before DCP: ``model_tp{t}_pp{p}.pt`` / ``optim_tp{t}_pp{p}_dp{d}.pt`` torch.save
@@ -34,7 +37,8 @@ import torch.distributed as dist
 
 from megalite.checkpoint.files import (STEP_NAME, CheckpointError, check_sizes,  # noqa: F401
                                        is_complete, is_sharded, latest, load_file, read_meta,
-                                       step_dirs, verify_all, verify_file)
+                                       step_dirs, tokenizer_differences,
+                                       tokenizer_fingerprint, verify_all, verify_file)
 from megalite.checkpoint.files import fsync_dir, write_atomic
 from megalite.parallel import comm
 from megalite.parallel.dims import ParallelDims
@@ -88,9 +92,10 @@ def save(ckpt_dir: str, step: int, dims: ParallelDims, entries: Dict[str, Any],
     comm.barrier(group)
     files: Dict[str, Dict[str, int]] = {}
     items: Dict[str, int] = {}
+    blocks: Dict[str, list] = {}
     failure = None
     try:
-        files, items = save_entries(tmp, entries, group, dims.rank)
+        files, items, blocks = save_entries(tmp, entries, group, dims.rank)
     except OSError as e:
         failure = _write_failure(e, tmp)
     except BaseException as e:  # DCP wraps every rank's failure in a CheckpointException
@@ -98,16 +103,17 @@ def save(ckpt_dir: str, step: int, dims: ParallelDims, entries: Dict[str, Any],
         if cause is None:
             raise
         failure = _write_failure(cause, tmp)
-    gathered = _all_gather((files, items, failure), group)
-    failure = next((f for _, _, f in gathered if f), None)
+    gathered = _all_gather((files, items, blocks, failure), group)
+    failure = next((f for *_, f in gathered if f), None)
     if failure is None and dims.rank == 0:
         try:
-            for rank_files, rank_items, _ in gathered:
+            for rank_files, rank_items, rank_blocks, _ in gathered:
                 files.update(rank_files)
                 items.update(rank_items)
+                blocks.update(rank_blocks)
             layout = dict(meta.pop("layout", {}), dp=dims.dp, tp=dims.tp, pp=dims.pp)
             _finish(ckpt_dir, tmp, final, dict(meta, format=FORMAT, step=step, layout=layout,
-                                               files=files, items=items),
+                                               files=files, items=items, blocks=blocks),
                     tokenizer_file, keep)
         except OSError as e:
             failure = _write_failure(e, tmp)
@@ -231,7 +237,7 @@ def load_sharded(path: str, meta: Dict[str, Any], entries: Dict[str, Any], group
     check_sizes(path, meta)
     verify_file(path, ".metadata", meta, everyone=True)
     try:
-        return load_entries(path, entries, meta.get("items"), group)
+        return load_entries(path, entries, meta.get("items"), group, meta.get("blocks"))
     except BaseException as e:  # DCP wraps each rank's failure in a CheckpointException
         cause = e if isinstance(e, (UnsafeCheckpoint, StateMismatch)) else _dcp_failure(e)
         if isinstance(cause, StateMismatch):

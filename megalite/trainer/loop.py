@@ -140,7 +140,8 @@ class Trainer:
         from megalite.interop.init_from import initial_values
 
         try:
-            return initial_values(c.init_from, self.args)
+            return initial_values(c.init_from, self.args, checkpoint.tokenizer_fingerprint(
+                self.tokenizer_file, self.tokenizer))
         except ValueError as e:
             raise ResumeError(str(e)) from None
 

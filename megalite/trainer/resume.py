@@ -48,6 +48,13 @@ def maybe_resume(t) -> None:
             f"checkpoint.resume: {path} is at step {meta['step']}, past train.steps="
             f"{t.cfg.train.steps}: this run directory holds another run; give this one "
             f"its own --run.dir, raise train.steps, or pass --checkpoint.resume=false")
+    differ = checkpoint.tokenizer_differences(meta.get("tokenizer"), _fingerprint(t))
+    if differ:
+        raise ResumeError(
+            f"checkpoint.resume: {path} was trained with another tokenizer: {differ}; resume "
+            f"with its tokenizer (--data.tokenizer={path}/tokenizer.json, the data prepared "
+            "with it), or give this run its own --run.dir (checkpoint.init_from needs the "
+            "same tokenizer too)")
     differ = checkpoint.model_mismatch(meta.get("model_args", {}), asdict(t.args))
     if differ:
         raise ResumeError(
@@ -69,6 +76,10 @@ def maybe_resume(t) -> None:
         t.bytes_read = read
     t.run_id = meta.get("run_id", t.run_id)  # the resumed run goes on
     t.log.print(f"resumed from {path} at step {t.step}")
+
+
+def _fingerprint(t) -> dict:
+    return checkpoint.tokenizer_fingerprint(t.tokenizer_file, t.tokenizer)
 
 
 def _check_batch(t, path: str, meta: dict) -> None:
@@ -138,7 +149,7 @@ def save_checkpoint(t) -> str:
     meta = {"config": asdict(t.cfg), "model_args": asdict(t.args),
             "run_id": t.run_id, "optimizer_step": state["step"],
             "consumed_samples": t.step * t.gbs + t.sample_shift,
-            "global_batch_size": t.gbs,
+            "global_batch_size": t.gbs, "tokenizer": _fingerprint(t),
             "scaler": t.scaler.state_dict() if t.scaler is not None else None,
             "layout": {"zero_stage": p.zero_stage, "offload": p.offload_optimizer,
                        "chunks": len(t.model.chunks)}}
