@@ -180,8 +180,17 @@ class SafeReader(FileSystemReader):
                                    f"of {self._where(info)} does not fit the item")
         runs = [box_runs(shape, r.storage_offsets, r.lengths) for r in reqs]
         needed = touched_blocks([run for rs in runs for run in rs], element, block)
-        base = needed[0] * block  # the buffer holds raw bytes [base, end)
-        buf = torch.empty(min((needed[-1] + 1) * block, nbytes) - base, dtype=torch.uint8)
+        base, end = needed[0] * block, min((needed[-1] + 1) * block, nbytes)
+        # raw bytes [base, end) land in the box itself when they are exactly its bytes (a
+        # whole-block run into a contiguous box: no copy), else in a buffer the boxes copy from
+        direct = None
+        if len(reqs) == 1 and len(runs[0]) == 1 and runs[0][0][0] * element == base \
+                and sum(runs[0][0]) * element == end:
+            target = planner.resolve_tensor(reqs[0]).detach()
+            if target.is_contiguous() and target.dtype == dtype and target.device.type == "cpu":
+                direct = target
+        buf = (direct.reshape(-1).view(torch.uint8) if direct is not None
+               else torch.empty(end - base, dtype=torch.uint8))
         view = memoryview(buf.numpy())
         for first, count in spans(needed):
             a, b = first * block, min((first + count) * block, nbytes)
@@ -197,6 +206,9 @@ class SafeReader(FileSystemReader):
                     raise UnsafeCheckpoint(
                         f"{self._where(info)} fails the CRC-32 check of block {i} of its item at "
                         f"byte {info.offset}: the file is corrupted")
+        if direct is not None:
+            planner.commit_tensor(reqs[0], direct)
+            return
         values = buf.view(dtype)
         strides = torch.empty(tuple(shape), device="meta").stride()
         for req in reqs:
