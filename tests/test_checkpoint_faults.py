@@ -314,7 +314,9 @@ train(tiny_config({run!r}, {cache!r}, *{args!r}), distributed=False)
 def test_sigkill_during_async_write_keeps_latest_complete(tmp_path, data_cache):
     """SIGKILL while an asynchronous save is being written (its data on disk, not yet renamed):
     `latest` still names the previous, complete checkpoint, and resuming from it gives the
-    uninterrupted run's losses exactly."""
+    uninterrupted run's losses exactly. The killed save's temporary directory is removed when
+    the run starts again (checkpoint.save also removes any before it writes); checkpoints
+    stay."""
     from megalite.trainer import checkpoint
 
     args = ["--train.steps=6", "--checkpoint.interval=2", "--checkpoint.keep=0",
@@ -336,6 +338,15 @@ def test_sigkill_during_async_write_keeps_latest_complete(tmp_path, data_cache):
     assert open(os.path.join(ckpts, "latest")).read() == "step_00000002"
     assert ".tmp_step_00000004" in os.listdir(ckpts)  # the write the kill cut short
     checkpoint.verify_all(os.path.join(ckpts, "step_00000002"))  # every byte as written
+    # as if cut at a step the resumed run never saves (it rewrites a same-step one anyway)
+    os.rename(os.path.join(ckpts, ".tmp_step_00000004"),
+              os.path.join(ckpts, ".tmp_step_00000005"))
+    from megalite.parallel.dims import ParallelDims
+    from megalite.trainer.loop import Trainer
+
+    started = Trainer(tiny_config(run, data_cache, *args), ParallelDims.single())
+    started.maybe_resume()  # start-up: the stale directory goes, before any save
+    assert sorted(os.listdir(ckpts)) == ["latest", "step_00000002"]
     _, resumed = train(tiny_config(run, data_cache, *args), distributed=False)
     _, reference = train(tiny_config(str(tmp_path / "ref"), data_cache, *args),
                          distributed=False)

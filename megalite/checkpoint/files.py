@@ -7,12 +7,14 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import zlib
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
 STEP_NAME = re.compile(r"step_\d{8}")
+TMP_NAME = re.compile(r"\.tmp_step_\d{8}")  # a save being written (checkpoint.save)
 
 
 class CheckpointError(ValueError):
@@ -34,6 +36,23 @@ def step_dirs(ckpt_dir: str) -> List[str]:
         return []
     return sorted(d for d in os.listdir(ckpt_dir) if STEP_NAME.fullmatch(d)
                   and os.path.isdir(os.path.join(ckpt_dir, d)))
+
+
+def remove_stale_tmp(ckpt_dir: str, but: Optional[str] = None) -> List[str]:
+    """Remove the ``.tmp_step_*`` directories a killed save left in ``ckpt_dir`` (never a
+    ``step_*`` checkpoint; ``but``: the one being written now); their paths. Only rank 0 of the
+    run that owns ``ckpt_dir`` calls this, at start-up and before each save — one save is in
+    flight at a time, so any other is stale."""
+    if not os.path.isdir(ckpt_dir):
+        return []
+    removed = []
+    for name in sorted(os.listdir(ckpt_dir)):
+        path = os.path.join(ckpt_dir, name)
+        if TMP_NAME.fullmatch(name) and path != but and os.path.isdir(path) \
+                and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
 
 
 def is_complete(path: str) -> bool:

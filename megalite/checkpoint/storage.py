@@ -55,7 +55,10 @@ def item_key(relative_path: str, offset: int) -> str:
     return f"{relative_path}@{offset}"
 
 
-def _chunk_shapes(metadata: Metadata) -> Dict[Tuple[str, Tuple[int, ...]], Tuple[torch.Size, torch.dtype]]:
+Shapes = Dict[Tuple[str, Tuple[int, ...]], Tuple[torch.Size, torch.dtype]]
+
+
+def _chunk_shapes(metadata: Metadata) -> Shapes:
     """(fqn, offsets) -> (sizes, dtype) of every stored chunk."""
     out = {}
     for fqn, md in metadata.state_dict_metadata.items():
@@ -110,7 +113,7 @@ class SafeReader(FileSystemReader):
         super().__init__(path)
         self.directory, self.crcs, self.blocks = str(path), crcs, blocks or {}
         self.bytes_read = 0
-        self.shapes: Dict[Tuple[str, Tuple[int, ...]], Tuple[torch.Size, torch.dtype]] = {}
+        self.shapes: Shapes = {}
 
     def read_metadata(self, *args, **kwargs) -> Metadata:
         path = os.path.join(self.directory, ".metadata")

@@ -12,9 +12,9 @@ Layout of ``CKPT_DIR/step_00000100/`` (format 2):
   config and model, layout, the run's id (``checkpoint.keep`` prunes only its own run's
   checkpoints), the tokenizer's fingerprint (kind, vocabulary size, end-of-document id,
   SHA-256 of its file: resuming or ``init_from`` with another is refused), ``files`` (size
-  and CRC-32 of each file), ``items`` (CRC-32 of each stored tensor item) and ``blocks`` (per item: where its raw bytes start and a CRC-32 per block of
-  them — a rank reads and checks only the blocks its boxes need). No pickled item exists in the
-  DCP state.
+  and CRC-32 of each file), ``items`` (CRC-32 of each stored tensor item) and ``blocks``
+  (per item: where its raw bytes start and a CRC-32 per block of them — a rank reads and
+  checks only the blocks its boxes need). No pickled item exists in the DCP state.
 - ``tokenizer.json``: the tokenizer, so generate/eval need nothing else.
 
 Format 1 (before DCP: ``model_tp{t}_pp{p}.pt`` / ``optim_tp{t}_pp{p}_dp{d}.pt`` torch.save
@@ -37,7 +37,7 @@ import torch.distributed as dist
 
 from megalite.checkpoint.files import (STEP_NAME, CheckpointError, check_sizes,  # noqa: F401
                                        is_complete, is_sharded, latest, load_file, read_meta,
-                                       step_dirs, tokenizer_differences,
+                                       remove_stale_tmp, step_dirs, tokenizer_differences,
                                        tokenizer_fingerprint, verify_all, verify_file)
 from megalite.checkpoint.files import fsync_dir, write_atomic
 from megalite.parallel import comm
@@ -87,6 +87,7 @@ def save(ckpt_dir: str, step: int, dims: ParallelDims, entries: Dict[str, Any],
     tmp = os.path.join(ckpt_dir, f".tmp_step_{step:08d}")
     if dims.rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
+        remove_stale_tmp(ckpt_dir)  # a killed save's
         os.makedirs(tmp)
     group = group if group is not None else dims.world_group
     comm.barrier(group)

@@ -34,6 +34,9 @@ def maybe_resume(t) -> None:
     shard is read: step, model shape, layout. With resume off, a checkpoints directory that
     already holds checkpoints is refused: this run's would sit beside them, its ``latest``
     hide them and its pruning could remove them."""
+    if t.dims.rank == 0:
+        for path in checkpoint.remove_stale_tmp(t.ckpt_dir):
+            t.log.print(f"removed {path}: a save that did not finish (the process was killed)")
     if not t.cfg.checkpoint.resume:
         problem = resume_off_problem(t.ckpt_dir)
         if problem:
