@@ -5,9 +5,10 @@ Every run trains the same 8 steps of the same global batch (8 samples) and saves
 resumed run starts from a copy of another layout's step-4 checkpoint. Pairs:
 - dp2 x tp2 x pp2 ZeRO-3 (8 ranks) -> dp4 ZeRO-1 (4 ranks);
 - tp1 (one process) -> dp2 x tp2 and -> tp4 (vocabulary padded differently at each tp);
-- dp2 x pp2 ZeRO-3 with the optimizer offloaded -> pp1 ZeRO-0 (one process);
+- dp2 x pp2 zb-h1 ZeRO-3 with the optimizer offloaded -> pp1 ZeRO-0 (one process);
 - interleaved dp2 x pp2 (virtual_stages=2) -> pp4 1F1B, and that run's step-8 checkpoint ->
   pp1 (one process): 4 layers, 10 steps;
+exact resumes (bit for bit) at dp2 x tp2 and at dp2 x pp2 zb-h1 in their own layout;
 and the dp2 x tp2 x pp2 checkpoint evaluated from one process (eval's loader and generate's
 whole-model loader) equals that run's own validation loss. The tp1 and dp2 x pp2 sources save
 asynchronously (checkpoint.async_save: a writer thread, on its own gloo group in the 4-rank
@@ -78,24 +79,35 @@ def _written(trainer, ckpts: str):
 
 
 def _world4(tmp, cache):
-    out = {}
-    trainer, result = train(_cfg(f"{tmp}/x_dp4", cache, 4, "--parallel.zero_stage=1"), True)
-    out["x_dp4"] = (trainer.step, result.losses)
-    out["x_dp4_read"] = (trainer.bytes_read, _needed(trainer, f"{tmp}/x"))
-    for tp, dp in ((2, 2), (4, 1)):
-        trainer, result = train(_cfg(f"{tmp}/ref_tp{tp}", cache, dp, f"--parallel.tp={tp}"), True)
-        out[f"ref_tp{tp}"] = (trainer.step, result.losses)
-        out[f"ref_tp{tp}_read"] = (trainer.bytes_read, _needed(trainer, f"{tmp}/ref"))
-    trainer, result = train(_cfg(f"{tmp}/p", cache, 2, "--parallel.pp=2",
-                                 "--parallel.zero_stage=3", "--parallel.offload_optimizer=true",
-                                 "--checkpoint.async_save=true"), True)
-    out["p"] = result.losses
-    out["p_saver_group"] = trainer.saver.group is not None and trainer.saver.pending is None
-    # interleaved dp2 x pp2 (2 chunks per rank) -> pp4 1F1B, which saves the pp4 -> pp1 source
     import time
 
     import torch
 
+    out = {}
+    trainer, result = train(_cfg(f"{tmp}/x_dp4", cache, 4, "--parallel.zero_stage=1"), True)
+    out["x_dp4"] = (trainer.step, result.losses)
+    out["x_dp4_read"] = (trainer.bytes_read, _needed(trainer, f"{tmp}/x"))
+    for tp, dp in ((2, 2), (4, 1)):  # tp2 also saves at step 6, for its exact resume
+        trainer, result = train(_cfg(f"{tmp}/ref_tp{tp}", cache, dp, f"--parallel.tp={tp}",
+                                     f"--checkpoint.interval={6 if tp == 2 else SAVE}"), True)
+        out[f"ref_tp{tp}"] = (trainer.step, result.losses)
+        out[f"ref_tp{tp}_read"] = (trainer.bytes_read, _needed(trainer, f"{tmp}/ref"))
+    p_cfg = ("--parallel.pp=2", "--parallel.schedule=zb-h1", "--parallel.zero_stage=3",
+             "--parallel.offload_optimizer=true", "--checkpoint.async_save=true")
+    trainer, result = train(_cfg(f"{tmp}/p", cache, 2, *p_cfg), True)
+    out["p"] = result.losses
+    out["p_saver_group"] = trainer.saver.group is not None and trainer.saver.pending is None
+    # exact resume in the same layout: tp2 from its step 6, zb-h1 from its (async) step 4
+    torch.distributed.barrier()
+    if int(os.environ["RANK"]) == 0:
+        _resume_copy(f"{tmp}/ref_tp2", f"{tmp}/ref_tp2_again", step=6)
+        _resume_copy(f"{tmp}/p", f"{tmp}/p_again")
+    torch.distributed.barrier()
+    trainer, result = train(_cfg(f"{tmp}/ref_tp2_again", cache, 2, "--parallel.tp=2"), True)
+    out["ref_tp2_again"] = (trainer.step, result.losses)
+    trainer, result = train(_cfg(f"{tmp}/p_again", cache, 2, *p_cfg), True)
+    out["p_again"] = (trainer.step, result.losses)
+    # interleaved dp2 x pp2 (2 chunks per rank) -> pp4 1F1B, which saves the pp4 -> pp1 source
     start = time.perf_counter()
     trainer, result = train(_cfg(f"{tmp}/i", cache, 2, "--parallel.pp=2",
                                  "--parallel.schedule=interleaved",
@@ -178,6 +190,19 @@ def test_pp2_zero3_offload_resumes_at_pp1_zero0(runs):
     assert step == STEPS and max_abs_diff(losses, p_losses[SAVE:]) < TOL
 
 
+def test_tp2_and_zb_h1_resume_bit_exact(runs):
+    """Resumed in its own layout — dp2 x tp2 from its step-6 checkpoint; dp2 x pp2 zb-h1
+    (ZeRO-3, optimizer offloaded) from its asynchronous step-4 one — a run continues with
+    exactly the losses of the uninterrupted run: same reductions in the same order, state and
+    data restored bit for bit."""
+    for rank in runs["world4"]:
+        _, uninterrupted = rank["ref_tp2"]
+        step, losses = rank["ref_tp2_again"]
+        assert step == STEPS and losses == uninterrupted[6 - SAVE:]
+        step, losses = rank["p_again"]
+        assert step == STEPS and losses == rank["p"][SAVE:]
+
+
 def test_interleaved_resumes_at_pp4_1f1b_and_pp4_at_pp1(runs):
     for rank in runs["world4"]:
         chunks, i_losses = rank["i"]
@@ -190,6 +215,8 @@ def test_interleaved_resumes_at_pp4_1f1b_and_pp4_at_pp1(runs):
 
 
 def test_tp2_pp2_checkpoint_evaluated_in_one_process(runs, data_cache):
+    import torch
+
     from megalite.parallel.dims import ParallelDims
     from megalite.trainer.inference import load_for_inference
     from megalite.trainer.loop import Trainer
@@ -200,9 +227,18 @@ def test_tp2_pp2_checkpoint_evaluated_in_one_process(runs, data_cache):
     trainer = Trainer(cfg, ParallelDims.single(), read_only=True)
     trainer.load_weights(path)
     assert abs(trainer.evaluate() - x_val) < TOL
+    # weights only: no optimizer, no AdamW moments (nor masters) beside the parameters
+    assert trainer.opt is None and "optimizer" not in trainer.memory()
     model, _ = load_for_inference(path)  # generate's loader: the same weights, whole
     for name, p in model.named_parameters():
         assert p.equal(dict(trainer.model.named_parameters())[name]), name
+    # 16-bit parameters: the fp32 masters, cast
+    cfg16 = _cfg(os.path.join(runs["tmp"], "eval16"), data_cache, 1, "--train.precision=bf16")
+    trainer16 = Trainer(cfg16, ParallelDims.single(), read_only=True)
+    trainer16.load_weights(path)
+    for name, p in trainer16.model.named_parameters():
+        assert p.dtype == torch.bfloat16 and p.equal(dict(model.named_parameters())[name].to(
+            torch.bfloat16)), name
 
 
 def _needed(trainer, run: str):

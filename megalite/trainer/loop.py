@@ -101,8 +101,9 @@ class Trainer:
         if dims.tp > 1 and self.args.dropout > 0:
             self.split_rng = SplitRegionRNG(dims.device)
             cover_split_regions(self.model, self.split_rng, p.sequence_parallel)
-        self.opt = ShardedAdamW(self.engine, t.lr, (t.beta1, t.beta2), t.eps, t.weight_decay,
-                                offload=p.offload_optimizer)
+        self.opt = None if read_only else ShardedAdamW(  # eval: weights only (load_weights)
+            self.engine, t.lr, (t.beta1, t.beta2), t.eps, t.weight_decay,
+            offload=p.offload_optimizer)
         self.scaler = None  # fp16 only
         if t.precision == "fp16":
             self.scaler = LossScaler(t.loss_scale or t.initial_loss_scale, t.loss_scale_window,
@@ -167,7 +168,7 @@ class Trainer:
 
     def memory(self) -> dict:
         """Model-state bytes on this rank by kind (AdamW moments counted before they exist)."""
-        report = {**self.engine.memory(), **self.opt.memory()}
+        report = {**self.engine.memory(), **(self.opt.memory() if self.opt else {})}
         report["total"] = sum(report.values())
         return report
 

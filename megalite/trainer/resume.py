@@ -7,9 +7,12 @@ import os
 from dataclasses import asdict
 from typing import Optional
 
+import torch
+
 from megalite.checkpoint.async_save import staged
 from megalite.data import build_datasets
 from megalite.trainer import checkpoint
+from megalite.zero import state as shard_state
 
 
 class ResumeError(ValueError):
@@ -131,17 +134,29 @@ def _resume_format1(t, path: str, meta: dict) -> None:
     t.step = shard["step"]
 
 
+@torch.no_grad()
 def load_weights(t, path: str) -> None:
-    """Model weights only (for eval), from a checkpoint of any layout: the fp32 masters,
-    cast to the parameter dtype."""
+    """Model weights only (eval), from a checkpoint of any layout: the fp32 masters, read into
+    this rank's owned parameter shards (through an fp32 buffer when the parameters are 16-bit)
+    and published. No optimizer state is read or allocated: a read-only Trainer has no
+    optimizer."""
+    engine = t.engine
+    owned = [g.owned() for g in engine.groups]
+    fp32 = [o if o.dtype == torch.float32 else torch.empty(o.shape, device=o.device)
+            for o in owned]
     meta = checkpoint.read_meta(path)
     if not checkpoint.is_sharded(meta):
-        t.opt.load(checkpoint.load_shard(path, t.dims, meta)["model"], None)
-        return
-    state = t.opt.state_dict()
-    checkpoint.load_sharded(path, meta, checkpoint.state_entries(
-        t.engine.table, state, kinds=("master",)), t.dims.world_group)
-    t.opt.load_state_dict(state)
+        values = checkpoint.load_shard(path, t.dims, meta)["model"]
+        for g, buf in zip(engine.groups, fp32):
+            buf.copy_(engine.owned_slice(g, values))
+    else:
+        masters = {"master": shard_state.entries(engine, fp32)}
+        checkpoint.load_sharded(path, meta, checkpoint.state_entries(
+            engine.table, masters, kinds=("master",)), t.dims.world_group)
+    for shard, buf in zip(owned, fp32):
+        if buf is not shard:
+            shard.copy_(buf)
+    engine.publish()
 
 
 def save_checkpoint(t) -> str:
