@@ -229,6 +229,39 @@ def test_another_tokenizer_refused_on_resume_and_init_from(trained, tmp_path, da
     assert not os.path.exists(os.path.join(tmp_path, "new", "checkpoints"))
 
 
+def test_old_format_at_another_layout_says_how(trained, tmp_path, data_cache, capsys):
+    """Checkpoints of the per-layout format (before DCP) resume only at their own layout: their
+    optimizer state is that layout's flat ZeRO buckets. Saved at tp=2 and resumed at tp=1, or
+    weights only (what `megalite convert --from hf` writes), the one line names
+    checkpoint.init_from — which does start this layout from the weights."""
+    from megalite.interop.full_state import save_full_model_state
+    from megalite.trainer.inference import load_for_inference
+
+    run = _copy(trained, tmp_path)
+    step = os.path.join(run, "checkpoints", "step_00000004")
+    meta = json.load(open(os.path.join(step, "meta.json")))
+    for key in ("format", "files", "items", "blocks"):
+        meta.pop(key)
+    meta["layout"] = {"dp": 1, "tp": 2, "pp": 1}
+    json.dump(meta, open(os.path.join(step, "meta.json"), "w"))
+    code, _, err = _cli(capsys, "train", run, data_cache)
+    _one_error_line(code, err, f"{step} is in megalite's per-layout format", "tp=2 pp=1",
+                    "this run is tp=1 pp=1", "resume it once at its own layout",
+                    f"--checkpoint.init_from={step}")
+    model, _ = load_for_inference(trained)
+    weights = str(tmp_path / "weights")
+    path = save_full_model_state(os.path.join(weights, "checkpoints"), model.args,
+                                 dict(model.named_parameters()),
+                                 os.path.join(trained, "checkpoints", "step_00000004",
+                                              "tokenizer.json"))
+    code, _, err = _cli(capsys, "train", weights, data_cache)
+    _one_error_line(code, err, f"{path} holds model weights only", "no optimizer state",
+                    f"--checkpoint.init_from={path}", "--run.dir")
+    code, _, err = _cli(capsys, "train", str(tmp_path / "fresh"), data_cache,
+                        f"--checkpoint.init_from={path}", "--train.steps=2")
+    assert code == 0, err[-2000:]
+
+
 def test_keep_prunes_only_this_runs_checkpoints(trained, tmp_path, data_cache, capsys):
     """step 2 carries no run id (as written by another run, or before run ids): resumed with
     keep=1 to step 8 (saves at 6 and 8), only this run's 4 and 6 go."""

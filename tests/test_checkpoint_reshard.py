@@ -228,7 +228,7 @@ def test_tp2_pp2_checkpoint_evaluated_in_one_process(runs, data_cache):
     trainer.load_weights(path)
     assert abs(trainer.evaluate() - x_val) < TOL
     # weights only: no optimizer, no AdamW moments (nor masters) beside the parameters
-    assert trainer.opt is None and "optimizer" not in trainer.memory()
+    assert trainer._opt is None and "optimizer" not in trainer.memory()
     model, _ = load_for_inference(path)  # generate's loader: the same weights, whole
     for name, p in model.named_parameters():
         assert p.equal(dict(trainer.model.named_parameters())[name]), name

@@ -186,13 +186,37 @@ def _prune(ckpt_dir: str, keep: int, run_id: Optional[str], protect: str) -> Non
             shutil.rmtree(path, ignore_errors=True)
 
 
-def check_layout(path: str, meta: Dict[str, Any], dims: ParallelDims) -> None:
+def format1_problem(path: str, meta: Dict[str, Any], tp: int, pp: int,
+                    zero: Optional[Dict[str, Any]] = None) -> Optional[str]:
+    """Why this run (``tp``, ``pp``, its ZeRO sharding ``zero`` when known) cannot resume the
+    per-layout (format 1) checkpoint at ``path``, or None. Its weights convert to any layout
+    (``interop/full_state.py`` merges the tp x pp shards: what ``checkpoint.init_from`` reads);
+    its optimizer state is flat shards of that layout's ZeRO buckets, which do not."""
+    fresh = (f"--checkpoint.init_from={path} and a new --run.dir (its weights at any layout, a "
+             "fresh optimizer)")
+    if meta.get("weights_only"):
+        return (f"checkpoint.resume: {path} holds model weights only (as `megalite convert "
+                f"--from hf` writes them), no optimizer state to resume: start from it with "
+                f"{fresh}")
     layout = meta.get("layout", {})
-    if (layout.get("tp"), layout.get("pp")) != (dims.tp, dims.pp):
-        raise CheckpointError(f"checkpoint {path} (the per-layout format of megalite before "
-                              f"DCP) was saved with tp={layout.get('tp')}, pp={layout.get('pp')}; "
-                              f"this run has tp={dims.tp}, pp={dims.pp}: resume it once at its "
-                              "own tp and pp (the next save is layout-free), then change layout")
+    saved_tp, saved_pp = layout.get("tp", tp), layout.get("pp", pp)
+    if (saved_tp, saved_pp) != (tp, pp):
+        return (f"checkpoint.resume: {path} is in megalite's per-layout format (before DCP), "
+                f"saved at tp={saved_tp} pp={saved_pp}; this run is tp={tp} pp={pp}: resume it "
+                "once at its own layout (its next checkpoint resumes at any layout), or use "
+                + fresh)
+    if zero is not None and meta.get("zero") != zero:
+        return (f"checkpoint.resume: {path} is in megalite's per-layout format (before DCP), "
+                f"its optimizer state sharded as {meta.get('zero')}, this run's as {zero}: "
+                "resume it once with its parallel.dp (ZeRO >= 1), parallel.bucket_mb and "
+                "train.grad_dtype (its next checkpoint resumes at any layout), or use " + fresh)
+    return None
+
+
+def check_layout(path: str, meta: Dict[str, Any], dims: ParallelDims) -> None:
+    problem = format1_problem(path, dict(meta, weights_only=False), dims.tp, dims.pp)
+    if problem:
+        raise CheckpointError(problem)
 
 
 def load_shard(path: str, dims: ParallelDims, meta: Optional[Dict[str, Any]] = None

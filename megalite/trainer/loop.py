@@ -63,8 +63,9 @@ class Trainer:
     schedule's actions (pp = 1 is a one-stage schedule), the engine finishes the gradients, the
     optimizer clips and steps — whatever differs between layouts lives in those three.
 
-    ``read_only`` (eval): nothing is written into the run directory — no config.yaml, no
-    metrics.jsonl, no TensorBoard events; only ``fit`` (train) writes there."""
+    ``read_only`` (eval): no optimizer is built unless it trains; nothing is written into the
+    run directory — no config.yaml, no metrics.jsonl, no TensorBoard events; only ``fit``
+    (train) writes there."""
 
     def __init__(self, cfg: Config, dims: ParallelDims, read_only: bool = False):
         self.cfg, self.dims = cfg, dims
@@ -101,9 +102,8 @@ class Trainer:
         if dims.tp > 1 and self.args.dropout > 0:
             self.split_rng = SplitRegionRNG(dims.device)
             cover_split_regions(self.model, self.split_rng, p.sequence_parallel)
-        self.opt = None if read_only else ShardedAdamW(  # eval: weights only (load_weights)
-            self.engine, t.lr, (t.beta1, t.beta2), t.eps, t.weight_decay,
-            offload=p.offload_optimizer)
+        # eval (read_only) loads weights only: no optimizer (masters, AdamW moments) unless used
+        self._opt: Optional[ShardedAdamW] = None if read_only else self._optimizer()
         self.scaler = None  # fp16 only
         if t.precision == "fp16":
             self.scaler = LossScaler(t.loss_scale or t.initial_loss_scale, t.loss_scale_window,
@@ -131,6 +131,17 @@ class Trainer:
         self._stop_signal: Optional[int] = None
 
     # ---- start-up ---------------------------------------------------------------------------
+    def _optimizer(self) -> ShardedAdamW:
+        t = self.cfg.train
+        return ShardedAdamW(self.engine, t.lr, (t.beta1, t.beta2), t.eps, t.weight_decay,
+                            offload=self.cfg.parallel.offload_optimizer)
+
+    @property
+    def opt(self) -> ShardedAdamW:
+        if self._opt is None:  # a read-only Trainer that trains after all
+            self._opt = self._optimizer()
+        return self._opt
+
     def _init_from(self, read_only: bool):
         """checkpoint.init_from's full values for build_model (None: the seeded init), unless
         this run resumes its own checkpoint or only evaluates."""
@@ -168,7 +179,7 @@ class Trainer:
 
     def memory(self) -> dict:
         """Model-state bytes on this rank by kind (AdamW moments counted before they exist)."""
-        report = {**self.engine.memory(), **(self.opt.memory() if self.opt else {})}
+        report = {**self.engine.memory(), **(self._opt.memory() if self._opt else {})}
         report["total"] = sum(report.values())
         return report
 

@@ -110,21 +110,11 @@ def _check_batch(t, path: str, meta: dict) -> None:
 
 
 def _resume_format1(t, path: str, meta: dict) -> None:
-    """A checkpoint of the per-layout format: only at its own tp, pp and ZeRO sharding."""
-    saved_layout = meta.get("layout", {})
-    here = {"tp": t.dims.tp, "pp": t.dims.pp}
-    if any(saved_layout.get(axis, size) != size for axis, size in here.items()):
-        raise ResumeError(
-            f"checkpoint.resume: {path} was saved at tp={saved_layout.get('tp')} "
-            f"pp={saved_layout.get('pp')} in the per-layout format, this run is "
-            f"tp={t.dims.tp} pp={t.dims.pp}: resume it once at its own layout (the "
-            "next save is layout-free), or give this run its own --run.dir")
-    saved = meta.get("zero")
-    if saved != t.engine.layout():
-        raise ResumeError(
-            f"checkpoint {path} holds optimizer state sharded as {saved}; this run shards it "
-            f"as {t.engine.layout()}: resume with the same parallel.dp (with ZeRO >= 1), "
-            f"parallel.bucket_mb and train.grad_dtype")
+    """A checkpoint of the per-layout format: only at its own tp, pp and ZeRO sharding (its
+    optimizer shards are that layout's flat buckets)."""
+    problem = checkpoint.format1_problem(path, meta, t.dims.tp, t.dims.pp, t.engine.layout())
+    if problem:
+        raise ResumeError(problem)
     shard = checkpoint.load_shard(path, t.dims, meta)
     sharded = t.engine.shards_over_dp
     state = checkpoint.load_dp_shard(path, t.dims, meta) if sharded else shard
