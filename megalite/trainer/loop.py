@@ -102,8 +102,9 @@ class Trainer:
         if dims.tp > 1 and self.args.dropout > 0:
             self.split_rng = SplitRegionRNG(dims.device)
             cover_split_regions(self.model, self.split_rng, p.sequence_parallel)
-        # eval (read_only) loads weights only: no optimizer (masters, AdamW moments) unless used
-        self._opt: Optional[ShardedAdamW] = None if read_only else self._optimizer()
+        self._opt: Optional[ShardedAdamW] = None  # eval (read_only) loads weights only
+        if not read_only:
+            self.opt  # noqa: B018 - the property builds it
         self.scaler = None  # fp16 only
         if t.precision == "fp16":
             self.scaler = LossScaler(t.loss_scale or t.initial_loss_scale, t.loss_scale_window,
@@ -131,15 +132,13 @@ class Trainer:
         self._stop_signal: Optional[int] = None
 
     # ---- start-up ---------------------------------------------------------------------------
-    def _optimizer(self) -> ShardedAdamW:
-        t = self.cfg.train
-        return ShardedAdamW(self.engine, t.lr, (t.beta1, t.beta2), t.eps, t.weight_decay,
-                            offload=self.cfg.parallel.offload_optimizer)
-
     @property
     def opt(self) -> ShardedAdamW:
-        if self._opt is None:  # a read-only Trainer that trains after all
-            self._opt = self._optimizer()
+        """Built at start-up, or by a read-only Trainer (eval) only if it trains after all."""
+        if self._opt is None:
+            t = self.cfg.train
+            self._opt = ShardedAdamW(self.engine, t.lr, (t.beta1, t.beta2), t.eps,
+                                     t.weight_decay, offload=self.cfg.parallel.offload_optimizer)
         return self._opt
 
     def _init_from(self, read_only: bool):
