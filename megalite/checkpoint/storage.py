@@ -171,18 +171,25 @@ class SafeReader(FileSystemReader):
         return os.path.join(self.directory, info.relative_path)
 
     def _read_blocks(self, f, info, described: list, reqs: list, planner) -> None:
-        start, block, crc_text = described
         index = reqs[0].storage_index
         shape, dtype = self.shapes[(index.fqn, tuple(index.offset))]
         element = _element(dtype)
         nbytes = math.prod(shape) * element
-        crcs = crc_list(crc_text)
-        if (block % element or len(crcs) != -(-nbytes // block)
+        try:
+            start, block, crc_text = described
+            start, block, crcs = int(start), int(block), crc_list(crc_text)
+        except (TypeError, ValueError):
+            start, block, crcs = -1, 0, []
+        if (start < 0 or block <= 0 or block % element or len(crcs) != -(-nbytes // block)
                 or start + nbytes > info.length):
             raise UnsafeCheckpoint(f"meta.json's block record of the item at byte {info.offset} "
                                    f"of {self._where(info)} does not fit the item")
         runs = [box_runs(shape, r.storage_offsets, r.lengths) for r in reqs]
         needed = touched_blocks([run for rs in runs for run in rs], element, block)
+        if not needed:  # empty boxes
+            for req in reqs:
+                self._commit(req, torch.empty(tuple(req.lengths), dtype=dtype), planner)
+            return
         base, end = needed[0] * block, min((needed[-1] + 1) * block, nbytes)
         # raw bytes [base, end) land in the box itself when they are exactly its bytes (a
         # whole-block run into a contiguous box: no copy), else in a buffer the boxes copy from
