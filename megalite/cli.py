@@ -218,15 +218,9 @@ def _resume_problem(cfg) -> Optional[str]:
         return (f"checkpoint.resume: {path} is at step {step}, past train.steps="
                 f"{cfg.train.steps}: this run directory holds another run; give this one its "
                 f"own --run.dir, raise train.steps, or pass --checkpoint.resume=false")
-    p = cfg.parallel
     if checkpoint.is_sharded(meta):
         return None  # layout-free: any dp, tp, pp, ZeRO stage
-    if layout.get("tp", p.tp) != p.tp or layout.get("pp", p.pp) != p.pp:
-        return (f"checkpoint.resume: {path} was saved at tp={layout.get('tp')} "
-                f"pp={layout.get('pp')} in the per-layout format, this run is tp={p.tp} "
-                f"pp={p.pp}: resume it once at its own layout (the next save is layout-free), "
-                "or give this run its own --run.dir")
-    return None
+    return checkpoint.format1_problem(path, meta, cfg.parallel.tp, cfg.parallel.pp)
 
 
 def _eval(trainer, ckpt: Optional[str]) -> int:

@@ -64,8 +64,9 @@ class Trainer:
     schedule's actions (pp = 1 is a one-stage schedule), the engine finishes the gradients, the
     optimizer clips and steps — whatever differs between layouts lives in those three.
 
-    ``read_only`` (eval): nothing is written into the run directory — no config.yaml, no
-    metrics.jsonl, no TensorBoard events; only ``fit`` (train) writes there."""
+    ``read_only`` (eval): no optimizer is built unless it trains; nothing is written into the
+    run directory — no config.yaml, no metrics.jsonl, no TensorBoard events; only ``fit``
+    (train) writes there."""
 
     def __init__(self, cfg: Config, dims: ParallelDims, read_only: bool = False):
         self.cfg, self.dims = cfg, dims
@@ -108,8 +109,9 @@ class Trainer:
         self.activations = ActivationReport(self.model, self.args, self.recompute, self.mbs,
                                             cfg.data.seq_len, dims.tp, p.sequence_parallel,
                                             dtype, dims.device)
-        self.opt = ShardedAdamW(self.engine, t.lr, (t.beta1, t.beta2), t.eps, t.weight_decay,
-                                offload=p.offload_optimizer)
+        self._opt: Optional[ShardedAdamW] = None  # eval (read_only) loads weights only
+        if not read_only:
+            self.opt  # noqa: B018 - the property builds it
         self.scaler = None  # fp16 only
         if t.precision == "fp16":
             self.scaler = LossScaler(t.loss_scale or t.initial_loss_scale, t.loss_scale_window,
@@ -137,6 +139,15 @@ class Trainer:
         self._stop_signal: Optional[int] = None
 
     # ---- start-up ---------------------------------------------------------------------------
+    @property
+    def opt(self) -> ShardedAdamW:
+        """Built at start-up, or by a read-only Trainer (eval) only if it trains after all."""
+        if self._opt is None:
+            t = self.cfg.train
+            self._opt = ShardedAdamW(self.engine, t.lr, (t.beta1, t.beta2), t.eps,
+                                     t.weight_decay, offload=self.cfg.parallel.offload_optimizer)
+        return self._opt
+
     def _init_from(self, read_only: bool):
         """checkpoint.init_from's full values for build_model (None: the seeded init), unless
         this run resumes its own checkpoint or only evaluates."""
@@ -147,7 +158,8 @@ class Trainer:
         from megalite.interop.init_from import initial_values
 
         try:
-            return initial_values(c.init_from, self.args, self.cfg.train.seed)
+            return initial_values(c.init_from, self.args, checkpoint.tokenizer_fingerprint(
+                self.tokenizer_file, self.tokenizer), self.cfg.train.seed)
         except ValueError as e:
             raise ResumeError(str(e)) from None
 
@@ -173,7 +185,7 @@ class Trainer:
 
     def memory(self) -> dict:
         """Model-state bytes on this rank by kind (AdamW moments counted before they exist)."""
-        report = {**self.engine.memory(), **self.opt.memory()}
+        report = {**self.engine.memory(), **(self._opt.memory() if self._opt else {})}
         report["total"] = sum(report.values())
         return report
 
