@@ -1,4 +1,4 @@
-"""``megalite`` command line: train, prepare-data, generate, eval, convert, bench, launch."""
+"""``megalite`` command line: train, prepare-data, generate, eval, convert, bench, launch, serve."""
 from __future__ import annotations
 
 import argparse
@@ -19,6 +19,7 @@ commands:
   checkpoint    megalite checkpoint verify DIR: check every byte of a checkpoint
   bench         microbenchmarks: megalite bench kernels [--device cpu|cuda] (fused kernels)
   launch        start a job on several processes/nodes (local, pdsh, ssh, slurm, openmpi)
+  serve         an OpenAI-compatible REST endpoint: serve --checkpoint RUN_DIR [--port 8000]
 
 `megalite <command> --help` describes each command."""
 
@@ -274,17 +275,23 @@ def generate_main(argv: List[str]) -> int:
     p.add_argument("--top_p", type=float, default=0.95, help="nucleus sampling mass; 1 = off")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     a = p.parse_args(argv)
-    from megalite.trainer.checkpoint import CheckpointError
-    from megalite.trainer.inference import load_for_inference, sample_text
+    from megalite.serve.loading import LoadError, load_decoder
+    from megalite.trainer.inference import sample_text
 
-    try:
-        model, tokenizer = load_for_inference(a.checkpoint)
-    except (FileNotFoundError, CheckpointError) as e:
+    try:  # refuses encoders with one line, as serve does
+        loaded = load_decoder(a.checkpoint)
+    except LoadError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(sample_text(model, tokenizer, a.prompt, a.max_new_tokens, a.temperature, a.top_k,
-                      a.top_p, a.seed))
+    print(sample_text(loaded.model, loaded.tokenizer, a.prompt, a.max_new_tokens,
+                      a.temperature, a.top_k, a.top_p, a.seed))
     return 0
+
+
+def serve_main(argv: List[str]) -> int:
+    from megalite.serve.server import main
+
+    return main(argv)
 
 
 def prepare_data_main(argv: List[str]) -> int:
@@ -333,7 +340,8 @@ def checkpoint_main(argv: List[str]) -> int:
 
 COMMANDS = {"train": train_main, "eval": eval_main, "generate": generate_main,
             "convert": convert_main, "checkpoint": checkpoint_main,
-            "prepare-data": prepare_data_main, "bench": bench_main, "launch": launch_main}
+            "prepare-data": prepare_data_main, "bench": bench_main, "launch": launch_main,
+            "serve": serve_main}
 
 
 def main(argv: Optional[List[str]] = None) -> int:
