@@ -301,6 +301,27 @@ def test_client_leaving_mid_stream_frees_its_row(served) -> None:
     assert now["forwards"] - before["forwards"] < 200  # freed well before 240 tokens
 
 
+def test_text_stream_holds_back_only_what_may_change() -> None:
+    """Pieces concatenate to the final text: an incomplete UTF-8 character waits for its bytes
+    (at most 3 more tokens: invalid bytes then go out as U+FFFD); a possible stop-string start
+    waits; a stop string ends the text just before it."""
+    from megalite.data.tokenizer import ByteTokenizer
+    from megalite.serve.text import TextStream
+
+    def pieces(data: bytes, stop=()):
+        stream = TextStream(ByteTokenizer(), stop)
+        out = [stream.push(b) for b in data]
+        return [p for p, _ in out], [s for _, s in out], stream
+    got, _, _ = pieces("aé€".encode())
+    assert got == ["a", "", "é", "", "", "€"]
+    got, _, stream = pieces(b"\xff\xff\xff\xff\xff")
+    assert got == ["", "", "", "\ufffd" * 4, ""] and stream.flush() == "\ufffd"
+    got, stopped, _ = pieces(b"xaab!", stop=["ab!", "zz"])
+    assert got == ["x", "", "a", "", ""] and stopped == [False] * 4 + [True]
+    got, stopped, stream = pieces(b"xabc", stop=["abd"])
+    assert got == ["x", "", "", "abc"] and not any(stopped) and stream.flush() == ""
+
+
 def test_command_line_refusals(trained, tmp_path, capsys, monkeypatch) -> None:
     """One `error:` line and exit 2, nothing served: a non-loopback host without a key, a
     missing checkpoint, an encoder (in `generate` too), a port in use."""

@@ -4,14 +4,16 @@ from __future__ import annotations
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 REPLACEMENT = "\ufffd"  # what a decoder prints for the bytes of a character not yet complete
+MAX_HELD = 3  # a UTF-8 character has at most 4 bytes: 3 tokens more cannot complete it
 
 
 class TextStream:
     """The text of one sequence's new tokens, handed out in pieces that never need taking back.
 
     ``push(token)`` returns (new text, stopped). Text is held back while it may still change: a
-    trailing incomplete UTF-8 character (decoded as U+FFFD), or a tail that could be the start of
-    a stop string. When a stop string appears, the text ends just before it (OpenAI's rule: the
+    trailing incomplete UTF-8 character (decoded as U+FFFD; for at most ``MAX_HELD`` tokens, after
+    which the bytes are invalid for good and go out as U+FFFD), or a tail that could be the start
+    of a stop string. When a stop string appears, the text ends just before it (OpenAI's rule: the
     stop string itself is not returned)."""
 
     def __init__(self, tokenizer: Any, stop: Sequence[str] = ()):
@@ -19,6 +21,7 @@ class TextStream:
         self.stop = [s for s in stop if s]
         self.ids: List[int] = []
         self.sent = 0  # characters of the decoded text already handed out
+        self.held = 0  # pushes in a row that ended in U+FFFD
 
     def push(self, token: int) -> Tuple[str, bool]:
         self.ids.append(token)
@@ -29,8 +32,12 @@ class TextStream:
             piece, self.sent = text[self.sent:end], max(self.sent, end)
             return piece, True
         end = len(text)
-        while end > self.sent and text[end - 1] == REPLACEMENT:
-            end -= 1
+        if text.endswith(REPLACEMENT) and self.held < MAX_HELD:
+            self.held += 1
+            while end > self.sent and text[end - 1] == REPLACEMENT:
+                end -= 1
+        else:
+            self.held = 0
         end -= self._stop_prefix(text[:end])
         piece = text[self.sent:max(end, self.sent)]
         self.sent = max(end, self.sent)
