@@ -301,6 +301,20 @@ def test_client_leaving_mid_stream_frees_its_row(served) -> None:
     assert now["forwards"] - before["forwards"] < 200  # freed well before 240 tokens
 
 
+@torch.no_grad()
+def test_hf_directory_loads_the_same_model_and_template(trained, tmp_path) -> None:
+    """``--checkpoint hf:DIR`` of the run's HF export: the same logits, the chat template kept."""
+    pytest.importorskip("transformers", reason="HF export needs transformers (interop extra)")
+    from megalite.interop.hf_files import export_hf
+
+    export_hf(trained, str(tmp_path / "hf"))
+    ours, theirs = load_decoder(trained), load_decoder(f"hf:{tmp_path / 'hf'}")
+    ids = torch.tensor([ours.tokenizer.encode("the quick fox")])
+    assert torch.allclose(ours.model(ids), theirs.model(ids), atol=1e-5)
+    assert theirs.chat_template == TEMPLATE and theirs.name == "hf"
+    assert theirs.tokenizer.encode("the é") == ours.tokenizer.encode("the é")
+
+
 def test_text_stream_holds_back_only_what_may_change() -> None:
     """Pieces concatenate to the final text: an incomplete UTF-8 character waits for its bytes
     (at most 3 more tokens: invalid bytes then go out as U+FFFD); a possible stop-string start
@@ -354,26 +368,40 @@ def test_command_line_refusals(trained, tmp_path, capsys, monkeypatch) -> None:
         busy.close()
 
 
-def test_sigterm_drains_in_flight_requests(served) -> None:
-    """Runs last: stops the shared server. 64 sequences in flight (16 decoding, 48 waiting)
-    all finish after SIGTERM; then the process exits 0."""
+def test_full_queue_429_then_sigterm_drains_in_flight_requests(served) -> None:
+    """Runs last: stops the shared server. 16 sequences decode; six more requests of 16 each
+    arrive for a queue of 64: four wait, the rest are refused with 429. After SIGTERM every
+    admitted sequence finishes, then the process exits 0."""
     c = served.client
-    results = []
-    kwargs = dict(model="tiny", prompt="the ", max_tokens=240, n=16, temperature=1.0)
-    threads = [threading.Thread(target=lambda s=s: results.append(
-        c.completions.create(seed=s, **kwargs))) for s in range(3)]
-    stream = iter(c.completions.create(seed=9, stream=True, **kwargs))
-    next(stream)
+    outcomes: list = []
+    kwargs = dict(model="tiny", prompt="the ", n=16, temperature=1.0)
+
+    def ask(seed: int) -> None:
+        try:
+            outcomes.append(c.completions.create(seed=seed, max_tokens=60, **kwargs))
+        except openai.RateLimitError as e:
+            outcomes.append(e)
+
+    stream = iter(c.completions.create(seed=9, max_tokens=240, stream=True, **kwargs))
+    next(stream)  # 16 rows decoding
+    threads = [threading.Thread(target=ask, args=(s,)) for s in range(6)]
     for t in threads:
         t.start()
-    time.sleep(0.1)
+    deadline = time.time() + 30
+    while served.health()["waiting"] // 16 + len(outcomes) < 6:  # each request queued or refused
+        assert time.time() < deadline, (served.health(), outcomes)
+        time.sleep(0.01)
     served.proc.send_signal(signal.SIGTERM)
     finished = sum(1 for x in stream if x.choices and x.choices[0].finish_reason)
     for t in threads:
         t.join()
     assert finished == 16
-    assert len(results) == 3
-    assert all(ch.finish_reason in ("stop", "length") for r in results for ch in r.choices)
+    refused = [o for o in outcomes if isinstance(o, openai.RateLimitError)]
+    done = [o for o in outcomes if not isinstance(o, Exception)]
+    assert len(refused) >= 1 and "busy" in str(refused[0]), outcomes
+    assert len(done) + len(refused) == 6 and len(done) >= 1
+    assert all(ch.finish_reason in ("stop", "length") for r in done for ch in r.choices)
+    assert all(len(r.choices) == 16 for r in done)
     assert served.proc.wait(timeout=60) == 0
     out = "".join(served.lines)
     assert "draining" in out and "draining 0 " not in out and "stopped" in out, out
