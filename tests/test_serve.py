@@ -301,6 +301,41 @@ def test_client_leaving_mid_stream_frees_its_row(served) -> None:
     assert now["forwards"] - before["forwards"] < 200  # freed well before 240 tokens
 
 
+def test_engine_rows_join_and_leave_llama_fp64() -> None:
+    """The engine in-process on a tiny random LLaMA (RoPE, grouped-query heads) in fp64: five
+    requests through 3 rows, finishing at different steps (rows move to stay contiguous),
+    the last two joining mid-decode; each equals ``generate`` token for token, a seeded
+    sampled one included."""
+    from megalite.data.tokenizer import ByteTokenizer
+    from megalite.models import ModelArgs, build_model
+    from megalite.serve.engine import Engine, Sequence
+    from megalite.serve.text import TextStream
+
+    args = ModelArgs(family="llama", num_layers=2, hidden_size=32, num_heads=4, num_kv_heads=2,
+                     ffn_hidden_size=64, vocab_size=61, max_seq_len=48, norm_eps=1e-5,
+                     rope_theta=10000.0, dropout=0.0, tie_embeddings=False, init_std=0.5)
+    model = build_model(args, seed=3, dtype=torch.float64).eval()
+    engine = Engine(model, eod_id=None, max_batch_size=3, max_queue=8)
+    gen = torch.Generator().manual_seed(0)
+    jobs = [(torch.randint(0, 61, (n,), generator=gen).tolist(), new, temp)
+            for n, new, temp in [(3, 20, 0.0), (9, 5, 0.0), (5, 13, 1.0), (12, 8, 0.0),
+                                 (4, 30, 0.0)]]
+    done = threading.Semaphore(0)
+    seqs = [Sequence(ids, new, temp, 0, 1.0, torch.Generator().manual_seed(7), TextStream(
+        ByteTokenizer()), lambda e: e.finish_reason and done.release()) for ids, new, temp in jobs]
+    engine.start()
+    try:
+        engine.submit_all([[s] for s in seqs])
+        for _ in seqs:
+            assert done.acquire(timeout=60)
+    finally:
+        engine.stop()
+    for seq, (ids, new, temp) in zip(seqs, jobs):
+        want = generate(model, ids, new, temperature=temp, seed=7)[0, len(ids):].tolist()
+        assert seq.tokens == want and seq.finish_reason == "length"
+    assert engine.batched_forwards > 0 and engine.stats()["active"] == 0
+
+
 @torch.no_grad()
 def test_hf_directory_loads_the_same_model_and_template(trained, tmp_path) -> None:
     """``--checkpoint hf:DIR`` of the run's HF export: the same logits, the chat template kept."""
