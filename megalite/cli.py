@@ -266,8 +266,9 @@ def generate_main(argv: List[str]) -> int:
     p = argparse.ArgumentParser(prog="megalite generate",
                                 description="Sample text from a trained checkpoint (KV cache).")
     p.add_argument("--checkpoint", required=True,
-                   help="a checkpoint directory, a checkpoints directory (its latest is used) or "
-                        "a run directory (RUN_DIR/checkpoints)")
+                   help="a checkpoint directory, a checkpoints directory (its latest is used), "
+                        "a run directory (RUN_DIR/checkpoints) or hf:DIR (a Hugging Face "
+                        "directory)")
     p.add_argument("--prompt", default="def ", help="text to continue")
     p.add_argument("--max_new_tokens", type=int, default=64, help="tokens to generate")
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")

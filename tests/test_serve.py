@@ -394,6 +394,9 @@ def test_command_line_refusals(trained, tmp_path, capsys, monkeypatch) -> None:
          "cannot listen"),
         (["serve", "--checkpoint", trained, "--max_batch_size", "0"], "--max_batch_size"),
     ]
+    with pytest.raises(SystemExit) as e:
+        cli.main(["serve", "--help"])
+    assert e.value.code == 0 and "--max_batch_size" in capsys.readouterr().out
     try:
         for argv, words in cases:
             assert cli.main(argv) == 2, argv
