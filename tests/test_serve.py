@@ -394,6 +394,14 @@ def test_command_line_refusals(trained, tmp_path, capsys, monkeypatch) -> None:
          "cannot listen"),
         (["serve", "--checkpoint", trained, "--max_batch_size", "0"], "--max_batch_size"),
     ]
+    from megalite.serve.server import is_loopback, parser, problem
+
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
+    assert not is_loopback("0.0.0.0") and not is_loopback("::")
+    public = parser().parse_args(["--checkpoint", trained, "--host", "0.0.0.0"])
+    assert problem(public, key="k") is None and "--insecure_no_auth" in problem(public, None)
+    public.insecure_no_auth = True
+    assert problem(public, None) is None
     with pytest.raises(SystemExit) as e:
         cli.main(["serve", "--help"])
     assert e.value.code == 0 and "--max_batch_size" in capsys.readouterr().out

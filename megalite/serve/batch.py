@@ -35,6 +35,13 @@ class SlotCache:
         self.v = [torch.zeros(shape, dtype=p.dtype, device=p.device) for _ in range(a.num_layers)]
         self.lengths: List[int] = [0] * rows
 
+    @staticmethod
+    def bytes_needed(model: CausalLM, rows: int) -> int:
+        """Keys and values of every layer, ``rows`` x the whole context."""
+        a, p = model.args, next(model.parameters())
+        return 2 * a.num_layers * rows * a.num_kv_heads * a.max_seq_len * a.head_dim * (
+            p.element_size())
+
     def fill(self, row: int, caches: Sequence[KVCache]) -> None:
         """Row ``row`` takes a prefilled request's caches (batch 1)."""
         n = caches[0].length

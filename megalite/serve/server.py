@@ -140,15 +140,24 @@ def serve(loaded, sock: socket.socket, a: argparse.Namespace, key: Optional[str]
     from megalite.serve.engine import Engine
     from megalite.serve.schemas import Limits
 
-    engine = Engine(loaded.model, loaded.tokenizer.eod_id, a.max_batch_size, a.max_queue)
+    from megalite.serve.batch import SlotCache
+
+    cache_gib = SlotCache.bytes_needed(loaded.model, a.max_batch_size) / 2**30
+    try:
+        engine = Engine(loaded.model, loaded.tokenizer.eod_id, a.max_batch_size, a.max_queue)
+    except RuntimeError as e:  # out of memory (torch.cuda.OutOfMemoryError is one)
+        print(f"error: --max_batch_size {a.max_batch_size}: the KV cache needs {cache_gib:.2f} "
+              f"GiB on {a.device} and could not be allocated ({str(e).splitlines()[0][:120]}); "
+              "lower --max_batch_size", file=sys.stderr)
+        return 2
     limits = Limits(loaded.model.args.max_seq_len, a.max_batch_size, a.max_queue,
                     a.max_body_bytes)
     app = create_app(loaded, engine, limits, key)
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     print(f"megalite serve: model {loaded.name!r} at http://{shown}:{port}/v1 "
-          f"(max_batch_size {a.max_batch_size}, {'API key required' if key else 'no API key'})",
-          flush=True)
+          f"(max_batch_size {a.max_batch_size}, KV cache {cache_gib:.2f} GiB, "
+          f"{'API key required' if key else 'no API key'})", flush=True)
     class Server(uvicorn.Server):
         async def shutdown(self, sockets=None) -> None:
             stats = engine.stats()
