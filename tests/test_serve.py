@@ -42,11 +42,23 @@ PROMPTS = ["the ", "the quick fox ", "the old robots", "a", "the tall child help
            "the tall robot finds the", "3 + 4", "the cat", "the old farmer", "hello"]
 
 
+def snapshot(root: str) -> Dict[str, Tuple[bytes, int]]:
+    """Every file under ``root``: its bytes and modification time."""
+    out = {}
+    for d, _, files in os.walk(root):
+        for name in files:
+            path = os.path.join(d, name)
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, root)] = (f.read(), os.stat(path).st_mtime_ns)
+    return out
+
+
 class Served:
     def __init__(self, proc: subprocess.Popen, port: int, run_dir: str, loaded: Loaded,
-                 lines: List[str]):
+                 lines: List[str], files_before: Dict[str, Tuple[bytes, int]]):
         self.proc, self.port, self.run_dir, self.loaded, self.lines = (proc, port, run_dir,
                                                                        loaded, lines)
+        self.files_before = files_before  # the run directory before the server started
         self.client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=KEY,
                                     max_retries=0, timeout=60)
 
@@ -87,6 +99,7 @@ def trained(tmp_path_factory, data_cache) -> str:
 @pytest.fixture(scope="module")
 def served(trained):
     env = dict(os.environ, MEGALITE_API_KEY=KEY, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
+    before = snapshot(trained)
     proc = subprocess.Popen(
         [sys.executable, "-m", "megalite.cli", "serve", "--checkpoint", trained, "--port", "0",
          "--max_batch_size", "16", "--max_queue", "64", "--max_body_bytes", "65536"],
@@ -99,7 +112,7 @@ def served(trained):
         time.sleep(0.05)
     port = int(next(x for x in lines if "/v1" in x).split("/v1")[0].rsplit(":", 1)[1])
     loaded = load_decoder(trained)
-    yield Served(proc, port, trained, loaded, lines)
+    yield Served(proc, port, trained, loaded, lines, before)
     if proc.poll() is None:
         proc.kill()
         proc.wait()
@@ -451,3 +464,4 @@ def test_full_queue_429_then_sigterm_drains_in_flight_requests(served) -> None:
     assert served.proc.wait(timeout=60) == 0
     out = "".join(served.lines)
     assert "draining" in out and "draining 0 " not in out and "stopped" in out, out
+    assert snapshot(served.run_dir) == served.files_before  # serving never writes there
