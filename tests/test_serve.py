@@ -365,8 +365,8 @@ def test_hf_directory_loads_the_same_model_and_template(trained, tmp_path) -> No
 
 def test_text_stream_holds_back_only_what_may_change() -> None:
     """Pieces concatenate to the final text: an incomplete UTF-8 character waits for its bytes
-    (at most 3 more tokens: invalid bytes then go out as U+FFFD); a possible stop-string start
-    waits; a stop string ends the text just before it."""
+    (bytes that can never be valid go out as U+FFFD at once); a possible stop-string start
+    waits; a stop string ends the text just before it. The same with an HF tokenizer."""
     from megalite.data.tokenizer import ByteTokenizer
     from megalite.serve.text import TextStream
 
@@ -376,12 +376,26 @@ def test_text_stream_holds_back_only_what_may_change() -> None:
         return [p for p, _ in out], [s for _, s in out], stream
     got, _, _ = pieces("aé€".encode())
     assert got == ["a", "", "é", "", "", "€"]
-    got, _, stream = pieces(b"\xff\xff\xff\xff\xff")
-    assert got == ["", "", "", "\ufffd" * 4, ""] and stream.flush() == "\ufffd"
+    got, _, stream = pieces(b"\xff\xff\xff")  # never valid: out at once
+    assert got == ["\ufffd"] * 3 and stream.flush() == ""
+    got, _, _ = pieces(b"\xf0\x90\xe9\x84\xb9!")  # a broken 4-byte start, then a whole "鄹"
+    assert got == ["", "", "\ufffd", "", "鄹", "!"]  # f0 90 decode to one U+FFFD
     got, stopped, _ = pieces(b"xaab!", stop=["ab!", "zz"])
     assert got == ["x", "", "a", "", ""] and stopped == [False] * 4 + [True]
     got, stopped, stream = pieces(b"xabc", stop=["abd"])
     assert got == ["x", "", "", "abc"] and not any(stopped) and stream.flush() == ""
+    from megalite.data.tokenizer import HFTokenizer
+    from megalite.interop.hf_tokenizer import bytes_tokenizer
+
+    hf = HFTokenizer(bytes_tokenizer())  # the bytes tokenizer as an HF byte-level BPE
+    gen = torch.Generator().manual_seed(0)  # any bytes: the pieces add up to the decoded text
+    for _ in range(200):
+        size = int(torch.randint(1, 30, (), generator=gen))
+        ids = torch.randint(0, 257, (size,), generator=gen).tolist()  # 256: end of text
+        for tok in (ByteTokenizer(), hf):
+            stream = TextStream(tok)
+            got = [stream.push(i)[0] for i in ids]
+            assert "".join(got) + stream.flush() == tok.decode(ids), (tok, ids)
 
 
 def test_command_line_refusals(trained, tmp_path, capsys, monkeypatch) -> None:

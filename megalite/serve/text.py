@@ -1,47 +1,69 @@
 """Tokens to streamed text: stop strings, incomplete characters, chat templates."""
 from __future__ import annotations
 
+import codecs
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from megalite.data.tokenizer import ByteTokenizer
+
 REPLACEMENT = "\ufffd"  # what a decoder prints for the bytes of a character not yet complete
-MAX_HELD = 3  # a UTF-8 character has at most 4 bytes: 3 tokens more cannot complete it
 
 
 class TextStream:
     """The text of one sequence's new tokens, handed out in pieces that never need taking back.
 
     ``push(token)`` returns (new text, stopped). Text is held back while it may still change: a
-    trailing incomplete UTF-8 character (decoded as U+FFFD; for at most ``MAX_HELD`` tokens, after
-    which the bytes are invalid for good and go out as U+FFFD), or a tail that could be the start
-    of a stop string. When a stop string appears, the text ends just before it (OpenAI's rule: the
+    trailing incomplete UTF-8 character, or a tail that could be the start of a stop string.
+    With the bytes tokenizer, invalid bytes go out as U+FFFD at once; with other tokenizers text
+    ending in U+FFFD waits for the next token (a model emitting only broken characters then
+    streams nothing until it ends). When a stop string appears, the text ends just before it (OpenAI's rule: the
     stop string itself is not returned)."""
 
     def __init__(self, tokenizer: Any, stop: Sequence[str] = ()):
         self.tokenizer = tokenizer
         self.stop = [s for s in stop if s]
         self.ids: List[int] = []
-        self.sent = 0  # characters of the decoded text already handed out
-        self.held = 0  # pushes in a row that ended in U+FFFD
+        self.text = ""  # the decoded text of ids[:read]
+        # ids[prefix:read] are decoded again with each new token, as context: a decoder may
+        # treat a call's first token differently (SentencePiece drops its leading space), so
+        # new text is the difference of two decodes that start at the same token (as vLLM does)
+        self.prefix = self.read = 0
+        self.sent = 0  # characters of text already handed out
+        self.utf8 = (codecs.getincrementaldecoder("utf-8")(errors="replace")
+                     if isinstance(tokenizer, ByteTokenizer) else None)
 
     def push(self, token: int) -> Tuple[str, bool]:
         self.ids.append(token)
-        text = self.tokenizer.decode(self.ids)
+        self._decode_new(final=False)
+        text = self.text
         hits = [i for i in (text.find(s, max(0, self.sent - len(s))) for s in self.stop) if i >= 0]
         if hits:
             end = min(hits)
             piece, self.sent = text[self.sent:end], max(self.sent, end)
             return piece, True
-        end = len(text)
-        if text.endswith(REPLACEMENT) and self.held < MAX_HELD:
-            self.held += 1
-            while end > self.sent and text[end - 1] == REPLACEMENT:
-                end -= 1
-        else:
-            self.held = 0
-        end -= self._stop_prefix(text[:end])
+        end = len(text) - self._stop_prefix(text)
         piece = text[self.sent:max(end, self.sent)]
         self.sent = max(end, self.sent)
         return piece, False
+
+    def _decode_new(self, final: bool) -> None:
+        """Append the text of the new tokens that can no longer change."""
+        n = len(self.ids)
+        if self.utf8 is not None:  # bytes: Python's incremental decoder keeps exactly the
+            # bytes of an incomplete character and replaces invalid ones as decode() does
+            new = bytes(i for i in self.ids[self.read:] if 0 <= i < 256)
+            self.text += self.utf8.decode(new, final=final)
+            self.read = n
+            return
+        # Other tokenizers give text only: one ending in U+FFFD may be a character whose bytes
+        # are still coming, so it waits (vLLM's rule) until it ends otherwise or ``final``
+        after = self._decode(n)
+        if final or not after.endswith(REPLACEMENT):
+            self.text += after[len(self._decode(self.read)):]
+            self.prefix, self.read = self.read, n
+
+    def _decode(self, end: int) -> str:
+        return self.tokenizer.decode(self.ids[self.prefix:end])
 
     def _stop_prefix(self, text: str) -> int:
         """Length of the longest tail of ``text`` that begins some stop string."""
@@ -55,8 +77,8 @@ class TextStream:
 
     def flush(self) -> str:
         """Whatever was held back, once the sequence has ended for another reason."""
-        text = self.tokenizer.decode(self.ids)
-        piece, self.sent = text[self.sent:], len(text)
+        self._decode_new(final=True)
+        piece, self.sent = self.text[self.sent:], len(self.text)
         return piece
 
 
