@@ -142,12 +142,14 @@ def serve(loaded, sock: socket.socket, a: argparse.Namespace, key: Optional[str]
 
     from megalite.serve.batch import SlotCache
 
-    cache_gib = SlotCache.bytes_needed(loaded.model, a.max_batch_size) / 2**30
+    cache_bytes = SlotCache.bytes_needed(loaded.model, a.max_batch_size)
+    cache = (f"{cache_bytes / 2**30:.2f} GiB" if cache_bytes >= 2**30
+             else f"{cache_bytes / 2**20:.1f} MiB")
     try:
         engine = Engine(loaded.model, loaded.tokenizer.eod_id, a.max_batch_size, a.max_queue)
     except RuntimeError as e:  # out of memory (torch.cuda.OutOfMemoryError is one)
-        print(f"error: --max_batch_size {a.max_batch_size}: the KV cache needs {cache_gib:.2f} "
-              f"GiB on {a.device} and could not be allocated ({str(e).splitlines()[0][:120]}); "
+        print(f"error: --max_batch_size {a.max_batch_size}: the KV cache needs {cache} on "
+              f"{a.device} and could not be allocated ({str(e).splitlines()[0][:120]}); "
               "lower --max_batch_size", file=sys.stderr)
         return 2
     limits = Limits(loaded.model.args.max_seq_len, a.max_batch_size, a.max_queue,
@@ -156,7 +158,7 @@ def serve(loaded, sock: socket.socket, a: argparse.Namespace, key: Optional[str]
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     print(f"megalite serve: model {loaded.name!r} at http://{shown}:{port}/v1 "
-          f"(max_batch_size {a.max_batch_size}, KV cache {cache_gib:.2f} GiB, "
+          f"(max_batch_size {a.max_batch_size}, KV cache {cache}, "
           f"{'API key required' if key else 'no API key'})", flush=True)
     class Server(uvicorn.Server):
         async def shutdown(self, sockets=None) -> None:
