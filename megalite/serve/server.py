@@ -116,8 +116,8 @@ def main(argv: List[str]) -> int:
 
     try:
         loaded = load_decoder(a.checkpoint, a.device, a.dtype)
-    except LoadError as e:
-        print(f"error: --checkpoint {a.checkpoint}: {e}", file=sys.stderr)
+    except LoadError as e:  # its message names the checkpoint or file
+        print(f"error: {e}", file=sys.stderr)
         return 2
     bad = chat_template_problem(loaded.chat_template)
     if bad:
