@@ -84,10 +84,16 @@ def problem(a: argparse.Namespace, key: Optional[str]) -> Optional[str]:
         if not a.device.startswith("cuda") or not torch.cuda.is_available():
             return (f"--device {a.device}: expected cpu or cuda[:N] on a machine with CUDA "
                     f"(CUDA available: {torch.cuda.is_available()})")
-    missing = [m for m in ("fastapi", "uvicorn", "jinja2") if importlib.util.find_spec(m) is None]
+    missing = [m for m in ("fastapi", "uvicorn", "jinja2", "pydantic")
+               if importlib.util.find_spec(m) is None]
+    if not missing:
+        import pydantic
+
+        if int(pydantic.VERSION.split(".")[0]) < 2:
+            missing = [f"pydantic>=2 (found {pydantic.VERSION})"]
     if missing:
         return (f"megalite serve needs {', '.join(missing)}: pip install -e '.[serve]' "
-                "(or pip install fastapi uvicorn jinja2)")
+                "(or pip install fastapi uvicorn jinja2 'pydantic>=2')")
     return None
 
 

@@ -16,8 +16,8 @@ class TextStream:
     trailing incomplete UTF-8 character, or a tail that could be the start of a stop string.
     With the bytes tokenizer, invalid bytes go out as U+FFFD at once; with other tokenizers text
     ending in U+FFFD waits for the next token (a model emitting only broken characters then
-    streams nothing until it ends). When a stop string appears, the text ends just before it (OpenAI's rule: the
-    stop string itself is not returned)."""
+    streams nothing until it ends). When a stop string appears, the text ends just before it
+    (OpenAI's rule: the stop string itself is not returned)."""
 
     def __init__(self, tokenizer: Any, stop: Sequence[str] = ()):
         self.tokenizer = tokenizer
