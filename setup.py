@@ -162,7 +162,10 @@ setup(
         "mpi": ["mpi4py"],  # rank discovery under mpiexec without OMPI_* (parallel/env.py)
         "deepspeed": ["deepspeed"],  # the `deepspeed` launcher CLI
         "zstd": ["zstandard"],  # prepare-data reads .zst inputs
-        "dev": ["pytest>=7", "transformers>=4.40", "safetensors", "tokenizers>=0.15", "tensorboard"],
+        # megalite serve (the REST endpoint)
+        "serve": ["fastapi>=0.100", "uvicorn>=0.23", "jinja2>=3.1", "pydantic>=2"],
+        "dev": ["pytest>=7", "transformers>=4.40", "safetensors", "tokenizers>=0.15", "tensorboard",
+                "fastapi>=0.100", "uvicorn>=0.23", "jinja2>=3.1", "pydantic>=2", "openai>=1.0"],
         # every optional package the test suite uses (dev + mpi + deepspeed + zstd + megatron-core,
         # whose IndexedDatasetBuilder writes the Megatron datasets read in tests): .ci/run installs
         # it and fails if it cannot; under MEGALITE_CI=1 a test skipped for a missing package
@@ -170,7 +173,8 @@ setup(
         # the side-by-side benchmarks' peers (bench/tp.py, bench/zero.py)
         "bench": ["megatron-core", "deepspeed"],
         "ci": ["pytest>=7", "transformers>=4.40", "safetensors", "tokenizers>=0.15", "tensorboard",
-               "mpi4py", "deepspeed", "zstandard", "megatron-core"],
+               "mpi4py", "deepspeed", "zstandard", "megatron-core",
+               "fastapi>=0.100", "uvicorn>=0.23", "jinja2>=3.1", "pydantic>=2", "openai>=1.0"],
     },
     entry_points={"console_scripts": ["megalite=megalite.cli:main"]},
 )

@@ -1,5 +1,5 @@
 """``megalite`` command line: train, finetune, prepare-data, generate, eval, convert, bench,
-launch."""
+launch, serve."""
 from __future__ import annotations
 
 import argparse
@@ -23,6 +23,7 @@ commands:
   bench         microbenchmarks: megalite bench kernels [--device cpu|cuda] (fused kernels)
   launch        start a job on several processes/nodes (local, pdsh, ssh, slurm, openmpi)
   plan          which layout of N GPUs fits and runs fastest: plan --config F --gpus N
+  serve         an OpenAI-compatible REST endpoint: serve --checkpoint RUN_DIR [--port 8000]
 
 `megalite <command> --help` describes each command."""
 
@@ -219,15 +220,9 @@ def _resume_problem(cfg) -> Optional[str]:
         return (f"checkpoint.resume: {path} is at step {step}, past train.steps="
                 f"{cfg.train.steps}: this run directory holds another run; give this one its "
                 f"own --run.dir, raise train.steps, or pass --checkpoint.resume=false")
-    p = cfg.parallel
     if checkpoint.is_sharded(meta):
         return None  # layout-free: any dp, tp, pp, ZeRO stage
-    if layout.get("tp", p.tp) != p.tp or layout.get("pp", p.pp) != p.pp:
-        return (f"checkpoint.resume: {path} was saved at tp={layout.get('tp')} "
-                f"pp={layout.get('pp')} in the per-layout format, this run is tp={p.tp} "
-                f"pp={p.pp}: resume it once at its own layout (the next save is layout-free), "
-                "or give this run its own --run.dir")
-    return None
+    return checkpoint.format1_problem(path, meta, cfg.parallel.tp, cfg.parallel.pp)
 
 
 def _eval(trainer, ckpt: Optional[str]) -> int:
@@ -276,8 +271,9 @@ def generate_main(argv: List[str]) -> int:
     p = argparse.ArgumentParser(prog="megalite generate",
                                 description="Sample text from a trained checkpoint (KV cache).")
     p.add_argument("--checkpoint", required=True,
-                   help="a checkpoint directory, a checkpoints directory (its latest is used) or "
-                        "a run directory (RUN_DIR/checkpoints)")
+                   help="a checkpoint directory, a checkpoints directory (its latest is used), "
+                        "a run directory (RUN_DIR/checkpoints) or hf:DIR (a Hugging Face "
+                        "directory)")
     p.add_argument("--prompt", default="def ", help="text to continue")
     p.add_argument("--max_new_tokens", type=int, default=64, help="tokens to generate")
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
@@ -285,22 +281,23 @@ def generate_main(argv: List[str]) -> int:
     p.add_argument("--top_p", type=float, default=0.95, help="nucleus sampling mass; 1 = off")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     a = p.parse_args(argv)
-    from megalite.trainer.checkpoint import CheckpointError
-    from megalite.trainer.inference import load_for_inference, sample_text
+    from megalite.serve.loading import LoadError, load_decoder
+    from megalite.trainer.inference import sample_text
 
-    try:
-        model, tokenizer = load_for_inference(a.checkpoint)
-    except (FileNotFoundError, CheckpointError) as e:
+    try:  # refuses encoders with one line, as serve does
+        loaded = load_decoder(a.checkpoint)
+    except LoadError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if model.args.is_encoder:
-        print(f"error: --checkpoint {a.checkpoint}: a {model.args.family} encoder (masked-LM) "
-              "does not generate text; use a gpt or llama checkpoint, or `megalite finetune` "
-              "/ `megalite eval` for this one", file=sys.stderr)
-        return 2
-    print(sample_text(model, tokenizer, a.prompt, a.max_new_tokens, a.temperature, a.top_k,
-                      a.top_p, a.seed))
+    print(sample_text(loaded.model, loaded.tokenizer, a.prompt, a.max_new_tokens,
+                      a.temperature, a.top_k, a.top_p, a.seed))
     return 0
+
+
+def serve_main(argv: List[str]) -> int:
+    from megalite.serve.server import main
+
+    return main(argv)
 
 
 def prepare_data_main(argv: List[str]) -> int:
@@ -362,7 +359,8 @@ def finetune_main(argv: List[str]) -> int:
 COMMANDS = {"train": train_main, "plan": plan_main, "eval": eval_main, "generate": generate_main,
             "finetune": finetune_main,
             "convert": convert_main, "checkpoint": checkpoint_main,
-            "prepare-data": prepare_data_main, "bench": bench_main, "launch": launch_main}
+            "prepare-data": prepare_data_main, "bench": bench_main, "launch": launch_main,
+            "serve": serve_main}
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -4,6 +4,10 @@ The prompt is prefilled in one forward pass, then each new token costs one singl
 over the cached keys/values. Sampling is temperature -> top-k -> top-p (nucleus), the order
 Hugging Face uses, so the same knobs mean the same thing in both.
 
+Seeds: row i of a batch samples from its own generator seeded ``seed + i``, so a row's draws do
+not depend on the other rows, and ``megalite serve`` (one generator per request, choice k of a
+request seeded ``seed + k``) draws exactly what ``generate`` draws for the same seed.
+
 Context window (``model.args.max_seq_len`` = L): the model never attends over more than L
 tokens. A prompt longer than L is conditioned on its last L tokens (the returned sequence still
 holds the whole prompt). When the cache is full:
@@ -19,7 +23,24 @@ from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from megalite.models import CausalLM, KVCache
+from megalite.models import CausalLM, KVCache, ModelArgs
+
+DECODER_FAMILIES = ("gpt", "llama")
+"""Families that generate text left to right; an encoder (BERT) has no next-token head."""
+
+
+def decoder_problem(args: ModelArgs, where: str) -> Optional[str]:
+    """Why ``where`` cannot generate text (an encoder or unknown family), or None."""
+    if args.family in DECODER_FAMILIES:
+        return None
+    return (f"{where}: model family {args.family!r} is not a decoder ({', '.join(DECODER_FAMILIES)}"
+            "): an encoder has no next-token head to sample text from; use a gpt or llama "
+            "checkpoint")
+
+
+def row_generators(seed: int, rows: int, device: torch.device) -> List[torch.Generator]:
+    """One private generator per row, row i seeded ``seed + i`` (see the module docstring)."""
+    return [torch.Generator(device=device).manual_seed(seed + i) for i in range(rows)]
 
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
@@ -47,16 +68,22 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
 
 
 def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0,
-                top_p: float = 1.0, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+                top_p: float = 1.0,
+                generator: Union[None, torch.Generator, Sequence[torch.Generator]] = None
+                ) -> torch.Tensor:
     """One token id per row of ``logits`` [b, vocab] -> [b]. ``temperature == 0`` is greedy
     (argmax; top-k/top-p are then irrelevant). Filtering runs in fp32 so bf16 logits do not
-    collapse near-equal probabilities."""
+    collapse near-equal probabilities. ``generator``: one for all rows, or a list of one per
+    row (each row then draws from its own)."""
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     if temperature == 0:
         return logits.argmax(dim=-1)
     scaled = filter_logits(logits.float() / temperature, top_k, top_p)
     probs = scaled.softmax(dim=-1)
+    if isinstance(generator, (list, tuple)):
+        return torch.cat([torch.multinomial(probs[i:i + 1], 1, generator=g).squeeze(-1)
+                          for i, g in enumerate(generator)])
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
@@ -85,7 +112,8 @@ def generate(model: CausalLM, prompt_ids: Union[Sequence[int], torch.Tensor],
 
     Stops early when every row has emitted ``eod_id`` (rows that finished first are padded with
     ``eod_id``) or, for gpt, when the position table is exhausted (see the module docstring).
-    ``seed`` seeds a private generator, so results do not depend on or disturb the global RNG.
+    ``seed`` seeds private generators (row i: ``seed + i``), so results do not depend on or
+    disturb the global RNG.
     The model is run in eval mode (dropout off) and its previous mode is restored afterwards.
     """
     if max_new_tokens < 0:
@@ -95,14 +123,14 @@ def generate(model: CausalLM, prompt_ids: Union[Sequence[int], torch.Tensor],
     if max_new_tokens == 0:
         return seq
     window = model.args.max_seq_len
-    generator = torch.Generator(device=device).manual_seed(seed)
+    generators = row_generators(seed, seq.shape[0], device)
     done = torch.zeros(seq.shape[0], dtype=torch.bool, device=device)
     was_training = model.training
     model.eval()
     try:
         caches, logits = _prefill(model, seq[:, -window:])
         for step in range(max_new_tokens):
-            token = sample_next(logits, temperature, top_k, top_p, generator)
+            token = sample_next(logits, temperature, top_k, top_p, generators)
             if eod_id is not None:
                 token = token.masked_fill(done, eod_id)
                 done |= token == eod_id

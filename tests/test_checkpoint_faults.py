@@ -10,6 +10,7 @@ One 4-step run (checkpoints at steps 2 and 4) is trained once; each test damages
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import pickle
@@ -131,8 +132,9 @@ def test_damaged_checkpoint_is_one_line_naming_the_file(trained, tmp_path, data_
         data = data[:len(data) // 2]
     elif damage == "emptied":
         data = b""
-    elif damage == "overwritten":  # same size, other bytes: only the CRC tells
-        data = data[:100] + bytes(b ^ 0x5A for b in data[100:200]) + data[200:]
+    elif damage == "overwritten":  # same size, other bytes of an item's tensor: only a CRC tells
+        at = json.load(open(os.path.join(step, "meta.json")))["blocks"][f"{SHARD}@0"][0] + 10
+        data = data[:at] + bytes(b ^ 0x5A for b in data[at:at + 100]) + data[at + 100:]
     else:
         data = data[:len(data) // 3]
     with open(path, "wb") as f:
@@ -142,7 +144,7 @@ def test_damaged_checkpoint_is_one_line_naming_the_file(trained, tmp_path, data_
            "cut meta.json": "cannot be read"}[damage]
     _one_error_line(code, err, path, why)
     if damage == "overwritten":  # found by the rank reading the item, or before ranks start
-        assert "its item at byte" in err
+        assert "fails the CRC-32 check of block 0 of its item at byte 0" in err, err
         code, _, err = _cli(capsys, "train", run, data_cache, "--checkpoint.verify=full")
         _one_error_line(code, err, path, "fails its CRC-32 check against meta.json")
     code, _, err = _cli(capsys, "eval", run, data_cache)
@@ -194,6 +196,70 @@ def test_resume_off_and_model_mismatch_refused(trained, tmp_path, data_cache, ca
                         "--model.num_layers=3")
     _one_error_line(code, err, "num_layers=2 there, 3 here", "hidden_size=64 there, 32 here",
                     "--run.dir")
+
+
+def test_another_tokenizer_refused_on_resume_and_init_from(trained, tmp_path, data_cache,
+                                                          capsys):
+    """The run trained with the bytes tokenizer (synthetic data: 257 ids). Its manifest is made
+    to say what a run with a 257-id tokenizer.json would have recorded (the synthetic corpus
+    comes only in bytes): every parameter keeps its shape, so only the tokenizer fingerprint
+    tells. Resume and checkpoint.init_from name the differing fields and the ways out, exit 2,
+    before training."""
+    run = _copy(trained, tmp_path)
+    step = os.path.join(run, "checkpoints", "step_00000004")
+    meta_file = os.path.join(step, "meta.json")
+    meta = json.load(open(meta_file))
+    with open(os.path.join(step, "tokenizer.json"), "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()
+    assert meta["tokenizer"] == {"kind": "bytes", "vocab_size": 257, "eod_id": 256,
+                                 "sha256": digest}
+    meta["tokenizer"] = {"kind": "tokenizer.json", "vocab_size": 257, "eod_id": 0,
+                         "sha256": "ab" * 32}
+    json.dump(meta, open(meta_file, "w"))
+    code, _, err = _cli(capsys, "train", run, data_cache)
+    _one_error_line(code, err, f"{step} was trained with another tokenizer",
+                    "tokenizer kind=tokenizer.json there, bytes here",
+                    "tokenizer eod_id=0 there, 256 here",
+                    f"tokenizer sha256=abababababab there, {digest[:12]} here",
+                    f"--data.tokenizer={step}/tokenizer.json", "--run.dir")
+    code, _, err = _cli(capsys, "train", str(tmp_path / "new"), data_cache,
+                        f"--checkpoint.init_from={run}")
+    _one_error_line(code, err, f"checkpoint.init_from={run}", "another tokenizer",
+                    "tokenizer kind=tokenizer.json there, bytes here", "data.tokenizer")
+    assert not os.path.exists(os.path.join(tmp_path, "new", "checkpoints"))
+
+
+def test_old_format_at_another_layout_says_how(trained, tmp_path, data_cache, capsys):
+    """Checkpoints of the per-layout format (before DCP) resume only at their own layout: their
+    optimizer state is that layout's flat ZeRO buckets. Saved at tp=2 and resumed at tp=1, or
+    weights only (what `megalite convert --from hf` writes), the one line names
+    checkpoint.init_from — which does start this layout from the weights."""
+    from megalite.interop.full_state import save_full_model_state
+    from megalite.trainer.inference import load_for_inference
+
+    run = _copy(trained, tmp_path)
+    step = os.path.join(run, "checkpoints", "step_00000004")
+    meta = json.load(open(os.path.join(step, "meta.json")))
+    for key in ("format", "files", "items", "blocks"):
+        meta.pop(key)
+    meta["layout"] = {"dp": 1, "tp": 2, "pp": 1}
+    json.dump(meta, open(os.path.join(step, "meta.json"), "w"))
+    code, _, err = _cli(capsys, "train", run, data_cache)
+    _one_error_line(code, err, f"{step} is in megalite's per-layout format", "tp=2 pp=1",
+                    "this run is tp=1 pp=1", "resume it once at its own layout",
+                    f"--checkpoint.init_from={step}")
+    model, _ = load_for_inference(trained)
+    weights = str(tmp_path / "weights")
+    path = save_full_model_state(os.path.join(weights, "checkpoints"), model.args,
+                                 dict(model.named_parameters()),
+                                 os.path.join(trained, "checkpoints", "step_00000004",
+                                              "tokenizer.json"))
+    code, _, err = _cli(capsys, "train", weights, data_cache)
+    _one_error_line(code, err, f"{path} holds model weights only", "no optimizer state",
+                    f"--checkpoint.init_from={path}", "--run.dir")
+    code, _, err = _cli(capsys, "train", str(tmp_path / "fresh"), data_cache,
+                        f"--checkpoint.init_from={path}", "--train.steps=2")
+    assert code == 0, err[-2000:]
 
 
 def test_keep_prunes_only_this_runs_checkpoints(trained, tmp_path, data_cache, capsys):
@@ -281,7 +347,9 @@ train(tiny_config({run!r}, {cache!r}, *{args!r}), distributed=False)
 def test_sigkill_during_async_write_keeps_latest_complete(tmp_path, data_cache):
     """SIGKILL while an asynchronous save is being written (its data on disk, not yet renamed):
     `latest` still names the previous, complete checkpoint, and resuming from it gives the
-    uninterrupted run's losses exactly."""
+    uninterrupted run's losses exactly. The killed save's temporary directory is removed when
+    the run starts again (checkpoint.save also removes any before it writes); checkpoints
+    stay."""
     from megalite.trainer import checkpoint
 
     args = ["--train.steps=6", "--checkpoint.interval=2", "--checkpoint.keep=0",
@@ -303,6 +371,15 @@ def test_sigkill_during_async_write_keeps_latest_complete(tmp_path, data_cache):
     assert open(os.path.join(ckpts, "latest")).read() == "step_00000002"
     assert ".tmp_step_00000004" in os.listdir(ckpts)  # the write the kill cut short
     checkpoint.verify_all(os.path.join(ckpts, "step_00000002"))  # every byte as written
+    # as if cut at a step the resumed run never saves (it rewrites a same-step one anyway)
+    os.rename(os.path.join(ckpts, ".tmp_step_00000004"),
+              os.path.join(ckpts, ".tmp_step_00000005"))
+    from megalite.parallel.dims import ParallelDims
+    from megalite.trainer.loop import Trainer
+
+    started = Trainer(tiny_config(run, data_cache, *args), ParallelDims.single())
+    started.maybe_resume()  # start-up: the stale directory goes, before any save
+    assert sorted(os.listdir(ckpts)) == ["latest", "step_00000002"]
     _, resumed = train(tiny_config(run, data_cache, *args), distributed=False)
     _, reference = train(tiny_config(str(tmp_path / "ref"), data_cache, *args),
                          distributed=False)

@@ -5,9 +5,10 @@ Every run trains the same 8 steps of the same global batch (8 samples) and saves
 resumed run starts from a copy of another layout's step-4 checkpoint. Pairs:
 - dp2 x tp2 x pp2 ZeRO-3 (8 ranks) -> dp4 ZeRO-1 (4 ranks);
 - tp1 (one process) -> dp2 x tp2 and -> tp4 (vocabulary padded differently at each tp);
-- dp2 x pp2 ZeRO-3 with the optimizer offloaded -> pp1 ZeRO-0 (one process);
+- dp2 x pp2 zb-h1 ZeRO-3 with the optimizer offloaded -> pp1 ZeRO-0 (one process);
 - interleaved dp2 x pp2 (virtual_stages=2) -> pp4 1F1B, and that run's step-8 checkpoint ->
   pp1 (one process): 4 layers, 10 steps;
+exact resumes (bit for bit) at dp2 x tp2 and at dp2 x pp2 zb-h1 in their own layout;
 and the dp2 x tp2 x pp2 checkpoint evaluated from one process (eval's loader and generate's
 whole-model loader) equals that run's own validation loss. The tp1 and dp2 x pp2 sources save
 asynchronously (checkpoint.async_save: a writer thread, on its own gloo group in the 4-rank
@@ -78,24 +79,35 @@ def _written(trainer, ckpts: str):
 
 
 def _world4(tmp, cache):
-    out = {}
-    trainer, result = train(_cfg(f"{tmp}/x_dp4", cache, 4, "--parallel.zero_stage=1"), True)
-    needed = _overlapping_item_bytes(trainer, f"{tmp}/x/checkpoints/step_{SAVE:08d}")
-    out["x_dp4"] = (trainer.step, result.losses, trainer.bytes_read, needed)
-    trainer, result = train(_cfg(f"{tmp}/ref_tp2", cache, 2, "--parallel.tp=2"), True)
-    out["ref_tp2"] = (trainer.step, result.losses)
-    trainer, result = train(_cfg(f"{tmp}/ref_tp4", cache, 1, "--parallel.tp=4"), True)
-    out["ref_tp4"] = (trainer.step, result.losses)
-    trainer, result = train(_cfg(f"{tmp}/p", cache, 2, "--parallel.pp=2",
-                                 "--parallel.zero_stage=3", "--parallel.offload_optimizer=true",
-                                 "--checkpoint.async_save=true"), True)
-    out["p"] = result.losses
-    out["p_saver_group"] = trainer.saver.group is not None and trainer.saver.pending is None
-    # interleaved dp2 x pp2 (2 chunks per rank) -> pp4 1F1B, which saves the pp4 -> pp1 source
     import time
 
     import torch
 
+    out = {}
+    trainer, result = train(_cfg(f"{tmp}/x_dp4", cache, 4, "--parallel.zero_stage=1"), True)
+    out["x_dp4"] = (trainer.step, result.losses)
+    out["x_dp4_read"] = (trainer.bytes_read, _needed(trainer, f"{tmp}/x"))
+    for tp, dp in ((2, 2), (4, 1)):  # tp2 also saves at step 6, for its exact resume
+        trainer, result = train(_cfg(f"{tmp}/ref_tp{tp}", cache, dp, f"--parallel.tp={tp}",
+                                     f"--checkpoint.interval={6 if tp == 2 else SAVE}"), True)
+        out[f"ref_tp{tp}"] = (trainer.step, result.losses)
+        out[f"ref_tp{tp}_read"] = (trainer.bytes_read, _needed(trainer, f"{tmp}/ref"))
+    p_cfg = ("--parallel.pp=2", "--parallel.schedule=zb-h1", "--parallel.zero_stage=3",
+             "--parallel.offload_optimizer=true", "--checkpoint.async_save=true")
+    trainer, result = train(_cfg(f"{tmp}/p", cache, 2, *p_cfg), True)
+    out["p"] = result.losses
+    out["p_saver_group"] = trainer.saver.group is not None and trainer.saver.pending is None
+    # exact resume in the same layout: tp2 from its step 6, zb-h1 from its (async) step 4
+    torch.distributed.barrier()
+    if int(os.environ["RANK"]) == 0:
+        _resume_copy(f"{tmp}/ref_tp2", f"{tmp}/ref_tp2_again", step=6)
+        _resume_copy(f"{tmp}/p", f"{tmp}/p_again")
+    torch.distributed.barrier()
+    trainer, result = train(_cfg(f"{tmp}/ref_tp2_again", cache, 2, "--parallel.tp=2"), True)
+    out["ref_tp2_again"] = (trainer.step, result.losses)
+    trainer, result = train(_cfg(f"{tmp}/p_again", cache, 2, *p_cfg), True)
+    out["p_again"] = (trainer.step, result.losses)
+    # interleaved dp2 x pp2 (2 chunks per rank) -> pp4 1F1B, which saves the pp4 -> pp1 source
     start = time.perf_counter()
     trainer, result = train(_cfg(f"{tmp}/i", cache, 2, "--parallel.pp=2",
                                  "--parallel.schedule=interleaved",
@@ -134,15 +146,25 @@ def runs(tmp_path_factory, data_cache):
 def test_dp2_tp2_pp2_zero3_resumes_at_dp4_zero1(runs):
     x_losses, _ = runs["x"]
     assert max_abs_diff(x_losses, runs["ref"]) < TOL  # the source layout itself is right
-    checkpoint_bytes = _distcp_bytes(os.path.join(runs["tmp"], "x", "checkpoints",
-                                                  f"step_{SAVE:08d}"))
     for rank in runs["world4"]:
-        step, losses, bytes_read, needed = rank["x_dp4"]
+        step, losses = rank["x_dp4"]
         assert step == STEPS and len(losses) == STEPS - SAVE  # resumed at 4, not restarted
         assert max_abs_diff(losses, x_losses[SAVE:]) < TOL
-        # a rank reads each stored item that overlaps a box of its new layout once, nothing
-        # else (an item is one torch.save'd tensor: DCP reads it whole)
-        assert bytes_read == needed < checkpoint_bytes, (bytes_read, needed, checkpoint_bytes)
+
+
+@pytest.mark.parametrize("pair", ["x_dp4", "ref_tp2", "ref_tp4"])
+def test_a_rank_reads_only_the_blocks_its_boxes_need(runs, pair):
+    """Resumed at dp4 (from dp2 x tp2 x pp2 ZeRO-3: boxes cut mid-row by ZeRO ranges), at tp2
+    and tp4 (from tp1: row ranges and, for row-parallel weights, column halves/quarters of every
+    row), each rank reads exactly the CRC blocks holding a byte of its boxes — a block is
+    1/256 of an item here (256 B minimum), so what it reads beyond its boxes' bytes is at most
+    two partial blocks per contiguous run — and less than the stored items its boxes overlap
+    (what reading items whole costs)."""
+    for rank in runs["world4"]:
+        bytes_read, (needed, blocks, runs_edge, items) = rank[f"{pair}_read"]
+        assert bytes_read == blocks, (bytes_read, blocks)
+        assert needed <= bytes_read <= needed + runs_edge, (bytes_read, needed, runs_edge)
+        assert bytes_read < items, (bytes_read, items)
 
 
 def test_each_rank_writes_what_it_owns(runs):
@@ -168,6 +190,19 @@ def test_pp2_zero3_offload_resumes_at_pp1_zero0(runs):
     assert step == STEPS and max_abs_diff(losses, p_losses[SAVE:]) < TOL
 
 
+def test_tp2_and_zb_h1_resume_bit_exact(runs):
+    """Resumed in its own layout — dp2 x tp2 from its step-6 checkpoint; dp2 x pp2 zb-h1
+    (ZeRO-3, optimizer offloaded) from its asynchronous step-4 one — a run continues with
+    exactly the losses of the uninterrupted run: same reductions in the same order, state and
+    data restored bit for bit."""
+    for rank in runs["world4"]:
+        _, uninterrupted = rank["ref_tp2"]
+        step, losses = rank["ref_tp2_again"]
+        assert step == STEPS and losses == uninterrupted[6 - SAVE:]
+        step, losses = rank["p_again"]
+        assert step == STEPS and losses == rank["p"][SAVE:]
+
+
 def test_interleaved_resumes_at_pp4_1f1b_and_pp4_at_pp1(runs):
     for rank in runs["world4"]:
         chunks, i_losses = rank["i"]
@@ -180,6 +215,8 @@ def test_interleaved_resumes_at_pp4_1f1b_and_pp4_at_pp1(runs):
 
 
 def test_tp2_pp2_checkpoint_evaluated_in_one_process(runs, data_cache):
+    import torch
+
     from megalite.parallel.dims import ParallelDims
     from megalite.trainer.inference import load_for_inference
     from megalite.trainer.loop import Trainer
@@ -190,33 +227,60 @@ def test_tp2_pp2_checkpoint_evaluated_in_one_process(runs, data_cache):
     trainer = Trainer(cfg, ParallelDims.single(), read_only=True)
     trainer.load_weights(path)
     assert abs(trainer.evaluate() - x_val) < TOL
+    # weights only: no optimizer, no AdamW moments (nor masters) beside the parameters
+    assert trainer._opt is None and "optimizer" not in trainer.memory()
     model, _ = load_for_inference(path)  # generate's loader: the same weights, whole
     for name, p in model.named_parameters():
         assert p.equal(dict(trainer.model.named_parameters())[name]), name
+    # 16-bit parameters: the fp32 masters, cast
+    cfg16 = _cfg(os.path.join(runs["tmp"], "eval16"), data_cache, 1, "--train.precision=bf16")
+    trainer16 = Trainer(cfg16, ParallelDims.single(), read_only=True)
+    trainer16.load_weights(path)
+    for name, p in trainer16.model.named_parameters():
+        assert p.dtype == torch.bfloat16 and p.equal(dict(model.named_parameters())[name].to(
+            torch.bfloat16)), name
 
 
-def _overlapping_item_bytes(trainer, path: str) -> int:
-    """Bytes of the stored items that overlap this rank's boxes (from the checkpoint's
-    metadata and this rank's state boxes)."""
+def _needed(trainer, run: str):
+    """Of the step-4 checkpoint of ``run``, element by element (not by the reader's run and
+    block arithmetic): the bytes of this rank's boxes, of the CRC blocks holding them, two
+    blocks per contiguous run of them (the most partial blocks can add), and of the stored items
+    they overlap."""
+    import json
+
+    import torch
+
     from megalite.checkpoint.storage import SafeReader
     from megalite.trainer import checkpoint
 
+    path = os.path.join(run, "checkpoints", f"step_{SAVE:08d}")
     md = SafeReader(path).read_metadata()
-    by_offset = {(i.fqn, tuple(i.offset)): info for i, info in md.storage_data.items()}
-    total = 0
+    blocks_of = json.load(open(os.path.join(path, "meta.json")))["blocks"]
+    where = {(i.fqn, tuple(i.offset)): info for i, info in md.storage_data.items()}
+    needed = blocks = edges = items = 0
     for key, entry in checkpoint.state_entries(trainer.engine.table,
                                                trainer.opt.state_dict()).items():
+        element = torch.empty((), dtype=md.state_dict_metadata[key].properties.dtype).element_size()
         for chunk in md.state_dict_metadata[key].chunks:
-            if any(all(o < c + s and c < o + n for o, n, c, s in
-                       zip(offsets, sizes, chunk.offsets, chunk.sizes))
-                   for offsets, sizes in entry.boxes):
-                total += by_offset[(key, tuple(chunk.offsets))].length
-    return total
-
-
-def _distcp_bytes(path: str) -> int:
-    return sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path)
-               if f.endswith(".distcp"))
+            info = where[(key, tuple(chunk.offsets))]
+            _, block, _ = blocks_of[f"{info.relative_path}@{info.offset}"]
+            ids = torch.arange(chunk.sizes.numel()).reshape(chunk.sizes)  # C order
+            touched = set()
+            for offsets, sizes in entry.boxes:
+                lo = [max(o, c) for o, c in zip(offsets, chunk.offsets)]
+                hi = [min(o + n, c + s) for o, n, c, s in
+                      zip(offsets, sizes, chunk.offsets, chunk.sizes)]
+                if any(a >= b for a, b in zip(lo, hi)):
+                    continue
+                part = ids[tuple(slice(a - c, b - c) for a, b, c in
+                                 zip(lo, hi, chunk.offsets))].flatten()
+                needed += part.numel() * element
+                touched.update((part * element // block).tolist())
+                edges += 2 * block * (1 + int((part[1:] - part[:-1] != 1).sum()))
+            size = chunk.sizes.numel() * element
+            blocks += sum(min(size, (b + 1) * block) - b * block for b in touched)
+            items += info.length if touched else 0
+    return needed, blocks, edges, items
 
 
 def test_fp16_resume_is_exact_with_its_loss_scaler(tmp_path, data_cache):

@@ -3,15 +3,18 @@ checks every read goes through — sizes and CRC-32s against meta.json, ``weight
 unpickling. Any problem is a :class:`CheckpointError`: one line naming the file."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
+import shutil
 import zlib
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
 STEP_NAME = re.compile(r"step_\d{8}")
+TMP_NAME = re.compile(r"\.tmp_step_\d{8}")  # a save being written (checkpoint.save)
 
 
 class CheckpointError(ValueError):
@@ -33,6 +36,23 @@ def step_dirs(ckpt_dir: str) -> List[str]:
         return []
     return sorted(d for d in os.listdir(ckpt_dir) if STEP_NAME.fullmatch(d)
                   and os.path.isdir(os.path.join(ckpt_dir, d)))
+
+
+def remove_stale_tmp(ckpt_dir: str, but: Optional[str] = None) -> List[str]:
+    """Remove the ``.tmp_step_*`` directories a killed save left in ``ckpt_dir`` (never a
+    ``step_*`` checkpoint; ``but``: the one being written now); their paths. Only rank 0 of the
+    run that owns ``ckpt_dir`` calls this, at start-up and before each save — one save is in
+    flight at a time, so any other is stale."""
+    if not os.path.isdir(ckpt_dir):
+        return []
+    removed = []
+    for name in sorted(os.listdir(ckpt_dir)):
+        path = os.path.join(ckpt_dir, name)
+        if TMP_NAME.fullmatch(name) and path != but and os.path.isdir(path) \
+                and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
 
 
 def is_complete(path: str) -> bool:
@@ -202,3 +222,33 @@ def verify_all(path: str) -> Tuple[int, int]:
         except UnsafeCheckpoint as e:
             raise CheckpointError(str(e)) from None
     return len(files), sum(f["bytes"] for f in files.values())
+
+
+# ---- the tokenizer a checkpoint was trained with ---------------------------------------------
+
+
+def tokenizer_fingerprint(tokenizer_file: Optional[str], tokenizer) -> Dict[str, Any]:
+    """What identifies a tokenizer in meta.json: its kind (``bytes`` or a ``tokenizer.json``),
+    vocabulary size, end-of-document id and the SHA-256 of its file (None without one)."""
+    digest = None
+    if tokenizer_file and os.path.isfile(tokenizer_file):
+        with open(tokenizer_file, "rb") as f:
+            digest = hashlib.sha256(f.read()).hexdigest()
+    kind = "bytes" if type(tokenizer).__name__ == "ByteTokenizer" else "tokenizer.json"
+    return {"kind": kind, "vocab_size": int(tokenizer.vocab_size),
+            "eod_id": int(tokenizer.eod_id), "sha256": digest}
+
+
+def tokenizer_differences(saved: Optional[Dict[str, Any]], here: Dict[str, Any]) -> str:
+    """``field=saved there, here here`` for each differing field ('' when the same tokenizer,
+    or when the checkpoint records none: one saved before fingerprints)."""
+    if not isinstance(saved, dict):
+        return ""
+    out = []
+    for field in ("kind", "vocab_size", "eod_id", "sha256"):
+        a, b = saved.get(field), here.get(field)
+        if a != b:
+            if field == "sha256":
+                a, b = (str(v)[:12] if v else v for v in (a, b))
+            out.append(f"tokenizer {field}={a} there, {b} here")
+    return ", ".join(out)

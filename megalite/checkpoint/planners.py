@@ -55,7 +55,9 @@ class BoxSavePlanner(DefaultSavePlanner):
         entry = self.entries[write_item.index.fqn]
         for (offsets, _), view in zip(entry.boxes, entry.tensors):
             if torch.Size(offsets) == write_item.index.offset:
-                return view.detach()  # a view: the writer copies just the box, not its buffer
+                # a view: the writer copies just the box, not its buffer; contiguous, so the
+                # stored bytes are in C order (storage.py reads sub-boxes of them in place)
+                return view.detach() if view.is_contiguous() else view.contiguous()
         raise AssertionError(f"no box at {write_item.index}")
 
 

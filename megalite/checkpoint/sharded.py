@@ -18,7 +18,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemWriter
 
 from megalite.checkpoint.planners import BoxLoadPlanner, BoxSavePlanner, Entries
-from megalite.checkpoint.storage import SafeReader, item_crcs
+from megalite.checkpoint.storage import SafeReader, item_records
 
 _HAS_NO_DIST = "no_dist" in inspect.signature(dcp.save).parameters  # torch >= 2.5
 
@@ -46,9 +46,10 @@ def file_record(path: str) -> Dict[str, int]:
 
 
 def save_entries(directory: str, entries: Entries, group=None, rank: int = 0
-                 ) -> Tuple[Dict[str, Dict[str, int]], Dict[str, int]]:
+                 ) -> Tuple[Dict[str, Dict[str, int]], Dict[str, int], Dict[str, list]]:
     """Write this rank's boxes into ``directory`` (fsynced). Returns ({file: size and CRC} of
-    the files this rank wrote, {item: CRC} of its items); rank 0 also owns ``.metadata``."""
+    the files this rank wrote, {item: CRC} of its items, {item: its block CRCs}
+    (``storage.item_records``)); rank 0 also owns ``.metadata``."""
     writer = FileSystemWriter(directory, single_file_per_rank=True, sync_files=True,
                               thread_count=1)
     with _quiet():
@@ -59,14 +60,14 @@ def save_entries(directory: str, entries: Entries, group=None, rank: int = 0
              for name in sorted(os.listdir(directory)) if name.startswith(prefix)}
     if rank == 0:
         files[".metadata"] = file_record(os.path.join(directory, ".metadata"))
-    return files, item_crcs(directory, metadata, prefix)
+    return (files, *item_records(directory, metadata, prefix))
 
 
 def load_entries(directory: str, entries: Entries, crcs: Optional[Dict[str, int]],
-                 group=None) -> int:
+                 group=None, blocks: Optional[Dict[str, list]] = None) -> int:
     """Fill ``entries``' views from the checkpoint in ``directory`` (any saved layout); the
     number of bytes this rank read."""
-    reader = SafeReader(directory, crcs)
+    reader = SafeReader(directory, crcs, blocks)
     # checked here, before DCP's collectives (which would wrap the error in their traceback):
     # the metadata unpickles safely and holds every wanted tensor at its global shape
     planner = BoxLoadPlanner()

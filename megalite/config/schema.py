@@ -307,8 +307,9 @@ class CheckpointConfig:
     of other runs are never removed."""
     verify: str = "sizes"
     """What `train` checks of the checkpoint it resumes before any rank starts: "sizes" (every
-    file's size against meta.json; each rank then checks the CRC-32 of every item it reads) or
-    "full" (every byte of every file against its CRC-32, as `megalite checkpoint verify`)."""
+    file's size against meta.json; each rank then reads only the CRC blocks of the stored
+    tensors its layout needs and checks each against its CRC-32) or "full" (every byte of every
+    file against its CRC-32, as `megalite checkpoint verify`)."""
     async_save: bool = False
     """Write checkpoints while training goes on: the save copies this rank's part to host
     memory, a writer thread (on its own gloo group, created at start-up) writes it; the next

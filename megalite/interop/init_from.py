@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import sys
 from dataclasses import asdict
-from typing import Callable, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 
@@ -46,14 +46,35 @@ def model_differences(source: ModelArgs, here: ModelArgs) -> str:
     return ", ".join(f"model.{n}={b[n]} (source: {a[n]})" for n in names if a[n] != b[n])
 
 
-def initial_values(spec: str, args: ModelArgs, seed: int = 0
-                   ) -> Callable[[str, torch.Size], torch.Tensor]:
-    """``build_model``'s ``values``: parameter name -> its full fp32 value from ``spec``; a
-    classifier's pooler and classifier missing there are drawn from ``seed`` (and said so)."""
+def source_tokenizer(spec: str) -> Optional[Dict[str, Any]]:
+    """The tokenizer fingerprint a megalite checkpoint's meta.json records (None for an HF
+    directory — its vocabulary size is compared as a model field — or an older checkpoint)."""
+    if spec.startswith("hf:"):
+        return None
+    from megalite.checkpoint.files import read_meta
+    from megalite.trainer.inference import resolve_checkpoint
+
+    return read_meta(resolve_checkpoint(spec)).get("tokenizer")
+
+
+def initial_values(spec: str, args: ModelArgs, tokenizer: Optional[Dict[str, Any]] = None,
+                   seed: int = 0) -> Callable[[str, torch.Size], torch.Tensor]:
+    """``build_model``'s ``values``: parameter name -> its full fp32 value from ``spec``.
+    ``tokenizer``: this run's fingerprint (``checkpoint.files.tokenizer_fingerprint``), refused
+    when a megalite checkpoint source was trained with another. A classifier's pooler and
+    classifier missing there are drawn from ``seed`` (and said so)."""
+    from megalite.checkpoint.files import tokenizer_differences
+
     try:
         source, state = read_source(spec)
+        saved = source_tokenizer(spec) if tokenizer is not None else None
     except ValueError as e:
         raise InitFromError(f"checkpoint.init_from={spec}: {e}") from None
+    differ = tokenizer_differences(saved, tokenizer or {})
+    if differ:
+        raise InitFromError(f"checkpoint.init_from={spec}: trained with another tokenizer: "
+                            f"{differ}; set data.tokenizer to the source's tokenizer.json (the "
+                            "data prepared with it), or drop checkpoint.init_from")
     differ = model_differences(source, args)
     if differ:
         fix = ("; set the model section to the source's values"

@@ -1,12 +1,12 @@
-"""What ``megalite train`` says about memory: the planner's prediction for its own rank at
-start-up, and what the first step measured — on CUDA ``torch.cuda.max_memory_allocated``, on a
+"""What ``megalite train`` says about memory: the planner's prediction for its own rank before
+its first step, and what that step measured — on CUDA ``torch.cuda.max_memory_allocated``, on a
 CPU the dry run's tracker (``MemTracker``) around the real step (RSS would count the allocator's
 cache and the interpreter, not the step). Both go into the first step's metrics row
 (``mem.predicted_peak``, ``mem.measured_peak``, bytes)."""
 from __future__ import annotations
 
 import contextlib
-from typing import Dict, Iterator, Optional
+from typing import Callable, Dict, Iterator, Optional
 
 import torch
 
@@ -14,21 +14,36 @@ MIB = 2**20
 
 
 class MemoryCheck:
-    """One per Trainer: ``describe()`` at start-up, ``first_step()`` around step 1,
-    ``record()`` for its metrics row."""
+    """One per Trainer. ``step(train_step, first, say)`` runs a training step; for the run's
+    first it says the prediction, measures the step's peak, says it and adds both to the
+    step's record."""
 
-    def __init__(self, cfg, args, dims, engine, opt, model):
-        self.dims, self.engine, self.opt, self.model = dims, engine, opt, model
-        self.cuda = dims.device.type == "cuda"
+    def __init__(self, trainer):
+        self.trainer = trainer  # its optimizer is asked for only when a step is measured
+        self.dims, self.engine, self.model = trainer.dims, trainer.engine, trainer.model
+        self.cuda = self.dims.device.type == "cuda"
         self.terms: Optional[Dict[str, int]] = None
         self.why = ""
+        args = trainer.args
         if args.family not in ("gpt", "llama"):  # the planner models the decoder families
             self.why = f"no prediction for family {args.family}"
         else:
             from megalite.planner.memory import rank_memory
 
-            self.terms = rank_memory(cfg, args, dims.pp_rank, gpu=self.cuda)
+            self.terms = rank_memory(trainer.cfg, args, self.dims.pp_rank, gpu=self.cuda)
         self.measured: Optional[int] = None
+
+    def step(self, train_step: Callable[[], dict], first: bool,
+             say: Callable[[str], None]) -> dict:
+        if not first:
+            return train_step()
+        say(self.describe())
+        with self.first_step():
+            record = train_step()
+        if self.measured is not None:
+            record.update(self.record())
+            say(self.line())
+        return record
 
     def describe(self) -> str:
         if self.terms is None:
@@ -53,7 +68,7 @@ class MemoryCheck:
         if missing_apis() is not None:  # the tracker needs torch >= 2.5
             yield
             return
-        with track_step(self.engine, self.opt, self.model) as result:
+        with track_step(self.engine, self.trainer.opt, self.model) as result:
             yield
         self.measured = result.peak
 
@@ -66,8 +81,6 @@ class MemoryCheck:
         return out
 
     def line(self) -> str:
-        if self.measured is None:
-            return ""
         text = f"memory measured in step 1: peak {self.measured / MIB:.1f} MiB"
         if self.terms is not None:
             text += f" (predicted {self.terms['total'] / MIB:.1f}, " \

@@ -10,8 +10,11 @@ Layout of ``CKPT_DIR/step_00000100/`` (format 2):
   the boxes its own layout needs, whatever layout wrote them (``megalite/checkpoint``).
 - ``meta.json``: the manifest — step, optimizer step, consumed samples, loss scaler, resolved
   config and model, layout, the run's id (``checkpoint.keep`` prunes only its own run's
-  checkpoints), ``files`` (size and CRC-32 of each file) and ``items`` (CRC-32 of each stored
-  tensor item, checked as it is read). No pickled item exists in the DCP state.
+  checkpoints), the tokenizer's fingerprint (kind, vocabulary size, end-of-document id,
+  SHA-256 of its file: resuming or ``init_from`` with another is refused), ``files`` (size
+  and CRC-32 of each file), ``items`` (CRC-32 of each stored tensor item) and ``blocks``
+  (per item: where its raw bytes start and a CRC-32 per block of them — a rank reads and
+  checks only the blocks its boxes need). No pickled item exists in the DCP state.
 - ``tokenizer.json``: the tokenizer, so generate/eval need nothing else.
 
 Format 1 (before DCP: ``model_tp{t}_pp{p}.pt`` / ``optim_tp{t}_pp{p}_dp{d}.pt`` torch.save
@@ -34,7 +37,8 @@ import torch.distributed as dist
 
 from megalite.checkpoint.files import (STEP_NAME, CheckpointError, check_sizes,  # noqa: F401
                                        is_complete, is_sharded, latest, load_file, read_meta,
-                                       step_dirs, verify_all, verify_file)
+                                       remove_stale_tmp, step_dirs, tokenizer_differences,
+                                       tokenizer_fingerprint, verify_all, verify_file)
 from megalite.checkpoint.files import fsync_dir, write_atomic
 from megalite.models.transformer import TIED_WEIGHTS
 from megalite.parallel import comm
@@ -84,14 +88,16 @@ def save(ckpt_dir: str, step: int, dims: ParallelDims, entries: Dict[str, Any],
     tmp = os.path.join(ckpt_dir, f".tmp_step_{step:08d}")
     if dims.rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
+        remove_stale_tmp(ckpt_dir)  # a killed save's
         os.makedirs(tmp)
     group = group if group is not None else dims.world_group
     comm.barrier(group)
     files: Dict[str, Dict[str, int]] = {}
     items: Dict[str, int] = {}
+    blocks: Dict[str, list] = {}
     failure = None
     try:
-        files, items = save_entries(tmp, entries, group, dims.rank)
+        files, items, blocks = save_entries(tmp, entries, group, dims.rank)
     except OSError as e:
         failure = _write_failure(e, tmp)
     except BaseException as e:  # DCP wraps every rank's failure in a CheckpointException
@@ -99,16 +105,17 @@ def save(ckpt_dir: str, step: int, dims: ParallelDims, entries: Dict[str, Any],
         if cause is None:
             raise
         failure = _write_failure(cause, tmp)
-    gathered = _all_gather((files, items, failure), group)
-    failure = next((f for _, _, f in gathered if f), None)
+    gathered = _all_gather((files, items, blocks, failure), group)
+    failure = next((f for *_, f in gathered if f), None)
     if failure is None and dims.rank == 0:
         try:
-            for rank_files, rank_items, _ in gathered:
+            for rank_files, rank_items, rank_blocks, _ in gathered:
                 files.update(rank_files)
                 items.update(rank_items)
+                blocks.update(rank_blocks)
             layout = dict(meta.pop("layout", {}), dp=dims.dp, tp=dims.tp, pp=dims.pp)
             _finish(ckpt_dir, tmp, final, dict(meta, format=FORMAT, step=step, layout=layout,
-                                               files=files, items=items),
+                                               files=files, items=items, blocks=blocks),
                     tokenizer_file, keep)
         except OSError as e:
             failure = _write_failure(e, tmp)
@@ -180,13 +187,37 @@ def _prune(ckpt_dir: str, keep: int, run_id: Optional[str], protect: str) -> Non
             shutil.rmtree(path, ignore_errors=True)
 
 
-def check_layout(path: str, meta: Dict[str, Any], dims: ParallelDims) -> None:
+def format1_problem(path: str, meta: Dict[str, Any], tp: int, pp: int,
+                    zero: Optional[Dict[str, Any]] = None) -> Optional[str]:
+    """Why this run (``tp``, ``pp``, its ZeRO sharding ``zero`` when known) cannot resume the
+    per-layout (format 1) checkpoint at ``path``, or None. Its weights convert to any layout
+    (``interop/full_state.py`` merges the tp x pp shards: what ``checkpoint.init_from`` reads);
+    its optimizer state is flat shards of that layout's ZeRO buckets, which do not."""
+    fresh = (f"--checkpoint.init_from={path} and a new --run.dir (its weights at any layout, a "
+             "fresh optimizer)")
+    if meta.get("weights_only"):
+        return (f"checkpoint.resume: {path} holds model weights only (as `megalite convert "
+                f"--from hf` writes them), no optimizer state to resume: start from it with "
+                f"{fresh}")
     layout = meta.get("layout", {})
-    if (layout.get("tp"), layout.get("pp")) != (dims.tp, dims.pp):
-        raise CheckpointError(f"checkpoint {path} (the per-layout format of megalite before "
-                              f"DCP) was saved with tp={layout.get('tp')}, pp={layout.get('pp')}; "
-                              f"this run has tp={dims.tp}, pp={dims.pp}: resume it once at its "
-                              "own tp and pp (the next save is layout-free), then change layout")
+    saved_tp, saved_pp = layout.get("tp", tp), layout.get("pp", pp)
+    if (saved_tp, saved_pp) != (tp, pp):
+        return (f"checkpoint.resume: {path} is in megalite's per-layout format (before DCP), "
+                f"saved at tp={saved_tp} pp={saved_pp}; this run is tp={tp} pp={pp}: resume it "
+                "once at its own layout (its next checkpoint resumes at any layout), or use "
+                + fresh)
+    if zero is not None and meta.get("zero") != zero:
+        return (f"checkpoint.resume: {path} is in megalite's per-layout format (before DCP), "
+                f"its optimizer state sharded as {meta.get('zero')}, this run's as {zero}: "
+                "resume it once with its parallel.dp (ZeRO >= 1), parallel.bucket_mb and "
+                "train.grad_dtype (its next checkpoint resumes at any layout), or use " + fresh)
+    return None
+
+
+def check_layout(path: str, meta: Dict[str, Any], dims: ParallelDims) -> None:
+    problem = format1_problem(path, dict(meta, weights_only=False), dims.tp, dims.pp)
+    if problem:
+        raise CheckpointError(problem)
 
 
 def load_shard(path: str, dims: ParallelDims, meta: Optional[Dict[str, Any]] = None
@@ -232,7 +263,7 @@ def load_sharded(path: str, meta: Dict[str, Any], entries: Dict[str, Any], group
     check_sizes(path, meta)
     verify_file(path, ".metadata", meta, everyone=True)
     try:
-        return load_entries(path, entries, meta.get("items"), group)
+        return load_entries(path, entries, meta.get("items"), group, meta.get("blocks"))
     except BaseException as e:  # DCP wraps each rank's failure in a CheckpointException
         cause = e if isinstance(e, (UnsafeCheckpoint, StateMismatch)) else _dcp_failure(e)
         if isinstance(cause, StateMismatch):

@@ -3,7 +3,6 @@
 preemption handling around it."""
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import signal
@@ -66,8 +65,9 @@ class Trainer:
     schedule's actions (pp = 1 is a one-stage schedule), the engine finishes the gradients, the
     optimizer clips and steps — whatever differs between layouts lives in those three.
 
-    ``read_only`` (eval): nothing is written into the run directory — no config.yaml, no
-    metrics.jsonl, no TensorBoard events; only ``fit`` (train) writes there."""
+    ``read_only`` (eval): no optimizer is built unless it trains; nothing is written into the
+    run directory — no config.yaml, no metrics.jsonl, no TensorBoard events; only ``fit``
+    (train) writes there."""
 
     def __init__(self, cfg: Config, dims: ParallelDims, read_only: bool = False):
         self.cfg, self.dims = cfg, dims
@@ -110,9 +110,10 @@ class Trainer:
         self.activations = ActivationReport(self.model, self.args, self.recompute, self.mbs,
                                             cfg.data.seq_len, dims.tp, p.sequence_parallel,
                                             dtype, dims.device)
-        self.opt = ShardedAdamW(self.engine, t.lr, (t.beta1, t.beta2), t.eps, t.weight_decay,
-                                offload=p.offload_optimizer)
-        self.memory_check = MemoryCheck(cfg, self.args, dims, self.engine, self.opt, self.model)
+        self._opt: Optional[ShardedAdamW] = None  # eval (read_only) loads weights only
+        if not read_only:
+            self.opt  # noqa: B018 - the property builds it
+        self.memory_check = MemoryCheck(self)  # planner: predicted, then step 1's measured peak
         self.scaler = None  # fp16 only
         if t.precision == "fp16":
             self.scaler = LossScaler(t.loss_scale or t.initial_loss_scale, t.loss_scale_window,
@@ -140,6 +141,15 @@ class Trainer:
         self._stop_signal: Optional[int] = None
 
     # ---- start-up ---------------------------------------------------------------------------
+    @property
+    def opt(self) -> ShardedAdamW:
+        """Built at start-up, or by a read-only Trainer (eval) only if it trains after all."""
+        if self._opt is None:
+            t = self.cfg.train
+            self._opt = ShardedAdamW(self.engine, t.lr, (t.beta1, t.beta2), t.eps,
+                                     t.weight_decay, offload=self.cfg.parallel.offload_optimizer)
+        return self._opt
+
     def _init_from(self, read_only: bool):
         """checkpoint.init_from's full values for build_model (None: the seeded init), unless
         this run resumes its own checkpoint or only evaluates."""
@@ -150,7 +160,8 @@ class Trainer:
         from megalite.interop.init_from import initial_values
 
         try:
-            return initial_values(c.init_from, self.args, self.cfg.train.seed)
+            return initial_values(c.init_from, self.args, checkpoint.tokenizer_fingerprint(
+                self.tokenizer_file, self.tokenizer), self.cfg.train.seed)
         except ValueError as e:
             raise ResumeError(str(e)) from None
 
@@ -172,12 +183,11 @@ class Trainer:
             f"{self.dims.dp}; {self.gbs * self.cfg.data.seq_len:,} tokens/step",
             f"data: {len(self.train_ds):,} train samples, "
             f"{len(self.val_ds) if self.val_ds is not None else 0:,} validation samples of "
-            f"{self.cfg.data.seq_len} tokens", self.activations.describe(),
-            self.memory_check.describe()])
+            f"{self.cfg.data.seq_len} tokens", self.activations.describe()])
 
     def memory(self) -> dict:
         """Model-state bytes on this rank by kind (AdamW moments counted before they exist)."""
-        report = {**self.engine.memory(), **self.opt.memory()}
+        report = {**self.engine.memory(), **(self._opt.memory() if self._opt else {})}
         report["total"] = sum(report.values())
         return report
 
@@ -349,11 +359,7 @@ class Trainer:
                 first = not result.losses
                 if first:  # measure micro-batch 0's saved activations in this step
                     self.activations.arm(self.executor)
-                with self.memory_check.first_step() if first else contextlib.nullcontext():
-                    record = self.train_step()
-                if first and self.memory_check.line():
-                    record.update(self.memory_check.record())
-                    self.log.print(self.memory_check.line())
+                record = self.memory_check.step(self.train_step, first, self.log.print)
                 if first and (measured := self.activations.measured(self.executor)):
                     record.update(measured)
                     self.log.print(ActivationReport.line(measured))

@@ -7,8 +7,11 @@ import os
 from dataclasses import asdict
 from typing import Optional
 
+import torch
+
 from megalite.checkpoint.async_save import staged
 from megalite.trainer import checkpoint, objective
+from megalite.zero import state as shard_state
 
 
 class ResumeError(ValueError):
@@ -33,6 +36,9 @@ def maybe_resume(t) -> None:
     shard is read: step, model shape, layout. With resume off, a checkpoints directory that
     already holds checkpoints is refused: this run's would sit beside them, its ``latest``
     hide them and its pruning could remove them."""
+    if t.dims.rank == 0:
+        for path in checkpoint.remove_stale_tmp(t.ckpt_dir):
+            t.log.print(f"removed {path}: a save that did not finish (the process was killed)")
     if not t.cfg.checkpoint.resume:
         problem = resume_off_problem(t.ckpt_dir)
         if problem:
@@ -47,6 +53,13 @@ def maybe_resume(t) -> None:
             f"checkpoint.resume: {path} is at step {meta['step']}, past train.steps="
             f"{t.cfg.train.steps}: this run directory holds another run; give this one "
             f"its own --run.dir, raise train.steps, or pass --checkpoint.resume=false")
+    differ = checkpoint.tokenizer_differences(meta.get("tokenizer"), _fingerprint(t))
+    if differ:
+        raise ResumeError(
+            f"checkpoint.resume: {path} was trained with another tokenizer: {differ}; resume "
+            f"with its tokenizer (--data.tokenizer={path}/tokenizer.json, the data prepared "
+            "with it), or give this run its own --run.dir (checkpoint.init_from needs the "
+            "same tokenizer too)")
     differ = checkpoint.model_mismatch(meta.get("model_args", {}), asdict(t.args))
     if differ:
         raise ResumeError(
@@ -70,6 +83,10 @@ def maybe_resume(t) -> None:
     t.log.print(f"resumed from {path} at step {t.step}")
 
 
+def _fingerprint(t) -> dict:
+    return checkpoint.tokenizer_fingerprint(t.tokenizer_file, t.tokenizer)
+
+
 def _check_batch(t, path: str, meta: dict) -> None:
     """A batch is indexed by step, so the same global batch continues the data exactly;
     another continues by consumed samples (the next sample after the checkpoint's last),
@@ -91,21 +108,11 @@ def _check_batch(t, path: str, meta: dict) -> None:
 
 
 def _resume_format1(t, path: str, meta: dict) -> None:
-    """A checkpoint of the per-layout format: only at its own tp, pp and ZeRO sharding."""
-    saved_layout = meta.get("layout", {})
-    here = {"tp": t.dims.tp, "pp": t.dims.pp}
-    if any(saved_layout.get(axis, size) != size for axis, size in here.items()):
-        raise ResumeError(
-            f"checkpoint.resume: {path} was saved at tp={saved_layout.get('tp')} "
-            f"pp={saved_layout.get('pp')} in the per-layout format, this run is "
-            f"tp={t.dims.tp} pp={t.dims.pp}: resume it once at its own layout (the "
-            "next save is layout-free), or give this run its own --run.dir")
-    saved = meta.get("zero")
-    if saved != t.engine.layout():
-        raise ResumeError(
-            f"checkpoint {path} holds optimizer state sharded as {saved}; this run shards it "
-            f"as {t.engine.layout()}: resume with the same parallel.dp (with ZeRO >= 1), "
-            f"parallel.bucket_mb and train.grad_dtype")
+    """A checkpoint of the per-layout format: only at its own tp, pp and ZeRO sharding (its
+    optimizer shards are that layout's flat buckets)."""
+    problem = checkpoint.format1_problem(path, meta, t.dims.tp, t.dims.pp, t.engine.layout())
+    if problem:
+        raise ResumeError(problem)
     shard = checkpoint.load_shard(path, t.dims, meta)
     sharded = t.engine.shards_over_dp
     state = checkpoint.load_dp_shard(path, t.dims, meta) if sharded else shard
@@ -115,17 +122,29 @@ def _resume_format1(t, path: str, meta: dict) -> None:
     t.step = shard["step"]
 
 
+@torch.no_grad()
 def load_weights(t, path: str) -> None:
-    """Model weights only (for eval), from a checkpoint of any layout: the fp32 masters,
-    cast to the parameter dtype."""
+    """Model weights only (eval), from a checkpoint of any layout: the fp32 masters, read into
+    this rank's owned parameter shards (through an fp32 buffer when the parameters are 16-bit)
+    and published. No optimizer state is read or allocated: a read-only Trainer has no
+    optimizer."""
+    engine = t.engine
+    owned = [g.owned() for g in engine.groups]
+    fp32 = [o if o.dtype == torch.float32 else torch.empty(o.shape, device=o.device)
+            for o in owned]
     meta = checkpoint.read_meta(path)
     if not checkpoint.is_sharded(meta):
-        t.opt.load(checkpoint.load_shard(path, t.dims, meta)["model"], None)
-        return
-    state = t.opt.state_dict()
-    checkpoint.load_sharded(path, meta, checkpoint.state_entries(
-        t.engine.table, state, kinds=("master",)), t.dims.world_group)
-    t.opt.load_state_dict(state)
+        values = checkpoint.load_shard(path, t.dims, meta)["model"]
+        for g, buf in zip(engine.groups, fp32):
+            buf.copy_(engine.owned_slice(g, values))
+    else:
+        masters = {"master": shard_state.entries(engine, fp32)}
+        checkpoint.load_sharded(path, meta, checkpoint.state_entries(
+            engine.table, masters, kinds=("master",)), t.dims.world_group)
+    for shard, buf in zip(owned, fp32):
+        if buf is not shard:
+            shard.copy_(buf)
+    engine.publish()
 
 
 def save_checkpoint(t) -> str:
@@ -136,7 +155,7 @@ def save_checkpoint(t) -> str:
     meta = {"config": asdict(t.cfg), "model_args": asdict(t.args),
             "run_id": t.run_id, "optimizer_step": state["step"],
             "consumed_samples": t.step * t.gbs + t.sample_shift,
-            "global_batch_size": t.gbs,
+            "global_batch_size": t.gbs, "tokenizer": _fingerprint(t),
             "scaler": t.scaler.state_dict() if t.scaler is not None else None,
             "layout": {"zero_stage": p.zero_stage, "offload": p.offload_optimizer,
                        "chunks": len(t.model.chunks)}}
