@@ -11,8 +11,9 @@ a single sentence in BERT. There is no next-sentence task, so B always follows A
 
 Then masked-LM collation (Devlin et al. 2019): 15% of the positions that are neither special
 tokens nor padding are chosen (at least one; the count rounded stochastically, so from 7
-candidates up its expectation is exactly 15%), of those 80% become [MASK], 10% a random non-special token and 10% stay; labels are
-the original ids at chosen positions and -100 elsewhere.
+candidates up its expectation is exactly 15%), of those 80% become [MASK], 10% a random
+non-special token and 10% stay; labels are the original ids at chosen positions and -100
+elsewhere.
 
 Every random choice of sample i (which chunk, where A ends, which positions, what they become)
 comes from generators seeded by (seed, epoch) and (seed, i) only: any (dp, grad_accum, micro)
