@@ -211,7 +211,7 @@ def _resume_problem(cfg) -> Optional[str]:
         checkpoint.check_sizes(path, meta)
         if cfg.checkpoint.verify == "full" and meta.get("files"):
             checkpoint.verify_all(path)
-        step, layout = int(meta["step"]), dict(meta.get("layout", {}))
+        step = int(meta["step"])
     except checkpoint.CheckpointError as e:
         return str(e)
     except (ValueError, KeyError, TypeError):

@@ -306,7 +306,7 @@ def test_resume_with_another_global_batch_continues_by_consumed_samples(tmp_path
     warning, and the next checkpoint records the samples consumed in both runs."""
     import json
 
-    import megalite.trainer.loop as loop
+    import megalite.trainer.objective as objective  # where the trainer takes micro-batches
 
     run = str(tmp_path / "run")
     common = ("--train.micro_batch_size=1", "--train.eval_iters=1", "--checkpoint.keep=0",
@@ -321,8 +321,8 @@ def test_resume_with_another_global_batch_continues_by_consumed_samples(tmp_path
         seen.extend((first + i, row) for i, row in enumerate(x))
         return x, y
 
-    real = loop.micro_batch
-    monkeypatch.setattr(loop, "micro_batch", recording)
+    real = objective.micro_batch
+    monkeypatch.setattr(objective, "micro_batch", recording)
     capsys.readouterr()
     trainer, result = train(tiny_config(run, data_cache, "--train.grad_accum=4",
                                         "--train.steps=6", *common), distributed=False)

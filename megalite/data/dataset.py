@@ -10,7 +10,7 @@ import hashlib
 import json
 import math
 import os
-from typing import TYPE_CHECKING, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -310,18 +310,26 @@ def build_datasets(cfg: DataConfig, seed: int, num_train_samples: int,
                    num_val_samples: int) -> Tuple[object, Optional[object], Tokenizer]:
     """(train, val, tokenizer) for the config. val is None when the split gives it no documents
     or no validation samples are asked for."""
+    return blend_parts(cfg, seed, num_train_samples, num_val_samples,
+                       lambda t, ids, n, s: PackedSamples(t, ids, cfg.seq_len, n, s))
+
+
+def blend_parts(cfg: DataConfig, seed: int, num_train_samples: int, num_val_samples: int,
+                make: Callable[..., object]) -> Tuple[object, Optional[object], Tokenizer]:
+    """(train, val, tokenizer): ``make(tokens, doc_ids, num_samples, seed)`` samples of each
+    dataset's train / validation documents, blended by data.weights (``BlendedSamples``)."""
     tokens, weights = open_blend(cfg)
     share = np.asarray(weights, dtype=np.float64) / float(np.sum(weights))
-    train_parts: List[PackedSamples] = []
-    val_parts: List[PackedSamples] = []
+    train_parts: List[object] = []
+    val_parts: List[object] = []
     for k, t in enumerate(tokens):
         train_ids, val_ids = split_documents(t.num_docs, cfg.split, seed + k)
         # The greedy blend never takes more than ceil(share*N)+1 samples from one dataset.
         n_tr = _part_size(num_train_samples, share[k], len(tokens))
-        train_parts.append(PackedSamples(t, train_ids, cfg.seq_len, n_tr, seed + k))
+        train_parts.append(make(t, train_ids, n_tr, seed + k))
         if val_ids.size and num_val_samples > 0:
             n_va = _part_size(num_val_samples, share[k], len(tokens))
-            val_parts.append(PackedSamples(t, val_ids, cfg.seq_len, n_va, seed + k + 7919))
+            val_parts.append(make(t, val_ids, n_va, seed + k + 7919))
     train: object = train_parts[0] if len(tokens) == 1 else \
         BlendedSamples(train_parts, weights, num_train_samples)
     val: Optional[object] = None

@@ -11,8 +11,9 @@ a single sentence in BERT. There is no next-sentence task, so B always follows A
 
 Then masked-LM collation (Devlin et al. 2019): 15% of the positions that are neither special
 tokens nor padding are chosen (at least one; the count rounded stochastically, so from 7
-candidates up its expectation is exactly 15%), of those 80% become [MASK], 10% a random non-special token and 10% stay; labels are
-the original ids at chosen positions and -100 elsewhere.
+candidates up its expectation is exactly 15%), of those 80% become [MASK], 10% a random
+non-special token and 10% stay; labels are the original ids at chosen positions and -100
+elsewhere.
 
 Every random choice of sample i (which chunk, where A ends, which positions, what they become)
 comes from generators seeded by (seed, epoch) and (seed, i) only: any (dp, grad_accum, micro)
@@ -22,14 +23,14 @@ samples the run asked for.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
 from ..config.schema import DataConfig
 from .corpus import prepared_prefixes
-from .dataset import (BlendedSamples, IndexedTokens, _part_size, check_data, eval_batch_indices,
-                      micro_batch_indices, open_blend, split_documents, tokenizer_file)
+from .dataset import (IndexedTokens, blend_parts, check_data, eval_batch_indices,
+                      micro_batch_indices, open_blend, tokenizer_file)
 from .inputs import DataError
 from .megatron import MegatronTokens
 from .tokenizer import Tokenizer, load_tokenizer, parse_spec
@@ -199,25 +200,9 @@ def build_mlm_datasets(cfg: DataConfig, seed: int, num_train_samples: int, num_v
     blended by data.weights. val is None when the split gives it no documents or no validation
     samples are asked for."""
     check_mlm_data(cfg)
-    tokens, weights = open_blend(cfg)
-    tok = tokens[0].tokenizer
-    share = np.asarray(weights, dtype=np.float64) / float(np.sum(weights))
-    train_parts: List[MLMSamples] = []
-    val_parts: List[MLMSamples] = []
-    for k, t in enumerate(tokens):
-        train_ids, val_ids = split_documents(t.num_docs, cfg.split, seed + k)
-        n_tr = _part_size(num_train_samples, share[k], len(tokens))
-        train_parts.append(MLMSamples(t, train_ids, cfg.seq_len, seed + k, n_tr, tok))
-        if val_ids.size and num_val_samples > 0:
-            n_va = _part_size(num_val_samples, share[k], len(tokens))
-            val_parts.append(MLMSamples(t, val_ids, cfg.seq_len, seed + k + 7919, n_va, tok))
-    train: object = train_parts[0] if len(tokens) == 1 else \
-        BlendedSamples(train_parts, weights, num_train_samples)
-    val: Optional[object] = None
-    if len(val_parts) == len(tokens):
-        val = val_parts[0] if len(tokens) == 1 else \
-            BlendedSamples(val_parts, weights, num_val_samples)
-    return train, val, tok
+    tok = open_blend(cfg)[0][0].tokenizer
+    return blend_parts(cfg, seed, num_train_samples, num_val_samples,
+                       lambda t, ids, n, s: MLMSamples(t, ids, cfg.seq_len, s, n, tok))
 
 
 def stack_samples(dataset: object, idx: np.ndarray) -> Dict[str, "torch.Tensor"]:
