@@ -86,7 +86,7 @@ class TinyStage(nn.Module):
     communication depends on the schedule and the stage boundaries only."""
 
     args = SimpleNamespace(eod_id=None, eod_mask_loss=False, reset_attention_mask=False,
-                           reset_position_ids=False)
+                           reset_position_ids=False, is_encoder=False)
 
     def __init__(self, p: int, rank: int, v: int):
         super().__init__()

@@ -287,3 +287,28 @@ def test_recompute_cuda(dtype):
                                               attention_stores_probs=False,
                                               dropout_mask_bytes=1)
                 assert abs(got - want) <= 0.25 * want, (family, mode, dtype, got, want)
+
+
+@pytest.mark.parametrize("kernels", ["fused", "torch"])
+def test_terms_follow_the_norm_implementation(kernels):
+    """LLaMA in bf16 with dropout on CPU: the fused RMSNorm keeps its input and two fp32
+    statistics, PyTorch's ops keep an fp32 copy and the normalised tensor (``fused_norms``);
+    SDPA's math path keeps 16-bit attention in fp32. The terms follow each within 1%."""
+    from megalite.models import build_model, lm_loss
+    from megalite.models.activation_memory import (SavedActivationCounter,
+                                                   layer_activation_bytes, units_of)
+
+    args = _args("llama", layers=3, hidden=64, heads=4, seq=64)
+    args.kernels = kernels
+    model = build_model(args, seed=1, dtype=torch.bfloat16)
+    for m in model.modules():
+        if hasattr(m, "fused"):
+            m.fused = kernels == "fused"
+    model.train()
+    tok = torch.randint(0, args.vocab_size, (2, 64))
+    counter = SavedActivationCounter(units_of(model), model.parameters(), [tok])
+    with counter:
+        lm_loss(model(tok), tok)
+    want = layer_activation_bytes(args, 2, 64, dtype_bytes=2, dropout_mask_bytes=None,
+                                  attention_dtype_bytes=4, fused_norms=kernels == "fused")
+    assert abs(counter.bytes["layers.1"] - want) <= 0.01 * want, (counter.bytes, want)

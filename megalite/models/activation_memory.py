@@ -94,7 +94,8 @@ def layer_activation_terms(args, micro_batch: int, seq_len: int, tp: int = 1,
                            sequence_parallel: bool = False, recompute: str = "none",
                            dtype_bytes: int = 2, attention_stores_probs: Optional[bool] = None,
                            dropout_mask_bytes: Optional[int] = 1,
-                           attention_dtype_bytes: Optional[int] = None) -> Dict[str, int]:
+                           attention_dtype_bytes: Optional[int] = None,
+                           fused_norms: bool = True) -> Dict[str, int]:
     """Bytes one transformer layer keeps from its forward to its backward, as named terms
     (``args``: ``ModelArgs``; norms as megalite's fused kernels save them).
 
@@ -104,7 +105,9 @@ def layer_activation_terms(args, micro_batch: int, seq_len: int, tp: int = 1,
     fused dropout); None where it keeps a mask of the dropped tensor's dtype (PyTorch's CPU
     dropout). ``attention_dtype_bytes``: element size of what a probability-storing core
     attention keeps (None: ``dtype_bytes``; CPU's SDPA math path computes 16-bit inputs in fp32:
-    4)."""
+    4). ``fused_norms`` False: LLaMA's RMSNorm as PyTorch ops (``kernels=torch``, or CUDA before
+    the GPU check enables the kernels), which keep an fp32 copy of the input and the normalised
+    tensor in the dtype instead of the input (GPT's LayerNorm keeps the same either way)."""
     s, b, h, e, t = seq_len, micro_batch, args.hidden_size, dtype_bytes, tp
     d, f = args.head_dim, args.ffn_hidden_size
     sb, sbh = s * b, s * b * h
@@ -118,11 +121,13 @@ def layer_activation_terms(args, micro_batch: int, seq_len: int, tp: int = 1,
         return {"block input (checkpoint)": e * sbh // chunk}
     hl, al = h // t, args.num_heads // t
     kvl = args.num_kv_heads * d // t if args.num_kv_heads % t == 0 else d  # replicated: 1 head
-    terms: Dict[str, int] = {
-        "attn_norm input": e * sbh // chunk,
-        "norm statistics (2 norms x mean, rstd; fp32)": 16 * sb // chunk,
-        "attn_norm output (q,k,v input)": e * sbh,
-    }
+    torch_rms = args.is_llama and not fused_norms
+    norm_input = {"input fp32 copy": 4 * sbh // chunk, "normalised (dtype)": e * sbh // chunk} \
+        if torch_rms else {"input": e * sbh // chunk}
+    terms: Dict[str, int] = {f"attn_norm {k}": v for k, v in norm_input.items()}
+    terms["norm statistics (2 norms x " + ("rstd" if torch_rms else "mean, rstd") + "; fp32)"] = \
+        (8 if torch_rms else 16) * sb // chunk
+    terms["attn_norm output (q,k,v input)"] = e * sbh
     if args.is_llama:
         terms["RoPE cos, sin"] = 2 * e * s * d
     if recompute == "selective":
@@ -144,7 +149,7 @@ def layer_activation_terms(args, micro_batch: int, seq_len: int, tp: int = 1,
             terms["attention output = o_proj input"] = e * sb * hl
     if drop:
         terms["attention residual dropout mask"] = mask * sbh // chunk
-    terms["mlp_norm input"] = e * sbh // chunk
+    terms.update({f"mlp_norm {k}": v for k, v in norm_input.items()})
     terms["mlp_norm output (mlp input)"] = e * sbh
     fl = f // t
     if args.is_llama:

@@ -29,8 +29,10 @@ class ActivationReport:
         fused = masked and args.kernels == "fused" and ops.model_uses_kernels(device)
         math = cpu and args.dropout > 0 and not fused  # SDPA's math path, in fp32 on CPU
         mask = None if cpu else 1  # CPU dropout keeps a mask of the dropped tensor's dtype
+        norms = args.kernels == "fused" and ops.model_uses_kernels(device)
         terms = {kind: layer_activation_terms(args, micro_batch, seq_len, tp, sequence_parallel,
-                                              kind, e, fused or math, mask, 4 if math else None)
+                                              kind, e, fused or math, mask, 4 if math else None,
+                                              fused_norms=norms)
                  for kind in set(kinds)}
         self.formula = [sum(terms[kind].values()) for kind in kinds]
         self.terms = terms
