@@ -86,7 +86,6 @@ def checkpointed(fn: Callable, rng: Optional[Any] = None) -> Callable:
         return checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=True, **extra,
                           **kwargs)
 
-    run.recomputed = True
     return run
 
 

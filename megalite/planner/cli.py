@@ -4,20 +4,10 @@ from __future__ import annotations
 import sys
 from typing import Dict, List, Optional
 
+from megalite.cli import _pop_option
+
 GIB = 2**30
-
-
-def _pop(argv: List[str], name: str) -> Optional[str]:
-    """Remove ``--name VALUE`` / ``--name=VALUE`` from argv and return VALUE."""
-    for i, a in enumerate(argv):
-        if a == name and i + 1 < len(argv):
-            value = argv[i + 1]
-            del argv[i:i + 2]
-            return value
-        if a.startswith(name + "="):
-            del argv[i]
-            return a.split("=", 1)[1]
-    return None
+_pop = _pop_option  # --name VALUE / --name=VALUE, removed from argv
 
 
 def _int_option(argv: List[str], name: str) -> Optional[int]:
