@@ -9,6 +9,7 @@ Either way the executor divides the summed loss by the loss-bearing tokens (or e
 global batch, so any micro-batch split trains the same model."""
 from __future__ import annotations
 
+import functools
 from typing import Dict, List, Optional
 
 import numpy as np
@@ -73,9 +74,12 @@ class LabelledExamples:
     def rows(self, idx: np.ndarray) -> Dict[str, torch.Tensor]:
         epoch, pos = idx // self.n, idx % self.n
         if self.shuffle:
-            pos = np.array([np.random.default_rng([self.seed, int(e)]).permutation(self.n)[p]
-                            for e, p in zip(epoch, pos)], dtype=np.int64)
+            pos = np.array([self._order(int(e))[p] for e, p in zip(epoch, pos)], dtype=np.int64)
         return {k: torch.from_numpy(v[pos]) for k, v in self.arrays.items()}
+
+    @functools.lru_cache(maxsize=2)  # the current epoch and the next
+    def _order(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch]).permutation(self.n)
 
 
 def datasets(cfg: Config, num_train_samples: int, num_val_samples: int):
