@@ -16,6 +16,9 @@
 #              (no process group), bf16 and fp16 (loss scaling), 20 steps each
 #   recompute  tests/test_recompute.py -k cuda: every recomputation mode bit-identical to none
 #              with dropout on CUDA (fp32, bf16), activation bytes per layer vs the re-derived terms
+#   plan-gpu   a ~0.8B GPT (16 x 2048, s=1024, bf16) for 4 steps on one GPU: the start-up line has
+#              megalite plan's predicted peak, step 1 the measured max_memory_allocated beside
+#              it, the step lines the MFU (issue 16's predicted-vs-measured on a GPU)
 # A failed build stops the check (the other steps would test the PyTorch fallback); any other
 # failure is reported and the next step runs. A summary (PASS/FAIL/TIMEOUT per step) ends it;
 # the exit status is 1 when any step did not pass.
@@ -43,13 +46,14 @@ export WORK
 # name|timeout in seconds, in order; each step is the function step_<name with - as _>
 STEPS=(
   "env|10"
-  "build|110"
-  "tests|80"
-  "bench|60"
+  "build|100"
+  "tests|70"
+  "bench|45"
   "nccl|45"
-  "zero-bf16|35"
-  "zero-fp16|35"
+  "zero-bf16|25"
+  "zero-fp16|25"
   "recompute|45"
+  "plan-gpu|55"
 )
 
 step_env() {
@@ -100,8 +104,18 @@ step_zero_fp16() {
 step_recompute() {  # issue 15: exact recomputation on CUDA, activation bytes vs re-derived
   "$PY" -m pytest -q -x -p no:cacheprovider tests/test_recompute.py -k cuda
 }
+step_plan_gpu() {  # issue 16: the planner's predicted peak vs a ~0.8B GPT's measured, and MFU
+  set -o pipefail
+  "$PY" -m megalite.cli train --config configs/tiny.yaml --model.num_layers=16 \
+    --model.hidden_size=2048 --model.num_heads=16 --model.max_seq_len=1024 \
+    --data.source=stdlib --data.tokenizer=bytes --data.seq_len=1024 \
+    --train.micro_batch_size=4 --train.precision=bf16 --train.steps=4 --train.warmup_steps=1 \
+    --train.eval_iters=1 --run.log_interval=1 --run.sample_tokens=0 --run.dir="$WORK/plan-gpu" \
+    --run.tensorboard=false 2>&1 | tee "$WORK/plan-gpu.log" &&
+  grep -q "memory measured in step 1" "$WORK/plan-gpu.log" && grep -q "step 4/4 " "$WORK/plan-gpu.log"
+}
 export -f step_env step_build step_tests step_bench step_nccl step_zero_bf16 step_zero_fp16 \
-  step_recompute
+  step_recompute step_plan_gpu
 
 total=0
 for entry in "${STEPS[@]}"; do total=$(( total + ${entry#*|} )); done

@@ -459,7 +459,7 @@ def test_gpu_check_script_plan():
     assert run.returncode == 0, run.stderr
     steps = re.findall(r"^== step (\S+) \(timeout (\d+) s\)$", run.stdout, re.M)
     assert [name for name, _ in steps] == ["env", "build", "tests", "bench", "nccl", "zero-bf16",
-                                           "zero-fp16", "recompute"], run.stdout
+                                           "zero-fp16", "recompute", "plan-gpu"], run.stdout
     assert sum(int(limit) for _, limit in steps) <= 7 * 60
     bodies = dict(zip([name for name, _ in steps],
                       re.split(r"^== step .*$", run.stdout, flags=re.M)[1:]))
@@ -471,11 +471,12 @@ def test_gpu_check_script_plan():
     nccl = bodies["nccl"]
     assert "launch --num_gpus 1 -m megalite.train" in nccl and "--parallel.backend=nccl" in nccl
     for name, marker in [("nccl", "-m megalite.train"), ("zero-bf16", "megalite.cli train"),
-                         ("zero-fp16", "megalite.cli train")]:
+                         ("zero-fp16", "megalite.cli train"), ("plan-gpu", "megalite.cli train")]:
         argv = [a.replace("configs/", os.path.join(REPO, "configs") + "/")
                 for a in args_after(bodies[name], marker)]
         cfg, _ = parse_args(argv, verbose=False, world_size=1 if name == "nccl" else None)
-        assert cfg.train.steps == 20 and "step 20/20 " in bodies[name]  # what the step greps
+        steps = 4 if name == "plan-gpu" else 20
+        assert cfg.train.steps == steps and f"step {steps}/{steps} " in bodies[name]  # grepped
         if name.startswith("zero"):
             assert (cfg.parallel.zero_stage, cfg.train.precision) == (3, name[len("zero-"):])
 
