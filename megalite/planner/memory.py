@@ -31,10 +31,13 @@ layer's recomputed activations plus its gradients, and on the last stage the log
 """
 from __future__ import annotations
 
+import os
 from typing import Dict, List, Tuple
 
 import torch
 
+from megalite import ops
+from megalite.ops import _backend
 from megalite.config.schema import Config
 from megalite.models.activation_memory import layer_activation_terms
 from megalite.models.transformer import TIED_WEIGHTS
@@ -209,15 +212,21 @@ def activation_terms(cfg: Config, args, pp_rank: int, cpu: bool = False) -> Dict
     s, b, tp = cfg.data.seq_len, t.micro_batch_size, p.tp
     sp = p.sequence_parallel and tp > 1
     math = cpu and args.dropout > 0
+    # the fused norms run on CPU where built, on CUDA once the GPU check enabled them (the
+    # default until then is PyTorch's RMSNorm, which keeps an fp32 copy: fused_norms=False)
+    fused = args.kernels == "fused" and (
+        ops.model_uses_kernels(torch.device("cpu")) if cpu else
+        os.environ.get("MEGALITE_CUDA_KERNELS") == "1" or _backend.CUDA_KERNELS_VERIFIED)
     per = {}
     for kind in ("none", "selective", "full"):
         per[kind] = layer_activation_terms(args, b, s, tp, sp, kind, e,
                                            math or args.reset_attention_mask,
-                                           None if cpu else 1, 4 if math else None)
+                                           None if cpu else 1, 4 if math else None,
+                                           fused_norms=fused)
     ranges = split_layers(args.num_layers, p.pp, p.virtual_stages, p.layers_per_stage)
     layers = max(len(ranges[c * p.pp + pp_rank]) for c in range(p.virtual_stages))
-    k = p.recompute_layers if cfg.model.recompute == "full" and cfg.model.recompute_layers \
-        else layers
+    k = cfg.model.recompute_layers if cfg.model.recompute == "full" and \
+        cfg.model.recompute_layers else layers
     kinds = [cfg.model.recompute] * min(k, layers) + ["none"] * (layers - min(k, layers))
     chunk = sum(sum(per[kind].values()) for kind in kinds)
     linear = sum(v for n, v in per["none"].items() if any(x in n for x in LINEAR_INPUTS))
