@@ -150,3 +150,22 @@ def test_train_logs_predicted_and_measured_peak(tmp_path, data_cache):
     # a real step holds at least its model states
     states = sum(row[f"mem.{k}"] for k in ("params", "grads", "master", "optimizer"))
     assert row["mem.measured_peak"] > states
+
+
+def test_activations_follow_recompute_layers():
+    """Full recomputation of the first k of a stage's L layers costs k block inputs plus L-k
+    plain layers (``layer_activation_terms``), between none and full."""
+    from megalite.config import parse_args
+    from megalite.models import resolve_model_args
+    from megalite.planner.memory import activation_terms
+
+    def acts(*extra):
+        cfg, _ = parse_args(["--config", os.path.join(REPO, "configs", "tiny.yaml"),
+                             "--model.num_layers=4", "--model.vocab_size=256", *extra],
+                            verbose=False)
+        terms = activation_terms(cfg, resolve_model_args(cfg.model), 0, cpu=True)
+        return sum(v for k, v in terms.items() if k.startswith("activations"))
+
+    none, full = acts(), acts("--model.recompute=full")
+    half = acts("--model.recompute=full", "--model.recompute_layers=2")
+    assert full < half < none and half == (none + full) // 2, (none, half, full)
