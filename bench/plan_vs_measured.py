@@ -64,18 +64,14 @@ def _rank(rank, port, layouts, out):
         import torch
         import torch.distributed as dist
 
-        from megalite.parallel.dims import ParallelDims
-        from megalite.planner.dry_run import build_rank, tracked_step
+        from megalite.planner.dry_run import build_rank, gloo_dims, tracked_step
 
         torch.set_num_threads(1)
         dist.init_process_group("gloo")
         result = {}
         for name, overrides in layouts:
             cfg = config(overrides, 4)
-            p = cfg.parallel
-            dims = ParallelDims(dp=p.dp, tp=p.tp, pp=p.pp, rank=rank)
-            dims.backend = "gloo"
-            dims._build_groups()
+            dims = gloo_dims(cfg, rank)
             parts = build_rank(cfg, dims, cfg.model.vocab_size, fused_kernels=False)
             tracked_step(parts, cfg, cfg.train.grad_accum)  # warm-up (moments, caches)
             step = tracked_step(parts, cfg, cfg.train.grad_accum)

@@ -68,17 +68,13 @@ def _real_peaks(layouts):
     run's tracker."""
     import torch.distributed as dist
 
-    from megalite.parallel.dims import ParallelDims
-    from megalite.planner.dry_run import build_rank, tracked_step
+    from megalite.planner.dry_run import build_rank, gloo_dims, tracked_step
 
     dist.init_process_group("gloo")
     rank, out = dist.get_rank(), {}
     for name, overrides in layouts:
         cfg = config(overrides, 4)
-        p = cfg.parallel
-        dims = ParallelDims(dp=p.dp, tp=p.tp, pp=p.pp, rank=rank)
-        dims.backend = "gloo"
-        dims._build_groups()
+        dims = gloo_dims(cfg, rank)
         torch.manual_seed(rank)
         parts = build_rank(cfg, dims, cfg.model.vocab_size, fused_kernels=False)
         step = tracked_step(parts, cfg, cfg.train.grad_accum)  # the whole step

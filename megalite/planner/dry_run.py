@@ -72,6 +72,16 @@ def fake_world(dp: int, tp: int, pp: int, rank: int) -> Iterator[ParallelDims]:
         dist.destroy_process_group()
 
 
+def gloo_dims(cfg: Config, rank: int) -> ParallelDims:
+    """``ParallelDims`` of ``rank`` for ``cfg``'s layout on the running gloo process group: the
+    real step that dry runs are held to (bench/plan_vs_measured.py, tests/test_dry_run.py)."""
+    p = cfg.parallel
+    dims = ParallelDims(dp=p.dp, tp=p.tp, pp=p.pp, rank=rank)
+    dims.backend = "gloo"
+    dims._build_groups()
+    return dims
+
+
 def peak_micro_batches(schedule: str, pp: int, ga: int, pp_rank: int, v: int) -> int:
     """How many of the step's ``ga`` micro-batches the dry run runs on this rank: with pp = 1,
     one (each micro-batch's forward and backward end before the next begins); with pp > 1 the
