@@ -294,24 +294,6 @@ def generate_main(argv: List[str]) -> int:
     return 0
 
 
-def serve_main(argv: List[str]) -> int:
-    from megalite.serve.server import main
-
-    return main(argv)
-
-
-def prepare_data_main(argv: List[str]) -> int:
-    from megalite.data.prepare import main
-
-    return main(argv)
-
-
-def launch_main(argv: List[str]) -> int:
-    from megalite.launcher.main import main
-
-    return main(argv)
-
-
 def bench_main(argv: List[str]) -> int:
     """``megalite bench kernels ...`` runs bench/kernels.py of this source checkout."""
     import importlib.util
@@ -332,35 +314,26 @@ def bench_main(argv: List[str]) -> int:
     return module.main(argv[1:])
 
 
-def convert_main(argv: List[str]) -> int:
-    from megalite.cli_files import convert_main as run
-
-    return run(argv)
-
-
-def checkpoint_main(argv: List[str]) -> int:
-    from megalite.cli_files import checkpoint_main as run
-
-    return run(argv)
+# Commands whose code lives elsewhere, imported only when called ("module:function").
+_ELSEWHERE = {"plan": "megalite.planner.cli:plan_main", "finetune": "megalite.finetune:main",
+              "convert": "megalite.cli_files:convert_main",
+              "checkpoint": "megalite.cli_files:checkpoint_main",
+              "prepare-data": "megalite.data.prepare:main", "launch": "megalite.launcher.main:main",
+              "serve": "megalite.serve.server:main"}
 
 
-def plan_main(argv: List[str]) -> int:
-    from megalite.planner.cli import plan_main as run
+def _elsewhere(target: str):
+    def run(argv: List[str]) -> int:
+        import importlib
 
-    return run(argv)
-
-
-def finetune_main(argv: List[str]) -> int:
-    from megalite.finetune import main
-
-    return main(argv)
+        module, name = target.split(":")
+        return getattr(importlib.import_module(module), name)(argv)
+    return run
 
 
-COMMANDS = {"train": train_main, "plan": plan_main, "eval": eval_main, "generate": generate_main,
-            "finetune": finetune_main,
-            "convert": convert_main, "checkpoint": checkpoint_main,
-            "prepare-data": prepare_data_main, "bench": bench_main, "launch": launch_main,
-            "serve": serve_main}
+COMMANDS = {"train": train_main, "eval": eval_main, "generate": generate_main,
+            "bench": bench_main,
+            **{name: _elsewhere(target) for name, target in _ELSEWHERE.items()}}
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -100,12 +100,15 @@ def build_argv(a: argparse.Namespace, rest: List[str]) -> List[str]:
 
 
 def _global_batch(argv: List[str]) -> int:
-    """micro x grad_accum x dp of these overrides (dp auto: 1 here; launched runs say theirs)."""
-    def last(name: str, default: int) -> int:
-        vals = [x.split("=", 1)[1] for x in argv if x.startswith(f"--{name}=")]
-        return int(vals[-1]) if vals and vals[-1] != "auto" else default
-    return last("train.micro_batch_size", 32) * last("train.grad_accum", 1) * last(
-        "parallel.dp", 1)
+    """The global batch these train arguments resolve to (config files, overrides, dp=auto
+    under a launcher), as ``megalite train`` will resolve it."""
+    from megalite.config import parse_args
+    from megalite.parallel.env import discover
+
+    env = discover()
+    cfg, _ = parse_args([*argv, "--train.steps=1", "--train.warmup_steps=0"], verbose=False,
+                        world_size=env.world_size if env is not None else None)
+    return cfg.train.global_batch_size
 
 
 def evaluate(run_dir: str, cfg_argv: List[str]) -> Dict[str, float]:

@@ -3,7 +3,7 @@ trainer in this process (the single-process reference) or in a spawned rank."""
 from __future__ import annotations
 
 import os
-from typing import List
+from typing import Dict, List, Tuple
 
 from megalite.config import parse_args
 
@@ -36,3 +36,14 @@ def train(cfg, distributed: bool):
 def max_abs_diff(a: List[float], b: List[float]) -> float:
     assert len(a) == len(b), (len(a), len(b))
     return max(abs(x - y) for x, y in zip(a, b))
+
+
+def snapshot(root: str) -> Dict[str, Tuple[bytes, int]]:
+    """Every file under ``root``: its bytes and modification time (did anything write there?)."""
+    out = {}
+    for d, _, files in os.walk(root):
+        for name in files:
+            path = os.path.join(d, name)
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, root)] = (f.read(), os.stat(path).st_mtime_ns)
+    return out

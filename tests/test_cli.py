@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from helpers import REPO, tiny_config
+from helpers import REPO, snapshot, tiny_config
 from megalite.cli import main
 
 TINY = os.path.join(REPO, "configs", "tiny.yaml")
@@ -57,17 +57,6 @@ def test_world_size_mismatch_exits_2():
     assert "world size 3 != dp*pp*tp = 2*1*1 = 2" in r.stderr, r.stderr
 
 
-def _snapshot(run_dir):
-    """Every file under the run directory: its bytes and modification time."""
-    out = {}
-    for root, _, files in os.walk(run_dir):
-        for name in files:
-            path = os.path.join(root, name)
-            with open(path, "rb") as f:
-                out[os.path.relpath(path, run_dir)] = (f.read(), os.stat(path).st_mtime_ns)
-    return out
-
-
 def test_bare_run_spawns_ranks_then_eval_and_generate(tmp_path, data_cache):
     run_dir = str(tmp_path / "run")
     common = ["--config", TINY, f"--run.dir={run_dir}", f"--data.cache_dir={data_cache}",
@@ -86,7 +75,7 @@ def test_bare_run_spawns_ranks_then_eval_and_generate(tmp_path, data_cache):
     assert os.path.exists(os.path.join(run_dir, "checkpoints", "latest"))
     assert records[-1]["val_loss"] > 0  # the end-of-run validation loss is in the last row
     assert "validation loss" in r.stdout and "val_loss" not in records[0]
-    before = _snapshot(run_dir)
+    before = snapshot(run_dir)
     assert "config.yaml" in before and any(k.startswith("tensorboard") for k in before)
 
     # only train writes into a run directory: eval and generate leave it byte-identical
@@ -97,7 +86,7 @@ def test_bare_run_spawns_ranks_then_eval_and_generate(tmp_path, data_cache):
              "--max_new_tokens", "12", "--temperature", "0")
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.startswith("the ")
-    after = _snapshot(run_dir)
+    after = snapshot(run_dir)
     assert sorted(after) == sorted(before)
     assert all(after[k] == before[k] for k in before), [k for k in before if after[k] != before[k]]
 

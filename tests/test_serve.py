@@ -25,7 +25,7 @@ pytest.importorskip("fastapi", reason="megalite serve needs fastapi (the serve e
 pytest.importorskip("uvicorn", reason="megalite serve needs uvicorn (the serve extra)")
 openai = pytest.importorskip("openai", reason="the serve tests use the openai client")
 
-from helpers import REPO, tiny_config, train  # noqa: E402
+from helpers import REPO, snapshot, tiny_config, train  # noqa: E402
 from megalite import cli  # noqa: E402
 from megalite.generate import _prefill, generate  # noqa: E402
 from megalite.serve.batch import SlotCache, decode_step  # noqa: E402
@@ -39,17 +39,6 @@ TEMPLATE = ("{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}"
 PROMPTS = ["the ", "the quick fox ", "the old robots", "a", "the tall child helps", "12 + 3",
            "the green dog", "the red", "4", "the small children find", "the happy fox ",
            "the tall robot finds the", "3 + 4", "the cat", "the old farmer", "hello"]
-
-
-def snapshot(root: str) -> Dict[str, Tuple[bytes, int]]:
-    """Every file under ``root``: its bytes and modification time."""
-    out = {}
-    for d, _, files in os.walk(root):
-        for name in files:
-            path = os.path.join(d, name)
-            with open(path, "rb") as f:
-                out[os.path.relpath(path, root)] = (f.read(), os.stat(path).st_mtime_ns)
-    return out
 
 
 class Served:

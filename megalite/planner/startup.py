@@ -35,14 +35,22 @@ class MemoryCheck:
 
     def step(self, train_step: Callable[[], dict], first: bool,
              say: Callable[[str], None]) -> dict:
+        """Run a training step; the first also counts micro-batch 0's saved activations
+        (``trainer.activations``) and says both measurements beside their predictions."""
         if not first:
             return train_step()
         say(self.describe())
+        activations, executor = self.trainer.activations, self.trainer.executor
+        activations.arm(executor)
         with self.first_step():
             record = train_step()
         if self.measured is not None:
             record.update(self.record())
             say(self.line())
+        counted = activations.measured(executor)
+        if counted:
+            record.update(counted)
+            say(activations.line(counted))
         return record
 
     def describe(self) -> str:

@@ -356,13 +356,9 @@ class Trainer:
         evaluated = False
         try:
             while self.step < cfg.train.steps:
-                first = not result.losses
-                if first:  # measure micro-batch 0's saved activations in this step
-                    self.activations.arm(self.executor)
-                record = self.memory_check.step(self.train_step, first, self.log.print)
-                if first and (measured := self.activations.measured(self.executor)):
-                    record.update(measured)
-                    self.log.print(ActivationReport.line(measured))
+                # the run's first step is measured: peak memory, micro-batch 0's activations
+                record = self.memory_check.step(self.train_step, not result.losses,
+                                                self.log.print)
                 result.losses.append(record["loss"])
                 last = self.step == cfg.train.steps and not record["stop"]
                 if last or (cfg.train.eval_interval and

@@ -4,7 +4,8 @@
 - The encoder (bert) pre-training: masked-LM samples (``tokens`` with [MASK]s, ``labels`` -100
   but at masked positions, ``token_types``, ``attention_mask``; ``data.mlm``).
 - Fine-tuning (``finetune.train`` set): labelled examples from JSON lines (``data.classification``):
-  ``tokens``/``token_types``/``attention_mask`` [b, s] and ``labels`` [b].
+  ``tokens``/``token_types``/``attention_mask`` [b, s] and ``labels`` [b]; sample i is example
+  i mod n (shuffled per epoch when training), so validation wraps around its file.
 Either way the executor divides the summed loss by the loss-bearing tokens (or examples) of the
 global batch, so any micro-batch split trains the same model."""
 from __future__ import annotations
@@ -91,8 +92,8 @@ def datasets(cfg: Config, num_train_samples: int, num_val_samples: int):
                                  cfg.train.seed, num_train_samples, shuffle=True)
         val = None
         if cfg.finetune.eval:
-            arrays = encode_examples(tok, _load(cfg, cfg.finetune.eval), seq)
-            val = LabelledExamples(arrays, 0, len(arrays["labels"]), shuffle=False)
+            val = LabelledExamples(encode_examples(tok, _load(cfg, cfg.finetune.eval), seq), 0,
+                                   num_val_samples, shuffle=False)  # wraps around the file
         return train, val, tok
     build = build_mlm_datasets if masked_lm(cfg) else build_datasets
     return build(cfg.data, cfg.train.seed, num_train_samples, num_val_samples)
@@ -104,13 +105,8 @@ def batch(cfg: Config, dataset, step: int, micro: int, dp_rank: int, micro_batch
     """Micro-batch ``micro`` of global batch ``step`` for data-parallel rank ``dp_rank``
     (``start`` None: evaluation, wrapping around the validation set)."""
     if isinstance(dataset, LabelledExamples):
-        if start is None and not dataset.shuffle:  # evaluation: consecutive, wrapping around
-            first = ((step * dp + dp_rank) * grad_accum + micro) * micro_batch_size
-            idx = np.arange(first, first + micro_batch_size) % dataset.n
-        else:
-            idx = micro_batch_indices(len(dataset), step, micro, dp_rank, micro_batch_size,
-                                      grad_accum, dp, start)
-        out = dataset.rows(idx)
+        out = dataset.rows(micro_batch_indices(len(dataset), step, micro, dp_rank,
+                                               micro_batch_size, grad_accum, dp, start))
     elif masked_lm(cfg):
         out = mlm_micro_batch(dataset, step, micro, dp_rank, micro_batch_size, grad_accum, dp,
                               start)
