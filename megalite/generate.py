@@ -25,17 +25,12 @@ import torch
 
 from megalite.models import CausalLM, KVCache, ModelArgs
 
-DECODER_FAMILIES = ("gpt", "llama")
-"""Families that generate text left to right; an encoder (BERT) has no next-token head."""
-
-
 def decoder_problem(args: ModelArgs, where: str) -> Optional[str]:
-    """Why ``where`` cannot generate text (an encoder or unknown family), or None."""
-    if args.family in DECODER_FAMILIES:
+    """Why ``where`` cannot generate text (an encoder: no next-token head), or None."""
+    if not args.is_encoder:
         return None
-    return (f"{where}: model family {args.family!r} is not a decoder ({', '.join(DECODER_FAMILIES)}"
-            "): an encoder has no next-token head to sample text from; use a gpt or llama "
-            "checkpoint")
+    return (f"{where}: model family {args.family!r} is not a decoder (gpt, llama): an encoder "
+            "has no next-token head to sample text from; use a gpt or llama checkpoint")
 
 
 def row_generators(seed: int, rows: int, device: torch.device) -> List[torch.Generator]:

@@ -47,7 +47,9 @@ def test_sub_boxes_read_from_raw_bytes_equal_torch_slices():
             blocks = touched_blocks(runs, element, block)
             for a, n in runs:
                 assert {a * element // block, ((a + n) * element - 1) // block} <= set(blocks)
-            assert sum(count for _, count in spans(blocks)) == len(blocks)
+            grouped = spans(blocks)  # every block once, in maximal runs of consecutive ones
+            assert [b for first, n in grouped for b in range(first, first + n)] == blocks
+            assert all(a + n < b for (a, n), (b, _) in zip(grouped, grouped[1:]))
 
 
 def test_row_ranges_are_one_run_and_column_splits_one_per_row():

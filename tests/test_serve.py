@@ -226,13 +226,11 @@ def test_short_request_overtakes_a_long_stream(served) -> None:
     long = iter(c.completions.create(model="tiny", prompt="the ", max_tokens=240,
                                      temperature=0, stream=True))
     next(long)  # the long request is decoding
+    # the short request returns while the long one is still streaming (it has chunks left)
     short = c.completions.create(model="tiny", prompt="a", max_tokens=2, temperature=0)
-    short_done = time.perf_counter()
     assert short.usage.completion_tokens <= 2
     rest = list(long)
-    long_done = time.perf_counter()
     assert rest and rest[-1].choices[0].finish_reason == "length"  # greedy: no end-of-text
-    assert short_done < long_done
     assert served.health()["batched_forwards"] > before  # a decode step held both
 
 

@@ -12,14 +12,9 @@ from typing import Any, Callable, Dict, Optional, Tuple
 import torch
 
 from megalite.interop.full_state import FullState, load_full_model_state
-from megalite.models import ModelArgs
+from megalite.models import SAME_MODEL_FIELDS, ModelArgs
 from megalite.models.transformer import init_tensor
 
-# Fields that change the weights' shapes or meaning; kernels, dropout, init_std and the packed-
-# document flags are the run's own choice.
-SAME_MODEL_FIELDS = ("family", "num_layers", "hidden_size", "num_heads", "num_kv_heads",
-                     "ffn_hidden_size", "vocab_size", "tie_embeddings", "norm_eps", "rope_theta",
-                     "rope_scaling")
 
 
 class InitFromError(ValueError):

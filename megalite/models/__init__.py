@@ -13,7 +13,14 @@ from megalite.models.transformer import (TIED_WEIGHTS, CausalLM, KVCache, ModelA
 from megalite.parallel.params import ParamTable
 
 __all__ = ["CausalLM", "KVCache", "ModelArgs", "build_model", "resolve_model_args", "lm_loss",
-           "num_params", "flops_per_token", "init_weights"]
+           "num_params", "flops_per_token", "init_weights", "SAME_MODEL_FIELDS"]
+
+# Fields that change the weights' shapes or meaning: resume and checkpoint.init_from refuse a
+# source that differs in one (GPT-2's max_seq_len too: its position table). Kernels, dropout,
+# init_std and the packed-document flags are the run's own choice.
+SAME_MODEL_FIELDS = ("family", "num_layers", "hidden_size", "num_heads", "num_kv_heads",
+                     "ffn_hidden_size", "vocab_size", "tie_embeddings", "norm_eps", "rope_theta",
+                     "rope_scaling")
 
 
 def resolve_model_args(cfg: ModelConfig, vocab_size: Optional[int] = None,

@@ -7,11 +7,10 @@ from typing import Dict, List, Optional
 from megalite.cli import _pop_option
 
 GIB = 2**30
-_pop = _pop_option  # --name VALUE / --name=VALUE, removed from argv
 
 
 def _int_option(argv: List[str], name: str) -> Optional[int]:
-    value = _pop(argv, name)
+    value = _pop_option(argv, name)
     if value is None:
         return None
     try:
@@ -218,7 +217,7 @@ def _plan(argv: List[str]) -> int:
         return 0 if argv else 2
     opts = {}
     for flag in PLAN_FLAGS:
-        value = _pop(argv, flag)
+        value = _pop_option(argv, flag)
         if value is not None:
             opts[flag] = value
     flags = {f for f in ("--json", "--explain") if f in argv}

@@ -287,7 +287,7 @@ def track_step(engine, opt, model: torch.nn.Module) -> Iterator[StepMemory]:
 
 def unsupported(cfg: Config) -> Optional[str]:
     """Why the planner cannot model this config, or None."""
-    if cfg.model.family not in ("gpt", "llama"):
+    if cfg.model.family == "bert":
         return (f"model.family={cfg.model.family}: the dry run and megalite plan model the "
                 "decoder families (gpt, llama) only")
     return None

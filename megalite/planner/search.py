@@ -98,8 +98,8 @@ def evaluate(cfg: Config, args, gpu: GPUSpec, gpus_per_node: int, budget: int,
     if c.memory["total"] > budget:
         states = sum(c.memory.get(k, 0) for k in ("params", "grads", "master", "optimizer"))
         what = "model states alone" if states > budget else "peak"
-        c.reason = (f"{what} {max(states if states > budget else 0, c.memory['total']) / 2**30:.2f}"
-                    f" GiB > {budget / 2**30:.2f} GiB")
+        shown = states if states > budget else c.memory["total"]
+        c.reason = f"{what} {shown / 2**30:.2f} GiB > {budget / 2**30:.2f} GiB"
     return c
 
 

@@ -23,14 +23,14 @@ class MemoryCheck:
         self.dims, self.engine, self.model = trainer.dims, trainer.engine, trainer.model
         self.cuda = self.dims.device.type == "cuda"
         self.terms: Optional[Dict[str, int]] = None
-        self.why = ""
-        args = trainer.args
-        if args.family not in ("gpt", "llama"):  # the planner models the decoder families
-            self.why = f"no prediction for family {args.family}"
-        else:
+        from megalite.planner.dry_run import unsupported
+
+        self.why = unsupported(trainer.cfg) or ""  # the planner models the decoder families
+        if not self.why:
             from megalite.planner.memory import rank_memory
 
-            self.terms = rank_memory(trainer.cfg, args, self.dims.pp_rank, gpu=self.cuda)
+            self.terms = rank_memory(trainer.cfg, trainer.args, self.dims.pp_rank,
+                                     gpu=self.cuda)
         self.measured: Optional[int] = None
 
     def step(self, train_step: Callable[[], dict], first: bool,

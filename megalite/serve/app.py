@@ -13,12 +13,12 @@ import secrets
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator, Dict, List, Optional, Tuple
 
-import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
+from megalite.generate import row_generators
 from megalite.serve.engine import Engine, Event, QueueFull, Sequence
 from megalite.serve.loading import Loaded
 from megalite.serve.schemas import (SEED_LIMIT, APIError, ChatRequest, CompletionRequest,
@@ -189,12 +189,13 @@ class Endpoints:
         seed = req.seed if req.seed is not None else secrets.randbelow(SEED_LIMIT)
         loop, queue = asyncio.get_running_loop(), asyncio.Queue()
         seqs: List[Sequence] = []
+        # choice k samples from its own generator seeded seed + k, as generate's row k does
+        generators = row_generators(seed, len(prompts) * req.n, self.engine.device)
         for ids, budget in zip(prompts, budgets):
             for _ in range(req.n):
-                k = len(seqs)  # choice k samples from its own generator seeded seed + k
-                generator = torch.Generator(device=self.engine.device).manual_seed(seed + k)
+                k = len(seqs)
                 seqs.append(Sequence(ids, budget, req.temperature, max(req.top_k, 0), req.top_p,
-                                     generator, TextStream(self.loaded.tokenizer, stops),
+                                     generators[k], TextStream(self.loaded.tokenizer, stops),
                                      _deliver(loop, queue, k)))
         return seqs, queue
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 from typing import List, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from megalite.models import CausalLM, KVCache
 from megalite.models.transformer import apply_rope, rope_cos_sin
@@ -70,10 +69,11 @@ def decode_step(model: CausalLM, cache: SlotCache, tokens: torch.Tensor) -> torc
     rows = torch.arange(b, device=tokens.device)
     # [B, 1, 1, span]: row r attends to its keys 0..lengths[r] (its new one last)
     attend = (torch.arange(span, device=tokens.device)[None, :] <= pos[:, None])[:, None, None]
-    x = model.embed.tok(tokens[:, None])  # [B, 1, h]
-    if model.embed.pos is not None:
-        x = x + model.embed.pos(pos[:, None])
-    x = model.embed.drop(x)
+    x = model.embed(tokens[:, None], positions=pos[:, None])  # [B, 1, h]
+    first = model.layers[0].attn
+    if first.rope_theta is not None:  # the same rotation in every layer: [B, 1, 1, d]
+        cos, sin = rope_cos_sin(pos[:, None], first.head_dim, first.rope_theta,
+                                x.dtype, first.rope_scaling)
     for i, block in enumerate(model.layers):
         attn = block.attn
         q, k, v = attn.project(block.attn_norm(x))
@@ -81,16 +81,11 @@ def decode_step(model: CausalLM, cache: SlotCache, tokens: torch.Tensor) -> torc
         k = k.view(b, 1, -1, attn.head_dim).transpose(1, 2)  # [B, nkv, 1, d]
         v = v.view(b, 1, -1, attn.head_dim).transpose(1, 2)
         if attn.rope_theta is not None:
-            cos, sin = rope_cos_sin(pos[:, None], attn.head_dim, attn.rope_theta, q.dtype,
-                                    attn.rope_scaling)  # [B, 1, 1, d]
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         cache.k[i][rows, :, pos] = k[:, :, 0]  # [B, nkv, d] into each row's next position
         cache.v[i][rows, :, pos] = v[:, :, 0]
         keys, values = cache.k[i][:b, :, :span], cache.v[i][:b, :, :span]
-        if keys.shape[1] != q.shape[1]:  # grouped-query heads
-            rep = q.shape[1] // keys.shape[1]
-            keys, values = keys.repeat_interleave(rep, 1), values.repeat_interleave(rep, 1)
-        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=attend)
+        y = attn.core(q, keys, values, attend, False, None)  # grouped-query expansion, SDPA
         x = x + block.drop(attn.o_proj(y.transpose(1, 2).reshape(b, 1, -1)))
         x = x + block.drop(block.mlp(block.mlp_norm(x)))
     for r in range(b):

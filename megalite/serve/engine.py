@@ -125,7 +125,7 @@ class Engine:
             for seq in live:
                 self.cache.fill(len(self.active), caches)
                 self.active.append(seq)
-                self._emit(seq, logits)
+            self._emit(live, logits.expand(len(live), -1))
         self._free_finished()
         if not self.active:
             return
@@ -133,15 +133,20 @@ class Engine:
         logits = decode_step(self.model, self.cache, last)
         self.forwards += 1
         self.batched_forwards += len(self.active) > 1
-        for r, seq in enumerate(self.active):
-            self._emit(seq, logits[r:r + 1])
+        self._emit(self.active, logits)
         self._free_finished()
 
-    def _emit(self, seq: Sequence, logits: torch.Tensor) -> None:
-        """Sample ``seq``'s next token from ``logits`` [1, vocab] and hand out its text."""
-        if seq.cancelled:
-            return
-        token = int(sample_next(logits, seq.temperature, seq.top_k, seq.top_p, seq.generator))
+    def _emit(self, seqs: List[Sequence], logits: torch.Tensor) -> None:
+        """Sample each sequence's next token from its row of ``logits`` [len(seqs), vocab] (its
+        own settings and generator), bring them to the host in one transfer, and hand out the
+        text."""
+        picks = torch.cat([sample_next(logits[r:r + 1], s.temperature, s.top_k, s.top_p,
+                                       s.generator) for r, s in enumerate(seqs)])
+        for seq, token in zip(seqs, picks.tolist()):
+            if not seq.cancelled:
+                self._deliver(seq, token)
+
+    def _deliver(self, seq: Sequence, token: int) -> None:
         seq.tokens.append(token)
         if token == self.eod_id:
             seq.finish_reason = "stop"

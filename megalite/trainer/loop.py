@@ -113,7 +113,7 @@ class Trainer:
         self._opt: Optional[ShardedAdamW] = None  # eval (read_only) loads weights only
         if not read_only:
             self.opt  # noqa: B018 - the property builds it
-        self.memory_check = MemoryCheck(self)  # planner: predicted, then step 1's measured peak
+        self.memory_check = None if read_only else MemoryCheck(self)  # predicted, then measured
         self.scaler = None  # fp16 only
         if t.precision == "fp16":
             self.scaler = LossScaler(t.loss_scale or t.initial_loss_scale, t.loss_scale_window,

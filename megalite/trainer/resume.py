@@ -164,6 +164,7 @@ def save_checkpoint(t) -> str:
     if t.saver is None:
         return checkpoint.save(*args, entries, meta, t.tokenizer_file,
                                t.cfg.checkpoint.keep)
+    t.saver.wait()  # the previous save's host copy is released before this one is made
     t.saver.submit(checkpoint.save, *args, staged(entries), meta, t.tokenizer_file,
                       t.cfg.checkpoint.keep, group=t.saver.group)
     return checkpoint.step_dir(t.ckpt_dir, t.step)
