@@ -176,5 +176,5 @@ setup(
                "mpi4py", "deepspeed", "zstandard", "megatron-core",
                "fastapi>=0.100", "uvicorn>=0.23", "jinja2>=3.1", "pydantic>=2", "openai>=1.0"],
     },
-    entry_points={"console_scripts": ["megalite=megalite.cli:main"]},
+    entry_points={"console_scripts": ["megalite=megalite.cli:entry"]},
 )

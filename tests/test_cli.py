@@ -49,6 +49,17 @@ def test_config_error_exits_2_before_anything_starts():
     assert len(lines) == 1 and "train.lr" in lines[0] and "-1" in lines[0], r.stderr
 
 
+def test_rank_process_exit_keeps_code_and_output():
+    """A process that started torch.distributed ends through exit_process (os._exit, no
+    interpreter finalisation): its exit code and its unflushed output must survive."""
+    code = ("import megalite.parallel.dims as d; from megalite.cli import exit_process; "
+            "d.STARTED_PROCESS_GROUP = True; print('out', end=''); "
+            "print('err', end='', file=__import__('sys').stderr); exit_process(3)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=120, cwd=REPO)
+    assert (r.returncode, r.stdout, r.stderr) == (3, "out", "err"), r
+
+
 def test_world_size_mismatch_exits_2():
     env = {"RANK": "0", "WORLD_SIZE": "3", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
            "MASTER_PORT": "1"}

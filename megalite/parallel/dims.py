@@ -20,6 +20,10 @@ from megalite.parallel.device import DeviceError, cuda_index, resolve_backend
 from megalite.parallel.env import LaunchEnv
 from megalite.parallel.store import rendezvous_store
 
+# Set once this process has started torch.distributed: its entry point then ends it with
+# megalite.cli.exit_process (no interpreter finalisation).
+STARTED_PROCESS_GROUP = False
+
 
 class LayoutError(ValueError):
     """The parallel degrees, backend or devices do not fit the world the launcher started."""
@@ -128,6 +132,8 @@ class ParallelDims:
         dims.backend = backend
         os.environ.setdefault("MASTER_ADDR", env.master_addr)
         os.environ.setdefault("MASTER_PORT", str(env.master_port))
+        global STARTED_PROCESS_GROUP
+        STARTED_PROCESS_GROUP = True
         if not dist.is_initialized():
             dist.init_process_group(backend, rank=env.rank, world_size=env.world_size,
                                     timeout=datetime.timedelta(seconds=timeout_s),
