@@ -77,8 +77,6 @@ def _run_ranks(command: str, argv: List[str]) -> int:
     except RuntimeError as e:  # a launcher left an unusable environment
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if env is not None:  # a rank: a fatal signal (SIGABRT, SIGSEGV) prints its Python stack
-        faulthandler.enable()
     cfg, _ = parse_or_exit(argv, env.world_size if env is not None else None,
                            node_speaker=env is None or env.local_rank == 0)
     from megalite.data import DataError
@@ -369,12 +367,14 @@ def exit_process(code: int) -> None:
             pass
     if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
         mpi.Finalize()
-    os._exit(code if isinstance(code, int) else 1)
+    os._exit(code if isinstance(code, int) else (0 if code is None else 1))
 
 
-def entry() -> None:
-    """The ``megalite`` console script."""
-    exit_process(main())
+def entry(argv: Optional[List[str]] = None) -> None:
+    """The process entry (``megalite`` console script, ``python -m megalite.cli`` and
+    ``megalite.train``). A fatal signal (a rank's SIGABRT or SIGSEGV) prints its Python stack."""
+    faulthandler.enable()
+    exit_process(main(argv))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """``python -m megalite.train`` == ``megalite train``: launchers need a module to run."""
 import sys
 
-from megalite.cli import exit_process, train_main
+from megalite.cli import entry
 
 if __name__ == "__main__":
-    exit_process(train_main(sys.argv[1:]))
+    entry(["train", *sys.argv[1:]])
