@@ -111,6 +111,30 @@ def test_plan_against_published_llama_8b_h100():
     assert per_gpu == pytest.approx(5762, rel=0.30)
 
 
+def test_plan_fp32_at_the_fp32_peak():
+    """The presets' peaks are megalite/hardware.py's PEAKS (the trainer's MFU table) with its
+    TF32 rule: the trainer leaves TF32 off, so an fp32 plan runs its matmuls at H100's FP32 peak
+    (67 TFLOP/s, not TF32's 494.5): MFU divides by 67, the compute term is >10x bf16's (989 vs
+    67 at the matmul roof); a bf16 plan divides by 989."""
+    from megalite.hardware import GPU_SPECS, peak_tflops
+
+    rows, compute = {}, {}
+    for precision, peak in (("fp32", 67.0), ("bf16", 989.0)):
+        code, out, err = plan(*LLAMA_7B, "--gpus", "8", "--layout",
+                              "dp=8,tp=1,pp=1,mbs=1,zero=3,recompute=full",
+                              f"--train.precision={precision}", "--json")
+        assert code == 0, err
+        row = rows[precision] = out["layouts"][0]
+        # MFU = model FLOP/s per GPU over the peak the run computes at
+        assert row["mfu"] == pytest.approx(out["flops_per_token"] * row["tokens_per_s"] / 8
+                                           / (peak * 1e12)), (precision, row["mfu"])
+        compute[precision] = row["time"]["compute (roofline, all micro-batches)"]
+    assert compute["fp32"] > 10 * compute["bf16"], compute
+    assert GPU_SPECS["h100-80gb"].peaks == {"bf16": 989.0, "fp16": 989.0, "tf32": 494.5,
+                                            "fp32": 67.0}
+    assert GPU_SPECS["b200"].peak_tflops("fp32") == 75.0 == peak_tflops("NVIDIA B200", "fp32")
+
+
 def test_plan_bad_input_is_one_line():
     """Missing --gpus, an unknown GPU, a bad --layout, a family the planner does not model, a
     vocabulary it cannot know without data: one `error:` line naming it, exit 2."""

@@ -156,7 +156,8 @@ PLAN_USAGE = """usage: megalite plan --config FILE.yaml --gpus N [--gpus-per-nod
 Ranks every dp x tp x pp / schedule / ZeRO / offload / micro-batch / recompute layout of N GPUs
 that the config validation accepts by predicted step time, among those whose predicted peak
 memory per GPU fits in --memory-fraction of the GPU (megalite/planner/). GPU presets: {gpus}.
-A custom GPU: all five --gpu-* numbers. --layout evaluates one layout (keys dp, tp, pp, v,
+A custom GPU: all five --gpu-* numbers (--gpu-tflops: the dense peak at the config's
+train.precision). An fp32 run is planned at the FP32 peak, as the trainer runs it (TF32 off). --layout evaluates one layout (keys dp, tp, pp, v,
 schedule, mbs, zero, offload, recompute); --explain prints every term of the best (or that)
 layout; --confirm K runs the dry run (megalite train --dry_run) of the top K on fake tensors."""
 
@@ -199,9 +200,10 @@ def _gpu_spec(opts: Dict[str, str]):
                              f"--gpu-hbm-gbs, --gpu-intra-gbs, --gpu-inter-gbs (got "
                              f"{', '.join(custom)})")
         v = {k: _number(opts[k], k) for k in custom}
-        return GPUSpec("custom", int(v["--gpu-memory-gib"] * GIB), v["--gpu-tflops"],
-                       v["--gpu-tflops"] / 2, v["--gpu-hbm-gbs"], v["--gpu-intra-gbs"],
-                       v["--gpu-inter-gbs"])
+        peak = v["--gpu-tflops"]  # the dense peak at the run's precision, whichever it is
+        return GPUSpec("custom", int(v["--gpu-memory-gib"] * GIB),
+                       {"bf16": peak, "fp16": peak, "fp32": peak}, v["--gpu-hbm-gbs"],
+                       v["--gpu-intra-gbs"], v["--gpu-inter-gbs"])
     name = opts.get("--gpu", "h100-80gb").lower()
     if name not in GPU_SPECS:
         raise ValueError(f"--gpu={name}: unknown; use one of {', '.join(GPU_SPECS)} or give a "

@@ -43,6 +43,7 @@ def run_plan(argv: List[str], opts: Dict[str, str], flags: Set[str], gpus: int, 
     problem = unsupported(base) or _vocab_problem(base)
     if problem:
         return _fail([problem])
+    gpu.peak_tflops(base.train.precision)  # no peak known: one line now, not mid-search
     seq = base.data.seq_len
     global_batch = base.train.global_batch_size
     if "--global_batch_tokens" in opts:
