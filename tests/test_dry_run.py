@@ -12,7 +12,7 @@ import torch
 from megalite import cli
 from megalite.config.load import parse_args
 from megalite.planner.cli import dry_args
-from megalite.planner.dry_run import dry_run, missing_apis
+from megalite.planner.dry_run import dry_run, layout_dims, missing_apis
 from megalite.planner.memory import model_states, rank_memory
 from tests.distributed import run_distributed
 
@@ -76,7 +76,7 @@ def _real_peaks(layouts):
         cfg = config(overrides, 4)
         dims = gloo_dims(cfg, rank)
         torch.manual_seed(rank)
-        parts = build_rank(cfg, dims, cfg.model.vocab_size, fused_kernels=False)
+        parts = build_rank(cfg, dims, cfg.model.vocab_size)
         step = tracked_step(parts, cfg, cfg.train.grad_accum)  # the whole step
         out[name] = (step.peak, step.kinds)
     return out
@@ -93,8 +93,7 @@ def test_dry_run_and_analytic_against_real_step():
         args = dry_args(cfg)
         for rank in RANKS if cfg.parallel.pp > 1 else RANKS[:1]:  # pp = 1: ranks alike
             fake = dry_run(cfg, rank)
-            analytic = rank_memory(cfg, args, rank // (cfg.parallel.dp * cfg.parallel.tp),
-                                   gpu=False)
+            analytic = rank_memory(cfg, args, layout_dims(cfg, rank).pp_rank, gpu=False)
             peak, kinds = real[rank][name]
             lines.append(f"{name} rank {rank}: real {peak / 2**20:.2f} MiB, dry run "
                          f"{fake.peak / 2**20:.2f} MiB ({fake.peak / peak:.3f}), analytic "

@@ -9,7 +9,7 @@ import pytest
 
 from megalite import cli
 from megalite.planner.dry_run import missing_apis, peak_micro_batches
-from megalite.planner.memory import _live_states, flat_groups, state_bytes
+from megalite.planner.memory import flat_groups, live_states, state_bytes
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GIB = 2**30
@@ -40,12 +40,12 @@ def test_flat_groups_and_schedule_states_by_hand():
     tied = [[("embed.tok.weight", 4), ("x", 2)]]
     assert flat_groups(tied, 1.0, 32, True) == [(0, 2), (0, 4)]  # the tied weight alone
     def top(*a):
-        return max(live for live, _ in _live_states(*a))
+        return max(live for live, _ in live_states(*a))
 
     assert top("1f1b", 4, 8, 0, 1) == 4 and top("1f1b", 4, 8, 3, 1) == 1
     assert top("gpipe", 4, 8, 2, 1) == 8
-    assert max(d for _, d in _live_states("zb-h1", 4, 8, 0, 1)) > 0
-    assert max(d for _, d in _live_states("1f1b", 4, 8, 0, 1)) == 0
+    assert max(d for _, d in live_states("zb-h1", 4, 8, 0, 1)) > 0
+    assert max(d for _, d in live_states("1f1b", 4, 8, 0, 1)) == 0
     # the dry run's micro-batch count: 1 without a pipeline, warm-up + 2 more with, all GPipe's
     assert peak_micro_batches("1f1b", 1, 64, 0, 1) == 1
     assert peak_micro_batches("1f1b", 4, 32, 0, 1) == 6
