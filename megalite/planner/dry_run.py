@@ -147,6 +147,7 @@ class RankParts:
     opt: object
     dims: ParallelDims
     dtype: torch.dtype
+    split_rng: object = None  # TP ranks' dropout stream (tp > 1 with dropout)
 
 
 def build_rank(cfg: Config, dims: ParallelDims, vocab_size: int) -> RankParts:
@@ -187,7 +188,7 @@ def build_rank(cfg: Config, dims: ParallelDims, vocab_size: int) -> RankParts:
     opt = ShardedAdamW(engine, t.lr, (t.beta1, t.beta2), t.eps, t.weight_decay,
                        offload=p.offload_optimizer)
     opt._ensure_moments()  # the steady state: moments exist from the second step on
-    return RankParts(args, model, engine, executor, opt, dims, dtype)
+    return RankParts(args, model, engine, executor, opt, dims, dtype, split_rng)
 
 
 KINDS = ("params", "grads", "master", "optimizer", "buffers", "activations", "temporaries",
