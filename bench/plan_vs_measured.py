@@ -72,7 +72,7 @@ def _rank(rank, port, layouts, out):
         for name, overrides in layouts:
             cfg = config(overrides, 4)
             dims = gloo_dims(cfg, rank)
-            parts = build_rank(cfg, dims, cfg.model.vocab_size, fused_kernels=False)
+            parts = build_rank(cfg, dims, cfg.model.vocab_size)
             tracked_step(parts, cfg, cfg.train.grad_accum)  # warm-up (moments, caches)
             step = tracked_step(parts, cfg, cfg.train.grad_accum)
             result[name] = (step.peak, step.seconds)
@@ -90,7 +90,7 @@ def main(argv=None) -> int:
 
     from megalite.launcher.local import free_port
     from megalite.planner.cli import dry_args
-    from megalite.planner.dry_run import dry_run
+    from megalite.planner.dry_run import dry_run, layout_dims
     from megalite.planner.memory import rank_memory
 
     layouts = LAYOUTS[:4] if a.quick else LAYOUTS
@@ -111,7 +111,8 @@ def main(argv=None) -> int:
         for rank in ((0, 3) if p.pp > 1 else (0,)):
             peak, seconds = real[rank][name]
             fake = dry_run(cfg, rank).peak
-            analytic = rank_memory(cfg, dry_args(cfg), rank // (p.dp * p.tp), gpu=False)
+            analytic = rank_memory(cfg, dry_args(cfg), layout_dims(cfg, rank).pp_rank,
+                                   gpu=False)
             print(f"{name:<24} {rank:>4} | {peak / mib:>9.2f} {fake / mib:>9.2f} "
                   f"{analytic['total'] / mib:>9.2f}     | {fake / peak:>8.3f} "
                   f"{analytic['total'] / peak:>9.3f} | {seconds:>10.3f}")

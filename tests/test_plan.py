@@ -9,7 +9,7 @@ import pytest
 
 from megalite import cli
 from megalite.planner.dry_run import missing_apis, peak_micro_batches
-from megalite.planner.memory import _live_states, flat_groups, state_bytes
+from megalite.planner.memory import flat_groups, live_states, state_bytes
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GIB = 2**30
@@ -40,12 +40,12 @@ def test_flat_groups_and_schedule_states_by_hand():
     tied = [[("embed.tok.weight", 4), ("x", 2)]]
     assert flat_groups(tied, 1.0, 32, True) == [(0, 2), (0, 4)]  # the tied weight alone
     def top(*a):
-        return max(live for live, _ in _live_states(*a))
+        return max(live for live, _ in live_states(*a))
 
     assert top("1f1b", 4, 8, 0, 1) == 4 and top("1f1b", 4, 8, 3, 1) == 1
     assert top("gpipe", 4, 8, 2, 1) == 8
-    assert max(d for _, d in _live_states("zb-h1", 4, 8, 0, 1)) > 0
-    assert max(d for _, d in _live_states("1f1b", 4, 8, 0, 1)) == 0
+    assert max(d for _, d in live_states("zb-h1", 4, 8, 0, 1)) > 0
+    assert max(d for _, d in live_states("1f1b", 4, 8, 0, 1)) == 0
     # the dry run's micro-batch count: 1 without a pipeline, warm-up + 2 more with, all GPipe's
     assert peak_micro_batches("1f1b", 1, 64, 0, 1) == 1
     assert peak_micro_batches("1f1b", 4, 32, 0, 1) == 6
@@ -109,6 +109,30 @@ def test_plan_against_published_llama_8b_h100():
     per_gpu = row["tokens_per_s"] / 8
     print(f"Llama-3.1-8B layout: predicted {per_gpu:,.0f} tokens/s/GPU, published 5,762")
     assert per_gpu == pytest.approx(5762, rel=0.30)
+
+
+def test_plan_fp32_at_the_fp32_peak():
+    """The presets' peaks are megalite/hardware.py's PEAKS (the trainer's MFU table) with its
+    TF32 rule: the trainer leaves TF32 off, so an fp32 plan runs its matmuls at H100's FP32 peak
+    (67 TFLOP/s, not TF32's 494.5): MFU divides by 67, the compute term is >10x bf16's (989 vs
+    67 at the matmul roof); a bf16 plan divides by 989."""
+    from megalite.hardware import GPU_SPECS, peak_tflops
+
+    rows, compute = {}, {}
+    for precision, peak in (("fp32", 67.0), ("bf16", 989.0)):
+        code, out, err = plan(*LLAMA_7B, "--gpus", "8", "--layout",
+                              "dp=8,tp=1,pp=1,mbs=1,zero=3,recompute=full",
+                              f"--train.precision={precision}", "--json")
+        assert code == 0, err
+        row = rows[precision] = out["layouts"][0]
+        # MFU = model FLOP/s per GPU over the peak the run computes at
+        assert row["mfu"] == pytest.approx(out["flops_per_token"] * row["tokens_per_s"] / 8
+                                           / (peak * 1e12)), (precision, row["mfu"])
+        compute[precision] = row["time"]["compute (roofline, all micro-batches)"]
+    assert compute["fp32"] > 10 * compute["bf16"], compute
+    assert GPU_SPECS["h100-80gb"].peaks == {"bf16": 989.0, "fp16": 989.0, "tf32": 494.5,
+                                            "fp32": 67.0}
+    assert GPU_SPECS["b200"].peak_tflops("fp32") == 75.0 == peak_tflops("NVIDIA B200", "fp32")
 
 
 def test_plan_bad_input_is_one_line():

@@ -43,7 +43,7 @@ def memory_table(columns: Dict[str, Dict[str, int]], unit: int = GIB) -> str:
 def dry_run_main(argv: List[str]) -> int:
     """``megalite train --config F.yaml ... --dry_run [--rank R] [--world_size N]``."""
     from megalite.config import parse_or_exit
-    from megalite.planner.dry_run import dry_run, missing_apis, unsupported
+    from megalite.planner.dry_run import dry_run, layout_dims, missing_apis, unsupported
     from megalite.planner.memory import rank_memory
 
     argv = [a for a in argv if a != "--dry_run"]
@@ -85,7 +85,7 @@ def dry_run_main(argv: List[str]) -> int:
           f"reductions and the optimizer step in {result.seconds:.1f} s")
     columns = {"dry run": dict(result.kinds)}
     columns["dry run"]["total"] = result.peak
-    pp_rank = rank // (p.dp * p.tp)
+    pp_rank = layout_dims(cfg, rank).pp_rank
     args = dry_args(cfg)
     cpu_terms = rank_memory(cfg, args, pp_rank, gpu=False)
     columns["analytic"] = by_kind(cpu_terms)
@@ -128,11 +128,12 @@ def dry_args(cfg):
 
 def by_kind(terms: Dict[str, int]) -> Dict[str, int]:
     """The analytic model's named terms summed into the dry run's kinds."""
-    out = {k: terms.get(k, 0) for k in ("params", "grads", "master", "optimizer")}
+    from megalite.planner.memory import ACTIVATIONS, STATES, TEMPORARIES, term_bytes
+
+    out = {k: terms.get(k, 0) for k in STATES}
     out["buffers"] = 0
-    out["activations"] = sum(v for k, v in terms.items()
-                             if k.startswith(("activations", "head", "loss")))
-    out["temporaries"] = sum(v for k, v in terms.items() if k.startswith("temporaries"))
+    out["activations"] = term_bytes(terms, ACTIVATIONS)
+    out["temporaries"] = term_bytes(terms, TEMPORARIES)
     out["gathered+buckets"] = terms.get("gathered", 0) + terms.get("buckets", 0)
     out["total"] = terms["total"]
     return out
@@ -141,10 +142,11 @@ def by_kind(terms: Dict[str, int]) -> Dict[str, int]:
 def default_rank(cfg) -> int:
     """The first rank of the pipeline stage the analytic model predicts to peak (first or
     last)."""
+    from megalite.planner.dry_run import layout_dims
     from megalite.planner.memory import peak_rank
 
     pp_rank, _ = peak_rank(cfg, dry_args(cfg), gpu=False)
-    return pp_rank * cfg.parallel.dp * cfg.parallel.tp
+    return layout_dims(cfg).rank_of(pp_rank, 0, 0)
 
 
 PLAN_USAGE = """usage: megalite plan --config FILE.yaml --gpus N [--gpus-per-node 8] [--gpu h100-80gb]
@@ -156,7 +158,8 @@ PLAN_USAGE = """usage: megalite plan --config FILE.yaml --gpus N [--gpus-per-nod
 Ranks every dp x tp x pp / schedule / ZeRO / offload / micro-batch / recompute layout of N GPUs
 that the config validation accepts by predicted step time, among those whose predicted peak
 memory per GPU fits in --memory-fraction of the GPU (megalite/planner/). GPU presets: {gpus}.
-A custom GPU: all five --gpu-* numbers. --layout evaluates one layout (keys dp, tp, pp, v,
+A custom GPU: all five --gpu-* numbers (--gpu-tflops: the dense peak at the config's
+train.precision). An fp32 run is planned at the FP32 peak, as the trainer runs it (TF32 off). --layout evaluates one layout (keys dp, tp, pp, v,
 schedule, mbs, zero, offload, recompute); --explain prints every term of the best (or that)
 layout; --confirm K runs the dry run (megalite train --dry_run) of the top K on fake tensors."""
 
@@ -199,9 +202,10 @@ def _gpu_spec(opts: Dict[str, str]):
                              f"--gpu-hbm-gbs, --gpu-intra-gbs, --gpu-inter-gbs (got "
                              f"{', '.join(custom)})")
         v = {k: _number(opts[k], k) for k in custom}
-        return GPUSpec("custom", int(v["--gpu-memory-gib"] * GIB), v["--gpu-tflops"],
-                       v["--gpu-tflops"] / 2, v["--gpu-hbm-gbs"], v["--gpu-intra-gbs"],
-                       v["--gpu-inter-gbs"])
+        peak = v["--gpu-tflops"]  # the dense peak at the run's precision, whichever it is
+        return GPUSpec("custom", int(v["--gpu-memory-gib"] * GIB),
+                       {"bf16": peak, "fp16": peak, "fp32": peak}, v["--gpu-hbm-gbs"],
+                       v["--gpu-intra-gbs"], v["--gpu-inter-gbs"])
     name = opts.get("--gpu", "h100-80gb").lower()
     if name not in GPU_SPECS:
         raise ValueError(f"--gpu={name}: unknown; use one of {', '.join(GPU_SPECS)} or give a "

@@ -53,16 +53,24 @@ def missing_apis() -> Optional[str]:
     return None
 
 
+def layout_dims(cfg: Config, rank: int = 0) -> ParallelDims:
+    """``ParallelDims`` of ``rank`` in ``cfg``'s dp x tp x pp layout, no groups built: the one
+    place the planner maps ranks to coordinates (``.pp_rank``; ``.rank_of(pp_rank, 0, 0)`` the
+    first rank of a pipeline stage)."""
+    p = cfg.parallel
+    return ParallelDims(dp=p.dp, tp=p.tp, pp=p.pp, rank=rank)
+
+
 @contextlib.contextmanager
-def fake_world(dp: int, tp: int, pp: int, rank: int) -> Iterator[ParallelDims]:
-    """``ParallelDims`` of ``rank`` in a dp x tp x pp world on the fake backend: every group is
+def fake_world(cfg: Config, rank: int) -> Iterator[ParallelDims]:
+    """``ParallelDims`` of ``rank`` in ``cfg``'s world on the fake backend: every group is
     built as in training, every collective returns at once without moving data."""
     import torch.distributed as dist
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
     if dist.is_initialized():
         raise RuntimeError("the dry run needs its own (fake) process group; one is running")
-    dims = ParallelDims(dp=dp, tp=tp, pp=pp, rank=rank)
+    dims = layout_dims(cfg, rank)
     dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=dims.world_size)
     dims.backend = "fake"
     try:
@@ -75,8 +83,7 @@ def fake_world(dp: int, tp: int, pp: int, rank: int) -> Iterator[ParallelDims]:
 def gloo_dims(cfg: Config, rank: int) -> ParallelDims:
     """``ParallelDims`` of ``rank`` for ``cfg``'s layout on the running gloo process group: the
     real step that dry runs are held to (bench/plan_vs_measured.py, tests/test_dry_run.py)."""
-    p = cfg.parallel
-    dims = ParallelDims(dp=p.dp, tp=p.tp, pp=p.pp, rank=rank)
+    dims = layout_dims(cfg, rank)
     dims.backend = "gloo"
     dims._build_groups()
     return dims
@@ -91,28 +98,19 @@ def peak_micro_batches(schedule: str, pp: int, ga: int, pp_rank: int, v: int) ->
     only once its send is seen complete, so a stage's peak settles a little after the in-flight
     count does (the whole step's peak within 3% at 4 micro-batches in tests/test_dry_run.py,
     within 10% at 8 in bench/plan_vs_measured.py). Interleaved counts go in multiples of pp."""
+    from megalite.planner.memory import live_states
+
     if pp == 1:
         return min(ga, 1)
 
-    def shape(m: int):
-        acts = schedules.build(schedule, pp, m, pp_rank, v)
-        return schedules.max_in_flight(acts), _max_deferred(acts)
+    def shape(m: int):  # (most chunks in flight, most deferred W passes) of m micro-batches
+        states = live_states(schedule, pp, m, pp_rank, v)
+        return max(live for live, _ in states), max(deferred for _, deferred in states)
 
     target = shape(ga)
     step = pp if schedule == "interleaved" else 1
     fewest = next((m for m in range(step, ga, step) if shape(m) == target), ga)
     return min(ga, -(-(fewest + 2) // step) * step)
-
-
-def _max_deferred(actions: List[schedules.Action]) -> int:
-    """Most B passes whose W pass is still to come (zb-h1's weight-gradient store)."""
-    if not any(a.kind == "W" for a in actions):
-        return 0
-    live = peak = 0
-    for a in actions:
-        live += {"B": 1, "W": -1}.get(a.kind, 0)
-        peak = max(peak, live)
-    return peak
 
 
 def dry_vocab(cfg: Config) -> int:
@@ -149,13 +147,15 @@ class RankParts:
     opt: object
     dims: ParallelDims
     dtype: torch.dtype
+    split_rng: object = None  # TP ranks' dropout stream (tp > 1 with dropout)
 
 
-def build_rank(cfg: Config, dims: ParallelDims, vocab_size: int,
-               fused_kernels: bool = True) -> RankParts:
+def build_rank(cfg: Config, dims: ParallelDims, vocab_size: int) -> RankParts:
     """Model through the plan, ZeRO engine, executor, optimizer of ``dims``' rank — the
-    Trainer's constructors with the Trainer's arguments, minus data and run directory.
-    Weights are not drawn (``torch.empty``): the dry run and the memory tests need shapes."""
+    Trainer's constructors with the Trainer's arguments, minus data and run directory
+    (``tests/test_dry_run.py`` holds the two to the same parameters and states). Weights are
+    not drawn (``torch.empty``): the dry run and the memory tests need shapes. Norms run
+    PyTorch's ops (fake tensors cannot enter the fused kernels; they save the same tensors)."""
     from megalite.models import build_model, resolve_model_args
     from megalite.models.recompute import apply_recompute
     from megalite.pipeline.executor import PipelineExecutor
@@ -166,9 +166,8 @@ def build_rank(cfg: Config, dims: ParallelDims, vocab_size: int,
     from megalite.zero import ShardedAdamW, ZeroEngine
 
     t, p = cfg.train, cfg.parallel
-    args = resolve_model_args(cfg.model, vocab_size, cfg.data, None)
-    if not fused_kernels:
-        args = dataclasses.replace(args, kernels="torch")
+    args = dataclasses.replace(resolve_model_args(cfg.model, vocab_size, cfg.data, None),
+                               kernels="torch")
     dtype = DTYPES[t.precision]
     engine = ZeroEngine(p.zero_stage, dims, dtype, DTYPES[t.grad_dtype], p.bucket_mb,
                         p.zero2_accumulate, p.zero3_reshard_after_forward,
@@ -189,7 +188,7 @@ def build_rank(cfg: Config, dims: ParallelDims, vocab_size: int,
     opt = ShardedAdamW(engine, t.lr, (t.beta1, t.beta2), t.eps, t.weight_decay,
                        offload=p.offload_optimizer)
     opt._ensure_moments()  # the steady state: moments exist from the second step on
-    return RankParts(args, model, engine, executor, opt, dims, dtype)
+    return RankParts(args, model, engine, executor, opt, dims, dtype, split_rng)
 
 
 KINDS = ("params", "grads", "master", "optimizer", "buffers", "activations", "temporaries",
@@ -201,7 +200,6 @@ class StepMemory:
     """Peak bytes of one step on one rank, by kind (``KINDS``); ``peak`` is the tracker's."""
     peak: int
     kinds: Dict[str, int] = field(default_factory=dict)
-    engine_peaks: Dict[str, int] = field(default_factory=dict)  # engine's own counters
     micro_batches: int = 0
     of: int = 0  # micro-batches of the real step
     seconds: float = 0.0
@@ -230,19 +228,17 @@ def _step_tracker():
     return StepTracker()
 
 
-def tracked_step(parts: RankParts, cfg: Config, micro_batches: int,
-                 batches: Optional[list] = None) -> StepMemory:
-    """Run one training step of ``micro_batches`` (random tokens unless ``batches``) under
-    MemTracker and return its peak by kind. Real or fake tensors alike: the CPU measurement of
-    a real step uses the same function."""
+def tracked_step(parts: RankParts, cfg: Config, micro_batches: int) -> StepMemory:
+    """Run one training step of ``micro_batches`` (random tokens) under MemTracker and return
+    its peak by kind. Real or fake tensors alike: the CPU measurement of a real step uses the
+    same function."""
     e, o, dims = parts.engine, parts.opt, parts.dims
     actions = schedules.build(cfg.parallel.schedule, dims.pp, micro_batches, dims.pp_rank,
                               len(parts.model.chunks))
-    if batches is None:
-        shape = (cfg.train.micro_batch_size, cfg.data.seq_len)
-        vocab = parts.args.vocab_size
-        batches = [{"tokens": torch.randint(0, vocab, shape),
-                    "labels": torch.randint(0, vocab, shape)} for _ in range(micro_batches)]
+    shape = (cfg.train.micro_batch_size, cfg.data.seq_len)
+    vocab = parts.args.vocab_size
+    batches = [{"tokens": torch.randint(0, vocab, shape),
+                "labels": torch.randint(0, vocab, shape)} for _ in range(micro_batches)]
     start = time.perf_counter()
     with track_step(e, o, parts.model) as result:
         parts.executor.run(actions, batches, 1.0)
@@ -282,7 +278,7 @@ def track_step(engine, opt, model: torch.nn.Module) -> Iterator[StepMemory]:
     kinds["activations"] = by_type.get("Activation", 0)
     kinds["temporaries"] = by_type.get("Temp", 0) + by_type.get("Gradient", 0)
     kinds["gathered+buckets"] = result.peak - sum(kinds.values())
-    result.kinds, result.engine_peaks = kinds, engine.metrics()
+    result.kinds = kinds
 
 
 def unsupported(cfg: Config) -> Optional[str]:
@@ -301,8 +297,8 @@ def dry_run(cfg: Config, rank: int) -> StepMemory:
     p = cfg.parallel
     vocab = dry_vocab(cfg)
     start = time.perf_counter()
-    with fake_world(p.dp, p.tp, p.pp, rank) as dims, FakeTensorMode():
-        parts = build_rank(cfg, dims, vocab, fused_kernels=False)
+    with fake_world(cfg, rank) as dims, FakeTensorMode():
+        parts = build_rank(cfg, dims, vocab)
         ga = cfg.train.grad_accum
         m = peak_micro_batches(p.schedule, p.pp, ga, dims.pp_rank, p.virtual_stages)
         result = tracked_step(parts, cfg, m)

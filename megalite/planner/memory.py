@@ -22,7 +22,7 @@ Offload moves masters and moments (and an fp32 gradient copy) to host memory.
 
 **Activations**: per transformer layer, ``models.activation_memory.layer_activation_terms``
 (issue 15's re-derived terms, by recompute kind); times the layers of a chunk, times the chunks
-in flight at the schedule's peak (``schedules.max_in_flight`` of the rank's real action list:
+in flight at the schedule's peak (``live_states`` of the rank's real action list:
 p - r for 1F1B, more for interleaved; zb-h1's deferred weight passes keep their linear layers'
 inputs). The last stage adds the head: final-norm tensors and the loss's fp32 softmax over the
 (local) vocabulary. **Temporaries**: the backward's working set at the peak — the largest of one
@@ -52,6 +52,15 @@ LINEAR_INPUTS = ("q,k,v input", "o_proj input", "mlp input", "down_proj input",
                  "fc_out input")
 
 Named = List[Tuple[str, int]]  # (parameter name, numel) in unit.parameters() order
+# the term names' prefixes by kind (the report's columns, the dry run's kinds)
+STATES = ("params", "grads", "master", "optimizer")
+ACTIVATIONS = ("activations", "head", "loss")
+TEMPORARIES = ("temporaries",)
+
+
+def term_bytes(terms: Dict[str, int], prefixes: Tuple[str, ...]) -> int:
+    """The bytes of the terms whose names start with one of ``prefixes``."""
+    return sum(v for k, v in terms.items() if k.startswith(prefixes))
 
 
 _UNITS: Dict[str, Tuple[Named, Named, Named, int]] = {}
@@ -175,16 +184,20 @@ def in_flight(cfg: Config, pp_rank: int, chunk_bytes: int, deferred_bytes: int
     chunk's activations but its W pass still needs the linear layers' inputs and output
     gradients)."""
     p = cfg.parallel
-    states = _live_states(p.schedule, p.pp, cfg.train.grad_accum, pp_rank, p.virtual_stages)
+    states = live_states(p.schedule, p.pp, cfg.train.grad_accum, pp_rank, p.virtual_stages)
     return max(states, key=lambda st: st[0] * chunk_bytes + st[1] * deferred_bytes)
 
 
 _LIVE: Dict[Tuple, List[Tuple[int, int]]] = {}
 
 
-def _live_states(schedule: str, pp: int, ga: int, pp_rank: int, v: int
-                 ) -> List[Tuple[int, int]]:
-    """The distinct (live chunks, deferred W passes) the action list goes through. Cached."""
+def live_states(schedule: str, pp: int, ga: int, pp_rank: int, v: int
+                ) -> List[Tuple[int, int]]:
+    """The distinct (live chunks, deferred W passes) the action list goes through: an F makes
+    a chunk live, its B ends it (and, where the schedule splits W off — zb-h1 — defers its
+    weight pass), a W ends a deferral. The planner's one in-flight count (``in_flight`` here,
+    ``dry_run.peak_micro_batches``); its live counts agree with ``schedules.max_in_flight``,
+    which the executor's tests hold the real step to. Cached."""
     key = (schedule, pp, ga, pp_rank, v)
     if key not in _LIVE:
         actions = schedules.build(schedule, pp, ga, pp_rank, v)

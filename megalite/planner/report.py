@@ -11,10 +11,11 @@ import torch
 
 from megalite.config.load import parse_args
 from megalite.config.validate import ConfigError
-from megalite.planner.search import Candidate, configure, evaluate, parse_layout, search
+from megalite.planner.memory import ACTIVATIONS, STATES, TEMPORARIES, term_bytes
+from megalite.planner.search import (Candidate, configure, evaluate, parse_layout, search,
+                                     variant)
 
 GIB = 2**30
-STATES = ("params", "grads", "master", "optimizer")
 
 
 def _fail(lines: List[str]) -> int:
@@ -43,6 +44,7 @@ def run_plan(argv: List[str], opts: Dict[str, str], flags: Set[str], gpus: int, 
     problem = unsupported(base) or _vocab_problem(base)
     if problem:
         return _fail([problem])
+    gpu.peak_tflops(base.train.precision)  # no peak known: one line now, not mid-search
     seq = base.data.seq_len
     global_batch = base.train.global_batch_size
     if "--global_batch_tokens" in opts:
@@ -79,14 +81,10 @@ def run_plan(argv: List[str], opts: Dict[str, str], flags: Set[str], gpus: int, 
             cfg = configure(base, shape, global_batch)
         except ConfigError as e:
             return _fail([f"--layout {opts['--layout']}: {line}" for line in e.lines])
-        from megalite.planner.search import _with
-
         zero = int(chosen.get("zero", p.zero_stage))
         offload = chosen.get("offload", str(p.offload_optimizer)).lower() in ("1", "true")
-        cfg = _with(cfg, parallel={"zero_stage": zero, "offload_optimizer": offload},
-                    model={"recompute": chosen.get("recompute", base.model.recompute)})
-        layout = {**shape, "zero": zero, "offload": int(offload),
-                  "recompute": cfg.model.recompute, "ga": cfg.train.grad_accum}
+        cfg, layout = variant(cfg, shape, zero, offload,
+                              chosen.get("recompute", base.model.recompute))
         ok = [evaluate(cfg, args, gpu, per_node, int(gpu.memory * budget_fraction), layout)]
         rejected = []  # one layout: shown even when it does not fit, with the reason
     else:
@@ -121,10 +119,9 @@ def run_plan(argv: List[str], opts: Dict[str, str], flags: Set[str], gpus: int, 
 
 
 def _confirm(c: Candidate) -> None:
-    from megalite.planner.dry_run import dry_run
+    from megalite.planner.dry_run import dry_run, layout_dims
 
-    p = c.cfg.parallel
-    c.dry_run = dry_run(c.cfg, c.pp_rank * p.dp * p.tp).peak
+    c.dry_run = dry_run(c.cfg, layout_dims(c.cfg).rank_of(c.pp_rank, 0, 0)).peak
 
 
 def _table(rows: List[Candidate], rate, confirmed: bool) -> str:
@@ -135,9 +132,7 @@ def _table(rows: List[Candidate], rate, confirmed: bool) -> str:
     out = [head]
     for i, c in enumerate(rows, 1):
         L, m, r = c.layout, c.memory, rate(c)
-        states = sum(m.get(k, 0) for k in STATES)
-        act = sum(v for k, v in m.items() if k.startswith(("activations", "head", "loss",
-                                                            "temporaries")))
+        states, act = term_bytes(m, STATES), term_bytes(m, ACTIVATIONS + TEMPORARIES)
         dry = f" {c.dry_run / GIB:>7.2f}" if confirmed and c.dry_run is not None else \
             (f" {'-':>7}" if confirmed else "")
         out.append(f"{i:>3} {L['dp']:>4} {L['tp']:>3} {L['pp']:>3} {L['v']:>2} "

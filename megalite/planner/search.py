@@ -19,7 +19,7 @@ from typing import Dict, Iterator, List, Optional, Tuple
 from megalite.config.schema import Config
 from megalite.config.validate import ConfigError, validate
 from megalite.hardware import GPUSpec
-from megalite.planner.memory import rank_memory
+from megalite.planner.memory import STATES, peak_rank, term_bytes
 from megalite.planner.time import step_time
 
 MICRO_BATCHES = (1, 2, 4, 8)
@@ -84,19 +84,24 @@ def configure(base: Config, shape: Dict[str, object], global_batch: int) -> Conf
     return validate(cfg, dp * tp * pp)
 
 
+def variant(cfg: Config, shape: Dict[str, object], zero: int, offload: bool, recompute: str
+            ) -> Tuple[Config, Dict[str, object]]:
+    """``cfg`` (``configure``'s for ``shape``) with this ZeRO stage, offload and recompute, and
+    the layout row naming them."""
+    out = _with(cfg, parallel={"zero_stage": zero, "offload_optimizer": offload},
+                model={"recompute": recompute})
+    return out, {**shape, "zero": zero, "offload": int(offload), "recompute": recompute,
+                 "ga": cfg.train.grad_accum}
+
+
 def evaluate(cfg: Config, args, gpu: GPUSpec, gpus_per_node: int, budget: int,
              layout: Dict[str, object]) -> Candidate:
     """Predictions for one validated config; ``reason`` set when its peak exceeds ``budget``."""
     c = Candidate(dict(layout), cfg)
-    first = rank_memory(cfg, args, 0, gpu=True)
-    c.pp_rank, c.memory = 0, first
-    if cfg.parallel.pp > 1:
-        last = rank_memory(cfg, args, cfg.parallel.pp - 1, gpu=True)
-        if last["total"] > first["total"]:
-            c.pp_rank, c.memory = cfg.parallel.pp - 1, last
+    c.pp_rank, c.memory = peak_rank(cfg, args, gpu=True)
     c.time = step_time(cfg, args, gpu, gpus_per_node)
     if c.memory["total"] > budget:
-        states = sum(c.memory.get(k, 0) for k in ("params", "grads", "master", "optimizer"))
+        states = term_bytes(c.memory, STATES)
         what = "model states alone" if states > budget else "peak"
         shown = states if states > budget else c.memory["total"]
         c.reason = f"{what} {shown / 2**30:.2f} GiB > {budget / 2**30:.2f} GiB"
@@ -118,10 +123,7 @@ def search(base: Config, args, gpus: int, gpus_per_node: int, gpu: GPUSpec, glob
         for zero in range(4 if shape["dp"] > 1 else 1):  # ZeRO shards over dp
             for offload in ((False, True) if zero >= 1 else (False,)):
                 for recompute in RECOMPUTE:
-                    c = _with(cfg, parallel={"zero_stage": zero, "offload_optimizer": offload},
-                              model={"recompute": recompute})
-                    layout = {**shape, "zero": zero, "offload": int(offload),
-                              "recompute": recompute, "ga": cfg.train.grad_accum}
+                    c, layout = variant(cfg, shape, zero, offload, recompute)
                     cand = evaluate(c, args, gpu, gpus_per_node, budget, layout)
                     (ok if cand.fits else rejected).append(cand)
     ok.sort(key=lambda c: (round(c.time["total"], 6), c.memory["total"]))

@@ -56,8 +56,9 @@ class MemoryCheck:
     def describe(self) -> str:
         if self.terms is None:
             return f"memory: {self.why}"
-        act = sum(v for k, v in self.terms.items()
-                  if k.startswith(("activations", "head", "loss", "temporaries")))
+        from megalite.planner.memory import ACTIVATIONS, TEMPORARIES, term_bytes
+
+        act = term_bytes(self.terms, ACTIVATIONS + TEMPORARIES)
         where = "GPU (flash attention, allocator allowance)" if self.cuda else "CPU paths"
         return (f"memory predicted for this rank by megalite plan's model ({where}): peak "
                 f"{self.terms['total'] / MIB:.1f} MiB, of which activations and temporaries "
