@@ -3,6 +3,7 @@ checks every read goes through — sizes and CRC-32s against meta.json, ``weight
 unpickling. Any problem is a :class:`CheckpointError`: one line naming the file."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -124,13 +125,25 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def write_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
+def fsync_file(path: str) -> None:
+    with open(path, "rb") as f:
         os.fsync(f.fileno())
-    os.replace(tmp, path)
+
+
+def write_atomic(path: str, text: str) -> None:
+    """``path`` holds ``text`` or what it held before, never a part: written beside it,
+    fsynced, renamed over it (the temporary file is removed if any step fails)."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
     fsync_dir(os.path.dirname(path) or ".")
 
 

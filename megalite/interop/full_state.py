@@ -22,6 +22,7 @@ from typing import Callable, Dict, Iterator, List, Mapping, Optional, Tuple
 
 import torch
 
+from megalite.checkpoint.files import fsync_dir, fsync_file, write_atomic
 from megalite.models import CausalLM, ModelArgs
 from megalite.trainer import checkpoint
 
@@ -179,7 +180,9 @@ def save_full_model_state(ckpt_dir: str, args: ModelArgs, state: Mapping[str, to
     """Write a weights-only checkpoint ``ckpt_dir/step_00000000`` (+ ``latest``) of the full
     model: one shard (tp = pp = dp = 1), no optimizer state. ``extra_files`` (name -> source
     path) are copied beside it (an imported tokenizer's config: chat template, special
-    tokens). Atomic: written into a temporary directory, then renamed."""
+    tokens). Atomic: written into a temporary directory, fsynced, renamed into place, then
+    ``latest`` replaced (``checkpoint.files.write_atomic``): a failure leaves neither a half
+    checkpoint nor a changed ``latest``."""
     final = os.path.join(ckpt_dir, "step_00000000")
     if os.path.exists(final):
         raise CheckpointReadError(f"{final} exists; convert into a new directory")
@@ -187,20 +190,22 @@ def save_full_model_state(ckpt_dir: str, args: ModelArgs, state: Mapping[str, to
     tmp = os.path.join(ckpt_dir, ".tmp_step_00000000")
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    torch.save({"model": {k: state[k].contiguous() for k in full_shapes(args)}, "step": 0},
-               os.path.join(tmp, SHARD.format(t=0, p=0)))
-    meta = {"step": 0, "model_args": asdict(args), "tp_shard_dims": {},
-            "layout": {"dp": 1, "tp": 1, "pp": 1}, "weights_only": True}
-    with open(os.path.join(tmp, "meta.json"), "w") as f:
-        json.dump(meta, f, indent=1)
-    if tokenizer_file:
-        shutil.copyfile(tokenizer_file, os.path.join(tmp, "tokenizer.json"))
-    for name, src in (extra_files or {}).items():
-        shutil.copyfile(src, os.path.join(tmp, name))
-    for name in os.listdir(tmp):
-        with open(os.path.join(tmp, name), "rb") as f:
-            os.fsync(f.fileno())
-    os.replace(tmp, final)
-    with open(os.path.join(ckpt_dir, "latest"), "w") as f:
-        f.write(os.path.basename(final))
+    try:
+        torch.save({"model": {k: state[k].contiguous() for k in full_shapes(args)}, "step": 0},
+                   os.path.join(tmp, SHARD.format(t=0, p=0)))
+        if tokenizer_file:
+            shutil.copyfile(tokenizer_file, os.path.join(tmp, "tokenizer.json"))
+        for name, src in (extra_files or {}).items():
+            shutil.copyfile(src, os.path.join(tmp, name))
+        for name in os.listdir(tmp):
+            fsync_file(os.path.join(tmp, name))
+        meta = {"step": 0, "model_args": asdict(args), "tp_shard_dims": {},
+                "layout": {"dp": 1, "tp": 1, "pp": 1}, "weights_only": True}
+        write_atomic(os.path.join(tmp, "meta.json"), json.dumps(meta, indent=1))
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # no half checkpoint; ``latest`` untouched
+        raise
+    fsync_dir(ckpt_dir)
+    write_atomic(os.path.join(ckpt_dir, "latest"), os.path.basename(final))
     return final

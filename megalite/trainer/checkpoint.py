@@ -39,7 +39,7 @@ from megalite.checkpoint.files import (STEP_NAME, CheckpointError, check_sizes, 
                                        is_complete, is_sharded, latest, load_file, read_meta,
                                        remove_stale_tmp, step_dirs, tokenizer_differences,
                                        tokenizer_fingerprint, verify_all, verify_file)
-from megalite.checkpoint.files import fsync_dir, write_atomic
+from megalite.checkpoint.files import fsync_dir, fsync_file, write_atomic
 from megalite.models import SAME_MODEL_FIELDS
 from megalite.models.transformer import TIED_WEIGHTS
 from megalite.parallel import comm
@@ -159,8 +159,7 @@ def _finish(ckpt_dir: str, tmp: str, final: str, meta: Dict[str, Any],
     """Rank 0: meta.json, the tokenizer, fsync, rename into place, then ``latest``, then prune."""
     if tokenizer_file:
         shutil.copyfile(tokenizer_file, os.path.join(tmp, "tokenizer.json"))
-        with open(os.path.join(tmp, "tokenizer.json"), "rb+") as f:
-            os.fsync(f.fileno())
+        fsync_file(os.path.join(tmp, "tokenizer.json"))
     write_atomic(os.path.join(tmp, "meta.json"), json.dumps(meta, indent=1))
     fsync_dir(tmp)
     shutil.rmtree(final, ignore_errors=True)  # the same step saved again (a rewound resume)
