@@ -61,12 +61,24 @@ def dp_shard_name(dims: ParallelDims) -> str:
 
 
 # ---- writing ----------------------------------------------------------------------------------
-def _all_gather(obj: Any, group=None) -> List[Any]:
+def _gather_to_0(obj: Any, group=None) -> Optional[List[Any]]:
+    """Every rank's ``obj`` on global rank 0 (the one that writes meta.json), None elsewhere:
+    a non-writer never holds the others' records."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return [obj]
-    out: List[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj, group=group)
+    rank = dist.get_rank()
+    out: Optional[List[Any]] = [None] * dist.get_world_size(group) if rank == 0 else None
+    dist.gather_object(obj, out, dst=0, group=group)  # dst: a global rank
     return out
+
+
+def _from_0(obj: Any, group=None) -> Any:
+    """Global rank 0's ``obj`` on every rank."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0, group=group)
+    return box[0]
 
 
 def _write_failure(e: OSError, where: str) -> str:
@@ -106,8 +118,9 @@ def save(ckpt_dir: str, step: int, dims: ParallelDims, entries: Dict[str, Any],
         if cause is None:
             raise
         failure = _write_failure(cause, tmp)
-    gathered = _all_gather((files, items, blocks, failure), group)
-    failure = next((f for *_, f in gathered if f), None)
+    gathered = _gather_to_0((files, items, blocks, failure), group)
+    if dims.rank == 0:
+        failure = next((f for *_, f in gathered if f), None)
     if failure is None and dims.rank == 0:
         try:
             for rank_files, rank_items, rank_blocks, _ in gathered:
@@ -120,7 +133,7 @@ def save(ckpt_dir: str, step: int, dims: ParallelDims, entries: Dict[str, Any],
                     tokenizer_file, keep)
         except OSError as e:
             failure = _write_failure(e, tmp)
-    failure = _all_gather(failure, group)[0]  # rank 0's word on the last phase
+    failure = _from_0(failure, group)  # rank 0's word: any rank's failure, or its own
     if failure:
         if dims.rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
