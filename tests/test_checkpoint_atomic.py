@@ -1,10 +1,14 @@
-"""Writes that must be atomic or exact, in one process (no world): a weights-only checkpoint
-(``save_full_model_state``, what ``convert --from hf`` writes) that fails at any fsync or rename
-leaves no half checkpoint and ``latest`` as it was."""
+"""Checkpoint writes that must be atomic and reads that must not repeat, in one process (no
+world): a weights-only checkpoint (``save_full_model_state``, what ``convert --from hf``
+writes) that fails at any fsync or rename leaves no half checkpoint and ``latest`` as it was;
+reading a sharded checkpoint's full tensors (``convert --to hf``) unpickles ``.metadata``
+once."""
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
+import zlib
 
 import pytest
 import torch
@@ -65,3 +69,40 @@ def test_failed_weights_save_leaves_no_half_checkpoint(tmp_path, monkeypatch):
             for name, value in state.items():
                 torch.testing.assert_close(loaded[name], value, atol=0, rtol=0)
     assert (tmp_path / "clean" / "latest").read_text() == "step_00000000"
+
+
+def test_full_state_of_a_sharded_checkpoint_reads_its_metadata_once(tmp_path, monkeypatch):
+    """A format-2 save records each file's and item's CRC from one read of its files: equal to
+    reading each again. Exporting it reads one parameter at a time: ``.metadata`` is checked
+    and unpickled once for all of them, and every tensor comes back bit-exact."""
+    from megalite.checkpoint import storage
+    from megalite.parallel.dims import ParallelDims
+    from megalite.trainer import checkpoint
+    from megalite.zero.state import ShardEntry
+
+    model = _model()
+    state = {k: p.detach() for k, p in model.named_parameters()}
+    entries = {f"master/{k}": ShardEntry(tuple(p.shape), [((0,) * p.dim(), tuple(p.shape))], [p])
+               for k, p in state.items()}
+    path = checkpoint.save(str(tmp_path), 1, ParallelDims.single(), entries,
+                           {"model_args": dataclasses.asdict(model.args)})
+    # the save's one read of its files gave the same CRCs as reading each file and item again
+    meta = checkpoint.read_meta(path)
+    assert checkpoint.verify_all(path) == (len(meta["files"]), sum(
+        os.path.getsize(os.path.join(path, name)) for name in meta["files"]))
+    stored = storage.SafeReader(path).read_metadata().storage_data.values()
+    assert len(meta["items"]) == len(stored) == len(entries)
+    for info in stored:
+        with open(os.path.join(path, info.relative_path), "rb") as f:
+            f.seek(info.offset)
+            crc = zlib.crc32(f.read(info.length))
+        assert meta["items"][storage.item_key(info.relative_path, info.offset)] == crc
+    unpickled = []
+    load = storage._MetadataUnpickler.load
+    monkeypatch.setattr(storage._MetadataUnpickler, "load",
+                        lambda self: unpickled.append(1) or load(self))
+    _, loaded, _ = load_full_model_state(path)
+    assert len(loaded) == len(state) > 5
+    for name, value in state.items():
+        torch.testing.assert_close(loaded[name], value, atol=0, rtol=0)
+    assert len(unpickled) == 1

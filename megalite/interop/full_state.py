@@ -115,12 +115,7 @@ def load_full_model_state(ckpt_dir: str) -> Tuple[ModelArgs, FullState, Optional
     tokenizer = os.path.join(path, "tokenizer.json")
     tokenizer_file = tokenizer if os.path.isfile(tokenizer) else None
     if checkpoint.is_sharded(meta):  # format 2 (DCP): the fp32 masters, one tensor at a time
-        record = meta
-
-        def master(name: str, meta: bool = False) -> torch.Tensor:
-            return _dcp_tensor(path, record, name, shapes[name], meta)
-
-        state = FullState(shapes, master)
+        state = FullState(shapes, _dcp_masters(path, meta, shapes))
         state.check()
         return args, state, tokenizer_file
     split_dim: Dict[str, int] = meta.get("tp_shard_dims", {})
@@ -158,20 +153,30 @@ def load_full_model_state(ckpt_dir: str) -> Tuple[ModelArgs, FullState, Optional
     return args, state, tokenizer_file
 
 
-def _dcp_tensor(path: str, meta: dict, name: str, shape: Tuple[int, ...],
-                meta_only: bool) -> torch.Tensor:
-    """Parameter ``name`` whole from a format-2 checkpoint's masters (only its bytes are read)."""
+def _dcp_masters(path: str, record: dict, shapes: Dict[str, Tuple[int, ...]]
+                 ) -> Callable[..., torch.Tensor]:
+    """name -> that parameter whole from a format-2 checkpoint's masters (only its bytes are
+    read); the files are checked and ``.metadata`` unpickled once, at the first tensor."""
     from megalite.zero.state import ShardEntry
 
-    if meta_only:
-        return torch.empty(shape, device="meta")
-    full = torch.empty(shape, dtype=torch.float32)
-    entry = ShardEntry(tuple(shape), [((0,) * len(shape), tuple(shape))], [full])
-    try:
-        checkpoint.load_sharded(path, meta, {f"master/{name}": entry})
-    except checkpoint.CheckpointError as e:
-        raise CheckpointReadError(str(e)) from None
-    return full
+    metadata: list = []
+
+    def master(name: str, meta: bool = False) -> torch.Tensor:
+        shape = shapes[name]
+        if meta:
+            return torch.empty(shape, device="meta")
+        full = torch.empty(shape, dtype=torch.float32)
+        entry = ShardEntry(tuple(shape), [((0,) * len(shape), tuple(shape))], [full])
+        try:
+            if not metadata:
+                metadata.append(checkpoint.read_sharded_metadata(path, record))
+            checkpoint.load_sharded(path, record, {f"master/{name}": entry},
+                                    metadata=metadata[0])
+        except checkpoint.CheckpointError as e:
+            raise CheckpointReadError(str(e)) from None
+        return full
+
+    return master
 
 
 def save_full_model_state(ckpt_dir: str, args: ModelArgs, state: Mapping[str, torch.Tensor],

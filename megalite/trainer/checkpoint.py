@@ -265,26 +265,46 @@ def state_entries(table, opt_state: Dict[str, Any], kinds=KINDS) -> Dict[str, An
     return out
 
 
-def load_sharded(path: str, meta: Dict[str, Any], entries: Dict[str, Any], group=None) -> int:
-    """Fill ``entries`` (this rank's boxes, any layout) from a format-2 checkpoint; collective
-    over ``group``. Every file's size and each item read's CRC are checked first; the bytes
-    read are returned."""
-    from megalite.checkpoint.planners import StateMismatch
-    from megalite.checkpoint.sharded import load_entries
-    from megalite.checkpoint.storage import UnsafeCheckpoint
+def read_sharded_metadata(path: str, meta: Dict[str, Any]) -> Any:
+    """A format-2 checkpoint's DCP ``Metadata``, read once every file's size and the CRC of
+    ``.metadata`` are checked: pass it to ``load_sharded`` to load several times without
+    checking and unpickling it again (an export reads one parameter at a time)."""
+    from megalite.checkpoint.storage import SafeReader, UnsafeCheckpoint
 
     check_sizes(path, meta)
     verify_file(path, ".metadata", meta, everyone=True)
     try:
-        return load_entries(path, entries, meta.get("items"), group, meta.get("blocks"))
+        return SafeReader(path).read_metadata()
+    except UnsafeCheckpoint as e:
+        raise CheckpointError(f"{e}; {_NOTHING_RUN}") from None
+
+
+_NOTHING_RUN = "nothing in it was run: replace the file or use another checkpoint"
+
+
+def load_sharded(path: str, meta: Dict[str, Any], entries: Dict[str, Any], group=None,
+                 metadata: Any = None) -> int:
+    """Fill ``entries`` (this rank's boxes, any layout) from a format-2 checkpoint; collective
+    over ``group``. Every file's size and each item read's CRC are checked first (the sizes
+    already, with the ``metadata`` of ``read_sharded_metadata``); the bytes read are
+    returned."""
+    from megalite.checkpoint.planners import StateMismatch
+    from megalite.checkpoint.sharded import load_entries
+    from megalite.checkpoint.storage import UnsafeCheckpoint
+
+    if metadata is None:
+        check_sizes(path, meta)
+        verify_file(path, ".metadata", meta, everyone=True)
+    try:
+        return load_entries(path, entries, meta.get("items"), group, meta.get("blocks"),
+                            metadata)
     except BaseException as e:  # DCP wraps each rank's failure in a CheckpointException
         cause = e if isinstance(e, (UnsafeCheckpoint, StateMismatch)) else _dcp_failure(e)
         if isinstance(cause, StateMismatch):
             raise CheckpointError(f"checkpoint {path}: {cause}: it holds another model; use "
                                   "its model settings") from None
         if isinstance(cause, (UnsafeCheckpoint, OSError)):
-            raise CheckpointError(f"{cause}; nothing in it was run: replace the file or use "
-                                  "another checkpoint") from None  # DCP tells every rank
+            raise CheckpointError(f"{cause}; {_NOTHING_RUN}") from None  # DCP tells every rank
         raise
 
 
