@@ -90,9 +90,10 @@ def _write_failure(e: OSError, where: str) -> str:
 def save(ckpt_dir: str, step: int, dims: ParallelDims, entries: Dict[str, Any],
          meta: Dict[str, Any], tokenizer_file: Optional[str] = None, keep: int = 0,
          group=None) -> str:
-    """Collective over ``group`` (default: every rank's world group): every rank writes the boxes it owns of ``entries`` ({key: ShardEntry}) with
-    torch.distributed.checkpoint; rank 0 adds meta.json (``meta`` plus the step, the layout and
-    each file's and item's CRC), the tokenizer, renames the directory into place and points
+    """Collective over ``group`` (default: every rank's world group): every rank writes the
+    boxes it owns of ``entries`` ({key: ShardEntry}) with torch.distributed.checkpoint and
+    sends its files' and items' CRCs to rank 0, which adds meta.json (``meta`` plus the step,
+    the layout and those CRCs), the tokenizer, renames the directory into place and points
     ``latest`` at it. A failed write on any rank (a full disk) removes the temporary directory
     on every rank's word and raises CheckpointError; the previous checkpoint is untouched."""
     from megalite.checkpoint.sharded import save_entries
