@@ -60,6 +60,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as tmp
 
+from _host import pin_malloc, table
 from _worlds import collect
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -105,19 +106,6 @@ class PeakRSS:
     @property
     def extra(self) -> int:
         return self.peak - self.before
-
-
-def pin_malloc() -> None:
-    """glibc keeps freed heap (no trimming), so the RSS before a save is not lowered by a
-    trim that the save's own allocations then fault back in (see bench/zero.py)."""
-    import ctypes
-
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-1, 2**30)  # M_TRIM_THRESHOLD
-        libc.mallopt(-3, 2**30)  # M_MMAP_THRESHOLD
-    except OSError:
-        pass
 
 
 # ---- one rank ------------------------------------------------------------------------------------
@@ -274,7 +262,7 @@ def _rank(kind: str, rank: int, world: int, port: int, a, run_dir: str, log: str
     os.dup2(fd, 2)
     os.close(fd)
     torch.set_num_threads(1)
-    pin_malloc()
+    pin_malloc(1 << 30)  # RSS before a save is not lowered by a trim the save faults back in
     try:
         out.put((rank, "ok", io_world(a, world, rank, run_dir)))
     except BaseException:  # noqa: BLE001 - every failure must reach the parent
@@ -337,13 +325,6 @@ def hf_convert(ckpt: str, out_root: str, max_shard_mb: float) -> dict:
 
 
 # ---- report --------------------------------------------------------------------------------------
-def table(rows: List[List[str]], header: List[str]) -> str:
-    widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
-    line = lambda r: "  ".join(str(c).rjust(w) if i else str(c).ljust(w)  # noqa: E731
-                               for i, (c, w) in enumerate(zip(r, widths)))
-    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
-
-
 def med(xs: List[float]) -> float:
     return statistics.median(xs)
 

@@ -84,6 +84,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as tmp
 
+from _host import pin_malloc, table
 from _worlds import collect
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -163,23 +164,6 @@ def adamw_groups(params, weight_decay: float) -> List[dict]:
 
 
 # ---- measurement helpers -----------------------------------------------------------------------
-def pin_malloc() -> bool:
-    """Stop glibc from trimming the heap and from moving its mmap threshold: otherwise each
-    step returns 30-130 MB at the heap top to the system and faults it back in (10-40k page
-    faults, ~2 us each) or not, depending on which allocation happens to sit at the top — a
-    +-40 ms per step lottery that moved with unrelated changes to any system here. The same
-    in every rank of every system (what jemalloc/tcmalloc set-ups for CPU training do)."""
-    import ctypes
-
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's mallopt parameters
-    return bool(libc.mallopt(m_trim_threshold, 1 << 30)
-                and libc.mallopt(m_mmap_threshold, 32 << 20))
-
-
 def rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
@@ -517,7 +501,9 @@ def _rank(rank: int, port: int, v: Variant, ctx: dict, log_path: str, out) -> No
     os.close(log)
     torch.set_num_threads(1)
     if ctx["pin_malloc"]:
-        pin_malloc()
+        # each step would otherwise return 30-130 MB at the heap top to the system and fault it
+        # back in (10-40k page faults, ~2 us each) or not: a +-40 ms per step lottery
+        pin_malloc(32 << 20)
     ctx = dict(ctx, rank=rank, t_start=time.perf_counter())
     try:
         import warnings
@@ -587,13 +573,6 @@ def run_world(v: Variant, ctx: dict, log_dir: str, timeout_s: float) -> Tuple[bo
 
 
 # ---- report ------------------------------------------------------------------------------------
-def table(rows: List[List[str]], header: List[str]) -> str:
-    widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
-    line = lambda r: "  ".join(str(c).rjust(w) if i else str(c).ljust(w)  # noqa: E731
-                               for i, (c, w) in enumerate(zip(r, widths)))
-    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
-
-
 def report(done: Dict[Variant, List[dict]], failed: Dict[Variant, str], a, n_params: int) -> None:
     MiB = 2**20
     ddp = next((r[0] for v, r in done.items() if v.key == "ddp"), None)  # the baseline

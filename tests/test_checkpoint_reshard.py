@@ -79,6 +79,7 @@ def _written(trainer, ckpts: str):
 
 
 def _world4(tmp, cache):
+    import threading
     import time
 
     import torch
@@ -97,6 +98,8 @@ def _world4(tmp, cache):
     trainer, result = train(_cfg(f"{tmp}/p", cache, 2, *p_cfg), True)
     out["p"] = result.losses
     out["p_saver_group"] = trainer.saver.group is not None and trainer.saver.pending is None
+    out["p_writer_ended"] = not any(t.name.startswith("megalite-ckpt") and t.is_alive()
+                                    for t in threading.enumerate())  # fit closed its saver
     # exact resume in the same layout: tp2 from its step 6, zb-h1 from its (async) step 4
     torch.distributed.barrier()
     if int(os.environ["RANK"]) == 0:
@@ -186,6 +189,7 @@ def test_tp1_resumes_at_tp2_and_tp4(runs, tp):
 def test_pp2_zero3_offload_resumes_at_pp1_zero0(runs):
     p_losses = runs["world4"][0]["p"]
     assert all(rank["p_saver_group"] for rank in runs["world4"])  # saved on its own group
+    assert all(rank["p_writer_ended"] for rank in runs["world4"])
     step, losses = runs["p_pp1"]
     assert step == STEPS and max_abs_diff(losses, p_losses[SAVE:]) < TOL
 

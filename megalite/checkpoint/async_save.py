@@ -42,6 +42,8 @@ class AsyncSaver:
         return pending.result() if pending is not None else None
 
     def close(self) -> None:
+        """Wait for the in-flight save, then end the writer thread (``Trainer.fit`` does, when
+        training ends)."""
         try:
             self.wait()
         finally:

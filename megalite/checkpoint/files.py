@@ -3,13 +3,14 @@ checks every read goes through — sizes and CRC-32s against meta.json, ``weight
 unpickling. Any problem is a :class:`CheckpointError`: one line naming the file."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import re
 import shutil
 import zlib
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, BinaryIO, Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -58,9 +59,8 @@ def remove_stale_tmp(ckpt_dir: str, but: Optional[str] = None) -> List[str]:
 def is_complete(path: str) -> bool:
     """meta.json parses and every file it lists is there with its recorded size."""
     try:
-        meta = read_meta(path)
-        return all(os.path.getsize(os.path.join(path, name)) == f["bytes"]
-                   for name, f in meta.get("files", {}).items())
+        check_sizes(path, read_meta(path))
+        return True
     except (CheckpointError, OSError, KeyError, TypeError, AttributeError):
         return False
 
@@ -108,12 +108,23 @@ def latest(ckpt_dir: str, warn: Optional[Callable[[str], None]] = None) -> Optio
     return found
 
 
-def _crc32(path: str) -> int:
-    crc = 0
+def crc32_of(f: BinaryIO, crc: int = 0, count: int = -1) -> Tuple[int, int]:
+    """(CRC-32 continued from ``crc``, bytes read) of the next ``count`` bytes of ``f`` (-1:
+    to its end), read 4 MiB at a time."""
+    done = 0
+    while count < 0 or done < count:
+        block = f.read(1 << 22 if count < 0 else min(1 << 22, count - done))
+        if not block:
+            break
+        crc, done = zlib.crc32(block, crc), done + len(block)
+    return crc, done
+
+
+def file_record(path: str) -> Dict[str, int]:
+    """What meta.json records of a file: its size and CRC-32."""
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            crc = zlib.crc32(block, crc)
-    return crc
+        crc, size = crc32_of(f)
+    return {"bytes": size, "crc32": crc}
 
 
 def fsync_dir(path: str) -> None:
@@ -124,13 +135,25 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def write_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
+def fsync_file(path: str) -> None:
+    with open(path, "rb") as f:
         os.fsync(f.fileno())
-    os.replace(tmp, path)
+
+
+def write_atomic(path: str, text: str) -> None:
+    """``path`` holds ``text`` or what it held before, never a part: written beside it,
+    fsynced, renamed over it (the temporary file is removed if any step fails)."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
     fsync_dir(os.path.dirname(path) or ".")
 
 
@@ -156,18 +179,11 @@ def read_meta(path: str) -> Dict[str, Any]:
 def verify_file(path: str, name: str, meta: Dict[str, Any], everyone: bool = False) -> str:
     """The file's path once it exists and matches meta.json's recorded size and CRC-32
     (checkpoints saved before the manifest: existence only)."""
-    file = os.path.join(path, name)
-    if not os.path.isfile(file):
-        raise CheckpointError(f"{file} is missing from the checkpoint", everyone)
     record = meta.get("files", {}).get(name)
+    file = _check_size(path, name, record, everyone)
     if record is None:
         return file
-    size = os.path.getsize(file)
-    if size != record["bytes"]:
-        raise CheckpointError(f"{file} is {size} bytes, meta.json records {record['bytes']}: "
-                              "the file was truncated or overwritten; resume from an earlier "
-                              "checkpoint (rewrite 'latest') or use a new --run.dir", everyone)
-    if _crc32(file) != record["crc32"]:
+    if file_record(file)["crc32"] != record["crc32"]:
         raise CheckpointError(f"{file} fails its CRC-32 check against meta.json: the file is "
                               "corrupted; resume from an earlier checkpoint (rewrite 'latest') "
                               "or use a new --run.dir", everyone)
@@ -194,14 +210,21 @@ def is_sharded(meta: Dict[str, Any]) -> bool:
 def check_sizes(path: str, meta: Dict[str, Any]) -> None:
     """Every file meta.json lists is there at its recorded size (cheap: no bytes read)."""
     for name, record in sorted(meta.get("files", {}).items()):
-        file = os.path.join(path, name)
-        if not os.path.isfile(file):
-            raise CheckpointError(f"{file} is missing from the checkpoint")
-        if os.path.getsize(file) != record["bytes"]:
-            raise CheckpointError(f"{file} is {os.path.getsize(file)} bytes, meta.json records "
-                                  f"{record['bytes']}: the file was truncated or overwritten; "
-                                  "resume from an earlier checkpoint (rewrite 'latest') or use "
-                                  "a new --run.dir")
+        _check_size(path, name, record)
+
+
+def _check_size(path: str, name: str, record: Optional[Dict[str, int]],
+                everyone: bool = True) -> str:
+    """The file's path once it is there at ``record``'s size (any size without a record)."""
+    file = os.path.join(path, name)
+    if not os.path.isfile(file):
+        raise CheckpointError(f"{file} is missing from the checkpoint", everyone)
+    size = os.path.getsize(file)
+    if record is not None and size != record["bytes"]:
+        raise CheckpointError(f"{file} is {size} bytes, meta.json records {record['bytes']}: "
+                              "the file was truncated or overwritten; resume from an earlier "
+                              "checkpoint (rewrite 'latest') or use a new --run.dir", everyone)
+    return file
 
 
 def verify_all(path: str) -> Tuple[int, int]:

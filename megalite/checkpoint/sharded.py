@@ -10,13 +10,14 @@ import contextlib
 import inspect
 import os
 import warnings
-import zlib
 from typing import Any, Dict, Optional, Tuple
 
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemWriter
+from torch.distributed.checkpoint.metadata import Metadata
 
+from megalite.checkpoint.files import file_record
 from megalite.checkpoint.planners import BoxLoadPlanner, BoxSavePlanner, Entries
 from megalite.checkpoint.storage import SafeReader, item_records
 
@@ -37,37 +38,29 @@ def _dist_kwargs(group) -> Dict[str, Any]:
     return {"no_dist": True} if _HAS_NO_DIST else {}
 
 
-def file_record(path: str) -> Dict[str, int]:
-    crc = 0
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            crc = zlib.crc32(block, crc)
-    return {"bytes": os.path.getsize(path), "crc32": crc}
-
-
 def save_entries(directory: str, entries: Entries, group=None, rank: int = 0
                  ) -> Tuple[Dict[str, Dict[str, int]], Dict[str, int], Dict[str, list]]:
     """Write this rank's boxes into ``directory`` (fsynced). Returns ({file: size and CRC} of
-    the files this rank wrote, {item: CRC} of its items, {item: its block CRCs}
-    (``storage.item_records``)); rank 0 also owns ``.metadata``."""
+    the files this rank wrote, {item: CRC} of its items, {item: its block CRCs}), all from one
+    read of its files (``storage.item_records``); rank 0 also owns ``.metadata``."""
     writer = FileSystemWriter(directory, single_file_per_rank=True, sync_files=True,
                               thread_count=1)
     with _quiet():
         metadata = dcp.save(entries, storage_writer=writer, planner=BoxSavePlanner(),
                             **_dist_kwargs(group))
-    prefix = f"__{rank}_"
-    files = {name: file_record(os.path.join(directory, name))
-             for name in sorted(os.listdir(directory)) if name.startswith(prefix)}
+    files, items, blocks = item_records(directory, metadata, f"__{rank}_")
     if rank == 0:
         files[".metadata"] = file_record(os.path.join(directory, ".metadata"))
-    return (files, *item_records(directory, metadata, prefix))
+    return files, items, blocks
 
 
 def load_entries(directory: str, entries: Entries, crcs: Optional[Dict[str, int]],
-                 group=None, blocks: Optional[Dict[str, list]] = None) -> int:
+                 group=None, blocks: Optional[Dict[str, list]] = None,
+                 metadata: Optional[Metadata] = None) -> int:
     """Fill ``entries``' views from the checkpoint in ``directory`` (any saved layout); the
-    number of bytes this rank read."""
-    reader = SafeReader(directory, crcs, blocks)
+    number of bytes this rank read. ``metadata``: its ``.metadata`` already read (else read
+    here)."""
+    reader = SafeReader(directory, crcs, blocks, metadata)
     # checked here, before DCP's collectives (which would wrap the error in their traceback):
     # the metadata unpickles safely and holds every wanted tensor at its global shape
     planner = BoxLoadPlanner()

@@ -25,6 +25,7 @@ from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorS
 from torch.distributed.checkpoint.planner import LoadItemType
 from torch.futures import Future
 
+from megalite.checkpoint.files import crc32_of
 from megalite.checkpoint.ranges import box_runs, crc_list, describe_item, spans, touched_blocks
 
 _DCP = "torch.distributed.checkpoint"
@@ -69,34 +70,42 @@ def _chunk_shapes(metadata: Metadata) -> Shapes:
 
 
 def item_records(directory: str, metadata: Metadata, prefix: str
-                 ) -> Tuple[Dict[str, int], Dict[str, list]]:
-    """Of every stored item in the files named ``prefix*`` (this rank's): its CRC-32, and
-    where its raw bytes start with a CRC-32 per block of them (``ranges.describe_item``)."""
+                 ) -> Tuple[Dict[str, Dict[str, int]], Dict[str, int], Dict[str, list]]:
+    """One sequential read of the files named ``prefix*`` (this rank's): each file's size and
+    CRC-32, and of every stored item in them its CRC-32 and where its raw bytes start with a
+    CRC-32 per block of them (``ranges.describe_item``). The file's CRC runs over the same
+    bytes as the items' (and the gaps between them), so nothing is read twice."""
+    names = sorted(n for n in os.listdir(directory) if n.startswith(prefix))
+    stored: Dict[str, list] = {name: [] for name in names}
+    for index, info in metadata.storage_data.items():
+        if info.relative_path in stored:
+            stored[info.relative_path].append((info.offset, info.length, index, info))
+    files: Dict[str, Dict[str, int]] = {}
     crcs: Dict[str, int] = {}
     blocks: Dict[str, list] = {}
     shapes = _chunk_shapes(metadata)
-    handles: Dict[str, io.BufferedReader] = {}
-    try:
-        for index, info in metadata.storage_data.items():
-            if not info.relative_path.startswith(prefix):
-                continue
-            f = handles.get(info.relative_path)
-            if f is None:
-                f = handles[info.relative_path] = open(
-                    os.path.join(directory, info.relative_path), "rb")
-            f.seek(info.offset)
-            data = f.read(info.length)
-            key = item_key(info.relative_path, info.offset)
-            crcs[key] = zlib.crc32(data)
-            shape = shapes.get((index.fqn, tuple(index.offset)))
-            if shape is not None and not getattr(info, "transform_descriptors", None):
-                described = describe_item(data, math.prod(shape[0]) * _element(shape[1]))
-                if described is not None:
-                    blocks[key] = described
-    finally:
-        for f in handles.values():
-            f.close()
-    return crcs, blocks
+    for name in names:
+        with open(os.path.join(directory, name), "rb") as f:
+            file_crc, pos = 0, 0
+            for offset, length, index, info in sorted(stored[name], key=lambda s: s[0]):
+                if offset >= pos:  # the bytes before the item count towards the file's CRC
+                    file_crc, _ = crc32_of(f, file_crc, offset - pos)
+                    data = f.read(length)
+                    file_crc, pos = zlib.crc32(data, file_crc), offset + len(data)
+                else:  # overlapping items (DCP writes none): this one read again
+                    f.seek(offset)
+                    data = f.read(length)
+                    f.seek(pos)
+                key = item_key(name, offset)
+                crcs[key] = zlib.crc32(data)
+                shape = shapes.get((index.fqn, tuple(index.offset)))
+                if shape is not None and not getattr(info, "transform_descriptors", None):
+                    described = describe_item(data, math.prod(shape[0]) * _element(shape[1]))
+                    if described is not None:
+                        blocks[key] = described
+            file_crc, tail = crc32_of(f, file_crc)
+            files[name] = {"bytes": pos + tail, "crc32": file_crc}
+    return files, crcs, blocks
 
 
 def _element(dtype: torch.dtype) -> int:
@@ -106,16 +115,21 @@ def _element(dtype: torch.dtype) -> int:
 class SafeReader(FileSystemReader):
     """``crcs``: item key -> CRC-32 from the manifest (None: unchecked, e.g. a test reading a
     bare DCP directory); ``blocks``: item key -> [raw bytes' offset, block size, block CRCs]
-    (``ranges.describe_item``) for the items that can be read in part."""
+    (``ranges.describe_item``) for the items that can be read in part; ``metadata``: its
+    ``.metadata`` as an earlier ``read_metadata`` returned it (not read again)."""
 
     def __init__(self, path: str, crcs: Optional[Dict[str, int]] = None,
-                 blocks: Optional[Dict[str, list]] = None):
+                 blocks: Optional[Dict[str, list]] = None, metadata: Optional[Metadata] = None):
         super().__init__(path)
         self.directory, self.crcs, self.blocks = str(path), crcs, blocks or {}
+        self._metadata = metadata
         self.bytes_read = 0
         self.shapes: Shapes = {}
 
     def read_metadata(self, *args, **kwargs) -> Metadata:
+        if self._metadata is not None:  # read once: DCP asks again after our own check
+            self._metadata.storage_meta.load_id = self.load_id
+            return self._metadata
         path = os.path.join(self.directory, ".metadata")
         with open(path, "rb") as f:
             try:
@@ -130,6 +144,7 @@ class SafeReader(FileSystemReader):
         if getattr(metadata, "storage_meta", None) is None:
             metadata.storage_meta = StorageMeta()
         metadata.storage_meta.load_id = self.load_id
+        self._metadata = metadata
         return metadata
 
     def set_up_storage_reader(self, metadata: Metadata, is_coordinator: bool, *args,

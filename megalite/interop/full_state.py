@@ -22,6 +22,7 @@ from typing import Callable, Dict, Iterator, List, Mapping, Optional, Tuple
 
 import torch
 
+from megalite.checkpoint.files import fsync_dir, fsync_file, write_atomic
 from megalite.models import CausalLM, ModelArgs
 from megalite.trainer import checkpoint
 
@@ -114,12 +115,7 @@ def load_full_model_state(ckpt_dir: str) -> Tuple[ModelArgs, FullState, Optional
     tokenizer = os.path.join(path, "tokenizer.json")
     tokenizer_file = tokenizer if os.path.isfile(tokenizer) else None
     if checkpoint.is_sharded(meta):  # format 2 (DCP): the fp32 masters, one tensor at a time
-        record = meta
-
-        def master(name: str, meta: bool = False) -> torch.Tensor:
-            return _dcp_tensor(path, record, name, shapes[name], meta)
-
-        state = FullState(shapes, master)
+        state = FullState(shapes, _dcp_masters(path, meta, shapes))
         state.check()
         return args, state, tokenizer_file
     split_dim: Dict[str, int] = meta.get("tp_shard_dims", {})
@@ -157,20 +153,30 @@ def load_full_model_state(ckpt_dir: str) -> Tuple[ModelArgs, FullState, Optional
     return args, state, tokenizer_file
 
 
-def _dcp_tensor(path: str, meta: dict, name: str, shape: Tuple[int, ...],
-                meta_only: bool) -> torch.Tensor:
-    """Parameter ``name`` whole from a format-2 checkpoint's masters (only its bytes are read)."""
+def _dcp_masters(path: str, record: dict, shapes: Dict[str, Tuple[int, ...]]
+                 ) -> Callable[..., torch.Tensor]:
+    """name -> that parameter whole from a format-2 checkpoint's masters (only its bytes are
+    read); the files are checked and ``.metadata`` unpickled once, at the first tensor."""
     from megalite.zero.state import ShardEntry
 
-    if meta_only:
-        return torch.empty(shape, device="meta")
-    full = torch.empty(shape, dtype=torch.float32)
-    entry = ShardEntry(tuple(shape), [((0,) * len(shape), tuple(shape))], [full])
-    try:
-        checkpoint.load_sharded(path, meta, {f"master/{name}": entry})
-    except checkpoint.CheckpointError as e:
-        raise CheckpointReadError(str(e)) from None
-    return full
+    metadata: list = []
+
+    def master(name: str, meta: bool = False) -> torch.Tensor:
+        shape = shapes[name]
+        if meta:
+            return torch.empty(shape, device="meta")
+        full = torch.empty(shape, dtype=torch.float32)
+        entry = ShardEntry(tuple(shape), [((0,) * len(shape), tuple(shape))], [full])
+        try:
+            if not metadata:
+                metadata.append(checkpoint.read_sharded_metadata(path, record))
+            checkpoint.load_sharded(path, record, {f"master/{name}": entry},
+                                    metadata=metadata[0])
+        except checkpoint.CheckpointError as e:
+            raise CheckpointReadError(str(e)) from None
+        return full
+
+    return master
 
 
 def save_full_model_state(ckpt_dir: str, args: ModelArgs, state: Mapping[str, torch.Tensor],
@@ -179,7 +185,9 @@ def save_full_model_state(ckpt_dir: str, args: ModelArgs, state: Mapping[str, to
     """Write a weights-only checkpoint ``ckpt_dir/step_00000000`` (+ ``latest``) of the full
     model: one shard (tp = pp = dp = 1), no optimizer state. ``extra_files`` (name -> source
     path) are copied beside it (an imported tokenizer's config: chat template, special
-    tokens). Atomic: written into a temporary directory, then renamed."""
+    tokens). Atomic: written into a temporary directory, fsynced, renamed into place, then
+    ``latest`` replaced (``checkpoint.files.write_atomic``): a failure leaves neither a half
+    checkpoint nor a changed ``latest``."""
     final = os.path.join(ckpt_dir, "step_00000000")
     if os.path.exists(final):
         raise CheckpointReadError(f"{final} exists; convert into a new directory")
@@ -187,20 +195,22 @@ def save_full_model_state(ckpt_dir: str, args: ModelArgs, state: Mapping[str, to
     tmp = os.path.join(ckpt_dir, ".tmp_step_00000000")
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    torch.save({"model": {k: state[k].contiguous() for k in full_shapes(args)}, "step": 0},
-               os.path.join(tmp, SHARD.format(t=0, p=0)))
-    meta = {"step": 0, "model_args": asdict(args), "tp_shard_dims": {},
-            "layout": {"dp": 1, "tp": 1, "pp": 1}, "weights_only": True}
-    with open(os.path.join(tmp, "meta.json"), "w") as f:
-        json.dump(meta, f, indent=1)
-    if tokenizer_file:
-        shutil.copyfile(tokenizer_file, os.path.join(tmp, "tokenizer.json"))
-    for name, src in (extra_files or {}).items():
-        shutil.copyfile(src, os.path.join(tmp, name))
-    for name in os.listdir(tmp):
-        with open(os.path.join(tmp, name), "rb") as f:
-            os.fsync(f.fileno())
-    os.replace(tmp, final)
-    with open(os.path.join(ckpt_dir, "latest"), "w") as f:
-        f.write(os.path.basename(final))
+    try:
+        torch.save({"model": {k: state[k].contiguous() for k in full_shapes(args)}, "step": 0},
+                   os.path.join(tmp, SHARD.format(t=0, p=0)))
+        if tokenizer_file:
+            shutil.copyfile(tokenizer_file, os.path.join(tmp, "tokenizer.json"))
+        for name, src in (extra_files or {}).items():
+            shutil.copyfile(src, os.path.join(tmp, name))
+        for name in os.listdir(tmp):
+            fsync_file(os.path.join(tmp, name))
+        meta = {"step": 0, "model_args": asdict(args), "tp_shard_dims": {},
+                "layout": {"dp": 1, "tp": 1, "pp": 1}, "weights_only": True}
+        write_atomic(os.path.join(tmp, "meta.json"), json.dumps(meta, indent=1))
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # no half checkpoint; ``latest`` untouched
+        raise
+    fsync_dir(ckpt_dir)
+    write_atomic(os.path.join(ckpt_dir, "latest"), os.path.basename(final))
     return final

@@ -17,6 +17,7 @@ import torch
 
 from megalite.config.schema import LLAMA3_ROPE_FIELDS
 from megalite.interop import hf_bert
+from megalite.interop.hf_bert import Get, Sources, copied
 from megalite.models import CausalLM, ModelArgs, build_model
 
 StateDict = Dict[str, torch.Tensor]
@@ -174,8 +175,9 @@ _GPT2_NORMS = {"attn_norm": "ln_1", "mlp_norm": "ln_2"}
 _GPT2_CONV = {"attn.o_proj": "attn.c_proj", "mlp.fc_in": "mlp.c_fc", "mlp.fc_out": "mlp.c_proj"}
 
 
-Get = Callable[[str], torch.Tensor]
-Sources = Dict[str, Callable[[Get], torch.Tensor]]
+def _transposed(name: str) -> Callable[[Get], torch.Tensor]:
+    """The source of a tensor that is another side's ``name`` transposed (GPT-2's Conv1D)."""
+    return lambda get: get(name).t().contiguous()
 
 
 def hf_sources(args: ModelArgs, with_tied_head: bool = True) -> Sources:
@@ -187,35 +189,33 @@ def hf_sources(args: ModelArgs, with_tied_head: bool = True) -> Sources:
     if args.is_encoder:
         return hf_bert.hf_sources(args, with_tied_head)
     out: Sources = {}
-    copy = lambda name: lambda get: get(name)  # noqa: E731
     if args.is_llama:
-        out["model.embed_tokens.weight"] = copy("embed.tok.weight")
+        out["model.embed_tokens.weight"] = copied("embed.tok.weight")
         for i in range(args.num_layers):
             for ours, theirs in _LLAMA_LAYER.items():
-                out[f"model.layers.{i}.{theirs}"] = copy(f"layers.{i}.{ours}")
-        out["model.norm.weight"] = copy("head.norm.weight")
+                out[f"model.layers.{i}.{theirs}"] = copied(f"layers.{i}.{ours}")
+        out["model.norm.weight"] = copied("head.norm.weight")
     else:
-        transposed = lambda name: lambda get: get(name).t().contiguous()  # noqa: E731
-        out["transformer.wte.weight"] = copy("embed.tok.weight")
-        out["transformer.wpe.weight"] = copy("embed.pos.weight")
+        out["transformer.wte.weight"] = copied("embed.tok.weight")
+        out["transformer.wpe.weight"] = copied("embed.pos.weight")
         for i in range(args.num_layers):
             src, dst = f"layers.{i}.", f"transformer.h.{i}."
             for ours, theirs in _GPT2_NORMS.items():
                 for p in ("weight", "bias"):
-                    out[f"{dst}{theirs}.{p}"] = copy(f"{src}{ours}.{p}")
+                    out[f"{dst}{theirs}.{p}"] = copied(f"{src}{ours}.{p}")
             qkv = [f"{src}attn.{n}_proj" for n in "qkv"]
             out[f"{dst}attn.c_attn.weight"] = lambda get, qkv=qkv: torch.cat(
                 [get(f"{n}.weight") for n in qkv], dim=0).t().contiguous()
             out[f"{dst}attn.c_attn.bias"] = lambda get, qkv=qkv: torch.cat(
                 [get(f"{n}.bias") for n in qkv], dim=0)
             for ours, theirs in _GPT2_CONV.items():
-                out[f"{dst}{theirs}.weight"] = transposed(f"{src}{ours}.weight")
-                out[f"{dst}{theirs}.bias"] = copy(f"{src}{ours}.bias")
-        out["transformer.ln_f.weight"] = copy("head.norm.weight")
-        out["transformer.ln_f.bias"] = copy("head.norm.bias")
+                out[f"{dst}{theirs}.weight"] = _transposed(f"{src}{ours}.weight")
+                out[f"{dst}{theirs}.bias"] = copied(f"{src}{ours}.bias")
+        out["transformer.ln_f.weight"] = copied("head.norm.weight")
+        out["transformer.ln_f.bias"] = copied("head.norm.bias")
     if with_tied_head or not args.tie_embeddings:
-        out["lm_head.weight"] = copy("embed.tok.weight" if args.tie_embeddings
-                                     else "head.output.weight")
+        out["lm_head.weight"] = copied("embed.tok.weight" if args.tie_embeddings
+                                       else "head.output.weight")
     return out
 
 
@@ -238,35 +238,33 @@ def megalite_sources(args: ModelArgs) -> Sources:
     if args.is_encoder:
         return hf_bert.megalite_sources(args)
     sd: Sources = {}
-    copy = lambda name: lambda get: get(name)  # noqa: E731
     if args.is_llama:
-        sd["embed.tok.weight"] = copy("model.embed_tokens.weight")
+        sd["embed.tok.weight"] = copied("model.embed_tokens.weight")
         for i in range(args.num_layers):
             for ours, theirs in _LLAMA_LAYER.items():
-                sd[f"layers.{i}.{ours}"] = copy(f"model.layers.{i}.{theirs}")
-        sd["head.norm.weight"] = copy("model.norm.weight")
+                sd[f"layers.{i}.{ours}"] = copied(f"model.layers.{i}.{theirs}")
+        sd["head.norm.weight"] = copied("model.norm.weight")
     else:
-        transposed = lambda name: lambda get: get(name).t().contiguous()  # noqa: E731
-        sd["embed.tok.weight"] = copy("transformer.wte.weight")
-        sd["embed.pos.weight"] = copy("transformer.wpe.weight")
+        sd["embed.tok.weight"] = copied("transformer.wte.weight")
+        sd["embed.pos.weight"] = copied("transformer.wpe.weight")
         h, kv = args.num_heads * args.head_dim, args.num_kv_heads * args.head_dim
         for i in range(args.num_layers):
             src, dst = f"transformer.h.{i}.", f"layers.{i}."
             for ours, theirs in _GPT2_NORMS.items():
                 for p in ("weight", "bias"):
-                    sd[f"{dst}{ours}.{p}"] = copy(f"{src}{theirs}.{p}")
+                    sd[f"{dst}{ours}.{p}"] = copied(f"{src}{theirs}.{p}")
             for j, name in enumerate("qkv"):  # c_attn.weight [in, h + 2kv] -> rows of [3h, in]
                 sd[f"{dst}attn.{name}_proj.weight"] = lambda get, j=j, src=src: get(
                     f"{src}attn.c_attn.weight").t().split([h, kv, kv], 0)[j].contiguous()
                 sd[f"{dst}attn.{name}_proj.bias"] = lambda get, j=j, src=src: get(
                     f"{src}attn.c_attn.bias").split([h, kv, kv])[j].contiguous()
             for ours, theirs in _GPT2_CONV.items():
-                sd[f"{dst}{ours}.weight"] = transposed(f"{src}{theirs}.weight")
-                sd[f"{dst}{ours}.bias"] = copy(f"{src}{theirs}.bias")
-        sd["head.norm.bias"] = copy("transformer.ln_f.bias")
-        sd["head.norm.weight"] = copy("transformer.ln_f.weight")
+                sd[f"{dst}{ours}.weight"] = _transposed(f"{src}{theirs}.weight")
+                sd[f"{dst}{ours}.bias"] = copied(f"{src}{theirs}.bias")
+        sd["head.norm.bias"] = copied("transformer.ln_f.bias")
+        sd["head.norm.weight"] = copied("transformer.ln_f.weight")
     if not args.tie_embeddings:
-        sd["head.output.weight"] = copy("lm_head.weight")
+        sd["head.output.weight"] = copied("lm_head.weight")
     return sd
 
 

@@ -16,6 +16,12 @@ from megalite.models import ModelArgs
 Get = Callable[[str], torch.Tensor]
 Sources = Dict[str, Callable[[Get], torch.Tensor]]
 
+
+def copied(name: str) -> Callable[[Get], torch.Tensor]:
+    """The source of a tensor that is another side's ``name`` unchanged."""
+    return lambda get: get(name)
+
+
 _LAYER = {  # megalite name in layers.i -> HF name in bert.encoder.layer.i
     **{f"attn.{m}_proj.{p}": f"attention.self.{hf}.{p}"
        for m, hf in (("q", "query"), ("k", "key"), ("v", "value")) for p in ("weight", "bias")},
@@ -94,15 +100,13 @@ def _names(args: ModelArgs) -> Dict[str, str]:
 
 
 def hf_sources(args: ModelArgs, with_tied_head: bool = True) -> Sources:
-    copy = lambda name: lambda get: get(name)  # noqa: E731
-    out: Sources = {theirs: copy(ours) for ours, theirs in _names(args).items()}
+    out: Sources = {theirs: copied(ours) for ours, theirs in _names(args).items()}
     if not args.num_labels and (with_tied_head or not args.tie_embeddings):
-        out["cls.predictions.decoder.weight"] = copy(
+        out["cls.predictions.decoder.weight"] = copied(
             "embed.tok.weight" if args.tie_embeddings else "head.output.weight")
-        out["cls.predictions.decoder.bias"] = copy("head.output.bias")
+        out["cls.predictions.decoder.bias"] = copied("head.output.bias")
     return out
 
 
 def megalite_sources(args: ModelArgs) -> Sources:
-    copy = lambda name: lambda get: get(name)  # noqa: E731
-    return {ours: copy(theirs) for ours, theirs in _names(args).items()}
+    return {ours: copied(theirs) for ours, theirs in _names(args).items()}

@@ -21,7 +21,7 @@ from megalite.interop.full_state import (CheckpointReadError, FullState, full_sh
                                          load_full_model_state)
 from megalite.interop.hf import (_transformers, args_from_hf_config, hf_config_from_args,
                                  hf_sources, megalite_sources, rope_fields)
-from megalite.interop.hf_tokenizer import write_hf_tokenizer
+from megalite.interop.hf_tokenizer import kept_hf_files, write_hf_tokenizer
 from megalite.models import ModelArgs
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -142,13 +142,9 @@ def read_hf_dir(hf_dir: str) -> Tuple[ModelArgs, FullState, Dict[str, str]]:
                                       f"{shapes[name]}")
         return value
 
-    files = {n: os.path.join(hf_dir, n) for n in ("tokenizer.json", "tokenizer_config.json",
-                                                  "special_tokens_map.json",
-                                                  "generation_config.json")
-             if os.path.isfile(os.path.join(hf_dir, n))}
     state = FullState(shapes, merge)
     state.check()
-    return args, state, files
+    return args, state, kept_hf_files(hf_dir)
 
 
 def _safetensors_reader(hf_dir: str):

@@ -89,6 +89,7 @@ def write_hf_tokenizer(tokenizer_file: Optional[str], out: str, max_seq_len: int
 
 
 def kept_hf_files(hf_dir: str) -> Dict[str, str]:
-    """The tokenizer/generation files of an HF directory to keep in a checkpoint."""
-    return {name: os.path.join(hf_dir, name) for name in KEPT_ON_IMPORT
+    """name -> path of the tokenizer and the files kept with it (``KEPT_ON_IMPORT``) that an
+    HF directory holds: what an import copies into the checkpoint."""
+    return {name: os.path.join(hf_dir, name) for name in ("tokenizer.json", *KEPT_ON_IMPORT)
             if os.path.isfile(os.path.join(hf_dir, name))}

@@ -39,7 +39,7 @@ from megalite.checkpoint.files import (STEP_NAME, CheckpointError, check_sizes, 
                                        is_complete, is_sharded, latest, load_file, read_meta,
                                        remove_stale_tmp, step_dirs, tokenizer_differences,
                                        tokenizer_fingerprint, verify_all, verify_file)
-from megalite.checkpoint.files import fsync_dir, write_atomic
+from megalite.checkpoint.files import fsync_dir, fsync_file, write_atomic
 from megalite.models import SAME_MODEL_FIELDS
 from megalite.models.transformer import TIED_WEIGHTS
 from megalite.parallel import comm
@@ -61,12 +61,24 @@ def dp_shard_name(dims: ParallelDims) -> str:
 
 
 # ---- writing ----------------------------------------------------------------------------------
-def _all_gather(obj: Any, group=None) -> List[Any]:
+def _gather_to_0(obj: Any, group=None) -> Optional[List[Any]]:
+    """Every rank's ``obj`` on global rank 0 (the one that writes meta.json), None elsewhere:
+    a non-writer never holds the others' records."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return [obj]
-    out: List[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj, group=group)
+    rank = dist.get_rank()
+    out: Optional[List[Any]] = [None] * dist.get_world_size(group) if rank == 0 else None
+    dist.gather_object(obj, out, dst=0, group=group)  # dst: a global rank
     return out
+
+
+def _from_0(obj: Any, group=None) -> Any:
+    """Global rank 0's ``obj`` on every rank."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0, group=group)
+    return box[0]
 
 
 def _write_failure(e: OSError, where: str) -> str:
@@ -78,9 +90,10 @@ def _write_failure(e: OSError, where: str) -> str:
 def save(ckpt_dir: str, step: int, dims: ParallelDims, entries: Dict[str, Any],
          meta: Dict[str, Any], tokenizer_file: Optional[str] = None, keep: int = 0,
          group=None) -> str:
-    """Collective over ``group`` (default: every rank's world group): every rank writes the boxes it owns of ``entries`` ({key: ShardEntry}) with
-    torch.distributed.checkpoint; rank 0 adds meta.json (``meta`` plus the step, the layout and
-    each file's and item's CRC), the tokenizer, renames the directory into place and points
+    """Collective over ``group`` (default: every rank's world group): every rank writes the
+    boxes it owns of ``entries`` ({key: ShardEntry}) with torch.distributed.checkpoint and
+    sends its files' and items' CRCs to rank 0, which adds meta.json (``meta`` plus the step,
+    the layout and those CRCs), the tokenizer, renames the directory into place and points
     ``latest`` at it. A failed write on any rank (a full disk) removes the temporary directory
     on every rank's word and raises CheckpointError; the previous checkpoint is untouched."""
     from megalite.checkpoint.sharded import save_entries
@@ -106,8 +119,9 @@ def save(ckpt_dir: str, step: int, dims: ParallelDims, entries: Dict[str, Any],
         if cause is None:
             raise
         failure = _write_failure(cause, tmp)
-    gathered = _all_gather((files, items, blocks, failure), group)
-    failure = next((f for *_, f in gathered if f), None)
+    gathered = _gather_to_0((files, items, blocks, failure), group)
+    if dims.rank == 0:
+        failure = next((f for *_, f in gathered if f), None)
     if failure is None and dims.rank == 0:
         try:
             for rank_files, rank_items, rank_blocks, _ in gathered:
@@ -120,7 +134,7 @@ def save(ckpt_dir: str, step: int, dims: ParallelDims, entries: Dict[str, Any],
                     tokenizer_file, keep)
         except OSError as e:
             failure = _write_failure(e, tmp)
-    failure = _all_gather(failure, group)[0]  # rank 0's word on the last phase
+    failure = _from_0(failure, group)  # rank 0's word: any rank's failure, or its own
     if failure:
         if dims.rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -159,8 +173,7 @@ def _finish(ckpt_dir: str, tmp: str, final: str, meta: Dict[str, Any],
     """Rank 0: meta.json, the tokenizer, fsync, rename into place, then ``latest``, then prune."""
     if tokenizer_file:
         shutil.copyfile(tokenizer_file, os.path.join(tmp, "tokenizer.json"))
-        with open(os.path.join(tmp, "tokenizer.json"), "rb+") as f:
-            os.fsync(f.fileno())
+        fsync_file(os.path.join(tmp, "tokenizer.json"))
     write_atomic(os.path.join(tmp, "meta.json"), json.dumps(meta, indent=1))
     fsync_dir(tmp)
     shutil.rmtree(final, ignore_errors=True)  # the same step saved again (a rewound resume)
@@ -253,26 +266,46 @@ def state_entries(table, opt_state: Dict[str, Any], kinds=KINDS) -> Dict[str, An
     return out
 
 
-def load_sharded(path: str, meta: Dict[str, Any], entries: Dict[str, Any], group=None) -> int:
-    """Fill ``entries`` (this rank's boxes, any layout) from a format-2 checkpoint; collective
-    over ``group``. Every file's size and each item read's CRC are checked first; the bytes
-    read are returned."""
-    from megalite.checkpoint.planners import StateMismatch
-    from megalite.checkpoint.sharded import load_entries
-    from megalite.checkpoint.storage import UnsafeCheckpoint
+def read_sharded_metadata(path: str, meta: Dict[str, Any]) -> Any:
+    """A format-2 checkpoint's DCP ``Metadata``, read once every file's size and the CRC of
+    ``.metadata`` are checked: pass it to ``load_sharded`` to load several times without
+    checking and unpickling it again (an export reads one parameter at a time)."""
+    from megalite.checkpoint.storage import SafeReader, UnsafeCheckpoint
 
     check_sizes(path, meta)
     verify_file(path, ".metadata", meta, everyone=True)
     try:
-        return load_entries(path, entries, meta.get("items"), group, meta.get("blocks"))
+        return SafeReader(path).read_metadata()
+    except UnsafeCheckpoint as e:
+        raise CheckpointError(f"{e}; {_NOTHING_RUN}") from None
+
+
+_NOTHING_RUN = "nothing in it was run: replace the file or use another checkpoint"
+
+
+def load_sharded(path: str, meta: Dict[str, Any], entries: Dict[str, Any], group=None,
+                 metadata: Any = None) -> int:
+    """Fill ``entries`` (this rank's boxes, any layout) from a format-2 checkpoint; collective
+    over ``group``. Every file's size and each item read's CRC are checked first (the sizes
+    already, with the ``metadata`` of ``read_sharded_metadata``); the bytes read are
+    returned."""
+    from megalite.checkpoint.planners import StateMismatch
+    from megalite.checkpoint.sharded import load_entries
+    from megalite.checkpoint.storage import UnsafeCheckpoint
+
+    if metadata is None:
+        check_sizes(path, meta)
+        verify_file(path, ".metadata", meta, everyone=True)
+    try:
+        return load_entries(path, entries, meta.get("items"), group, meta.get("blocks"),
+                            metadata)
     except BaseException as e:  # DCP wraps each rank's failure in a CheckpointException
         cause = e if isinstance(e, (UnsafeCheckpoint, StateMismatch)) else _dcp_failure(e)
         if isinstance(cause, StateMismatch):
             raise CheckpointError(f"checkpoint {path}: {cause}: it holds another model; use "
                                   "its model settings") from None
         if isinstance(cause, (UnsafeCheckpoint, OSError)):
-            raise CheckpointError(f"{cause}; nothing in it was run: replace the file or use "
-                                  "another checkpoint") from None  # DCP tells every rank
+            raise CheckpointError(f"{cause}; {_NOTHING_RUN}") from None  # DCP tells every rank
         raise
 
 

@@ -391,6 +391,8 @@ class Trainer:
                 result.checkpoint = self.save_checkpoint()
             self.wait_for_save()
             self.log.print(f"checkpoint: {result.checkpoint}")
+        if self.saver is not None:  # saved and waited for: its writer thread ends with fit
+            self.saver.close()
         result.step = self.step
         self.log.close()
         return result
