@@ -11,8 +11,9 @@ Load: a bounded loop against loopback only. C client threads each send ``--per-c
 streaming requests back to back (raw HTTP, so the client costs little CPU); latency is the
 request's wall time, TTFT the time to its first streamed token. Each (model, batching) pair is
 one server process started here (``OMP_NUM_THREADS=--threads``), warmed up by one request; both
-servers of a model stay up and the on/off runs of each row alternate ``--reps`` times (the
-medians are printed), so load from elsewhere on the machine hits both alike.
+servers of a model stay up and the on/off runs of each row alternate ``--reps`` times, each
+pair in the other order than the last (the medians are printed), so load from elsewhere on the
+machine, and going first, hit both alike.
 Client and server share the machine's cores, so absolute figures are this machine's; the
 batching gain is the ratio of tokens/s on vs off at the same concurrency.
 
@@ -135,7 +136,7 @@ def main(argv=None) -> int:
     p.add_argument("--new", type=int, default=64, help="tokens per request")
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--threads", type=int, default=1, help="server torch threads")
-    p.add_argument("--reps", type=int, default=3, help="alternating on/off runs per row "
+    p.add_argument("--reps", type=int, default=4, help="alternating on/off runs per row "
                                                       "(medians printed)")
     p.add_argument("--quick", action="store_true")
     a = p.parse_args(argv)
@@ -160,8 +161,9 @@ def main(argv=None) -> int:
                 figures = {}
                 for c in levels:
                     runs = {"on": [], "off": []}
-                    for _ in range(a.reps):  # alternating, so load from elsewhere hits both
-                        for batching, (_, port) in servers.items():
+                    for rep in range(a.reps):
+                        order = list(servers.items())[::-1 if rep % 2 else 1]
+                        for batching, (_, port) in order:
                             runs[batching].append(load(port, name, c, a.per_client, prompt,
                                                        a.new))
                     for batching, fs in runs.items():
