@@ -97,7 +97,8 @@ def layer_activation_terms(args, micro_batch: int, seq_len: int, tp: int = 1,
                            attention_dtype_bytes: Optional[int] = None,
                            fused_norms: bool = True) -> Dict[str, int]:
     """Bytes one transformer layer keeps from its forward to its backward, as named terms
-    (``args``: ``ModelArgs``; norms as megalite's fused kernels save them).
+    (``args``: ``ModelArgs``; norms as megalite's fused kernels save them; bert's post-norm
+    blocks keep the same bytes under ``POST_NORM_NAMES``).
 
     ``attention_stores_probs`` None: stored when dropout > 0 (CPU's SDPA then takes its math
     path); pass True for the fused masked softmax (packed documents) and False for flash or
@@ -161,7 +162,20 @@ def layer_activation_terms(args, micro_batch: int, seq_len: int, tp: int = 1,
         terms["GELU output (fc_out input)"] = e * sb * fl
     if drop:
         terms["mlp residual dropout mask"] = mask * sbh // chunk
+    if args.is_encoder:  # post-norm (bert): the same storages, kept by other ops
+        terms = {POST_NORM_NAMES.get(k, k): v for k, v in terms.items()}
     return terms
+
+
+# bert's post-norm block norm(x + attn(x)), norm(x + mlp(x)): q, k, v read the block input, each
+# norm keeps its residual sum, the MLP reads attn_norm's output; mlp_norm's output is the next
+# unit's input (kept there, as a pre-norm block's output is)
+POST_NORM_NAMES = {
+    "attn_norm input": "attn_norm input (x + attention output)",
+    "attn_norm output (q,k,v input)": "block input (q,k,v input)",
+    "mlp_norm input": "mlp_norm input (x + MLP output)",
+    "mlp_norm output (mlp input)": "attn_norm output (mlp input)",
+}
 
 
 def layer_activation_bytes(*args, **kwargs) -> int:

@@ -228,6 +228,22 @@ def _step_tracker():
     return StepTracker()
 
 
+MLM_FRACTION = 0.15  # of the tokens a masked-LM batch labels (data.mlm's default)
+
+
+def step_batch(cfg: Config, vocab: int) -> Dict[str, torch.Tensor]:
+    """One micro-batch of random tokens with the keys and shapes the run's objective gives
+    (``trainer.objective``): a decoder's ``tokens``/``labels``; a masked-LM's also
+    ``token_types`` and ``attention_mask`` (no padding), labels -100 but at ~15% of tokens."""
+    shape = (cfg.train.micro_batch_size, cfg.data.seq_len)
+    tokens, labels = torch.randint(0, vocab, shape), torch.randint(0, vocab, shape)
+    if cfg.model.family != "bert":
+        return {"tokens": tokens, "labels": labels}
+    labels = labels.masked_fill(torch.rand(shape) >= MLM_FRACTION, -100)
+    return {"tokens": tokens, "labels": labels, "token_types": torch.zeros_like(tokens),
+            "attention_mask": torch.ones_like(tokens)}
+
+
 def tracked_step(parts: RankParts, cfg: Config, micro_batches: int) -> StepMemory:
     """Run one training step of ``micro_batches`` (random tokens) under MemTracker and return
     its peak by kind. Real or fake tensors alike: the CPU measurement of a real step uses the
@@ -235,10 +251,7 @@ def tracked_step(parts: RankParts, cfg: Config, micro_batches: int) -> StepMemor
     e, o, dims = parts.engine, parts.opt, parts.dims
     actions = schedules.build(cfg.parallel.schedule, dims.pp, micro_batches, dims.pp_rank,
                               len(parts.model.chunks))
-    shape = (cfg.train.micro_batch_size, cfg.data.seq_len)
-    vocab = parts.args.vocab_size
-    batches = [{"tokens": torch.randint(0, vocab, shape),
-                "labels": torch.randint(0, vocab, shape)} for _ in range(micro_batches)]
+    batches = [step_batch(cfg, parts.args.vocab_size) for _ in range(micro_batches)]
     start = time.perf_counter()
     with track_step(e, o, parts.model) as result:
         parts.executor.run(actions, batches, 1.0)
@@ -283,9 +296,9 @@ def track_step(engine, opt, model: torch.nn.Module) -> Iterator[StepMemory]:
 
 def unsupported(cfg: Config) -> Optional[str]:
     """Why the planner cannot model this config, or None."""
-    if cfg.model.family == "bert":
-        return (f"model.family={cfg.model.family}: the dry run and megalite plan model the "
-                "decoder families (gpt, llama) only")
+    if cfg.model.num_labels or cfg.finetune.train is not None:
+        return (f"model.num_labels={cfg.model.num_labels}: the dry run and megalite plan model "
+                "the language-model heads (gpt, llama, bert's masked LM), not a classifier")
     return None
 
 

@@ -224,16 +224,20 @@ def activation_terms(cfg: Config, args, pp_rank: int, cpu: bool = False) -> Dict
     e = DTYPE_BYTES[t.precision]
     s, b, tp = cfg.data.seq_len, t.micro_batch_size, p.tp
     sp = p.sequence_parallel and tp > 1
-    math = cpu and args.dropout > 0
     # the fused norms run on CPU where built, on CUDA once the GPU check enabled them (the
     # default until then is PyTorch's RMSNorm, which keeps an fp32 copy: fused_norms=False)
     fused = args.kernels == "fused" and (
         ops.model_uses_kernels(torch.device("cpu")) if cpu else
         os.environ.get("MEGALITE_CUDA_KERNELS") == "1" or _backend.CUDA_KERNELS_VERIFIED)
+    # bert's padding mask takes the fused masked softmax where the kernels run (it keeps the
+    # probabilities), else SDPA: its math path (probabilities in fp32) on CPU with dropout
+    masked_softmax = args.is_encoder and fused
+    math = cpu and args.dropout > 0 and not masked_softmax
     per = {}
     for kind in ("none", "selective", "full"):
         per[kind] = layer_activation_terms(args, b, s, tp, sp, kind, e,
-                                           math or args.reset_attention_mask,
+                                           math or args.reset_attention_mask or
+                                           masked_softmax,
                                            None if cpu else 1, 4 if math else None,
                                            fused_norms=fused)
     ranges = split_layers(args.num_layers, p.pp, p.virtual_stages, p.layers_per_stage)
@@ -249,6 +253,11 @@ def activation_terms(cfg: Config, args, pp_rank: int, cpu: bool = False) -> Dict
     chunks, deferred = in_flight(cfg, pp_rank, chunk, layers * (linear + out_grads))
     out = {f"activations: {layers} layers x {chunks} micro-batch chunks in flight "
            f"({cfg.model.recompute})": chunks * chunk}
+    chunk_sb = s * b // (tp if sp else 1)
+    if args.is_encoder and pp_rank == 0:  # its embedding's norm (on this rank's sequence chunk)
+        mask = (1 if not cpu else e) if args.dropout > 0 else 0
+        out["activations: embedding norm input, statistics (fp32), dropout mask"] = chunks * (
+            e * chunk_sb * args.hidden_size + 8 * chunk_sb + mask * chunk_sb * args.hidden_size)
     if deferred:
         out[f"activations: {deferred} zb-h1 deferred weight passes (linear inputs, output "
             "gradients)"] = deferred * layers * (linear + out_grads)
@@ -265,6 +274,10 @@ def activation_terms(cfg: Config, args, pp_rank: int, cpu: bool = False) -> Dict
     if pp_rank == p.pp - 1:
         head = {"head: final norm input, output": e * sbh // (tp if sp else 1) + e * sbh,
                 "loss: fp32 softmax over the local vocabulary": 4 * s * b * vocab}
+        if args.is_encoder:  # the MLM transform on this rank's chunk, then the vocabulary
+            del head["head: final norm input, output"]
+            head["head: MLM dense input, GELU input, norm input, statistics (fp32); norm "
+                 "output"] = 3 * e * sbh // (tp if sp else 1) + 8 * chunk_sb + e * sbh
         out.update({k: chunks * v if p.schedule == "gpipe" else v for k, v in head.items()})
         work = max(work, (4 + e) * s * b * vocab)  # the logits' gradient, fp32 then cast
     out["temporaries: backward working set"] = work

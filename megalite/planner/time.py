@@ -64,6 +64,7 @@ def _count(args, seq_len: int, precision: str) -> Tuple[float, float, float, flo
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.utils.flop_counter import FlopCounterMode
 
+    from megalite.models.bert import MLMHead
     from megalite.models.transformer import Block, Head
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
@@ -71,7 +72,10 @@ def _count(args, seq_len: int, precision: str) -> Tuple[float, float, float, flo
     out = []
     default = torch.get_default_dtype()
     with FakeTensorMode():
-        for make in (lambda: Block(args), lambda: Head(args)):
+        # bert: bidirectional blocks (the same matmuls; attention's s² part is analytic,
+        # unhalved either way) and the MLM head, its dense + GELU + norm transform included
+        head = MLMHead if args.is_encoder else Head
+        for make in (lambda: Block(args), lambda: head(args)):
             torch.set_default_dtype(dtype)  # built in the run's dtype (.to cannot swap fakes)
             try:
                 module = make()
