@@ -27,6 +27,10 @@ SMALL_LLAMA = ["--model.family=llama", "--model.num_layers=6", "--model.hidden_s
                "--model.num_heads=8", "--model.ffn_hidden_size=1536", "--model.max_seq_len=128",
                "--model.vocab_size=8192", "--data.seq_len=128"]
 GPT = ["--model.vocab_size=257"]
+# bert-tiny's shape (post-norm, bidirectional, dropout 0.1: SDPA's math path on CPU), MLM batches
+BERT_TINY = ["--model.family=bert", "--model.num_layers=2", "--model.hidden_size=128",
+             "--model.num_heads=4", "--model.max_seq_len=128", "--model.vocab_size=512",
+             "--model.dropout=0.1", "--data.seq_len=128"]
 
 # (name, overrides) on 4 ranks; each is measured on ranks 0 and 3 (first and last stage)
 LAYOUTS = [
@@ -50,6 +54,12 @@ LAYOUTS = [
     ("llama pp4 gpipe full recompute", TINY_LLAMA + [
         "--parallel.dp=1", "--parallel.pp=4", "--parallel.schedule=gpipe",
         "--model.recompute=full", "--train.micro_batch_size=2", "--train.grad_accum=4"]),
+    ("bert dp2 tp2 sp zero1", BERT_TINY + [
+        "--parallel.dp=2", "--parallel.tp=2", "--parallel.sequence_parallel=true",
+        "--parallel.zero_stage=1", "--train.micro_batch_size=2"]),
+    ("bert dp2 pp2 1f1b zero3", BERT_TINY + [
+        "--parallel.dp=2", "--parallel.pp=2", "--parallel.zero_stage=3",
+        "--train.micro_batch_size=2", "--train.grad_accum=4"]),
     ("20M llama dp2 tp2 sp zero1 bf16", SMALL_LLAMA + [
         "--parallel.dp=2", "--parallel.tp=2", "--parallel.sequence_parallel=true",
         "--parallel.zero_stage=1", "--train.precision=bf16", "--train.micro_batch_size=2"]),
