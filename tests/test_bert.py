@@ -187,8 +187,9 @@ def test_bert_tp_sp_pp_zero3_equal_one_process():
 
 def test_bert_pretraining_loss_falls_and_measures(tmp_path):
     """`megalite train` on bert-tiny's recipe (synthetic corpus, a WordPiece tokenizer trained
-    here): the masked-LM loss falls, validation runs, and the measured activations equal the
-    re-derived ones (the fused masked softmax keeps its probabilities)."""
+    here): the masked-LM loss falls, validation runs, the measured activations equal the
+    re-derived ones (the fused masked softmax keeps its probabilities), and the start-up memory
+    prediction is the measured step's peak within 25%."""
     import json
 
     from helpers import REPO, train
@@ -207,6 +208,13 @@ def test_bert_pretraining_loss_falls_and_measures(tmp_path):
     assert result.val_loss is not None and result.val_loss < losses[0]
     first = json.loads(open(f"{tmp_path}/run/metrics.jsonl").readline())
     assert abs(first["act_mib_per_layer"] / first["act_mib_per_layer_formula"] - 1) < 0.25
+    # the start-up memory check models bert: the planner's prediction for this rank (fused
+    # masked softmax, embedding norm, MLM head) beside the step's tracked peak (torch >= 2.5)
+    assert first["mem.predicted_peak"] > 0, first
+    if "mem.measured_peak" in first:
+        ratio = first["mem.predicted_peak"] / first["mem.measured_peak"]
+        print(f"bert-tiny start-up memory: predicted / measured {ratio:.3f}")
+        assert 0.8 <= ratio <= 1.25, first
 
 
 def _classification_files(folder):

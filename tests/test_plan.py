@@ -136,15 +136,15 @@ def test_plan_fp32_at_the_fp32_peak():
 
 
 def test_plan_bad_input_is_one_line():
-    """Missing --gpus, an unknown GPU, a bad --layout, a family the planner does not model, a
-    vocabulary it cannot know without data: one `error:` line naming it, exit 2."""
+    """Missing --gpus, an unknown GPU, a bad --layout, a head the planner does not model (bert's
+    classifier), a vocabulary it cannot know without data: one `error:` line naming it, exit 2."""
     cfg = ["--config", os.path.join(REPO, "configs/llama-7b.yaml")]
     for argv, field in ((cfg, "--gpus"),
                         (cfg + ["--gpus", "8", "--gpu", "x100"], "--gpu=x100"),
                         (cfg + ["--gpus", "8", "--layout", "dq=8"], "--layout"),
                         (cfg + ["--gpus", "8", "--layout", "dp=2,tp=2"], "--layout"),
                         (["--config", os.path.join(REPO, "configs/bert-tiny.yaml"), "--gpus",
-                          "2"], "model.family=bert"),
+                          "2", "--model.num_labels=2"], "model.num_labels=2"),
                         (cfg + ["--gpus", "8", "--model.vocab_size=none",
                                 "--data.tokenizer=nope.json"], "--model.vocab_size")):
         code, _, err = plan(*argv)
