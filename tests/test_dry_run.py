@@ -115,6 +115,38 @@ def test_dry_run_and_analytic_against_real_step():
     print("\n".join(lines))
 
 
+def test_bert_terms_are_what_its_units_save():
+    """bert-tiny (fp32, dropout 0.1, PyTorch ops on CPU), one micro-batch of the dry run's MLM
+    batch: what each unit saves for backward (``SavedActivationCounter``) is the analytic
+    model's term for it — a post-norm block ``layer_activation_terms`` to the byte, the MLM
+    head (transform + norm output) to the byte, the embedding's norm within 1% (its position
+    ids, 8·s bytes, are left out) — and the block's terms carry post-norm names, the decoders'
+    unchanged."""
+    from megalite.models.activation_memory import (SavedActivationCounter,
+                                                   layer_activation_terms, units_of)
+    from megalite.models.transformer import CausalLM
+    from megalite.planner.dry_run import step_batch
+    from megalite.planner.memory import activation_terms
+
+    cfg = config(BERT_TINY + ["--train.micro_batch_size=2"], 1)
+    args = dry_args(cfg)
+    torch.manual_seed(0)
+    model = CausalLM(args)
+    batch = step_batch(cfg, args.vocab_size)
+    with SavedActivationCounter(units_of(model), model.parameters(), batch.values()) as counted:
+        model(**batch)
+    terms = activation_terms(cfg, args, 0, cpu=True)
+    block = layer_activation_terms(args, 2, 128, 1, False, "none", 4, True, None, 4, False)
+    assert counted.bytes["layers.0"] == counted.bytes["layers.1"] == sum(block.values())
+    head = next(v for k, v in terms.items() if k.startswith("head: MLM"))
+    assert counted.bytes["head"] == head, (counted.bytes, terms)
+    embed = next(v for k, v in terms.items() if "embedding norm" in k)
+    assert embed <= counted.bytes["embed"] <= 1.01 * embed, (counted.bytes, terms)
+    assert {"block input (q,k,v input)", "attn_norm output (mlp input)"} <= set(block)
+    gpt = layer_activation_terms(dry_args(config(GPT)), 2, 64)
+    assert {"attn_norm output (q,k,v input)", "mlp_norm output (mlp input)"} <= set(gpt)
+
+
 # What Trainer.__init__ builds that build_rank leaves out on purpose (a rank's step memory is
 # the model, engine, executor and optimizer): data, reporting, checkpoint writing, fp16 scaling.
 NOT_IN_DRY_RUN = {"train_ds", "val_ds", "tokenizer", "timers", "activations", "memory_check",
