@@ -7,9 +7,10 @@ holds memory — ``build_model`` through the TP plan and the pipeline cut, the Z
 executor and ``ShardedAdamW`` are built exactly as ``Trainer.__init__`` builds them, and one step
 runs: the schedule's actions for the fewest micro-batches that reach the step's peak, the
 engine's reductions, clipping and the optimizer update. Nothing is read from the dataset (the
-micro-batches are fake token tensors) and nothing is written to ``run.dir``; host reads
-(``.item()``, which fake tensors refuse) are left out — the step never needs one but for the
-loss it logs.
+micro-batches are fake tensors with the objective's keys: ``step_batch``; bert's masked LM
+too) and nothing is written to ``run.dir``; host reads (``.item()``, which fake tensors
+refuse) are left out — the step never needs one but for the loss it logs. Not modelled: a
+classifier head (``model.num_labels`` > 0, fine-tuning): ``unsupported``.
 
 Memory is measured by ``torch.distributed._tools.mem_tracker.MemTracker``. The model states
 exist before the step: the engine's and the optimizer's own buffers (parameters, gradients,
@@ -298,7 +299,8 @@ def unsupported(cfg: Config) -> Optional[str]:
     """Why the planner cannot model this config, or None."""
     if cfg.model.num_labels or cfg.finetune.train is not None:
         return (f"model.num_labels={cfg.model.num_labels}: the dry run and megalite plan model "
-                "the language-model heads (gpt, llama, bert's masked LM), not a classifier")
+                "the language-model heads (gpt, llama, bert's masked LM), not a classifier: "
+                "plan the pre-training run (model.num_labels=0)")
     return None
 
 

@@ -25,7 +25,9 @@ Offload moves masters and moments (and an fp32 gradient copy) to host memory.
 in flight at the schedule's peak (``live_states`` of the rank's real action list:
 p - r for 1F1B, more for interleaved; zb-h1's deferred weight passes keep their linear layers'
 inputs). The last stage adds the head: final-norm tensors and the loss's fp32 softmax over the
-(local) vocabulary. **Temporaries**: the backward's working set at the peak — the largest of one
+(local) vocabulary; bert's (post-norm blocks: the same bytes under other names) its MLM
+transform instead of the final norm, and its first stage the embedding norm's input and
+dropout mask. **Temporaries**: the backward's working set at the peak — the largest of one
 layer's recomputed activations plus its gradients, and on the last stage the logits' gradient.
 **Allocator allowance** (GPU only): CUDA context and caching-allocator rounding.
 """
@@ -272,12 +274,11 @@ def activation_terms(cfg: Config, args, pp_rank: int, cpu: bool = False) -> Dict
     block = sum(n for _, n in _units(args, tp, sp, p.vocab_multiple)[1])
     work += 2 * e * sbh + 3 * e * s * b * fl + e * block
     if pp_rank == p.pp - 1:
-        head = {"head: final norm input, output": e * sbh // (tp if sp else 1) + e * sbh,
-                "loss: fp32 softmax over the local vocabulary": 4 * s * b * vocab}
+        head = {"head: final norm input, output": e * sbh // (tp if sp else 1) + e * sbh}
         if args.is_encoder:  # the MLM transform on this rank's chunk, then the vocabulary
-            del head["head: final norm input, output"]
-            head["head: MLM dense input, GELU input, norm input, statistics (fp32); norm "
-                 "output"] = 3 * e * sbh // (tp if sp else 1) + 8 * chunk_sb + e * sbh
+            head = {"head: MLM dense input, GELU input, norm input, statistics (fp32); norm "
+                    "output": 3 * e * sbh // (tp if sp else 1) + 8 * chunk_sb + e * sbh}
+        head["loss: fp32 softmax over the local vocabulary"] = 4 * s * b * vocab
         out.update({k: chunks * v if p.schedule == "gpipe" else v for k, v in head.items()})
         work = max(work, (4 + e) * s * b * vocab)  # the logits' gradient, fp32 then cast
     out["temporaries: backward working set"] = work

@@ -25,7 +25,7 @@ class MemoryCheck:
         self.terms: Optional[Dict[str, int]] = None
         from megalite.planner.dry_run import unsupported
 
-        self.why = unsupported(trainer.cfg) or ""  # the planner models the decoder families
+        self.why = unsupported(trainer.cfg) or ""  # the planner models the language-model heads
         if not self.why:
             from megalite.planner.memory import rank_memory
 
