@@ -184,6 +184,27 @@ def test_train_logs_predicted_and_measured_peak(tmp_path, data_cache):
     assert 0.5 <= row["mem.predicted_peak"] / row["mem.measured_peak"] <= 2.0, row
 
 
+def test_bert_flops_by_hand():
+    """The time model's counted matmul FLOPs (forward + backward = 6 per multiply-add pair) for
+    bert-tiny: a block's 6·s·(4h² + 2hf), as a decoder block of that shape (attention's s²
+    part is analytic for both), and the MLM head's 6·s·(h² + hV): its dense transform besides
+    the vocabulary projection that a decoder's head has alone."""
+    import dataclasses
+
+    from megalite.config import parse_args
+    from megalite.planner.cli import dry_args
+    from megalite.planner.time import block_costs
+
+    cfg, _ = parse_args(["--config", os.path.join(REPO, "configs", "bert-tiny.yaml"),
+                         "--model.vocab_size=512"], verbose=False)
+    args, s = dry_args(cfg), 128
+    h, f, v = args.hidden_size, args.ffn_hidden_size, args.vocab_size
+    block, _, head, _ = block_costs(args, s, "fp32")
+    assert block == 6 * s * (4 * h * h + 2 * h * f) and head == 6 * s * (h * h + h * v)
+    gpt_block, _, gpt_head, _ = block_costs(dataclasses.replace(args, family="gpt"), s, "fp32")
+    assert gpt_block == block and gpt_head == 6 * s * h * v
+
+
 def test_activations_follow_recompute_layers():
     """Full recomputation of the first k of a stage's L layers costs k block inputs plus L-k
     plain layers (``layer_activation_terms``), between none and full."""
