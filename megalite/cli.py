@@ -146,9 +146,9 @@ def _run_ranks(command: str, argv: List[str]) -> int:
         return 2
     finally:
         # Free everything holding a process group or a finished collective's work while the
-        # interpreter is whole: gloo work objects left to interpreter finalisation hold tensors
-        # whose release there can abort the process ("terminate called without an active
-        # exception", SIGABRT) after a run that succeeded.
+        # interpreter is whole (a rank then ends with exit_process, skipping finalisation,
+        # where their release can abort a run that succeeded: SIGABRT, "terminate called
+        # without an active exception").
         trainer = None
         gc.collect()
         dims.destroy()
@@ -367,7 +367,7 @@ def exit_process(code: int) -> None:
             pass
     if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
         mpi.Finalize()
-    os._exit(code if isinstance(code, int) else (0 if code is None else 1))
+    os._exit(code)
 
 
 def entry(argv: Optional[List[str]] = None) -> None:

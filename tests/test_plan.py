@@ -222,3 +222,31 @@ def test_activations_follow_recompute_layers():
     none, full = acts(), acts("--model.recompute=full")
     half = acts("--model.recompute=full", "--model.recompute_layers=2")
     assert full < half < none and half == (none + full) // 2, (none, half, full)
+
+
+def test_planner_and_trainer_count_the_same_attention_path():
+    """Packed documents (data.reset_attention_mask) with PyTorch's kernels take SDPA, which
+    keeps no probabilities (with dropout on CPU: its math path, which does): the planner's
+    per-layer activations equal the trainer's re-derived ones for each kernels x dropout (the
+    planner once counted the fused masked softmax's probabilities whatever the path)."""
+    import torch
+
+    from megalite.config.load import parse_args
+    from megalite.planner.cli import dry_args
+    from megalite.planner.memory import activation_terms
+    from megalite.trainer.activations import ActivationReport
+
+    for kernels in ("torch", "fused"):
+        for dropout in (0.0, 0.1):
+            cfg, _ = parse_args(["--config", os.path.join(REPO, "configs/tiny.yaml"),
+                                 "--data.reset_attention_mask=true", f"--model.kernels={kernels}",
+                                 f"--model.dropout={dropout}"], verbose=False, world_size=1)
+            args = dry_args(cfg)
+            args.kernels = kernels
+            planned = activation_terms(cfg, args, 0, cpu=True)
+            (name, total), = [(k, v) for k, v in planned.items() if k.startswith("activations")]
+            assert "1 micro-batch chunks" in name, name
+            report = ActivationReport(None, args, ["none"], cfg.train.micro_batch_size,
+                                      cfg.data.seq_len, 1, False, torch.float32,
+                                      torch.device("cpu"))
+            assert total == args.num_layers * report.formula[0], (kernels, dropout)

@@ -107,6 +107,8 @@ def test_text_stream_holds_back_only_what_may_change() -> None:
 def test_command_line_refusals(checkpoint, tmp_path, capsys, monkeypatch) -> None:
     """One `error:` line and exit 2, nothing served: a non-loopback host without a key, a
     missing checkpoint, an encoder (in `generate` too), a port in use."""
+    pytest.importorskip("fastapi")  # else serve's first refusal is the missing extra
+    pytest.importorskip("uvicorn")
     monkeypatch.delenv("MEGALITE_API_KEY", raising=False)
     encoder = tmp_path / "encoder"
     shutil.copytree(os.path.join(checkpoint, "step_00000000"), encoder)

@@ -30,7 +30,7 @@ import numpy as np
 from ..config.schema import DataConfig
 from .corpus import prepared_prefixes
 from .dataset import (IndexedTokens, blend_parts, check_data, eval_batch_indices,
-                      micro_batch_indices, open_blend, tokenizer_file)
+                      micro_batch_indices, tokenizer_file)
 from .inputs import DataError
 from .megatron import MegatronTokens
 from .tokenizer import Tokenizer, load_tokenizer, parse_spec
@@ -200,9 +200,8 @@ def build_mlm_datasets(cfg: DataConfig, seed: int, num_train_samples: int, num_v
     blended by data.weights. val is None when the split gives it no documents or no validation
     samples are asked for."""
     check_mlm_data(cfg)
-    tok = open_blend(cfg)[0][0].tokenizer
-    return blend_parts(cfg, seed, num_train_samples, num_val_samples,
-                       lambda t, ids, n, s: MLMSamples(t, ids, cfg.seq_len, s, n, tok))
+    return blend_parts(cfg, seed, num_train_samples, num_val_samples,  # one tokenizer: checked
+                       lambda t, ids, n, s: MLMSamples(t, ids, cfg.seq_len, s, n, t.tokenizer))
 
 
 def stack_samples(dataset: object, idx: np.ndarray) -> Dict[str, "torch.Tensor"]:

@@ -90,6 +90,20 @@ def units_of(model: nn.Module) -> List[Tuple[str, nn.Module]]:
     return out
 
 
+def attention_path(args, cpu: bool, kernels_run: bool) -> Dict[str, object]:
+    """``layer_activation_terms``' keywords for the path the model's attention takes
+    (``Attention.core``): the fused masked softmax (packed documents, bert's padding mask,
+    where the kernels run) keeps its probabilities, and so does CPU SDPA's math path, which
+    dropout selects (in fp32); CPU dropout keeps a mask of the dropped tensor's dtype, CUDA's
+    one byte. ``kernels_run``: ``model.kernels=fused`` runs the compiled kernels there."""
+    fused = args.kernels == "fused" and kernels_run
+    fused_softmax = fused and (args.reset_attention_mask or args.is_encoder)
+    math = cpu and args.dropout > 0 and not fused_softmax
+    return {"attention_stores_probs": fused_softmax or math,
+            "dropout_mask_bytes": None if cpu else 1,
+            "attention_dtype_bytes": 4 if math else None, "fused_norms": fused}
+
+
 def layer_activation_terms(args, micro_batch: int, seq_len: int, tp: int = 1,
                            sequence_parallel: bool = False, recompute: str = "none",
                            dtype_bytes: int = 2, attention_stores_probs: Optional[bool] = None,

@@ -103,13 +103,18 @@ def library_for(x: torch.Tensor) -> Optional[ModuleType]:
     return None
 
 
+def cuda_kernels_enabled() -> bool:
+    """Whether ``model.kernels=fused`` may take the CUDA kernels where they are built: the GPU
+    check verified them, or ``MEGALITE_CUDA_KERNELS=1`` (the planner asks on any host)."""
+    return CUDA_KERNELS_VERIFIED or os.environ.get("MEGALITE_CUDA_KERNELS") == "1"
+
+
 def model_uses_kernels(device: torch.device) -> bool:
     """Whether ``model.kernels=fused`` runs the compiled kernels on ``device`` (else PyTorch)."""
     if device.type == "cpu":
         return cpu_lib is not None
     if device.type == "cuda":
-        return cuda_lib is not None and (CUDA_KERNELS_VERIFIED or
-                                          os.environ.get("MEGALITE_CUDA_KERNELS") == "1")
+        return cuda_lib is not None and cuda_kernels_enabled()
     return False
 
 

@@ -127,7 +127,9 @@ def dry_vocab(cfg: Config) -> int:
     if cfg.data.source == "prepared" and cfg.data.paths:
         import os
 
-        path = cfg.data.paths[0] + ".tokenizer.json"
+        from megalite.data.dataset import tokenizer_file
+
+        path = tokenizer_file(cfg.data.paths[0], cfg.data)
         if os.path.isfile(path):
             return load_tokenizer(path).vocab_size
     kind, value = parse_spec(cfg.data.tokenizer)
@@ -298,9 +300,11 @@ def track_step(engine, opt, model: torch.nn.Module) -> Iterator[StepMemory]:
 def unsupported(cfg: Config) -> Optional[str]:
     """Why the planner cannot model this config, or None."""
     if cfg.model.num_labels or cfg.finetune.train is not None:
-        return (f"model.num_labels={cfg.model.num_labels}: the dry run and megalite plan model "
-                "the language-model heads (gpt, llama, bert's masked LM), not a classifier: "
-                "plan the pre-training run (model.num_labels=0)")
+        field = (f"model.num_labels={cfg.model.num_labels}" if cfg.model.num_labels else
+                 f"finetune.train={cfg.finetune.train}")
+        return (f"{field}: the dry run and megalite plan model the language-model heads (gpt, "
+                "llama, bert's masked LM), not a classifier: plan the pre-training run "
+                "(model.num_labels=0, no finetune section)")
     return None
 
 

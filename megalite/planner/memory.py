@@ -33,7 +33,6 @@ layer's recomputed activations plus its gradients, and on the last stage the log
 """
 from __future__ import annotations
 
-import os
 from typing import Dict, List, Tuple
 
 import torch
@@ -41,7 +40,7 @@ import torch
 from megalite import ops
 from megalite.ops import _backend
 from megalite.config.schema import Config
-from megalite.models.activation_memory import layer_activation_terms
+from megalite.models.activation_memory import attention_path, layer_activation_terms
 from megalite.models.transformer import TIED_WEIGHTS
 from megalite.pipeline import schedules
 from megalite.pipeline.stage import split_layers
@@ -226,22 +225,13 @@ def activation_terms(cfg: Config, args, pp_rank: int, cpu: bool = False) -> Dict
     e = DTYPE_BYTES[t.precision]
     s, b, tp = cfg.data.seq_len, t.micro_batch_size, p.tp
     sp = p.sequence_parallel and tp > 1
-    # the fused norms run on CPU where built, on CUDA once the GPU check enabled them (the
-    # default until then is PyTorch's RMSNorm, which keeps an fp32 copy: fused_norms=False)
-    fused = args.kernels == "fused" and (
-        ops.model_uses_kernels(torch.device("cpu")) if cpu else
-        os.environ.get("MEGALITE_CUDA_KERNELS") == "1" or _backend.CUDA_KERNELS_VERIFIED)
-    # bert's padding mask takes the fused masked softmax where the kernels run (it keeps the
-    # probabilities), else SDPA: its math path (probabilities in fp32) on CPU with dropout
-    masked_softmax = args.is_encoder and fused
-    math = cpu and args.dropout > 0 and not masked_softmax
-    per = {}
-    for kind in ("none", "selective", "full"):
-        per[kind] = layer_activation_terms(args, b, s, tp, sp, kind, e,
-                                           math or args.reset_attention_mask or
-                                           masked_softmax,
-                                           None if cpu else 1, 4 if math else None,
-                                           fused_norms=fused)
+    # the compiled kernels run on CPU where built, on CUDA once the GPU check enabled them
+    # (until then PyTorch's norms and SDPA: see attention_path)
+    kernels_run = ops.model_uses_kernels(torch.device("cpu")) if cpu else \
+        _backend.cuda_kernels_enabled()
+    path = attention_path(args, cpu, kernels_run)
+    per = {kind: layer_activation_terms(args, b, s, tp, sp, kind, e, **path)
+           for kind in ("none", "selective", "full")}
     ranges = split_layers(args.num_layers, p.pp, p.virtual_stages, p.layers_per_stage)
     layers = max(len(ranges[c * p.pp + pp_rank]) for c in range(p.virtual_stages))
     k = cfg.model.recompute_layers if cfg.model.recompute == "full" and \

@@ -88,8 +88,9 @@ def variant(cfg: Config, shape: Dict[str, object], zero: int, offload: bool, rec
             ) -> Tuple[Config, Dict[str, object]]:
     """``cfg`` (``configure``'s for ``shape``) with this ZeRO stage, offload and recompute, and
     the layout row naming them."""
+    keep = cfg.model.recompute_layers if recompute == "full" else 0  # validate(): full only
     out = _with(cfg, parallel={"zero_stage": zero, "offload_optimizer": offload},
-                model={"recompute": recompute})
+                model={"recompute": recompute, "recompute_layers": keep})
     return out, {**shape, "zero": zero, "offload": int(offload), "recompute": recompute,
                  "ga": cfg.train.grad_accum}
 

@@ -7,8 +7,8 @@ from typing import Dict, List, Optional
 import torch
 
 from megalite import ops
-from megalite.models.activation_memory import (SavedActivationCounter, layer_activation_terms,
-                                               units_of)
+from megalite.models.activation_memory import (SavedActivationCounter, attention_path,
+                                               layer_activation_terms, units_of)
 
 MiB = 2**20
 
@@ -21,18 +21,9 @@ class ActivationReport:
                  sequence_parallel: bool, dtype: torch.dtype, device: torch.device):
         self.model = model
         e = torch.tensor([], dtype=dtype).element_size()
-        # the fused masked softmax (packed documents, bert's padding) keeps its probabilities;
-        # so does CPU SDPA's math path, which dropout selects (Attention.core says what each
-        # attention path keeps)
-        cpu = device.type == "cpu"
-        masked = args.reset_attention_mask or args.is_encoder  # document or padding mask
-        fused = masked and args.kernels == "fused" and ops.model_uses_kernels(device)
-        math = cpu and args.dropout > 0 and not fused  # SDPA's math path, in fp32 on CPU
-        mask = None if cpu else 1  # CPU dropout keeps a mask of the dropped tensor's dtype
-        norms = args.kernels == "fused" and ops.model_uses_kernels(device)
+        path = attention_path(args, device.type == "cpu", ops.model_uses_kernels(device))
         terms = {kind: layer_activation_terms(args, micro_batch, seq_len, tp, sequence_parallel,
-                                              kind, e, fused or math, mask, 4 if math else None,
-                                              fused_norms=norms)
+                                              kind, e, **path)
                  for kind in set(kinds)}
         self.formula = [sum(terms[kind].values()) for kind in kinds]
         self.terms = terms

@@ -101,8 +101,7 @@ def save(ckpt_dir: str, step: int, dims: ParallelDims, entries: Dict[str, Any],
     final = step_dir(ckpt_dir, step)
     tmp = os.path.join(ckpt_dir, f".tmp_step_{step:08d}")
     if dims.rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        remove_stale_tmp(ckpt_dir)  # a killed save's
+        remove_stale_tmp(ckpt_dir)  # a killed save's, this step's too
         os.makedirs(tmp)
     group = group if group is not None else dims.world_group
     comm.barrier(group)
@@ -287,15 +286,14 @@ def load_sharded(path: str, meta: Dict[str, Any], entries: Dict[str, Any], group
                  metadata: Any = None) -> int:
     """Fill ``entries`` (this rank's boxes, any layout) from a format-2 checkpoint; collective
     over ``group``. Every file's size and each item read's CRC are checked first (the sizes
-    already, with the ``metadata`` of ``read_sharded_metadata``); the bytes read are
-    returned."""
+    and ``.metadata`` by ``read_sharded_metadata``, here or where ``metadata`` came from); the
+    bytes read are returned."""
     from megalite.checkpoint.planners import StateMismatch
     from megalite.checkpoint.sharded import load_entries
     from megalite.checkpoint.storage import UnsafeCheckpoint
 
     if metadata is None:
-        check_sizes(path, meta)
-        verify_file(path, ".metadata", meta, everyone=True)
+        metadata = read_sharded_metadata(path, meta)
     try:
         return load_entries(path, entries, meta.get("items"), group, meta.get("blocks"),
                             metadata)

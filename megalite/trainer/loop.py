@@ -160,8 +160,8 @@ class Trainer:
         from megalite.interop.init_from import initial_values
 
         try:
-            return initial_values(c.init_from, self.args, checkpoint.tokenizer_fingerprint(
-                self.tokenizer_file, self.tokenizer), self.cfg.train.seed)
+            return initial_values(c.init_from, self.args, resume.fingerprint(self),
+                                  self.cfg.train.seed)
         except ValueError as e:
             raise ResumeError(str(e)) from None
 

@@ -36,13 +36,14 @@ def maybe_resume(t) -> None:
     shard is read: step, model shape, layout. With resume off, a checkpoints directory that
     already holds checkpoints is refused: this run's would sit beside them, its ``latest``
     hide them and its pruning could remove them."""
+    if not t.cfg.checkpoint.resume:
+        problem = resume_off_problem(t.ckpt_dir)
+        if problem:  # refused before touching the directory (another run's may be in it)
+            raise ResumeError(problem)
     if t.dims.rank == 0:
         for path in checkpoint.remove_stale_tmp(t.ckpt_dir):
             t.log.print(f"removed {path}: a save that did not finish (the process was killed)")
     if not t.cfg.checkpoint.resume:
-        problem = resume_off_problem(t.ckpt_dir)
-        if problem:
-            raise ResumeError(problem)
         return
     path = checkpoint.latest(t.ckpt_dir, warn=t._warn)
     if path is None:
@@ -53,7 +54,7 @@ def maybe_resume(t) -> None:
             f"checkpoint.resume: {path} is at step {meta['step']}, past train.steps="
             f"{t.cfg.train.steps}: this run directory holds another run; give this one "
             f"its own --run.dir, raise train.steps, or pass --checkpoint.resume=false")
-    differ = checkpoint.tokenizer_differences(meta.get("tokenizer"), _fingerprint(t))
+    differ = checkpoint.tokenizer_differences(meta.get("tokenizer"), fingerprint(t))
     if differ:
         raise ResumeError(
             f"checkpoint.resume: {path} was trained with another tokenizer: {differ}; resume "
@@ -83,8 +84,13 @@ def maybe_resume(t) -> None:
     t.log.print(f"resumed from {path} at step {t.step}")
 
 
-def _fingerprint(t) -> dict:
-    return checkpoint.tokenizer_fingerprint(t.tokenizer_file, t.tokenizer)
+def fingerprint(t) -> dict:
+    """The run's tokenizer fingerprint, hashed once (the tokenizer does not change in a run;
+    every save and the start-up checks read it)."""
+    if "_tokenizer_fingerprint" not in vars(t):
+        t._tokenizer_fingerprint = checkpoint.tokenizer_fingerprint(t.tokenizer_file,
+                                                                     t.tokenizer)
+    return t._tokenizer_fingerprint
 
 
 def _check_batch(t, path: str, meta: dict) -> None:
@@ -155,7 +161,7 @@ def save_checkpoint(t) -> str:
     meta = {"config": asdict(t.cfg), "model_args": asdict(t.args),
             "run_id": t.run_id, "optimizer_step": state["step"],
             "consumed_samples": t.step * t.gbs + t.sample_shift,
-            "global_batch_size": t.gbs, "tokenizer": _fingerprint(t),
+            "global_batch_size": t.gbs, "tokenizer": fingerprint(t),
             "scaler": t.scaler.state_dict() if t.scaler is not None else None,
             "layout": {"zero_stage": p.zero_stage, "offload": p.offload_optimizer,
                        "chunks": len(t.model.chunks)}}
