@@ -250,3 +250,41 @@ def test_planner_and_trainer_count_the_same_attention_path():
                                       cfg.data.seq_len, 1, False, torch.float32,
                                       torch.device("cpu"))
             assert total == args.num_layers * report.formula[0], (kernels, dropout)
+
+
+def test_tp_collectives_exposed_by_hand():
+    """LLaMA-7B, tp8 on one node of a made-up GPU whose collectives and matmuls take round
+    times: the forward's two collectives always wait; backward, each column-parallel call's dX
+    all-reduce (SP: reduce-scatter) hides behind that call's own dW matmuls, SP's two
+    all-gathers wait, and zb-h1, which defers dW, hides nothing. The seconds are compared, not
+    FLOPs against seconds (the model once subtracted a block's dW FLOPs from collective
+    seconds, so no backward collective was ever exposed)."""
+    from megalite.config import parse_args
+    from megalite.hardware import GPUSpec
+    from megalite.planner.cli import dry_args
+    from megalite.planner import time as model
+
+    def exposed(schedule, sp, intra_gbs):
+        cfg, _ = parse_args(["--config", os.path.join(REPO, "configs", "llama-7b.yaml"),
+                             "--parallel.dp=1", "--parallel.pp=2", f"--parallel.schedule={schedule}",
+                             f"--parallel.sequence_parallel={str(sp).lower()}",
+                             "--train.micro_batch_size=1", "--data.seq_len=4096"],
+                            verbose=False, world_size=16)
+        gpu = GPUSpec("x", 80 * GIB, {"bf16": 1000.0}, 3000.0, intra_gbs, 50.0)
+        return model._tp_exposed(cfg, dry_args(cfg), gpu, 8)
+
+    tokens, h, e, tp = 4096, 4096, 2, 8
+    qkv, fc_in = model.column_dw_flops(dry_args(parse_args(
+        ["--config", os.path.join(REPO, "configs", "llama-7b.yaml")], verbose=False)[0]), tokens)
+    assert qkv == 2 * tokens * h * 3 * h and fc_in == 2 * tokens * h * 2 * 11008
+    roof = 1000e12 * model.MATMUL_EFFICIENCY
+    dw = [qkv / tp / roof, fc_in / tp / roof]  # 1.68 ms, 2.47 ms
+    for gbs in (100.0, 1000.0, 10000.0):
+        ar = 2 * (tp - 1) / tp * tokens * h * e / (gbs * 1e9 * model.COMM_EFFICIENCY)
+        no_sp = 2 * ar + sum(max(0.0, ar - w) for w in dw)
+        sp = 3 * ar + sum(max(0.0, ar / 2 - w) for w in dw)
+        assert exposed("1f1b", False, gbs) == pytest.approx(no_sp, rel=1e-12)
+        assert exposed("1f1b", True, gbs) == pytest.approx(sp, rel=1e-12)
+        assert exposed("zb-h1", True, gbs) == pytest.approx(4 * ar, rel=1e-12)
+    assert exposed("1f1b", False, 100.0) > 2 * (2 * 7 / 8 * tokens * h * e / 80e9)  # some shows
+    assert exposed("1f1b", False, 10000.0) == pytest.approx(2 * 7 / 4 * tokens * h * e / 8e12)

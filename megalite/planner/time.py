@@ -14,8 +14,9 @@ the block; selective: core attention).
 
 **Tensor parallelism**: per block two collectives forward (all-reduce, or all-gather +
 reduce-scatter with SP: the same bytes) and two backward, on NVLink when the TP group fits in a
-node; the backward's dX all-reduce overlaps the dW matmuls (``tensor_parallel/plan.py``), so
-only what exceeds them is exposed. **Pipeline**: (m + p − 1) micro-batch slots of which p − 1
+node; each column-parallel call's backward dX all-reduce (SP: reduce-scatter) overlaps that
+call's dW matmuls (``tensor_parallel/layers.py``), so only what exceeds them is exposed
+(``_tp_exposed``). **Pipeline**: (m + p − 1) micro-batch slots of which p − 1
 are bubble (1F1B, GPipe), (p − 1)/v for interleaved, a third of 1F1B's for zb-h1 (Qi et al.:
 (p−1)(T_F + T_B − T_W)); p2p sends are small and overlap. **Data parallelism / ZeRO**: the
 step's gradient reduction (reduce-scatter + all-gather of parameters for ZeRO-1/2 = one
@@ -131,6 +132,36 @@ def _allreduce(nbytes: float, n: int, gbs: float) -> float:
     return 0.0 if n <= 1 else 2 * (n - 1) / n * nbytes / (gbs * 1e9 * COMM_EFFICIENCY)
 
 
+def column_dw_flops(args, tokens: int) -> Tuple[float, float]:
+    """dW matmul FLOPs of a block's two column-parallel calls over ``tokens`` tokens at full
+    width — q,k,v and fc_in (SwiGLU: gate and up): 2 · tokens · in · out each."""
+    h = args.hidden_size
+    qkv = (args.num_heads + 2 * args.num_kv_heads) * args.head_dim
+    fc_in = args.ffn_hidden_size * (2 if args.is_llama else 1)
+    return 2.0 * tokens * h * qkv, 2.0 * tokens * h * fc_in
+
+
+def _tp_exposed(cfg: Config, args, gpu: GPUSpec, gpus_per_node: int) -> float:
+    """Seconds of one block's TP collectives (forward + backward of one micro-batch) that are
+    not hidden. Forward: the two row-parallel all-reduces (SP: all-gather + reduce-scatter
+    pairs, the same bytes) wait for their result. Backward: without SP the row-parallel side
+    is the identity and each column-parallel call's dX all-reduce overlaps its own dW matmuls;
+    with SP the row side's two all-gathers are exposed and each column call's reduce-scatter
+    overlaps its dW. zb-h1 defers dW to the W pass, so nothing overlaps there."""
+    p, t = cfg.parallel, cfg.train
+    if p.tp <= 1:
+        return 0.0
+    tokens = t.micro_batch_size * cfg.data.seq_len
+    bw = gpu.intra_gbs if p.tp <= gpus_per_node else gpu.inter_gbs
+    coll = _allreduce(tokens * args.hidden_size * DTYPE_BYTES[t.precision], p.tp, bw)
+    overlapped = coll / 2 if p.sequence_parallel else coll  # reduce-scatter or all-reduce
+    exposed = 2 * coll + (coll if p.sequence_parallel else 0.0)
+    for flops in column_dw_flops(args, tokens):
+        dw = 0.0 if p.schedule == "zb-h1" else _roofline(flops / p.tp, 0.0, gpu, t.precision)
+        exposed += max(0.0, overlapped - dw)
+    return exposed
+
+
 def step_time(cfg: Config, args, gpu: GPUSpec, gpus_per_node: int) -> Dict[str, float]:
     """Named seconds of one optimizer step of ``cfg``'s layout, ``total`` their sum."""
     p, t = cfg.parallel, cfg.train
@@ -149,11 +180,7 @@ def step_time(cfg: Config, args, gpu: GPUSpec, gpus_per_node: int) -> Dict[str, 
     head = b * head_f / tp
     t_mb = (_roofline(mm + head, other + b * head_b / tp, gpu, t.precision)
             + attn / (gpu.peak_tflops(t.precision) * 1e12 * ATTENTION_EFFICIENCY))
-    # tensor parallelism: 4 collectives of b*s*h per block; backward's overlap the dW matmuls
-    tp_bw = gpu.intra_gbs if tp <= gpus_per_node else gpu.inter_gbs
-    coll = _allreduce(b * s * h * e, tp, tp_bw)
-    dw = mm / 3 / max(layers, 1)  # per block
-    tp_mb = layers * (2 * coll + max(0.0, 2 * coll - dw))
+    tp_mb = layers * _tp_exposed(cfg, args, gpu, gpus_per_node)
     slot = t_mb + tp_mb
     bubble_slots = (pp - 1) * {"interleaved": 1 / v, "zb-h1": 1 / 3}.get(p.schedule, 1.0)
     out = {"compute (roofline, all micro-batches)": m * t_mb,
