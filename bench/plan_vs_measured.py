@@ -9,8 +9,9 @@ tensors; CPU RSS would count the allocator and the interpreter, not the step). R
 measured peak side by side. Step *time* is not predicted for CPUs (the planner's roofline
 needs a GPU's peak and bandwidth), so the measured CPU step time is shown alone.
 
-Then the dry runs of LLaMA-7B (dp8 x tp8, 64 ranks) and the 70B (dp8 x tp8 x pp8, 512 ranks)
-with their wall time, peak and the analytic figure.
+Then the full-scale dry runs (``FULL_SCALE``) with their wall time, peak and the analytic
+figure, first and last pipeline stage: LLaMA-7B at 64 ranks as dp8 x tp8, with pp 2 (1F1B),
+pp 4 (zb-h1) and pp 8 (interleaved, v=2), and the 70B at 512 and 1024 ranks.
 
     python bench/plan_vs_measured.py [--quick]   (--quick: the first four layouts)
 """
@@ -29,6 +30,17 @@ sys.path.insert(0, os.path.join(REPO, "bench"))
 SMALL = ["--model.family=llama", "--model.num_layers=4", "--model.hidden_size=256",
          "--model.num_heads=8", "--model.num_kv_heads=4", "--model.max_seq_len=256",
          "--model.vocab_size=4096", "--data.seq_len=256"]
+FULL_SCALE = [  # (config, world size, overrides)
+    ("configs/llama-7b.yaml", 64, []),
+    ("configs/llama-7b.yaml", 64, ["--parallel.dp=4", "--parallel.tp=8", "--parallel.pp=2"]),
+    ("configs/llama-7b.yaml", 64, ["--parallel.dp=4", "--parallel.tp=4", "--parallel.pp=4",
+                                   "--parallel.schedule=zb-h1"]),
+    ("configs/llama-7b.yaml", 64, ["--parallel.dp=2", "--parallel.tp=4", "--parallel.pp=8",
+                                   "--parallel.schedule=interleaved",
+                                   "--parallel.virtual_stages=2"]),
+    ("configs/llama-70b.yaml", 512, []),
+    ("configs/llama-70b.yaml", 1024, ["--parallel.dp=16"]),
+]
 LAYOUTS = [
     ("dp4 zero0", ["--parallel.dp=4", "--train.micro_batch_size=4"]),
     ("dp2 tp2 sp zero1 bf16", ["--parallel.dp=2", "--parallel.tp=2",
@@ -119,16 +131,22 @@ def main(argv=None) -> int:
     from megalite.config.load import parse_args
 
     print("\nfull-scale dry runs (one rank, fake tensors):")
-    for path, world in (("configs/llama-7b.yaml", 64), ("configs/llama-70b.yaml", 512)):
-        cfg, _ = parse_args(["--config", os.path.join(REPO, path)], verbose=False,
+    for path, world, overrides in FULL_SCALE:
+        cfg, _ = parse_args(["--config", os.path.join(REPO, path), *overrides], verbose=False,
                             world_size=world)
-        start = time.perf_counter()
-        fake = dry_run(cfg, 0)
-        took = time.perf_counter() - start
-        analytic = rank_memory(cfg, dry_args(cfg), 0, gpu=False)["total"]
-        print(f"  {path} at {world} ranks: {took:.1f} s, {fake.micro_batches} of "
-              f"{fake.of} micro-batches; peak {fake.peak / 2**30:.2f} GiB, analytic "
-              f"{analytic / 2**30:.2f} GiB ({fake.peak / analytic:.3f})")
+        for rank in ((0, world - 1) if cfg.parallel.pp > 1 else (0,)):
+            start = time.perf_counter()
+            fake = dry_run(cfg, rank)
+            took = time.perf_counter() - start
+            analytic = rank_memory(cfg, dry_args(cfg), layout_dims(cfg, rank).pp_rank,
+                                   gpu=False)["total"]
+            p = cfg.parallel
+            shape = f"dp{p.dp} tp{p.tp} pp{p.pp} {p.schedule}" + (
+                f" v{p.virtual_stages}" if p.virtual_stages > 1 else "")
+            print(f"  {os.path.basename(path)} {shape} at {world} ranks, rank {rank}: "
+                  f"{took:.1f} s, {fake.micro_batches} of {fake.of} micro-batches; peak "
+                  f"{fake.peak / 2**30:.2f} GiB, analytic {analytic / 2**30:.2f} GiB "
+                  f"({fake.peak / analytic:.3f})")
     return 0
 
 

@@ -160,6 +160,7 @@ def _world():
     classify[1]["labels"] = torch.tensor([2, 0, 1, 2])  # one class per sample
     for name, (dp, tp, pp), opts, (args, batch) in [
             ("tp2-sp", (1, 2, 1), dict(sp=True), mlm), ("pp2", (1, 1, 2), {}, mlm),
+            ("pp2 zb-h1", (1, 1, 2), dict(schedule="zb-h1"), mlm),
             ("dp2-zero3", (2, 1, 1), dict(zero=3), mlm),
             ("classifier tp2-sp", (1, 2, 1), dict(sp=True), classify),
             ("classifier pp2", (1, 1, 2), {}, classify)]:
@@ -175,7 +176,8 @@ def _world():
 
 @pytest.mark.world
 def test_bert_tp_sp_pp_zero3_equal_one_process():
-    """TP2 with SP, PP2 (1F1B) and dp2 ZeRO-3, one sample per micro-batch, against one process
+    """TP2 with SP, PP2 (1F1B; zb-h1, whose W pass reads the received activation: a post-norm
+    block's q,k,v input) and dp2 ZeRO-3, one sample per micro-batch, against one process
     taking the four padded samples at once: MLM loss (masked tokens of the global batch) and
     every gradient within 1e-5; the sequence classifier too at TP2+SP (its [CLS] token lives in
     TP rank 0's chunk) and PP2."""

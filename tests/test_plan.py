@@ -40,12 +40,18 @@ def test_flat_groups_and_schedule_states_by_hand():
     tied = [[("embed.tok.weight", 4), ("x", 2)]]
     assert flat_groups(tied, 1.0, 32, True) == [(0, 2), (0, 4)]  # the tied weight alone
     def top(*a):
-        return max(live for live, _ in live_states(*a))
+        return max(st[0] for st in live_states(*a))
 
     assert top("1f1b", 4, 8, 0, 1) == 4 and top("1f1b", 4, 8, 3, 1) == 1
     assert top("gpipe", 4, 8, 2, 1) == 8
-    assert max(d for _, d in live_states("zb-h1", 4, 8, 0, 1)) > 0
-    assert max(d for _, d in live_states("1f1b", 4, 8, 0, 1)) == 0
+    assert max(st[1] for st in live_states("zb-h1", 4, 8, 0, 1)) > 0
+    assert max(st[1] for st in live_states("1f1b", 4, 8, 0, 1)) == 0
+    # interleaved (v=2): the first rank's peak holds more chunks than chunk 0's micro-batches
+    # (bert's embedding term), the last rank's holds one micro-batch of the head's chunk
+    states = live_states("interleaved", 4, 8, 0, 2)
+    assert max(states) == (11, 0, 8, 3) and max(st[2] for st in states) == 8, states
+    assert max(st[3] for st in live_states("interleaved", 4, 8, 3, 2)) == 1
+    assert all(st[0] == st[2] == st[3] for st in live_states("gpipe", 4, 8, 2, 1))
     # the dry run's micro-batch count: 1 without a pipeline, warm-up + 2 more with, all GPipe's
     assert peak_micro_batches("1f1b", 1, 64, 0, 1) == 1
     assert peak_micro_batches("1f1b", 4, 32, 0, 1) == 6
@@ -288,3 +294,37 @@ def test_tp_collectives_exposed_by_hand():
         assert exposed("zb-h1", True, gbs) == pytest.approx(4 * ar, rel=1e-12)
     assert exposed("1f1b", False, 100.0) > 2 * (2 * 7 / 8 * tokens * h * e / 80e9)  # some shows
     assert exposed("1f1b", False, 10000.0) == pytest.approx(2 * 7 / 4 * tokens * h * e / 8e12)
+
+
+def test_interleaved_edges_count_their_own_chunk():
+    """Interleaved (pp2, v2, 8 micro-batches): bert's embedding-norm term on the first rank
+    counts chunk 0's live micro-batches (4 of the 5 chunks in flight at the peak), not every
+    chunk in flight; the last rank's head counts the one live micro-batch of its last chunk."""
+    from megalite.config import parse_args
+    from megalite.planner.cli import dry_args
+    from megalite.planner.memory import activation_terms
+
+    cfg, _ = parse_args(["--config", os.path.join(REPO, "configs", "bert-tiny.yaml"),
+                         "--model.num_layers=4", "--model.vocab_size=512",
+                         "--parallel.dp=1", "--parallel.pp=2", "--parallel.schedule=interleaved",
+                         "--parallel.virtual_stages=2", "--train.micro_batch_size=1",
+                         "--train.grad_accum=8", "--train.global_batch_size=8"],
+                        verbose=False, world_size=2)
+    args = dry_args(cfg)
+    first = activation_terms(cfg, args, 0, cpu=True)
+    (layers_name,) = [k for k in first if "micro-batch chunks in flight" in k]
+    (embed_name,) = [k for k in first if k.startswith("activations: embedding norm")]
+    assert "x 5 micro-batch chunks" in layers_name, layers_name
+    one = activation_terms(dataclass_replace(cfg, grad_accum=1), args, 0, cpu=True)[embed_name]
+    # (1F1B, 1 micro-batch: one of everything)
+    assert first[embed_name] == 4 * one, (first[embed_name], one)
+    last = activation_terms(cfg, args, 1, cpu=True)
+    loss = [k for k in last if k.startswith("loss")]
+    assert last[loss[0]] == 4 * cfg.data.seq_len * 512, last  # one micro-batch, vocab 512
+
+
+def dataclass_replace(cfg, **train):
+    import dataclasses
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **train),
+                               parallel=dataclasses.replace(cfg.parallel, schedule="1f1b",
+                                                            virtual_stages=1))

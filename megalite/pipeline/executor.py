@@ -35,7 +35,7 @@ import torch
 from megalite.models.documents import batch_context, mask_eod_labels
 from megalite.parallel import comm
 from megalite.parallel.dims import ParallelDims
-from megalite.pipeline.p2p import P2P, TorchTransport
+from megalite.pipeline.p2p import P2P, TorchTransport, free_values
 from megalite.pipeline.schedules import Action
 from megalite.pipeline.stage import PipelineStage
 from megalite.pipeline.zero_bubble import WeightGradStore, defer_weight_grads
@@ -117,6 +117,7 @@ class PipelineExecutor:
         self._scale = loss_scale / tokens.clamp(min=1)
         self.p2p = P2P(self.dims, len(batches), self.transport, self.stream_ordered)
         state: Dict[Tuple[int, int], _Micro] = {}
+        self._inputs_until_w: Dict[Tuple[int, int], torch.Tensor] = {}
         total = torch.zeros((), dtype=torch.float32, device=self.dims.device)
         split = any(a.kind == "W" for a in actions)
         if split and not self._deferring:
@@ -184,7 +185,18 @@ class PipelineExecutor:
         self.wgrad_store.key = None
         if slot.inputs is not None:
             self.p2p.send(slot.inputs.grad, rank - 1, s, a.micro, 1)
+            # the received activation is done with once its weight gradients are (split: at
+            # W; bert's post-norm q,k,v read it): drop its values then, as a hook may still
+            # hold the tensor (MemTracker's module hooks keep a grad-requiring input alive for
+            # the tracker's lifetime: a tracked step grew by one activation per micro-batch)
+            if split:
+                self._inputs_until_w[(a.chunk, a.micro)] = slot.inputs
+            else:
+                free_values(slot.inputs)
 
     def _backward_weight(self, a: Action) -> None:
         """W: the deferred weight-gradient matmuls of this micro-batch's B pass."""
         self.wgrad_store.run((a.chunk, a.micro))
+        done = self._inputs_until_w.pop((a.chunk, a.micro), None)
+        if done is not None:
+            free_values(done)

@@ -80,7 +80,8 @@ class P2P:
     Freeing sent activations (their values; the autograd graph stays) needs the send's
     ``wait()``: torch keeps a sent tensor alive until then. On CPU ``wait()`` blocks, so a send
     is waited for once ``is_completed()`` says it is done (polled at every transfer) or when
-    the step ends. On CUDA (``stream_ordered``) ``wait()`` only makes later work wait for the
+    the step ends — and gloo's send works report done only after ``wait()`` (measured, torch
+    2.13), so on CPU a step keeps its sent activations until its end. On CUDA (``stream_ordered``) ``wait()`` only makes later work wait for the
     send, and the memory is reused in stream order; but waiting for a send at once, or at the
     very next receive, makes this rank's later transfers wait for the peer to reach its
     receive, and the interleaved schedule stalls (the replay shows it). So a send is waited for
@@ -136,7 +137,7 @@ class P2P:
         """Wait for the ``count`` oldest in-flight sends and free their values."""
         for work, tensor in self.inflight[:count]:
             work.wait()
-            _free(tensor)
+            free_values(tensor)
         self.inflight = self.inflight[count:]
 
     def _free_completed(self) -> None:
@@ -145,13 +146,13 @@ class P2P:
         for work, tensor in self.inflight:
             if work.is_completed():
                 work.wait()
-                _free(tensor)
+                free_values(tensor)
             else:
                 still.append((work, tensor))
         self.inflight = still
 
 
-def _free(tensor: torch.Tensor) -> None:
+def free_values(tensor: torch.Tensor) -> None:
     """Drop a sent activation's values, keep its autograd graph (Megatron's
     ``deallocate_output_tensor``)."""
     tensor.data = torch.empty((1,), dtype=tensor.dtype, device=tensor.device)

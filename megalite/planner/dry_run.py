@@ -95,18 +95,16 @@ def peak_micro_batches(schedule: str, pp: int, ga: int, pp_rank: int, v: int) ->
     one (each micro-batch's forward and backward end before the next begins); with pp > 1 the
     fewest whose schedule holds as many micro-batches in flight (and, for zb-h1, defers as many
     weight passes) as the full step's — warm-up plus a steady pair for 1F1B, every one for
-    GPipe — plus two steady micro-batches more: on CPU a sent activation's values are freed
-    only once its send is seen complete, so a stage's peak settles a little after the in-flight
-    count does (the whole step's peak within 3% at 4 micro-batches in tests/test_dry_run.py,
-    within 10% at 8 in bench/plan_vs_measured.py). Interleaved counts go in multiples of pp."""
+    GPipe — plus two steady micro-batches more: a sent activation's values are freed only at
+    the second receive posted after its send (``p2p.P2P``'s CUDA rule, which the dry run
+    follows), so a stage's peak settles a little after the in-flight count does. Interleaved counts go in multiples of pp."""
     from megalite.planner.memory import live_states
 
     if pp == 1:
         return min(ga, 1)
 
-    def shape(m: int):  # (most chunks in flight, most deferred W passes) of m micro-batches
-        states = live_states(schedule, pp, m, pp_rank, v)
-        return max(live for live, _ in states), max(deferred for _, deferred in states)
+    def shape(m: int):  # the most of each of live_states' counts over m micro-batches
+        return tuple(max(col) for col in zip(*live_states(schedule, pp, m, pp_rank, v)))
 
     target = shape(ga)
     step = pp if schedule == "interleaved" else 1
@@ -318,6 +316,10 @@ def dry_run(cfg: Config, rank: int) -> StepMemory:
     start = time.perf_counter()
     with fake_world(cfg, rank) as dims, FakeTensorMode():
         parts = build_rank(cfg, dims, vocab)
+        # sent activations are freed as on CUDA, at the second receive posted after the send
+        # (``p2p.P2P``): a fake send never reports completion, so the CPU rule would keep
+        # every one until the step's end (gloo's sends do too: they complete only at wait())
+        parts.executor.stream_ordered = True
         ga = cfg.train.grad_accum
         m = peak_micro_batches(p.schedule, p.pp, ga, dims.pp_rank, p.virtual_stages)
         result = tracked_step(parts, cfg, m)

@@ -178,41 +178,47 @@ def model_states(cfg: Config, args, pp_rank: int) -> Dict[str, int]:
     return out
 
 
-def in_flight(cfg: Config, pp_rank: int, chunk_bytes: int, deferred_bytes: int
-              ) -> Tuple[int, int]:
-    """(chunks forwarded and not yet backwarded, chunks whose weight pass is deferred) at the
-    moment of the rank's real action list where their bytes peak (zb-h1: a B pass frees a
-    chunk's activations but its W pass still needs the linear layers' inputs and output
-    gradients)."""
+def in_flight(cfg: Config, pp_rank: int, chunk_bytes: int, deferred_bytes: int,
+              first_bytes: int = 0, last_bytes: int = 0) -> Tuple[int, int, int, int]:
+    """(chunks forwarded and not yet backwarded, chunks whose weight pass is deferred, live
+    micro-batches of the rank's first and of its last virtual chunk) at the moment of the
+    rank's real action list where their bytes peak (zb-h1: a B pass frees a chunk's
+    activations but its W pass still needs the linear layers' inputs and output gradients;
+    ``first_bytes``/``last_bytes``: what a micro-batch keeps besides its layers in the first
+    chunk — bert's embedding norm — and in the last — the head and loss)."""
     p = cfg.parallel
     states = live_states(p.schedule, p.pp, cfg.train.grad_accum, pp_rank, p.virtual_stages)
-    return max(states, key=lambda st: st[0] * chunk_bytes + st[1] * deferred_bytes)
+    weights = (chunk_bytes, deferred_bytes, first_bytes, last_bytes)
+    return max(states, key=lambda st: sum(n * w for n, w in zip(st, weights)))
 
 
-_LIVE: Dict[Tuple, List[Tuple[int, int]]] = {}
+_LIVE: Dict[Tuple, List[Tuple[int, int, int, int]]] = {}
 
 
 def live_states(schedule: str, pp: int, ga: int, pp_rank: int, v: int
-                ) -> List[Tuple[int, int]]:
-    """The distinct (live chunks, deferred W passes) the action list goes through: an F makes
-    a chunk live, its B ends it (and, where the schedule splits W off — zb-h1 — defers its
-    weight pass), a W ends a deferral. The planner's one in-flight count (``in_flight`` here,
+                ) -> List[Tuple[int, int, int, int]]:
+    """The distinct (live chunks, deferred W passes, live chunks of virtual chunk 0, of
+    virtual chunk v-1) the action list goes through: an F makes a chunk live, its B ends it
+    (and, where the schedule splits W off — zb-h1 — defers its weight pass), a W ends a
+    deferral. The planner's one in-flight count (``in_flight`` here,
     ``dry_run.peak_micro_batches``); its live counts agree with ``schedules.max_in_flight``,
     which the executor's tests hold the real step to. Cached."""
     key = (schedule, pp, ga, pp_rank, v)
     if key not in _LIVE:
         actions = schedules.build(schedule, pp, ga, pp_rank, v)
         split = any(a.kind == "W" for a in actions)
-        live = deferred = 0
-        seen = {(0, 0)}
+        live = [0] * v
+        deferred = 0
+        seen = {(0, 0, 0, 0)}
         for a in actions:
             if a.kind == "F":
-                live += 1
+                live[a.chunk] += 1
             elif a.kind == "B":
-                live, deferred = live - 1, deferred + split
+                live[a.chunk] -= 1
+                deferred += split
             else:
                 deferred -= 1
-            seen.add((live, deferred))
+            seen.add((sum(live), deferred, live[0], live[-1]))
         _LIVE[key] = sorted(seen)
     return _LIVE[key]
 
@@ -242,19 +248,29 @@ def activation_terms(cfg: Config, args, pp_rank: int, cpu: bool = False) -> Dict
     hl, fl = args.hidden_size // tp, args.ffn_hidden_size // tp
     kvl = max(args.num_kv_heads // tp, 1) * args.head_dim
     out_grads = e * s * b * (hl + 2 * kvl + 2 * args.hidden_size + 2 * fl)
-    chunks, deferred = in_flight(cfg, pp_rank, chunk, layers * (linear + out_grads))
-    out = {f"activations: {layers} layers x {chunks} micro-batch chunks in flight "
-           f"({cfg.model.recompute})": chunks * chunk}
     chunk_sb = s * b // (tp if sp else 1)
+    sbh = s * b * args.hidden_size
+    vocab = _units(args, tp, sp, p.vocab_multiple)[3] // args.hidden_size
+    embed: Dict[str, int] = {}
     if args.is_encoder and pp_rank == 0:  # its embedding's norm (on this rank's sequence chunk)
         mask = (1 if not cpu else e) if args.dropout > 0 else 0
-        out["activations: embedding norm input, statistics (fp32), dropout mask"] = chunks * (
+        embed["activations: embedding norm input, statistics (fp32), dropout mask"] = (
             e * chunk_sb * args.hidden_size + 8 * chunk_sb + mask * chunk_sb * args.hidden_size)
+    head: Dict[str, int] = {}
+    if pp_rank == p.pp - 1:
+        head = {"head: final norm input, output": e * sbh // (tp if sp else 1) + e * sbh}
+        if args.is_encoder:  # the MLM transform on this rank's chunk, then the vocabulary
+            head = {"head: MLM dense input, GELU input, norm input, statistics (fp32); norm "
+                    "output": 3 * e * sbh // (tp if sp else 1) + 8 * chunk_sb + e * sbh}
+        head["loss: fp32 softmax over the local vocabulary"] = 4 * s * b * vocab
+    chunks, deferred, first, last = in_flight(cfg, pp_rank, chunk, layers * (linear + out_grads),
+                                              sum(embed.values()), sum(head.values()))
+    out = {f"activations: {layers} layers x {chunks} micro-batch chunks in flight "
+           f"({cfg.model.recompute})": chunks * chunk}
+    out.update({k: first * v for k, v in embed.items()})  # chunk 0's micro-batches only
     if deferred:
         out[f"activations: {deferred} zb-h1 deferred weight passes (linear inputs, output "
             "gradients)"] = deferred * layers * (linear + out_grads)
-    vocab = _units(args, tp, sp, p.vocab_multiple)[3] // args.hidden_size
-    sbh = s * b * args.hidden_size
     layer_full = sum(per["none"].values())
     # a recomputed layer's forward, or the part selective recomputation did not keep
     work = {"none": 0, "full": layer_full,
@@ -263,13 +279,8 @@ def activation_terms(cfg: Config, args, pp_rank: int, cpu: bool = False) -> Dict
     # ones) and its weight gradients before the engine takes them into its flat buffers
     block = sum(n for _, n in _units(args, tp, sp, p.vocab_multiple)[1])
     work += 2 * e * sbh + 3 * e * s * b * fl + e * block
-    if pp_rank == p.pp - 1:
-        head = {"head: final norm input, output": e * sbh // (tp if sp else 1) + e * sbh}
-        if args.is_encoder:  # the MLM transform on this rank's chunk, then the vocabulary
-            head = {"head: MLM dense input, GELU input, norm input, statistics (fp32); norm "
-                    "output": 3 * e * sbh // (tp if sp else 1) + 8 * chunk_sb + e * sbh}
-        head["loss: fp32 softmax over the local vocabulary"] = 4 * s * b * vocab
-        out.update({k: chunks * v if p.schedule == "gpipe" else v for k, v in head.items()})
+    if head:
+        out.update({k: last * v for k, v in head.items()})  # the last chunk's micro-batches
         work = max(work, (4 + e) * s * b * vocab)  # the logits' gradient, fp32 then cast
     out["temporaries: backward working set"] = work
     return out
