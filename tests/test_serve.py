@@ -281,6 +281,8 @@ def test_bad_requests_get_4xx_and_the_server_keeps_serving(served) -> None:
 
 
 def test_client_leaving_mid_stream_frees_its_row(served) -> None:
+    """A client that closes its connection mid-request, streamed or not, frees its row:
+    the engine counts it abandoned long before its 240 tokens."""
     before = served.health()
     conn = http.client.HTTPConnection("127.0.0.1", served.port, timeout=30)
     conn.request("POST", "/v1/completions", headers={"Authorization": f"Bearer {KEY}"},
@@ -298,6 +300,25 @@ def test_client_leaving_mid_stream_frees_its_row(served) -> None:
         assert time.time() < deadline, now
         time.sleep(0.02)
     assert now["forwards"] - before["forwards"] < 200  # freed well before 240 tokens
+    # the same without streaming: the server notices the disconnect while it generates
+    before = now
+    conn = http.client.HTTPConnection("127.0.0.1", served.port, timeout=30)
+    conn.request("POST", "/v1/completions", headers={"Authorization": f"Bearer {KEY}"},
+                 body=json.dumps({"model": "tiny", "prompt": "the ", "max_tokens": 240,
+                                  "temperature": 1.0, "seed": 4}))
+    while served.health()["forwards"] == before["forwards"]:  # generating
+        assert time.time() < deadline + 20
+        time.sleep(0.01)
+    conn.sock.close()
+    conn.close()
+    deadline = time.time() + 20
+    while True:
+        now = served.health()
+        if now["active"] == 0 and now["abandoned"] == before["abandoned"] + 1:
+            break
+        assert time.time() < deadline, now
+        time.sleep(0.02)
+    assert now["forwards"] - before["forwards"] < 200
 
 
 @torch.no_grad()

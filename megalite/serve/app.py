@@ -15,7 +15,7 @@ from typing import Any, AsyncIterator, Dict, List, Optional, Tuple
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from megalite.generate import row_generators
@@ -93,7 +93,7 @@ class Endpoints:
         req = parse(CompletionRequest, await self.read_json(request))
         self.check_model(req.model)
         prompts = [_prompt_ids(p, self.loaded.tokenizer) for p in _prompt_list(req.prompt)]
-        return await self.run(req, prompts, chat=False)
+        return await self.run(request, req, prompts, chat=False)
 
     async def chat_completions(self, request: Request):
         from jinja2 import TemplateError
@@ -113,7 +113,8 @@ class Endpoints:
                            "messages") from None
         if req.max_completion_tokens is not None:
             req.max_tokens = req.max_completion_tokens
-        return await self.run(req, [_prompt_ids(text, self.loaded.tokenizer)], chat=True)
+        return await self.run(request, req, [_prompt_ids(text, self.loaded.tokenizer)],
+                              chat=True)
 
     def authorize(self, request: Request) -> None:
         if self.api_key is None:
@@ -145,8 +146,9 @@ class Endpoints:
                                 f"{self.loaded.name!r} (GET /v1/models)", "model",
                            "model_not_found")
 
-    async def run(self, req, prompts: List[List[int]], chat: bool):
-        """Queue every choice of every prompt, then answer at once or as a stream."""
+    async def run(self, request: Request, req, prompts: List[List[int]], chat: bool):
+        """Queue every choice of every prompt, then answer at once or as a stream. A client
+        that leaves cancels its sequences (their rows are freed at the engine's next step)."""
         seqs, queue = self.sequences(req, prompts, chat)
         per_prompt = [seqs[i:i + req.n] for i in range(0, len(seqs), req.n)]
         try:
@@ -160,11 +162,18 @@ class Endpoints:
             include = bool(req.stream_options and req.stream_options.include_usage)
             return StreamingResponse(_stream(rid, name, seqs, queue, prompt_tokens, chat,
                                              include), media_type="text/event-stream")
+        collect = asyncio.ensure_future(_collect(seqs, queue))
+        left = asyncio.ensure_future(_disconnected(request))
         try:
-            texts, reasons = await _collect(seqs, queue)
+            await asyncio.wait({collect, left}, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            for seq in seqs:  # a client that left before the end frees its rows
+            left.cancel()
+            for seq in seqs:  # done, or nobody waits for the rest
                 seq.cancelled = True
+        if not collect.done():  # the client left first: there is nobody to answer
+            collect.cancel()
+            return Response(status_code=499)  # "client closed request", as nginx logs it
+        texts, reasons = collect.result()
         if "error" in reasons:
             raise APIError(500, "generation failed: " + texts[reasons.index("error")],
                            kind="server_error")
@@ -226,6 +235,13 @@ def _deliver(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue, k: int):
         except RuntimeError:  # the loop is closed: nobody is listening any more
             pass
     return deliver
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns once the client has closed the connection (the body is read by then, so the
+    server's next message is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 async def _collect(seqs: List[Sequence], queue: asyncio.Queue) -> Tuple[List[str], List[str]]:
