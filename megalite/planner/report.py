@@ -140,7 +140,7 @@ def _table(rows: List[Candidate], rate, confirmed: bool) -> str:
                    f"{L['ga']:>4} {L['recompute']:<9} | {states / GIB:>7.2f} {act / GIB:>7.2f} "
                    f"{m['total'] / GIB:>7.2f}    {dry} | {c.time['total']:>7.2f} "
                    f"{r['tokens_per_s']:>10,.0f} {r['mfu']:>5.1%} "
-                   f"{r.get('days', float('nan')):>6.1f}")
+                   + (f"{r['days']:>6.1f}" if "days" in r else f"{'-':>6}"))  # no --tokens
     return "\n".join(out)
 
 
