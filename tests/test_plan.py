@@ -328,3 +328,36 @@ def dataclass_replace(cfg, **train):
     return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **train),
                                parallel=dataclasses.replace(cfg.parallel, schedule="1f1b",
                                                             virtual_stages=1))
+
+
+def test_recompute_costs_its_forward_by_hand():
+    """Full recomputation adds one forward of the recomputed layers — their matmuls, other ops,
+    attention and the two row-parallel collectives each repeats — and recompute_layers=k of a
+    chunk's L layers adds k/L of it; selective adds core attention's forward alone."""
+    from megalite.config import parse_args
+    from megalite.hardware import GPU_SPECS
+    from megalite.planner import time as model
+    from megalite.planner.cli import dry_args
+
+    def step(*extra):
+        cfg, _ = parse_args(["--config", os.path.join(REPO, "configs", "llama-7b.yaml"),
+                             "--parallel.dp=1", "--parallel.pp=2", "--parallel.tp=8",
+                             "--train.micro_batch_size=1", "--train.global_batch_size=8",
+                             *extra], verbose=False, world_size=16)
+        return model.step_time(cfg, dry_args(cfg), GPU_SPECS["h100-80gb"], 8), cfg
+
+    compute, tp = "compute (roofline, all micro-batches)", "tensor-parallel collectives (exposed)"
+    none, cfg = step()
+    full, _ = step("--model.recompute=full")
+    half, _ = step("--model.recompute=full", "--model.recompute_layers=8")  # 8 of 16
+    selective, _ = step("--model.recompute=selective")
+    added = full[compute] - none[compute]
+    assert added > 0 and half[compute] - none[compute] == pytest.approx(added / 2, rel=1e-9)
+    m, layers = cfg.train.grad_accum, 16
+    ar = model._tp_collective(cfg, dry_args(cfg), GPU_SPECS["h100-80gb"], 8)
+    assert full[tp] - none[tp] == pytest.approx(m * layers * 2 * ar, rel=1e-9)
+    assert half[tp] - none[tp] == pytest.approx(m * layers / 2 * 2 * ar, rel=1e-9)
+    s, h, peak = 4096, 4096, GPU_SPECS["h100-80gb"].peak_tflops("bf16") * 1e12
+    attention = m * layers * 4.0 * s * s * h / 8 / (peak * model.ATTENTION_EFFICIENCY)
+    assert selective[compute] - none[compute] == pytest.approx(attention, rel=1e-9)
+    assert selective[tp] == none[tp]

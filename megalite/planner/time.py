@@ -10,7 +10,8 @@ Both scale linearly in the micro-batch and split evenly over TP. Each part takes
 its roof — matmuls ``flops / (peak · efficiency)``, the other (memory-bound) kernels
 ``bytes / (HBM bandwidth · efficiency)``, added since they run one after another — with the
 efficiency constants below named, not fitted. Recomputation adds its forward again (full:
-the block; selective: core attention).
+the block with its two TP collectives, on the first ``model.recompute_layers`` of each chunk
+when set; selective: core attention).
 
 **Tensor parallelism**: per block two collectives forward (all-reduce, or all-gather +
 reduce-scatter with SP: the same bytes) and two backward, on NVLink when the TP group fits in a
@@ -141,6 +142,25 @@ def column_dw_flops(args, tokens: int) -> Tuple[float, float]:
     return 2.0 * tokens * h * qkv, 2.0 * tokens * h * fc_in
 
 
+def _tp_collective(cfg: Config, args, gpu: GPUSpec, gpus_per_node: int) -> float:
+    """Seconds of one all-reduce of a micro-batch's activations over the TP group (SP: an
+    all-gather + reduce-scatter pair, the same bytes), on NVLink when the group fits a node."""
+    p, t = cfg.parallel, cfg.train
+    bw = gpu.intra_gbs if p.tp <= gpus_per_node else gpu.inter_gbs
+    nbytes = t.micro_batch_size * cfg.data.seq_len * args.hidden_size * DTYPE_BYTES[t.precision]
+    return _allreduce(nbytes, p.tp, bw)
+
+
+def recomputed_fraction(cfg: Config) -> float:
+    """The share of a stage's layers whose forward full recomputation runs again: all, or
+    ``model.recompute_layers`` = k of each (virtual) chunk's."""
+    m, p = cfg.model, cfg.parallel
+    if m.recompute != "full":
+        return 0.0
+    per_chunk = m.num_layers / (p.pp * p.virtual_stages)
+    return min(m.recompute_layers, per_chunk) / per_chunk if m.recompute_layers else 1.0
+
+
 def _tp_exposed(cfg: Config, args, gpu: GPUSpec, gpus_per_node: int) -> float:
     """Seconds of one block's TP collectives (forward + backward of one micro-batch) that are
     not hidden. Forward: the two row-parallel all-reduces (SP: all-gather + reduce-scatter
@@ -152,8 +172,7 @@ def _tp_exposed(cfg: Config, args, gpu: GPUSpec, gpus_per_node: int) -> float:
     if p.tp <= 1:
         return 0.0
     tokens = t.micro_batch_size * cfg.data.seq_len
-    bw = gpu.intra_gbs if p.tp <= gpus_per_node else gpu.inter_gbs
-    coll = _allreduce(tokens * args.hidden_size * DTYPE_BYTES[t.precision], p.tp, bw)
+    coll = _tp_collective(cfg, args, gpu, gpus_per_node)
     overlapped = coll / 2 if p.sequence_parallel else coll  # reduce-scatter or all-reduce
     exposed = 2 * coll + (coll if p.sequence_parallel else 0.0)
     for flops in column_dw_flops(args, tokens):
@@ -172,15 +191,19 @@ def step_time(cfg: Config, args, gpu: GPUSpec, gpus_per_node: int) -> Dict[str, 
     blk_f, blk_b, head_f, head_b = block_costs(args, s, t.precision)
     layers = args.num_layers / pp  # per pipeline rank
     attn_fwd = 4.0 * b * s * s * h / tp
-    recompute = {"none": 0.0, "selective": 1.0, "full": 1.0}[cfg.model.recompute]
+    full = recomputed_fraction(cfg) * layers  # layers whose forward runs again (full)
+    selective = layers if cfg.model.recompute == "selective" else 0.0  # core attention again
     # one micro-batch through this rank's layers: matmuls + other ops (roofline), attention
-    mm = layers * (b * blk_f / tp * (1 + recompute / 3 * (cfg.model.recompute == "full")))
-    other = layers * b * blk_b / tp * (1 + recompute / 3 * (cfg.model.recompute == "full"))
-    attn = layers * attn_fwd * (3 + recompute)
+    # (fwd + bwd = 3 forwards; a recomputed forward adds one)
+    mm = (layers + full / 3) * b * blk_f / tp
+    other = (layers + full / 3) * b * blk_b / tp
+    attn = (3 * layers + full + selective) * attn_fwd
     head = b * head_f / tp
     t_mb = (_roofline(mm + head, other + b * head_b / tp, gpu, t.precision)
             + attn / (gpu.peak_tflops(t.precision) * 1e12 * ATTENTION_EFFICIENCY))
-    tp_mb = layers * _tp_exposed(cfg, args, gpu, gpus_per_node)
+    # a recomputed forward repeats its two row-parallel collectives (SP: and the gathers)
+    tp_mb = layers * _tp_exposed(cfg, args, gpu, gpus_per_node) + full * 2 * _tp_collective(
+        cfg, args, gpu, gpus_per_node)
     slot = t_mb + tp_mb
     bubble_slots = (pp - 1) * {"interleaved": 1 / v, "zb-h1": 1 / 3}.get(p.schedule, 1.0)
     out = {"compute (roofline, all micro-batches)": m * t_mb,
