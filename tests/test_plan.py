@@ -361,3 +361,29 @@ def test_recompute_costs_its_forward_by_hand():
     attention = m * layers * 4.0 * s * s * h / 8 / (peak * model.ATTENTION_EFFICIENCY)
     assert selective[compute] - none[compute] == pytest.approx(attention, rel=1e-9)
     assert selective[tp] == none[tp]
+
+
+def test_zero1_parameter_gather_waits_by_hand():
+    """dp8 in one node, micro-batch 4: the gradient reduction hides under the last
+    micro-batch's backward (ZeRO-0: nothing exposed), while ZeRO-1's all-gather of the updated
+    parameters after the optimizer step (engine.publish) is exposed whole."""
+    from megalite.config import parse_args
+    from megalite.hardware import GPU_SPECS
+    from megalite.planner import time as model
+    from megalite.planner.cli import dry_args
+    from megalite.planner.memory import stage_units
+
+    gpu, key = GPU_SPECS["h100-80gb"], "data-parallel / ZeRO collectives (exposed)"
+    out = {}
+    for zero in (0, 1):
+        cfg, _ = parse_args(["--config", os.path.join(REPO, "configs", "llama-7b.yaml"),
+                             "--parallel.dp=8", "--parallel.tp=1", "--parallel.pp=1",
+                             "--parallel.sequence_parallel=false",
+                             f"--parallel.zero_stage={zero}", "--model.num_layers=4",
+                             "--train.micro_batch_size=4", "--train.global_batch_size=64"],
+                            verbose=False, world_size=8)
+        args = dry_args(cfg)
+        out[zero] = model.step_time(cfg, args, gpu, 8)[key]
+    params = sum(n for unit in stage_units(cfg, args, 0) for _, n in unit)
+    gather = 7 / 8 * params * 2 / (gpu.intra_gbs * 1e9 * model.COMM_EFFICIENCY)
+    assert out[0] == 0.0 and out[1] == pytest.approx(gather, rel=1e-9), (out, gather)

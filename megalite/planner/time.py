@@ -24,7 +24,8 @@ step's gradient reduction (reduce-scatter + all-gather of parameters for ZeRO-1/
 all-reduce's bytes; per micro-batch for ZeRO-2 ``shard`` and ZeRO-3, whose parameter
 all-gathers also run twice per micro-batch) on the network when the dp group spans nodes;
 bucketed reductions overlap the last micro-batch's backward (ZeRO-3: each micro-batch's),
-so only the excess is exposed. **Optimizer**: AdamW reads and writes 36 bytes per owned
+so only the excess is exposed; the parameters' all-gather after the optimizer step (ZeRO-1/2;
+ZeRO-3's first gather of a step) waits. **Optimizer**: AdamW reads and writes 36 bytes per owned
 parameter (memory-bound); offloaded, 2 x PCIe copies and the host's update.
 """
 from __future__ import annotations
@@ -222,9 +223,9 @@ def step_time(cfg: Config, args, gpu: GPUSpec, gpus_per_node: int) -> Dict[str, 
         dp_time = m * max(0.0, per_mb - t_mb) + gather
     elif sharded:
         dp_time = m * max(0.0, half - backward_mb) + gather
-    else:
-        reduce = 2 * half if p.zero_stage == 0 else half + gather
-        dp_time = max(0.0, reduce - backward_mb)
+    else:  # ZeRO-1/2's parameter all-gather follows the optimizer step (engine.publish)
+        reduce = 2 * half if p.zero_stage == 0 else half
+        dp_time = max(0.0, reduce - backward_mb) + (gather if p.zero_stage else 0.0)
     out["data-parallel / ZeRO collectives (exposed)"] = dp_time
     shard = params / (dp if p.zero_stage >= 1 else 1)
     if p.offload_optimizer:
