@@ -10,6 +10,7 @@ from typing import Optional
 import torch
 
 from megalite.checkpoint.async_save import staged
+from megalite.models import model_differences
 from megalite.trainer import checkpoint, objective
 from megalite.zero import state as shard_state
 
@@ -61,7 +62,7 @@ def maybe_resume(t) -> None:
             f"with its tokenizer (--data.tokenizer={path}/tokenizer.json, the data prepared "
             "with it), or give this run its own --run.dir (checkpoint.init_from needs the "
             "same tokenizer too)")
-    differ = checkpoint.model_mismatch(meta.get("model_args", {}), asdict(t.args))
+    differ = model_differences(meta.get("model_args", {}), asdict(t.args), ("num_labels",))
     if differ:
         raise ResumeError(
             f"checkpoint.resume: {path} holds another model: "
