@@ -101,13 +101,15 @@ def evaluate(run_dir: str, cfg_argv: List[str]) -> Dict[str, float]:
     """Accuracy and F1 (binary: of class 1; else macro) of the run's final checkpoint on the
     evaluation file, in one process."""
     from megalite.config import parse_args
+    from megalite.data.tokenizer import load_tokenizer
     from megalite.trainer import objective
     from megalite.trainer.inference import load_for_inference
 
     cfg, _ = parse_args(cfg_argv, verbose=False)
     model, _ = load_for_inference(run_dir)
     model.eval()
-    _, val, _ = objective.datasets(cfg, 1, 1)
+    val = objective.labelled_examples(cfg, load_tokenizer(cfg.data.tokenizer), 1,
+                                      training=False)  # the training file is not read
     preds, gold = [], []
     with torch.no_grad():
         for lo in range(0, val.n, 64):
