@@ -14,7 +14,11 @@ from megalite.parallel.params import ParamTable
 
 __all__ = ["CausalLM", "KVCache", "ModelArgs", "build_model", "resolve_model_args", "lm_loss",
            "num_params", "flops_per_token", "init_weights", "SAME_MODEL_FIELDS", "same_model_fields",
-           "model_differences"]
+           "model_differences", "DTYPES"]
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+"""A dtype by the short name train.precision and ``convert --dtype`` use (torch's own name,
+as ``serve --dtype`` takes it, is ``str(dtype)[6:]``)."""
 
 # Fields that change the weights' shapes or meaning: resume and checkpoint.init_from refuse a
 # source that differs in one (GPT-2's max_seq_len too: its position table). Kernels, dropout,
