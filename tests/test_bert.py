@@ -321,3 +321,27 @@ def test_finetune_evaluate_encodes_only_the_eval_file(tmp_path, monkeypatch):
     alive = weakref.ref(data)
     del data
     assert alive() is None
+
+
+def test_init_from_a_masked_lm_says_the_fresh_head_where_asked(tmp_path, capsys, monkeypatch):
+    """checkpoint.init_from of a masked-LM checkpoint into a classifier: the encoder is the
+    source's, the pooler and classifier are seed-drawn, and that is said on stderr only where
+    the caller asks (its rank 0), whatever RANK the environment holds."""
+    from megalite.interop.full_state import save_full_model_state
+    from megalite.interop.init_from import initial_values
+    from megalite.models import build_model
+    from megalite.models.transformer import init_tensor
+
+    mlm, classifier = _args(), _args(num_labels=3)
+    source = dict(build_model(mlm, seed=1).named_parameters())
+    path = save_full_model_state(str(tmp_path / "mlm"), mlm, source)
+    monkeypatch.setenv("RANK", "0")
+    for verbose in (False, True):
+        values = initial_values(path, classifier, seed=5, verbose=verbose)
+        said = capsys.readouterr().err
+        assert ("head.classifier.bias, head.classifier.weight, head.pooler.bias, "
+                "head.pooler.weight not in the source" in said) == verbose, said
+    for name, p in build_model(classifier, seed=0).named_parameters():
+        want = init_tensor(name, p.shape, classifier, 5) if name.startswith(
+            ("head.pooler", "head.classifier")) else source[name]
+        assert torch.equal(values(name, p.shape), want), name

@@ -4,7 +4,6 @@ keeps this rank's slice, so a rank holds one full tensor at a time beyond its ow
 optimizer starts fresh."""
 from __future__ import annotations
 
-import os
 import sys
 from dataclasses import asdict
 from typing import Any, Callable, Dict, Optional, Tuple
@@ -52,11 +51,13 @@ def source_tokenizer(spec: str) -> Optional[Dict[str, Any]]:
 
 
 def initial_values(spec: str, args: ModelArgs, tokenizer: Optional[Dict[str, Any]] = None,
-                   seed: int = 0) -> Callable[[str, torch.Size], torch.Tensor]:
+                   seed: int = 0, verbose: bool = True
+                   ) -> Callable[[str, torch.Size], torch.Tensor]:
     """``build_model``'s ``values``: parameter name -> its full fp32 value from ``spec``.
     ``tokenizer``: this run's fingerprint (``checkpoint.files.tokenizer_fingerprint``), refused
     when a megalite checkpoint source was trained with another. A classifier's pooler and
-    classifier missing there are drawn from ``seed`` (and said so)."""
+    classifier missing there are drawn from ``seed`` (and said so on stderr when ``verbose``:
+    the caller's rank 0)."""
     from megalite.checkpoint.files import tokenizer_differences
 
     try:
@@ -78,7 +79,7 @@ def initial_values(spec: str, args: ModelArgs, tokenizer: Optional[Dict[str, Any
 
     have = set(state)
     fresh = sorted(n for n in _head_names(args) if n not in have)
-    if fresh and os.environ.get("RANK", "0") == "0":  # an MLM source has no classifier
+    if fresh and verbose:  # an MLM source has no classifier
         print(f"checkpoint.init_from={spec}: {', '.join(fresh)} not in the source: "
               "seed-initialised", file=sys.stderr, flush=True)
 

@@ -13,8 +13,8 @@ from megalite.models.transformer import (TIED_WEIGHTS, CausalLM, KVCache, ModelA
 from megalite.parallel.params import ParamTable
 
 __all__ = ["CausalLM", "KVCache", "ModelArgs", "build_model", "resolve_model_args", "lm_loss",
-           "num_params", "flops_per_token", "init_weights", "SAME_MODEL_FIELDS", "same_model_fields",
-           "model_differences", "DTYPES"]
+           "num_params", "flops_per_token", "init_weights", "SAME_MODEL_FIELDS",
+           "same_model_fields", "model_differences", "DTYPES"]
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 """A dtype by the short name train.precision and ``convert --dtype`` use (torch's own name,

@@ -161,7 +161,7 @@ class Trainer:
 
         try:
             return initial_values(c.init_from, self.args, resume.fingerprint(self),
-                                  self.cfg.train.seed)
+                                  self.cfg.train.seed, verbose=self.dims.rank == 0)
         except ValueError as e:
             raise ResumeError(str(e)) from None
 
