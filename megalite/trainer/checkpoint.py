@@ -12,9 +12,11 @@ Layout of ``CKPT_DIR/step_00000100/`` (format 2):
   config and model, layout, the run's id (``checkpoint.keep`` prunes only its own run's
   checkpoints), the tokenizer's fingerprint (kind, vocabulary size, end-of-document id,
   SHA-256 of its file: resuming or ``init_from`` with another is refused), ``files`` (size
-  and CRC-32 of each file), ``items`` (CRC-32 of each stored tensor item) and ``blocks``
-  (per item: where its raw bytes start and a CRC-32 per block of them — a rank reads and
-  checks only the blocks its boxes need). No pickled item exists in the DCP state.
+  and CRC-32 of each file), ``blocks`` (per stored tensor item: where its raw bytes start and
+  a CRC-32 per block of them — a rank reads and checks only the blocks its boxes need) and
+  ``items`` (the CRC-32 of each item without a block record, read and checked whole;
+  checkpoints saved before block records hold every item's). No pickled item exists in the DCP
+  state.
 - ``tokenizer.json``: the tokenizer, so generate/eval need nothing else.
 
 Format 1 (before DCP: ``model_tp{t}_pp{p}.pt`` / ``optim_tp{t}_pp{p}_dp{d}.pt`` torch.save
