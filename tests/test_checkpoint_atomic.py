@@ -25,6 +25,21 @@ def _model() -> CausalLM:
                               tie_embeddings=True, init_std=0.02))
 
 
+def _sharded_save(directory: str):
+    """(path, {name: tensor}) of a one-process format-2 save of ``_model()``'s weights as
+    masters (``checkpoint.save``)."""
+    from megalite.parallel.dims import ParallelDims
+    from megalite.trainer import checkpoint
+    from megalite.zero.state import ShardEntry
+
+    model = _model()
+    state = {k: p.detach() for k, p in model.named_parameters()}
+    entries = {f"master/{k}": ShardEntry(tuple(p.shape), [((0,) * p.dim(), tuple(p.shape))], [p])
+               for k, p in state.items()}
+    return checkpoint.save(directory, 1, ParallelDims.single(), entries,
+                           {"model_args": dataclasses.asdict(model.args)}), state
+
+
 def test_failed_weights_save_leaves_no_half_checkpoint(tmp_path, monkeypatch):
     """Fail the k-th ``os.fsync``/``os.replace`` of a save, for every k a save makes: the error
     reaches the caller, nothing but a complete ``step_00000000`` may appear beside the previous
@@ -77,22 +92,15 @@ def test_full_state_of_a_sharded_checkpoint_reads_its_metadata_once(tmp_path, mo
     reading each again. Exporting it reads one parameter at a time: ``.metadata`` is checked
     and unpickled once for all of them, and every tensor comes back bit-exact."""
     from megalite.checkpoint import storage
-    from megalite.parallel.dims import ParallelDims
     from megalite.trainer import checkpoint
-    from megalite.zero.state import ShardEntry
 
-    model = _model()
-    state = {k: p.detach() for k, p in model.named_parameters()}
-    entries = {f"master/{k}": ShardEntry(tuple(p.shape), [((0,) * p.dim(), tuple(p.shape))], [p])
-               for k, p in state.items()}
-    path = checkpoint.save(str(tmp_path), 1, ParallelDims.single(), entries,
-                           {"model_args": dataclasses.asdict(model.args)})
+    path, state = _sharded_save(str(tmp_path))
     # the save's one read of its files gave the same CRCs as reading each file and item again
     meta = checkpoint.read_meta(path)
     assert checkpoint.verify_all(path) == (len(meta["files"]), sum(
         os.path.getsize(os.path.join(path, name)) for name in meta["files"]))
     stored = storage.SafeReader(path).read_metadata().storage_data.values()
-    assert len(stored) == len(entries)  # every item read by its blocks: no item CRC beside
+    assert len(stored) == len(state)  # every item read by its blocks: no item CRC beside
     assert sorted(meta["blocks"]) == sorted(storage.item_key(i.relative_path, i.offset)
                                             for i in stored) and meta["items"] == {}
     unpickled = []
@@ -116,16 +124,9 @@ def test_items_without_block_records_are_read_whole_and_checked(tmp_path):
 
     from megalite.checkpoint import storage
     from megalite.interop.full_state import CheckpointReadError
-    from megalite.parallel.dims import ParallelDims
     from megalite.trainer import checkpoint
-    from megalite.zero.state import ShardEntry
 
-    model = _model()
-    state = {k: p.detach() for k, p in model.named_parameters()}
-    entries = {f"master/{k}": ShardEntry(tuple(p.shape), [((0,) * p.dim(), tuple(p.shape))], [p])
-               for k, p in state.items()}
-    path = checkpoint.save(str(tmp_path), 1, ParallelDims.single(), entries,
-                           {"model_args": dataclasses.asdict(model.args)})
+    path, state = _sharded_save(str(tmp_path))
     meta = checkpoint.read_meta(path)
     stored = list(storage.SafeReader(path).read_metadata().storage_data.values())
     items = {}
