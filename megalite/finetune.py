@@ -21,6 +21,7 @@ from typing import Dict, List
 import numpy as np
 import torch
 
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="megalite finetune", description=__doc__.split("\n\n")[0],

@@ -10,8 +10,8 @@ from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 
-from megalite.interop.full_state import FullState, load_full_model_state
 from megalite import models
+from megalite.interop.full_state import FullState, load_full_model_state
 from megalite.models import ModelArgs
 from megalite.models.transformer import init_tensor
 
