@@ -86,7 +86,7 @@ def _run_ranks(command: str, argv: List[str]) -> int:
         # prepared here, before any process group (a bare run: once, for the ranks it starts);
         # launched ranks all call it: the cache's file lock lets one per node prepare while the
         # others wait on the lock, never in a collective with a timeout
-        objective.prepare(cfg)
+        prefixes = objective.prepare(cfg)
     except DataError as e:
         if env is None or env.rank == 0:  # launched ranks would all say it
             print(f"error: {e}", file=sys.stderr)
@@ -123,7 +123,7 @@ def _run_ranks(command: str, argv: List[str]) -> int:
         return 2
     trainer = None
     try:
-        trainer = Trainer(cfg, dims, read_only=command == "eval")
+        trainer = Trainer(cfg, dims, read_only=command == "eval", prefixes=prefixes)
         if command == "eval":
             return _eval(trainer, ckpt)
         result = trainer.fit()

@@ -16,13 +16,10 @@ import json
 import math
 import os
 import sys
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List
 
 import numpy as np
 import torch
-
-MODEL_FIELDS = ("num_layers", "hidden_size", "num_heads", "ffn_hidden_size", "vocab_size",
-                "max_seq_len", "norm_eps")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -47,24 +44,13 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _source(spec: str) -> Tuple[object, Optional[str]]:
-    """(model args, tokenizer.json path or None) of the source, reading no weights."""
-    if spec.startswith("hf:"):
-        from megalite.interop.hf_files import read_hf_dir
-
-        args, _, files = read_hf_dir(spec[3:])
-        return args, files.get("tokenizer.json")
-    from megalite.interop.full_state import load_full_model_state
-
-    args, _, tokenizer = load_full_model_state(spec)
-    return args, tokenizer
-
-
 def build_argv(a: argparse.Namespace, rest: List[str]) -> List[str]:
     """The ``megalite train`` arguments of this fine-tuning run (raises ValueError, one line)."""
     from megalite.data.classification import load_classification_jsonl
+    from megalite.interop.init_from import read_source
+    from megalite.models import same_model_fields
 
-    args, tokenizer = _source(a.init_from)
+    args, _, tokenizer = read_source(a.init_from)  # the weights are read lazily: none here
     if args.family != "bert":
         raise ValueError(f"--init_from {a.init_from}: a {args.family} model; classification "
                          "fine-tuning takes a bert encoder")
@@ -81,7 +67,8 @@ def build_argv(a: argparse.Namespace, rest: List[str]) -> List[str]:
                          "--task classification needs integer labels")
     labels = a.num_labels or train.num_labels
     out = ["--model.family=bert", f"--model.num_labels={labels}",
-           *(f"--model.{n}={getattr(args, n)}" for n in MODEL_FIELDS),
+           *(f"--model.{n}={getattr(args, n)}" for n in same_model_fields("bert", labels)
+             if n != "family" and getattr(args, n) is not None),  # init_from compares them
            f"--checkpoint.init_from={a.init_from}", f"--data.tokenizer={tokenizer}",
            f"--data.seq_len={min(128, args.max_seq_len)}", f"--finetune.train={a.train}",
            "--run.dir=runs/finetune", "--run.sample_tokens=0", "--data.source=synthetic",
@@ -115,13 +102,15 @@ def evaluate(run_dir: str, cfg_argv: List[str]) -> Dict[str, float]:
     """Accuracy and F1 (binary: of class 1; else macro) of the run's final checkpoint on the
     evaluation file, in one process."""
     from megalite.config import parse_args
+    from megalite.data.tokenizer import load_tokenizer
     from megalite.trainer import objective
     from megalite.trainer.inference import load_for_inference
 
     cfg, _ = parse_args(cfg_argv, verbose=False)
     model, _ = load_for_inference(run_dir)
     model.eval()
-    _, val, _ = objective.datasets(cfg, 1, 1)
+    val = objective.labelled_examples(cfg, load_tokenizer(cfg.data.tokenizer), 1,
+                                      training=False)  # the training file is not read
     preds, gold = [], []
     with torch.no_grad():
         for lo in range(0, val.n, 64):

@@ -268,3 +268,80 @@ def test_finetune_classification_from_megalite_and_hf(tmp_path):
         assert scores["examples"] == 512 and scores["accuracy"] >= 0.95, (source, scores)
     assert main(["finetune", "--task", "classification", "--train", str(train),
                  "--init_from", f"{tmp_path}/nothing-here"]) == 2
+
+
+def test_finetune_evaluate_encodes_only_the_eval_file(tmp_path, monkeypatch):
+    """``finetune.evaluate`` tokenizes each evaluation example once and never the training
+    file, and scores exactly the trainer's validation set (a seeded classifier, same 64-row
+    batches). A fine-tuning dataset keeps its own last two epoch orders: nothing outside it
+    holds it alive."""
+    import weakref
+
+    import numpy as np
+
+    from megalite.config import parse_args
+    from megalite.data.tokenizer import HFTokenizer, train_tokenizer
+    from megalite.finetune import evaluate
+    from megalite.models import build_model, resolve_model_args
+    from megalite.trainer import inference, objective
+
+    train, held_out = _classification_files(tmp_path)
+    tok_path = str(tmp_path / "wordpiece.json")
+    train_tokenizer("wordpiece:300", (open(train).read(),)).save(tok_path)
+    cfg_argv = ["--model.family=bert", "--model.num_labels=2", "--model.num_layers=1",
+                "--model.hidden_size=32", "--model.max_seq_len=16", "--data.seq_len=16",
+                f"--data.tokenizer={tok_path}", f"--finetune.train={train}",
+                f"--finetune.eval={held_out}", "--finetune.task=sst2", "--train.steps=1",
+                "--train.micro_batch_size=8"]
+    cfg, _ = parse_args(cfg_argv, verbose=False)
+    _, val, tok = objective.datasets(cfg, 1, 1)  # the trainer's validation set
+    model = build_model(resolve_model_args(cfg.model, tok.vocab_size), seed=0).eval()
+    monkeypatch.setattr(inference, "load_for_inference", lambda run_dir: (model, None))
+    encoded = []
+    encode = HFTokenizer.encode
+    monkeypatch.setattr(HFTokenizer, "encode", lambda self, text: encoded.append(text) or
+                        encode(self, text))
+    scores = evaluate(str(tmp_path / "run"), cfg_argv)
+    assert len(encoded) == scores["examples"] == val.n == 512  # sst2: one text per example
+    correct = 0
+    with torch.no_grad():
+        for lo in range(0, val.n, 64):
+            rows = val.rows(np.arange(lo, min(lo + 64, val.n)))
+            logits = model(rows["tokens"], attention_mask=rows["attention_mask"],
+                           token_types=rows["token_types"])
+            correct += (logits.argmax(-1) == rows["labels"]).sum().item()
+    assert scores["accuracy"] == correct / val.n
+    # epoch orders: each epoch a permutation of the file, seeded by (seed, epoch)
+    data = objective.LabelledExamples({"labels": np.arange(5)}, seed=3, size=20, shuffle=True)
+    got = data.rows(np.arange(20))["labels"].reshape(4, 5)
+    for epoch in range(4):
+        assert got[epoch].tolist() == \
+            np.random.default_rng([3, epoch]).permutation(5).tolist()
+    assert len(data._orders) == 2
+    alive = weakref.ref(data)
+    del data
+    assert alive() is None
+
+
+def test_init_from_a_masked_lm_says_the_fresh_head_where_asked(tmp_path, capsys, monkeypatch):
+    """checkpoint.init_from of a masked-LM checkpoint into a classifier: the encoder is the
+    source's, the pooler and classifier are seed-drawn, and that is said on stderr only where
+    the caller asks (its rank 0), whatever RANK the environment holds."""
+    from megalite.interop.full_state import save_full_model_state
+    from megalite.interop.init_from import initial_values
+    from megalite.models import build_model
+    from megalite.models.transformer import init_tensor
+
+    mlm, classifier = _args(), _args(num_labels=3)
+    source = dict(build_model(mlm, seed=1).named_parameters())
+    path = save_full_model_state(str(tmp_path / "mlm"), mlm, source)
+    monkeypatch.setenv("RANK", "0")
+    for verbose in (False, True):
+        values = initial_values(path, classifier, seed=5, verbose=verbose)
+        said = capsys.readouterr().err
+        assert ("head.classifier.bias, head.classifier.weight, head.pooler.bias, "
+                "head.pooler.weight not in the source" in said) == verbose, said
+    for name, p in build_model(classifier, seed=0).named_parameters():
+        want = init_tensor(name, p.shape, classifier, 5) if name.startswith(
+            ("head.pooler", "head.classifier")) else source[name]
+        assert torch.equal(values(name, p.shape), want), name

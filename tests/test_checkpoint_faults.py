@@ -184,7 +184,8 @@ def test_dangling_latest_resumes_newest_complete_with_a_warning(trained, tmp_pat
     _one_error_line(code, err, f"{ckpts}/latest", "step_00000009", "no complete checkpoint")
 
 
-def test_resume_off_and_model_mismatch_refused(trained, tmp_path, data_cache, capsys):
+def test_resume_off_and_model_mismatch_refused(trained, tmp_path, data_cache, capsys,
+                                              monkeypatch):
     run = _copy(trained, tmp_path)
     ckpts = os.path.join(run, "checkpoints")
     before = sorted(os.listdir(ckpts))
@@ -192,10 +193,16 @@ def test_resume_off_and_model_mismatch_refused(trained, tmp_path, data_cache, ca
     _one_error_line(code, err, "checkpoint.resume=false", ckpts, "step_00000004", "--run.dir")
     assert sorted(os.listdir(ckpts)) == before
     assert open(os.path.join(ckpts, "latest")).read() == "step_00000004"
+    from megalite.trainer import objective
+
+    prepared = []  # the refusal comes from the trainer, built on the data the CLI prepared
+    prepare = objective.prepare
+    monkeypatch.setattr(objective, "prepare", lambda cfg: prepared.append(1) or prepare(cfg))
     code, _, err = _cli(capsys, "train", run, data_cache, "--model.hidden_size=32",
                         "--model.num_layers=3")
     _one_error_line(code, err, "num_layers=2 there, 3 here", "hidden_size=64 there, 32 here",
                     "--run.dir")
+    assert len(prepared) == 1
 
 
 def test_another_tokenizer_refused_on_resume_and_init_from(trained, tmp_path, data_cache,

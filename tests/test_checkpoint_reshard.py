@@ -72,8 +72,8 @@ def _written(trainer, ckpts: str):
     boxes = [t for e in checkpoint.state_entries(trainer.engine.table,
                                                  trainer.opt.state_dict()).values()
              if not e.replica for t in e.tensors]
-    items = sum(key.startswith(f"__{rank}_") for key in
-                json.load(open(os.path.join(path, "meta.json")))["items"])
+    meta = json.load(open(os.path.join(path, "meta.json")))
+    items = sum(key.startswith(f"__{rank}_") for key in {**meta["blocks"], **meta["items"]})
     return (os.path.getsize(os.path.join(path, f"__{rank}_0.distcp")),
             sum(t.numel() * t.element_size() for t in boxes), len(boxes), items)
 

@@ -242,6 +242,18 @@ def test_bad_inputs_are_one_line_and_never_run_code(tmp_path: Any, capsys: Any) 
     with pytest.raises(InitFromError, match=r"model.num_layers=2 \(source: 1\), "
                                             r"model.hidden_size=32 \(source: 16\).*drop"):
         initial_values(f"hf:{tmp_path / 'hf'}", other)
+    # resume compares by the same list (and the classes): a record written before num_labels
+    # and rope_scaling existed is the same model; a position table is llama's only exception
+    from dataclasses import asdict
+
+    from megalite.models import model_differences, same_model_fields
+
+    source = dict(asdict(ours.args), family="gpt")
+    older = {k: v for k, v in source.items() if k not in ("num_labels", "rope_scaling")}
+    assert model_differences(older, dict(source, max_seq_len=99), ("num_labels",)) == [
+        ("max_seq_len", source["max_seq_len"], 99)]
+    assert "max_seq_len" not in same_model_fields("llama")
+    assert "tie_embeddings" not in same_model_fields("bert", num_labels=2)
 
     ours.shard_layout = type("Layout", (), {"tp_size": 2})()  # one TP rank's part
     with pytest.raises(ValueError, match="convert --to hf"):

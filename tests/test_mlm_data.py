@@ -364,5 +364,7 @@ def test_encode_pair_equals_hugging_face(tmp_path) -> None:
     assert batch["labels"].tolist() == [1, 0, 1] and batch["tokens"].shape == (3, 24)
     assert batch["tokens"][1].tolist() == encode_pair(ours, mrpc.text[1], mrpc.text_pair[1],
                                                       24)["tokens"].tolist()
-    with pytest.raises(DataError, match="BERT-style tokenizer"):
-        encode_pair(train_tokenizer("bytes", []), "a", "b", 8)
+    for encode in (lambda tok: encode_pair(tok, "a", "b", 8),  # checked once per file
+                   lambda tok: encode_examples(tok, mrpc, 8)):
+        with pytest.raises(DataError, match="BERT-style tokenizer"):
+            encode(train_tokenizer("bytes", []))

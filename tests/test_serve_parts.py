@@ -147,3 +147,23 @@ def test_command_line_refusals(checkpoint, tmp_path, capsys, monkeypatch) -> Non
             assert err.startswith("error: ") and err.count("\n") == 1 and words in err, err
     finally:
         busy.close()
+
+
+def test_load_decoder_reads_meta_once_in_the_dtype_asked(checkpoint, monkeypatch) -> None:
+    """``load_decoder`` reads the checkpoint's meta.json once (the decoder check and the load
+    share it) and gives the saved weights in the dtype asked by torch's name; another name is
+    one LoadError listing them."""
+    from megalite.interop.full_state import load_full_model_state
+    from megalite.serve.loading import LoadError, load_decoder
+    from megalite.trainer import checkpoint as ckpt
+
+    reads = []
+    read_meta = ckpt.read_meta
+    monkeypatch.setattr(ckpt, "read_meta", lambda path: reads.append(path) or read_meta(path))
+    loaded = load_decoder(checkpoint, dtype="bfloat16")
+    assert len(reads) == 1, reads
+    _, saved, _ = load_full_model_state(checkpoint)
+    for name, p in loaded.model.named_parameters():
+        assert p.dtype == torch.bfloat16 and torch.equal(p, saved[name].to(torch.bfloat16))
+    with pytest.raises(LoadError, match="expected one of float32, bfloat16, float16"):
+        load_decoder(checkpoint, dtype="fp16")

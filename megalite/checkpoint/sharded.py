@@ -1,8 +1,8 @@
 """Save and load ``{key: ShardEntry}`` state with ``torch.distributed.checkpoint``.
 
 Collective over ``group`` (every rank of the job) when a process group exists, one process
-otherwise. Saving returns this rank's files with their sizes and CRCs and its items' CRCs, for
-the manifest; loading checks them.
+otherwise. Saving returns this rank's files with their sizes and CRCs and its items' block
+CRCs (an item CRC for an item read whole), for the manifest; loading checks them.
 """
 from __future__ import annotations
 
@@ -41,8 +41,9 @@ def _dist_kwargs(group) -> Dict[str, Any]:
 def save_entries(directory: str, entries: Entries, group=None, rank: int = 0
                  ) -> Tuple[Dict[str, Dict[str, int]], Dict[str, int], Dict[str, list]]:
     """Write this rank's boxes into ``directory`` (fsynced). Returns ({file: size and CRC} of
-    the files this rank wrote, {item: CRC} of its items, {item: its block CRCs}), all from one
-    read of its files (``storage.item_records``); rank 0 also owns ``.metadata``."""
+    the files this rank wrote, {item: CRC} of its items read whole, {item: its block CRCs}),
+    all from one read of its files (``storage.item_records``); rank 0 also owns
+    ``.metadata``."""
     writer = FileSystemWriter(directory, single_file_per_rank=True, sync_files=True,
                               thread_count=1)
     with _quiet():

@@ -5,8 +5,9 @@
   callable is refused, never called.
 * A rank reads of a stored item only the CRC blocks holding the bytes its boxes need
   (``ranges.py``), checks each block against the CRC-32 the manifest records for it, and copies
-  the raw bytes into its boxes — no unpickling at all. An item without block CRCs (a checkpoint
-  saved before them) is read whole, checked against its item CRC-32 and loaded with
+  the raw bytes into its boxes — no unpickling at all. An item without block CRCs (one whose
+  raw bytes ``describe_item`` could not locate, or any item of a checkpoint saved before block
+  CRCs existed) is read whole, checked against its item CRC-32 and loaded with
   ``torch.load(weights_only=True)``. The bytes read are counted, so a test can see that a rank
   reads only what its layout needs.
 """
@@ -72,9 +73,12 @@ def _chunk_shapes(metadata: Metadata) -> Shapes:
 def item_records(directory: str, metadata: Metadata, prefix: str
                  ) -> Tuple[Dict[str, Dict[str, int]], Dict[str, int], Dict[str, list]]:
     """One sequential read of the files named ``prefix*`` (this rank's): each file's size and
-    CRC-32, and of every stored item in them its CRC-32 and where its raw bytes start with a
-    CRC-32 per block of them (``ranges.describe_item``). The file's CRC runs over the same
-    bytes as the items' (and the gaps between them), so nothing is read twice."""
+    CRC-32, and of every stored item in them where its raw bytes start with a CRC-32 per block
+    of them (``ranges.describe_item``) — or, for an item whose raw bytes cannot be located (it
+    is read whole), its CRC-32. A block record checks every byte a load uses (the item's zip
+    headers are never read), so an item CRC beside it would detect nothing more. The file's
+    CRC runs over the same bytes as the items' (and the gaps between them), so nothing is
+    read twice."""
     names = sorted(n for n in os.listdir(directory) if n.startswith(prefix))
     stored: Dict[str, list] = {name: [] for name in names}
     for index, info in metadata.storage_data.items():
@@ -97,12 +101,14 @@ def item_records(directory: str, metadata: Metadata, prefix: str
                     data = f.read(length)
                     f.seek(pos)
                 key = item_key(name, offset)
-                crcs[key] = zlib.crc32(data)
                 shape = shapes.get((index.fqn, tuple(index.offset)))
+                described = None
                 if shape is not None and not getattr(info, "transform_descriptors", None):
                     described = describe_item(data, math.prod(shape[0]) * _element(shape[1]))
-                    if described is not None:
-                        blocks[key] = described
+                if described is not None:
+                    blocks[key] = described
+                else:  # read whole at load: checked against its item CRC
+                    crcs[key] = zlib.crc32(data)
             file_crc, tail = crc32_of(f, file_crc)
             files[name] = {"bytes": pos + tail, "crc32": file_crc}
     return files, crcs, blocks

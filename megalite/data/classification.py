@@ -157,11 +157,9 @@ def truncate_pair(len_a: int, len_b: int, budget: int) -> Tuple[int, int]:
     return (large, small) if len_a > len_b else (small, large)
 
 
-def encode_pair(tokenizer: Tokenizer, a: str, b: Optional[str],
-                seq_len: int) -> Dict[str, np.ndarray]:
-    """``[CLS] a [SEP] b [SEP]`` (``[CLS] a [SEP]`` when b is None or encodes to nothing),
-    padded with [PAD] to ``seq_len``: tokens, token_types, attention_mask, int64 [seq_len].
-    Texts too long together are truncated at their ends, the longer first."""
+def check_encoder(tokenizer: Tokenizer, seq_len: int) -> None:
+    """Refuse a tokenizer without [PAD] [CLS] [SEP] (``DataError``) or a ``seq_len`` too short
+    for ``[CLS] A [SEP] B [SEP]``: what ``encode_pair`` needs, checked once per file."""
     missing = [n for n in ("pad_id", "cls_id", "sep_id") if getattr(tokenizer, n) is None]
     if missing:
         raise DataError(f"the tokenizer has no {', '.join(m[:-3].upper() for m in missing)} "
@@ -169,6 +167,20 @@ def encode_pair(tokenizer: Tokenizer, a: str, b: Optional[str],
                         "[SEP]): wordpiece:VOCAB or a BERT tokenizer.json")
     if seq_len < 4:
         raise ValueError(f"seq_len={seq_len}: [CLS] A [SEP] B [SEP] needs seq_len >= 4")
+
+
+def encode_pair(tokenizer: Tokenizer, a: str, b: Optional[str],
+                seq_len: int) -> Dict[str, np.ndarray]:
+    """``[CLS] a [SEP] b [SEP]`` (``[CLS] a [SEP]`` when b is None or encodes to nothing),
+    padded with [PAD] to ``seq_len``: tokens, token_types, attention_mask, int64 [seq_len].
+    Texts too long together are truncated at their ends, the longer first."""
+    check_encoder(tokenizer, seq_len)
+    return _encode_pair(tokenizer, a, b, seq_len)
+
+
+def _encode_pair(tokenizer: Tokenizer, a: str, b: Optional[str],
+                 seq_len: int) -> Dict[str, np.ndarray]:
+    """``encode_pair`` of a tokenizer and ``seq_len`` that ``check_encoder`` passed."""
     ids_a = np.asarray(tokenizer.encode(a), dtype=np.int64)
     ids_b = np.asarray(tokenizer.encode(b) if b is not None else [], dtype=np.int64)
     if ids_b.size:
@@ -184,8 +196,9 @@ def encode_examples(tokenizer: Tokenizer, examples: ClassificationExamples,
                     seq_len: int) -> Dict[str, np.ndarray]:
     """Every example through ``encode_pair``: tokens, token_types, attention_mask as int64
     [num_examples, seq_len], and labels [num_examples] (int64, or float32 for regression)."""
+    check_encoder(tokenizer, seq_len)
     pairs = examples.text_pair or [None] * len(examples)
-    rows = [encode_pair(tokenizer, a, b, seq_len) for a, b in zip(examples.text, pairs)]
+    rows = [_encode_pair(tokenizer, a, b, seq_len) for a, b in zip(examples.text, pairs)]
     out = {k: np.stack([r[k] for r in rows]) for k in ("tokens", "token_types", "attention_mask")}
     out["labels"] = np.asarray(examples.labels,
                                dtype=np.float32 if examples.regression else np.int64)

@@ -17,6 +17,7 @@ from typing import Iterable, Iterator, List, Optional, Tuple
 
 import numpy as np
 
+from ..config.validate import MIN_WORDPIECE_VOCAB
 from .inputs import DataError
 
 EOD_CANDIDATES = ("<|endoftext|>", "</s>", "<eos>", "[SEP]")
@@ -27,7 +28,6 @@ BERT_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
 _SPEC_HELP = "expected 'bytes', 'bpe:VOCAB' (e.g. 'bpe:4096'), 'wordpiece:VOCAB' (e.g. " \
     "'wordpiece:8192') or the path of an existing Hugging Face tokenizer.json"
-_MIN_WORDPIECE = 64
 
 
 class Tokenizer:
@@ -160,9 +160,9 @@ def parse_spec(spec: str) -> Tuple[str, object]:
     m = re.fullmatch(r"wordpiece:(\d+)", s)
     if m:
         vocab = int(m.group(1))
-        if vocab < _MIN_WORDPIECE:
+        if vocab < MIN_WORDPIECE_VOCAB:
             raise DataError(f"bad tokenizer spec {spec!r}: a WordPiece vocab needs at least "
-                             f"{_MIN_WORDPIECE} entries (5 specials + the alphabet + pieces)")
+                             f"{MIN_WORDPIECE_VOCAB} entries (5 specials + the alphabet + pieces)")
         return "wordpiece", vocab
     if s.endswith(".json") and os.path.isfile(s):
         return "file", s

@@ -285,16 +285,14 @@ def from_hf(model_or_path: Union[Any, str, os.PathLike]) -> CausalLM:
         config = tf.AutoConfig.from_pretrained(os.fspath(model_or_path), local_files_only=True)
         auto = tf.AutoModelForCausalLM
         if _family(config) == "bert":
-            classifier = any("SequenceClassification" in a for a in config.architectures or [])
-            auto = tf.AutoModelForSequenceClassification if classifier else \
-                tf.AutoModelForMaskedLM
+            auto = tf.AutoModelForSequenceClassification if hf_bert.is_classifier(config) \
+                else tf.AutoModelForMaskedLM
         hf = auto.from_pretrained(os.fspath(model_or_path), local_files_only=True)
     else:
         hf = model_or_path
     args = args_from_hf_config(hf.config)
     if args.is_encoder:  # an in-memory model may carry no `architectures`: its class tells
-        args = hf_bert.args_from_bert_config(
-            hf.config, type(hf).__name__.endswith("ForSequenceClassification"))
+        args = hf_bert.args_from_bert_config(hf.config, hf_bert.is_classifier(hf.config, hf))
     model = build_model(args, seed=0)
     hf_sd = {k: v.detach().to("cpu", torch.float32) for k, v in hf.state_dict().items()}
     model.load_state_dict(megalite_state_dict(hf_sd, args), strict=True)
@@ -317,8 +315,7 @@ def to_hf(model: CausalLM) -> Any:
     config = hf_config_from_args(model.args)
     cls = tf.LlamaForCausalLM if model.args.is_llama else tf.GPT2LMHeadModel
     if model.args.is_encoder:
-        cls = tf.BertForSequenceClassification if model.args.num_labels else \
-            tf.BertForMaskedLM
+        cls = getattr(tf, hf_bert.class_name(model.args))
     hf = cls(config)
     sd = {k: v.detach().clone() for k, v in hf_state_dict(model).items()}
     hf.load_state_dict(sd, strict=True)

@@ -59,7 +59,7 @@ def args_from_bert_config(c: Any, classifier: Optional[bool] = None) -> ModelArg
         if getattr(c, field, False):
             raise ValueError(f"BERT config: {field}=True is not supported (encoder only)")
     if classifier is None:
-        classifier = any("SequenceClassification" in a for a in (c.architectures or []))
+        classifier = is_classifier(c)
     if classifier and getattr(c, "problem_type", None) not in (None,
                                                                 "single_label_classification"):
         raise ValueError(f"BERT config: problem_type={c.problem_type!r} is not supported "
@@ -84,8 +84,20 @@ def bert_config_from_args(args: ModelArgs, tf: Any) -> Any:
         max_position_embeddings=args.max_seq_len, type_vocab_size=args.type_vocab_size,
         initializer_range=args.init_std, layer_norm_eps=args.norm_eps,
         tie_word_embeddings=args.tie_embeddings, num_labels=max(args.num_labels, 2),
-        architectures=["BertForSequenceClassification" if args.num_labels else
-                       "BertForMaskedLM"])
+        architectures=[class_name(args)])
+
+
+def is_classifier(config: Any, model: Any = None) -> bool:
+    """A sequence classifier (not a masked LM): ``model``'s class when given (an in-memory
+    model may carry no ``architectures``), else the config's ``architectures``."""
+    if model is not None:
+        return type(model).__name__.endswith("ForSequenceClassification")
+    return any("SequenceClassification" in a for a in (config.architectures or []))
+
+
+def class_name(args: ModelArgs) -> str:
+    """The transformers class holding a bert model of ``args``."""
+    return "BertForSequenceClassification" if args.num_labels else "BertForMaskedLM"
 
 
 def _names(args: ModelArgs) -> Dict[str, str]:

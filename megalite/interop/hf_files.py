@@ -22,9 +22,10 @@ from megalite.interop.full_state import (CheckpointReadError, FullState, full_sh
 from megalite.interop.hf import (_transformers, args_from_hf_config, hf_config_from_args,
                                  hf_sources, megalite_sources, rope_fields)
 from megalite.interop.hf_tokenizer import kept_hf_files, write_hf_tokenizer
+from megalite.models import DTYPES as _ALL_DTYPES
 from megalite.models import ModelArgs
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DTYPES = {k: _ALL_DTYPES[k] for k in ("fp32", "bf16")}  # what ``convert --dtype`` offers
 INDEX = "model.safetensors.index.json"
 
 

@@ -4,15 +4,15 @@ keeps this rank's slice, so a rank holds one full tensor at a time beyond its ow
 optimizer starts fresh."""
 from __future__ import annotations
 
-import os
 import sys
 from dataclasses import asdict
 from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 
+from megalite import models
 from megalite.interop.full_state import FullState, load_full_model_state
-from megalite.models import SAME_MODEL_FIELDS, ModelArgs
+from megalite.models import ModelArgs
 from megalite.models.transformer import init_tensor
 
 
@@ -21,24 +21,22 @@ class InitFromError(ValueError):
     """The init_from source cannot start this run (one line, naming fields and the fix)."""
 
 
-def read_source(spec: str) -> Tuple[ModelArgs, FullState]:
-    """The model args and full tensors named by ``checkpoint.init_from``."""
+def read_source(spec: str) -> Tuple[ModelArgs, FullState, Optional[str]]:
+    """(model args, full tensors read lazily, tokenizer.json path or None) of the source named
+    by ``checkpoint.init_from`` (or ``megalite finetune --init_from``): ``hf:DIR`` or a megalite
+    checkpoint."""
     if spec.startswith("hf:"):
         from megalite.interop.hf_files import read_hf_dir
 
-        args, state, _ = read_hf_dir(spec[3:])
-        return args, state
-    args, state, _ = load_full_model_state(spec)
-    return args, state
+        args, state, files = read_hf_dir(spec[3:])
+        return args, state, files.get("tokenizer.json")
+    return load_full_model_state(spec)
 
 
 def model_differences(source: ModelArgs, here: ModelArgs) -> str:
     """``model.f=ours (source: theirs)`` for every differing field, '' when the same model."""
-    names = SAME_MODEL_FIELDS + (("max_seq_len",) if not here.is_llama else ())
-    if here.num_labels:  # a classifier has no decoder to tie, whatever its source had
-        names = tuple(n for n in names if n != "tie_embeddings")
-    a, b = asdict(source), asdict(here)
-    return ", ".join(f"model.{n}={b[n]} (source: {a[n]})" for n in names if a[n] != b[n])
+    return ", ".join(f"model.{n}={ours} (source: {theirs})"
+                     for n, theirs, ours in models.model_differences(asdict(source), asdict(here)))
 
 
 def source_tokenizer(spec: str) -> Optional[Dict[str, Any]]:
@@ -53,15 +51,17 @@ def source_tokenizer(spec: str) -> Optional[Dict[str, Any]]:
 
 
 def initial_values(spec: str, args: ModelArgs, tokenizer: Optional[Dict[str, Any]] = None,
-                   seed: int = 0) -> Callable[[str, torch.Size], torch.Tensor]:
+                   seed: int = 0, verbose: bool = True
+                   ) -> Callable[[str, torch.Size], torch.Tensor]:
     """``build_model``'s ``values``: parameter name -> its full fp32 value from ``spec``.
     ``tokenizer``: this run's fingerprint (``checkpoint.files.tokenizer_fingerprint``), refused
     when a megalite checkpoint source was trained with another. A classifier's pooler and
-    classifier missing there are drawn from ``seed`` (and said so)."""
+    classifier missing there are drawn from ``seed`` (and said so on stderr when ``verbose``:
+    the caller's rank 0)."""
     from megalite.checkpoint.files import tokenizer_differences
 
     try:
-        source, state = read_source(spec)
+        source, state, _ = read_source(spec)
         saved = source_tokenizer(spec) if tokenizer is not None else None
     except ValueError as e:
         raise InitFromError(f"checkpoint.init_from={spec}: {e}") from None
@@ -79,7 +79,7 @@ def initial_values(spec: str, args: ModelArgs, tokenizer: Optional[Dict[str, Any
 
     have = set(state)
     fresh = sorted(n for n in _head_names(args) if n not in have)
-    if fresh and os.environ.get("RANK", "0") == "0":  # an MLM source has no classifier
+    if fresh and verbose:  # an MLM source has no classifier
         print(f"checkpoint.init_from={spec}: {', '.join(fresh)} not in the source: "
               "seed-initialised", file=sys.stderr, flush=True)
 

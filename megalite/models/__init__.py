@@ -1,7 +1,7 @@
 """Model construction: resolve the config, build on the meta device, draw weights from the seed."""
 from __future__ import annotations
 
-from typing import Callable, Optional, Tuple
+from typing import Any, Callable, List, Mapping, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -13,7 +13,12 @@ from megalite.models.transformer import (TIED_WEIGHTS, CausalLM, KVCache, ModelA
 from megalite.parallel.params import ParamTable
 
 __all__ = ["CausalLM", "KVCache", "ModelArgs", "build_model", "resolve_model_args", "lm_loss",
-           "num_params", "flops_per_token", "init_weights", "SAME_MODEL_FIELDS"]
+           "num_params", "flops_per_token", "init_weights", "SAME_MODEL_FIELDS",
+           "same_model_fields", "model_differences", "DTYPES"]
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+"""A dtype by the short name train.precision and ``convert --dtype`` use (torch's own name,
+as ``serve --dtype`` takes it, is ``str(dtype)[6:]``)."""
 
 # Fields that change the weights' shapes or meaning: resume and checkpoint.init_from refuse a
 # source that differs in one (GPT-2's max_seq_len too: its position table). Kernels, dropout,
@@ -21,6 +26,25 @@ __all__ = ["CausalLM", "KVCache", "ModelArgs", "build_model", "resolve_model_arg
 SAME_MODEL_FIELDS = ("family", "num_layers", "hidden_size", "num_heads", "num_kv_heads",
                      "ffn_hidden_size", "vocab_size", "tie_embeddings", "norm_eps", "rope_theta",
                      "rope_scaling")
+_OLDER = {"num_labels": 0, "rope_scaling": None}  # what sources written before them hold
+
+
+def same_model_fields(family: str, num_labels: int = 0) -> Tuple[str, ...]:
+    """The fields a source must share with a model of ``family`` (``SAME_MODEL_FIELDS``; a
+    learned position table's ``max_seq_len`` too, all but llama's); a classifier has no decoder
+    to tie, whatever its source had."""
+    names = SAME_MODEL_FIELDS + (() if family == "llama" else ("max_seq_len",))
+    return tuple(n for n in names if not (num_labels and n == "tie_embeddings"))
+
+
+def model_differences(source: Mapping[str, Any], here: Mapping[str, Any],
+                      extra: Tuple[str, ...] = ()) -> List[Tuple[str, Any, Any]]:
+    """(field, source's, ours) for each of ``same_model_fields`` (and ``extra``) that differs;
+    ``source`` and ``here`` are ``asdict(ModelArgs)`` (a field missing in an older source's
+    record counts as its value before the field existed)."""
+    names = same_model_fields(here["family"], here.get("num_labels", 0)) + extra
+    theirs = {n: source.get(n, _OLDER.get(n)) for n in names}
+    return [(n, theirs[n], here.get(n)) for n in names if theirs[n] != here.get(n)]
 
 
 def resolve_model_args(cfg: ModelConfig, vocab_size: Optional[int] = None,

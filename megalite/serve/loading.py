@@ -11,9 +11,10 @@ from typing import Any, Dict, Optional
 
 import torch
 
+from megalite import models
 from megalite.models import CausalLM
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {str(d).split(".")[-1]: d for d in models.DTYPES.values()}  # torch's names: float32
 
 
 class LoadError(ValueError):
@@ -53,13 +54,14 @@ def _load_megalite(spec: str, device: str, dtype: torch.dtype) -> Loaded:
     from megalite.trainer.inference import load_for_inference, resolve_checkpoint
 
     path = resolve_checkpoint(spec)
-    args = model_args_from(checkpoint.read_meta(path), os.path.join(path, "meta.json"))
+    meta = checkpoint.read_meta(path)
+    args = model_args_from(meta, os.path.join(path, "meta.json"))
     problem = decoder_problem(args, spec)
     if problem:
         raise LoadError(problem)
     if not os.path.isfile(os.path.join(path, "tokenizer.json")):
         raise LoadError(f"{path}: no tokenizer.json; this checkpoint cannot turn text into ids")
-    model, tokenizer = load_for_inference(path, device)
+    model, tokenizer = load_for_inference(path, device, meta)
     template, special = _tokenizer_config(os.path.join(path, "tokenizer_config.json"))
     return Loaded(model.to(dtype).eval(), tokenizer, _name(spec), template, special)
 

@@ -12,9 +12,11 @@ Layout of ``CKPT_DIR/step_00000100/`` (format 2):
   config and model, layout, the run's id (``checkpoint.keep`` prunes only its own run's
   checkpoints), the tokenizer's fingerprint (kind, vocabulary size, end-of-document id,
   SHA-256 of its file: resuming or ``init_from`` with another is refused), ``files`` (size
-  and CRC-32 of each file), ``items`` (CRC-32 of each stored tensor item) and ``blocks``
-  (per item: where its raw bytes start and a CRC-32 per block of them — a rank reads and
-  checks only the blocks its boxes need). No pickled item exists in the DCP state.
+  and CRC-32 of each file), ``blocks`` (per stored tensor item: where its raw bytes start and
+  a CRC-32 per block of them — a rank reads and checks only the blocks its boxes need) and
+  ``items`` (the CRC-32 of each item without a block record, read and checked whole;
+  checkpoints saved before block records hold every item's). No pickled item exists in the DCP
+  state.
 - ``tokenizer.json``: the tokenizer, so generate/eval need nothing else.
 
 Format 1 (before DCP: ``model_tp{t}_pp{p}.pt`` / ``optim_tp{t}_pp{p}_dp{d}.pt`` torch.save
@@ -31,7 +33,7 @@ import errno
 import json
 import os
 import shutil
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional
 
 import torch.distributed as dist
 
@@ -40,7 +42,6 @@ from megalite.checkpoint.files import (STEP_NAME, CheckpointError, check_sizes, 
                                        remove_stale_tmp, step_dirs, tokenizer_differences,
                                        tokenizer_fingerprint, verify_all, verify_file)
 from megalite.checkpoint.files import fsync_dir, fsync_file, write_atomic
-from megalite.models import SAME_MODEL_FIELDS
 from megalite.models.transformer import TIED_WEIGHTS
 from megalite.parallel import comm
 from megalite.parallel.dims import ParallelDims
@@ -306,12 +307,3 @@ def load_sharded(path: str, meta: Dict[str, Any], entries: Dict[str, Any], group
             raise CheckpointError(f"{cause}; {_NOTHING_RUN}") from None  # DCP tells every rank
         raise
 
-
-def model_mismatch(saved_args: Dict[str, Any], args: Dict[str, Any]) -> List[Tuple[str, Any, Any]]:
-    """(field, saved, this run) for each model field that shapes the parameters and differs."""
-    fields = [*SAME_MODEL_FIELDS, "num_labels"]  # as checkpoint.init_from, and the classes
-    if args.get("family") != "llama":  # learned positions: a [max_seq_len, hidden] table
-        fields.append("max_seq_len")
-    older = {"num_labels": 0, "rope_scaling": None}  # what checkpoints written before them hold
-    saved = {k: saved_args.get(k, older.get(k)) for k in fields}
-    return [(k, saved[k], args.get(k)) for k in fields if saved[k] != args.get(k)]

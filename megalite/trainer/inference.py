@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -27,12 +27,14 @@ def resolve_checkpoint(path: str, warn=_stderr) -> str:
                             f"pointer there and in {path}/checkpoints)")
 
 
-def load_for_inference(path: str, device: str = "cpu") -> Tuple[CausalLM, object]:
-    """The whole model in one process, whatever layout trained it (shards are merged)."""
+def load_for_inference(path: str, device: str = "cpu", meta: Optional[dict] = None
+                       ) -> Tuple[CausalLM, object]:
+    """The whole model in one process, whatever layout trained it (shards are merged);
+    ``meta``: the checkpoint's meta.json when the caller has read it already."""
     from megalite.data import load_tokenizer
 
     path = resolve_checkpoint(path)
-    meta = checkpoint.read_meta(path)
+    meta = checkpoint.read_meta(path) if meta is None else meta
     args = ModelArgs(**meta["model_args"])
     model = build_model(args, seed=0, device=device)
     if checkpoint.is_sharded(meta):

@@ -18,6 +18,7 @@ from megalite.checkpoint.async_save import AsyncSaver
 from megalite.config import save_yaml
 from megalite.config.schema import Config
 from megalite.hardware import device_peak_tflops
+from megalite.models import DTYPES  # planner.dry_run reads it here too
 from megalite.models import CausalLM, build_model, flops_per_token, num_params, resolve_model_args
 from megalite.parallel import comm
 from megalite.parallel.dims import ParallelDims
@@ -35,8 +36,6 @@ from megalite.trainer.lr import train_lr
 from megalite.trainer.metrics import MetricsLogger, Timers
 from megalite.trainer.resume import ResumeError, resume_off_problem  # noqa: F401 (API)
 from megalite.zero import LossScaler, ShardedAdamW, ZeroEngine
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class TrainingDiverged(RuntimeError):
@@ -69,14 +68,15 @@ class Trainer:
     run directory — no config.yaml, no metrics.jsonl, no TensorBoard events; only ``fit``
     (train) writes there."""
 
-    def __init__(self, cfg: Config, dims: ParallelDims, read_only: bool = False):
+    def __init__(self, cfg: Config, dims: ParallelDims, read_only: bool = False,
+                 prefixes: Optional[List[str]] = None):
         self.cfg, self.dims = cfg, dims
         t, p = cfg.train, cfg.parallel
         self.mbs, self.ga, self.gbs = t.micro_batch_size, t.grad_accum, t.global_batch_size
-        # Every rank asks; the cache's file lock lets one per cache directory prepare while the
-        # others wait on the lock, not in a collective whose timeout a large corpus outlasts.
-        # (The CLI has prepared it before the process group: then this only returns the paths.)
-        self.prefixes = objective.prepare(cfg)
+        # ``prefixes``: objective.prepare's (the CLI prepares before the process group). None:
+        # every rank prepares here; the cache's file lock lets one per cache directory prepare
+        # while the others wait on it, not in a collective whose timeout a corpus outlasts.
+        self.prefixes = objective.prepare(cfg) if prefixes is None else prefixes
         self.train_ds, self.val_ds, self.tokenizer = objective.datasets(
             cfg, t.steps * self.gbs, t.eval_iters * self.gbs)
         self.tokenizer_file = objective.tokenizer_path(cfg, self.prefixes)
@@ -161,7 +161,7 @@ class Trainer:
 
         try:
             return initial_values(c.init_from, self.args, resume.fingerprint(self),
-                                  self.cfg.train.seed)
+                                  self.cfg.train.seed, verbose=self.dims.rank == 0)
         except ValueError as e:
             raise ResumeError(str(e)) from None
 

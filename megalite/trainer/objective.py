@@ -10,7 +10,6 @@ Either way the executor divides the summed loss by the loss-bearing tokens (or e
 global batch, so any micro-batch split trains the same model."""
 from __future__ import annotations
 
-import functools
 from typing import Dict, List, Optional
 
 import numpy as np
@@ -68,6 +67,7 @@ class LabelledExamples:
     def __init__(self, arrays: Dict[str, np.ndarray], seed: int, size: int, shuffle: bool):
         self.arrays, self.seed, self.size, self.shuffle = arrays, seed, size, shuffle
         self.n = len(arrays["labels"])
+        self._orders: Dict[int, np.ndarray] = {}
 
     def __len__(self) -> int:
         return self.size
@@ -78,25 +78,36 @@ class LabelledExamples:
             pos = np.array([self._order(int(e))[p] for e, p in zip(epoch, pos)], dtype=np.int64)
         return {k: torch.from_numpy(v[pos]) for k, v in self.arrays.items()}
 
-    @functools.lru_cache(maxsize=2)  # the current epoch and the next
     def _order(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, epoch]).permutation(self.n)
+        """Epoch ``epoch``'s permutation; this dataset's last two are kept (the current epoch
+        and the next: a batch may straddle them)."""
+        order = self._orders.pop(epoch, None)
+        if order is None:
+            order = np.random.default_rng([self.seed, epoch]).permutation(self.n)
+        self._orders[epoch] = order  # the most recent last
+        while len(self._orders) > 2:
+            del self._orders[next(iter(self._orders))]
+        return order
 
 
 def datasets(cfg: Config, num_train_samples: int, num_val_samples: int):
     """(train, val, tokenizer) for this run."""
     if finetuning(cfg):
         tok = load_tokenizer(cfg.data.tokenizer)
-        seq = cfg.data.seq_len
-        train = LabelledExamples(encode_examples(tok, _load(cfg, cfg.finetune.train), seq),
-                                 cfg.train.seed, num_train_samples, shuffle=True)
-        val = None
-        if cfg.finetune.eval:
-            val = LabelledExamples(encode_examples(tok, _load(cfg, cfg.finetune.eval), seq), 0,
-                                   num_val_samples, shuffle=False)  # wraps around the file
+        train = labelled_examples(cfg, tok, num_train_samples, training=True)
+        val = labelled_examples(cfg, tok, num_val_samples, training=False) \
+            if cfg.finetune.eval else None
         return train, val, tok
     build = build_mlm_datasets if masked_lm(cfg) else build_datasets
     return build(cfg.data, cfg.train.seed, num_train_samples, num_val_samples)
+
+
+def labelled_examples(cfg: Config, tokenizer, size: int, training: bool) -> LabelledExamples:
+    """``finetune.train`` (shuffled per epoch by train.seed) or ``finetune.eval`` (in file
+    order, wrapping around the file) encoded by ``tokenizer``, ``size`` samples."""
+    path = cfg.finetune.train if training else cfg.finetune.eval
+    arrays = encode_examples(tokenizer, _load(cfg, path), cfg.data.seq_len)
+    return LabelledExamples(arrays, cfg.train.seed if training else 0, size, shuffle=training)
 
 
 def batch(cfg: Config, dataset, step: int, micro: int, dp_rank: int, micro_batch_size: int,

@@ -10,8 +10,10 @@ from typing import Optional
 import torch
 
 from megalite.checkpoint.async_save import staged
+from megalite.models import model_differences
 from megalite.trainer import checkpoint, objective
 from megalite.zero import state as shard_state
+from megalite.zero.optimizer import publish_masters
 
 
 class ResumeError(ValueError):
@@ -61,7 +63,7 @@ def maybe_resume(t) -> None:
             f"with its tokenizer (--data.tokenizer={path}/tokenizer.json, the data prepared "
             "with it), or give this run its own --run.dir (checkpoint.init_from needs the "
             "same tokenizer too)")
-    differ = checkpoint.model_mismatch(meta.get("model_args", {}), asdict(t.args))
+    differ = model_differences(meta.get("model_args", {}), asdict(t.args), ("num_labels",))
     if differ:
         raise ResumeError(
             f"checkpoint.resume: {path} holds another model: "
@@ -132,25 +134,20 @@ def _resume_format1(t, path: str, meta: dict) -> None:
 def load_weights(t, path: str) -> None:
     """Model weights only (eval), from a checkpoint of any layout: the fp32 masters, read into
     this rank's owned parameter shards (through an fp32 buffer when the parameters are 16-bit)
-    and published. No optimizer state is read or allocated: a read-only Trainer has no
-    optimizer."""
+    and published as the optimizer publishes its own (``publish_masters``). No optimizer state
+    is read or allocated: a read-only Trainer has no optimizer."""
     engine = t.engine
-    owned = [g.owned() for g in engine.groups]
-    fp32 = [o if o.dtype == torch.float32 else torch.empty(o.shape, device=o.device)
-            for o in owned]
+    masters = [o if o.dtype == torch.float32 else torch.empty(o.shape, device=o.device)
+               for o in (g.owned() for g in engine.groups)]
     meta = checkpoint.read_meta(path)
+    values = None
     if not checkpoint.is_sharded(meta):
         values = checkpoint.load_shard(path, t.dims, meta)["model"]
-        for g, buf in zip(engine.groups, fp32):
-            buf.copy_(engine.owned_slice(g, values))
     else:
-        masters = {"master": shard_state.entries(engine, fp32)}
         checkpoint.load_sharded(path, meta, checkpoint.state_entries(
-            engine.table, masters, kinds=("master",)), t.dims.world_group)
-    for shard, buf in zip(owned, fp32):
-        if buf is not shard:
-            shard.copy_(buf)
-    engine.publish()
+            engine.table, {"master": shard_state.entries(engine, masters)}, kinds=("master",)),
+            t.dims.world_group)
+    publish_masters(engine, masters, values)
 
 
 def save_checkpoint(t) -> str:
