@@ -137,8 +137,9 @@ def load_weights(t, path: str) -> None:
     and published as the optimizer publishes its own (``publish_masters``). No optimizer state
     is read or allocated: a read-only Trainer has no optimizer."""
     engine = t.engine
+    owned = [g.owned() for g in engine.groups]
     masters = [o if o.dtype == torch.float32 else torch.empty(o.shape, device=o.device)
-               for o in (g.owned() for g in engine.groups)]
+               for o in owned]
     meta = checkpoint.read_meta(path)
     values = None
     if not checkpoint.is_sharded(meta):
@@ -147,7 +148,7 @@ def load_weights(t, path: str) -> None:
         checkpoint.load_sharded(path, meta, checkpoint.state_entries(
             engine.table, {"master": shard_state.entries(engine, masters)}, kinds=("master",)),
             t.dims.world_group)
-    publish_masters(engine, masters, values)
+    publish_masters(engine, masters, [m is o for m, o in zip(masters, owned)], values)
 
 
 def save_checkpoint(t) -> str:

@@ -36,19 +36,19 @@ from megalite.zero.engine import ZeroEngine
 
 @torch.no_grad()
 def publish_masters(engine: ZeroEngine, masters: Sequence[torch.Tensor],
-                    values: Optional[Dict[str, torch.Tensor]] = None,
+                    aliased: Sequence[bool], values: Optional[Dict[str, torch.Tensor]] = None,
                     non_blocking: bool = False) -> None:
     """The model takes its fp32 master shards (one per flat group): with ``values`` (full
     per-parameter tensors) each master is first filled with this rank's slice of them; each is
-    then cast into its owned parameter shard (nothing to cast where the master *is* that shard)
-    and ``ZeroEngine.publish`` spreads the shards. The optimizer's update and loads, and eval's
-    weights-only load (no optimizer), all end here."""
-    for g, master in zip(engine.groups, masters):
+    then cast into its owned parameter shard (nothing to cast where ``aliased``: the master
+    *is* that shard — fp32, not offloaded; said, not found by data pointers, which fake
+    tensors do not have) and ``ZeroEngine.publish`` spreads the shards. The optimizer's update
+    and loads, and eval's weights-only load (no optimizer), all end here."""
+    for g, master, same in zip(engine.groups, masters, aliased):
         if values is not None:
             master.copy_(engine.owned_slice(g, values))
-        owned = g.owned()
-        if master.data_ptr() != owned.data_ptr():  # the same memory: fp32 and not offloaded
-            owned.copy_(master, non_blocking=non_blocking)
+        if not same:
+            g.owned().copy_(master, non_blocking=non_blocking)
     engine.publish()
 
 
@@ -164,7 +164,7 @@ class ShardedAdamW:
         for segs in self.segments:
             for view in segs:
                 view.grad = None
-        publish_masters(self.engine, self.masters, non_blocking=True)
+        publish_masters(self.engine, self.masters, self.aliased, non_blocking=True)
 
     # ---- accounting and state ---------------------------------------------------------------
     def memory(self) -> Dict[str, int]:
@@ -202,7 +202,7 @@ class ShardedAdamW:
         for segs in self.segments:
             for v in segs:
                 self.opt.state[v]["step"].fill_(float(state["step"]))
-        publish_masters(self.engine, self.masters)
+        publish_masters(self.engine, self.masters, self.aliased)
 
     def _ensure_moments(self) -> None:
         """AdamW creates its state at the first step; create it (zeros) for state I/O."""
@@ -225,7 +225,7 @@ class ShardedAdamW:
     def load(self, values: Dict[str, torch.Tensor], state: Optional[Dict]) -> None:
         """Restore fp32 master weights from full per-parameter ``values`` (the parameters
         follow them) and, when given, the AdamW moments of this rank's segments."""
-        publish_masters(self.engine, self.masters, values)
+        publish_masters(self.engine, self.masters, self.aliased, values)
         if state is not None:
             self.opt.load_state_dict(state)
             for group in self.opt.param_groups:  # a checkpoint's groups replace ours: keep
