@@ -476,6 +476,7 @@ BAD = [
     ({"data": {"split": "0,100"}}, "data.split", "0,100"),
     ({"data": {"split": "abc"}}, "data.split", "abc"),
     ({"data": {"tokenizer": "bpe:100"}}, "data.tokenizer", "bpe:100"),
+    ({"data": {"tokenizer": "bpe:257"}}, "data.tokenizer", "bpe:257"),  # no room for a merge
     ({"data": {"tokenizer": "sentencepiece"}}, "data.tokenizer", "sentencepiece"),
     ({"data": {"stdlib_max_bytes": 0}}, "data.stdlib_max_bytes", "0"),
     ({"data": {"num_workers": 0}}, "data.num_workers", "0"),

@@ -16,6 +16,7 @@ from .schema import Config, parse_rope_scaling
 
 _TOKENIZER_RE = re.compile(r"^(bytes|bpe:(\d+)|wordpiece:(\d+)|.+\.json)$")
 MIN_WORDPIECE_VOCAB = 64
+MIN_BPE_VOCAB = 258  # 256 bytes + <|endoftext|> + at least one merge
 """The smallest ``wordpiece:N``: 5 specials + the alphabet + pieces (data.tokenizer trains it)."""
 
 
@@ -331,10 +332,10 @@ def _check_data(cfg: Config, err: _Errors) -> None:
         elif any(w <= 0 for w in d.weights):
             err.add("data.weights", d.weights, "every weight must be positive")
     match = _TOKENIZER_RE.match(d.tokenizer)
-    if not match or (match.group(2) is not None and int(match.group(2)) < 257) or (
+    if not match or (match.group(2) is not None and int(match.group(2)) < MIN_BPE_VOCAB) or (
             match.group(3) is not None and int(match.group(3)) < MIN_WORDPIECE_VOCAB):
         err.add("data.tokenizer", d.tokenizer,
-                "must be `bytes`, `bpe:N` with N >= 257, `wordpiece:N` with N >= "
+                f"must be `bytes`, `bpe:N` with N >= {MIN_BPE_VOCAB}, `wordpiece:N` with N >= "
                 f"{MIN_WORDPIECE_VOCAB}, or a tokenizer .json path")
     err.check(d.stdlib_max_bytes > 0, "data.stdlib_max_bytes", d.stdlib_max_bytes,
               "must be positive")

@@ -17,7 +17,7 @@ from typing import Iterable, Iterator, List, Optional, Tuple
 
 import numpy as np
 
-from ..config.validate import MIN_WORDPIECE_VOCAB
+from ..config.validate import MIN_BPE_VOCAB, MIN_WORDPIECE_VOCAB
 from .inputs import DataError
 
 EOD_CANDIDATES = ("<|endoftext|>", "</s>", "<eos>", "[SEP]")
@@ -153,9 +153,9 @@ def parse_spec(spec: str) -> Tuple[str, object]:
     m = re.fullmatch(r"bpe:(\d+)", s)
     if m:
         vocab = int(m.group(1))
-        if vocab < 258:
+        if vocab < MIN_BPE_VOCAB:
             raise DataError(f"bad tokenizer spec {spec!r}: a byte-level BPE needs a vocab of at "
-                             "least 258 (256 bytes + <|endoftext|> + one merge)")
+                             f"least {MIN_BPE_VOCAB} (256 bytes + <|endoftext|> + one merge)")
         return "bpe", vocab
     m = re.fullmatch(r"wordpiece:(\d+)", s)
     if m:
