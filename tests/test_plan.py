@@ -272,7 +272,8 @@ def test_tp_collectives_exposed_by_hand():
 
     def exposed(schedule, sp, intra_gbs):
         cfg, _ = parse_args(["--config", os.path.join(REPO, "configs", "llama-7b.yaml"),
-                             "--parallel.dp=1", "--parallel.pp=2", f"--parallel.schedule={schedule}",
+                             "--parallel.dp=1", "--parallel.pp=2",
+                             f"--parallel.schedule={schedule}",
                              f"--parallel.sequence_parallel={str(sp).lower()}",
                              "--train.micro_batch_size=1", "--data.seq_len=4096"],
                             verbose=False, world_size=16)

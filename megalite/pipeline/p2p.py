@@ -81,8 +81,9 @@ class P2P:
     ``wait()``: torch keeps a sent tensor alive until then. On CPU ``wait()`` blocks, so a send
     is waited for once ``is_completed()`` says it is done (polled at every transfer) or when
     the step ends — and gloo's send works report done only after ``wait()`` (measured, torch
-    2.13), so on CPU a step keeps its sent activations until its end. On CUDA (``stream_ordered``) ``wait()`` only makes later work wait for the
-    send, and the memory is reused in stream order; but waiting for a send at once, or at the
+    2.13), so on CPU a step keeps its sent activations until its end. On CUDA
+    (``stream_ordered``) ``wait()`` only makes later work wait for the send, and the memory is
+    reused in stream order; but waiting for a send at once, or at the
     very next receive, makes this rank's later transfers wait for the peer to reach its
     receive, and the interleaved schedule stalls (the replay shows it). So a send is waited for
     at the second receive posted after it, which the replay shows never stalls.

@@ -97,7 +97,8 @@ def peak_micro_batches(schedule: str, pp: int, ga: int, pp_rank: int, v: int) ->
     weight passes) as the full step's — warm-up plus a steady pair for 1F1B, every one for
     GPipe — plus two steady micro-batches more: a sent activation's values are freed only at
     the second receive posted after its send (``p2p.P2P``'s CUDA rule, which the dry run
-    follows), so a stage's peak settles a little after the in-flight count does. Interleaved counts go in multiples of pp."""
+    follows), so a stage's peak settles a little after the in-flight count does. Interleaved
+    counts go in multiples of pp."""
     from megalite.planner.memory import live_states
 
     if pp == 1:
