@@ -388,3 +388,37 @@ def test_zero1_parameter_gather_waits_by_hand():
     params = sum(n for unit in stage_units(cfg, args, 0) for _, n in unit)
     gather = 7 / 8 * params * 2 / (gpu.intra_gbs * 1e9 * model.COMM_EFFICIENCY)
     assert out[0] == 0.0 and out[1] == pytest.approx(gather, rel=1e-9), (out, gather)
+
+
+def test_explain_prints_each_term_with_its_formula():
+    """`megalite plan --layout ... --explain`: every memory term, adding up to the peak; every
+    step-time term with the formula and numbers it came from (compute = micro-batches x the
+    per-micro-batch seconds shown), adding up to the step; the same figures as --json."""
+    import re
+
+    layout = "dp=2,tp=2,pp=2,schedule=zb-h1,zero=3,mbs=1,recompute=full"
+    args = ["--gpus", "8", "--layout", layout, *LLAMA_7B]
+    code, text, err = plan(*args, "--explain")
+    assert code == 0, err
+    _, js, _ = plan(*args, "--json")
+    row = js["layouts"][0]
+    explained = text[text.index("explain "):]
+    mem, time_part = explained.split("  step time (s):")
+    terms = [float(v) for v in re.findall(r"^    .+: ([\d.]+)$", mem, re.M)]
+    total = float(re.search(r"= ([\d.]+) GiB", mem).group(1))
+    assert sum(terms) == pytest.approx(total, abs=0.01)
+    assert total == pytest.approx(row["memory"]["total"] / GIB, abs=1e-3)
+    lines = [ln for ln in time_part.splitlines() if re.match(r"^    [a-z].+: [\d.]+", ln)]
+    assert len(lines) == len(row["time"]) - 1, lines  # every term but the total
+    seconds = {}
+    for ln in lines:
+        name, rest = ln.strip().split(": ", 1)
+        value = float(rest.split()[0])
+        seconds[name] = value
+        assert value == pytest.approx(row["time"][name], abs=1e-4), name
+        assert value == 0 or "  = " in rest, ln  # a formula for every nonzero term
+    compute = "compute (roofline, all micro-batches)"
+    line = next(ln for ln in lines if ln.strip().startswith(compute))
+    m, per_mb = re.search(r"= (\d+) x ([\d.e+-]+) s;", line).groups()
+    assert int(m) * float(per_mb) == pytest.approx(seconds[compute], rel=1e-3)
+    assert sum(seconds.values()) == pytest.approx(row["time"]["total"], abs=1e-3)

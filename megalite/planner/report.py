@@ -14,6 +14,7 @@ from megalite.config.validate import ConfigError
 from megalite.planner.memory import ACTIVATIONS, STATES, TEMPORARIES, term_bytes
 from megalite.planner.search import (Candidate, configure, evaluate, parse_layout, search,
                                      variant)
+from megalite.planner.time import step_time
 
 GIB = 2**30
 
@@ -114,7 +115,7 @@ def run_plan(argv: List[str], opts: Dict[str, str], flags: Set[str], gpus: int, 
         print(f"does not fit: {ok[0].reason}")
     _reasons(rejected)
     if "--explain" in flags and ok:
-        _explain(ok[0], rate(ok[0]), fpt)
+        _explain(ok[0], rate(ok[0]), fpt, args, gpu, per_node)
     return 0
 
 
@@ -156,7 +157,7 @@ def _reasons(rejected: List[Candidate]) -> None:
         print(f"  {len(cs)} {kind}: e.g. {examples}")
 
 
-def _explain(c: Candidate, r: Dict[str, float], fpt: float) -> None:
+def _explain(c: Candidate, r: Dict[str, float], fpt: float, args, gpu, per_node: int) -> None:
     print(f"\nexplain {c.name()} (pipeline rank {c.pp_rank} peaks):")
     print("  memory per GPU (GiB):")
     for k, v in c.memory.items():
@@ -164,8 +165,10 @@ def _explain(c: Candidate, r: Dict[str, float], fpt: float) -> None:
             print(f"    {k}: {v / GIB:.3f}")
     print(f"    = {c.memory['total'] / GIB:.3f} GiB")
     print("  step time (s):")
+    how: Dict[str, str] = {}
+    step_time(c.cfg, args, gpu, per_node, how)
     for k, v in c.time.items():
         if k != "total":
-            print(f"    {k}: {v:.4f}")
+            print(f"    {k}: {v:.4f}" + (f"  = {how[k]}" if k in how else ""))
     print(f"    = {c.time['total']:.4f} s; {fpt / 1e9:.1f} GFLOP/token (6 x params + 12 x layers "
           f"x hidden x seq) -> {r['tokens_per_s']:,.0f} tokens/s, MFU {r['mfu']:.1%}")

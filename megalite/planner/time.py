@@ -30,7 +30,7 @@ parameter (memory-bound); offloaded, 2 x PCIe copies and the host's update.
 """
 from __future__ import annotations
 
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 
@@ -182,8 +182,10 @@ def _tp_exposed(cfg: Config, args, gpu: GPUSpec, gpus_per_node: int) -> float:
     return exposed
 
 
-def step_time(cfg: Config, args, gpu: GPUSpec, gpus_per_node: int) -> Dict[str, float]:
-    """Named seconds of one optimizer step of ``cfg``'s layout, ``total`` their sum."""
+def step_time(cfg: Config, args, gpu: GPUSpec, gpus_per_node: int,
+              how: Optional[Dict[str, str]] = None) -> Dict[str, float]:
+    """Named seconds of one optimizer step of ``cfg``'s layout, ``total`` their sum; ``how``,
+    when given, receives each term's formula with its numbers (``megalite plan --explain``)."""
     p, t = cfg.parallel, cfg.train
     tp, pp, dp, v = p.tp, p.pp, p.dp, p.virtual_stages
     b, s, h = t.micro_batch_size, cfg.data.seq_len, args.hidden_size
@@ -234,4 +236,44 @@ def step_time(cfg: Config, args, gpu: GPUSpec, gpus_per_node: int) -> Dict[str, 
     else:
         out["optimizer step"] = shard * 36 / (gpu.hbm_gbs * 1e9 * HBM_EFFICIENCY)
     out["total"] = sum(out.values())
+    if how is not None:
+        peak = gpu.peak_tflops(t.precision)
+        link = lambda gbs: f"{gbs:g} GB/s x {COMM_EFFICIENCY}"  # noqa: E731
+        how["compute (roofline, all micro-batches)"] = (
+            f"{m} micro-batches x ({mm + head:.4g} matmul FLOP / ({peak:g} TFLOP/s x "
+            f"{MATMUL_EFFICIENCY}) + {other + b * head_b / tp:.4g} other-op bytes / "
+            f"({gpu.hbm_gbs:g} GB/s x {HBM_EFFICIENCY}) + {attn:.4g} attention FLOP / "
+            f"({peak:g} TFLOP/s x {ATTENTION_EFFICIENCY})) = {m} x {t_mb:.4g} s; "
+            f"{layers:g} layers{f' + {full:g} recomputed' if full else ''}")
+        if tp > 1:
+            coll = _tp_collective(cfg, args, gpu, gpus_per_node)
+            how["tensor-parallel collectives (exposed)"] = (
+                f"{m} x ({layers:g} blocks x {_tp_exposed(cfg, args, gpu, gpus_per_node):.4g}"
+                f" s exposed{f' + {full:g} recomputed x 2 collectives' if full else ''}); one "
+                f"collective "
+                f"of {b * s * h * e / 2**20:.4g} MiB over tp {tp} at "
+                f"{link(gpu.intra_gbs if tp <= gpus_per_node else gpu.inter_gbs)}: "
+                f"{coll:.4g} s")
+        if pp > 1:
+            how["pipeline bubble"] = (f"{bubble_slots:.4g} slots (pp-1 = {pp - 1}"
+                                      f"{' / v' if p.schedule == 'interleaved' else ''}"
+                                      f"{' / 3' if p.schedule == 'zb-h1' else ''}) x "
+                                      f"{slot:.4g} s per micro-batch slot")
+        if dp > 1:
+            rule = {0: f"gradient all-reduce {2 * half:.4g} s hides under the last "
+                       f"micro-batch's backward ({backward_mb:.4g} s)",
+                    3: f"per micro-batch a gradient reduce-scatter {half:.4g} s and "
+                       f"{2 if pp == 1 else 1} parameter all-gather(s) of {gather:.4g} s hide "
+                       f"under its forward + backward ({t_mb:.4g} s); the step's first "
+                       "gather waits"}.get(p.zero_stage,
+                f"gradient reduce-scatter {half:.4g} s hides under "
+                f"{'each' if sharded else 'the last'} micro-batch's backward "
+                f"({backward_mb:.4g} s); the parameter all-gather after the step "
+                f"({gather:.4g} s) waits")
+            how["data-parallel / ZeRO collectives (exposed)"] = (
+                f"ZeRO-{p.zero_stage} over dp {dp} at {link(dp_bw)}: {rule}")
+        how[next(k for k in out if k.startswith("optimizer step"))] = (
+            f"{shard:.4g} owned parameters x 36 B of AdamW traffic"
+            + (f" on the host ({HOST_ADAM_GBS:g} GB/s) + copies over PCIe ({PCIE_GBS:g} GB/s)"
+               if p.offload_optimizer else f" / ({gpu.hbm_gbs:g} GB/s x {HBM_EFFICIENCY})"))
     return out
