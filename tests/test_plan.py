@@ -52,6 +52,13 @@ def test_flat_groups_and_schedule_states_by_hand():
     assert max(states) == (11, 0, 8, 3) and max(st[2] for st in states) == 8, states
     assert max(st[3] for st in live_states("interleaved", 4, 8, 3, 2)) == 1
     assert all(st[0] == st[2] == st[3] for st in live_states("gpipe", 4, 8, 2, 1))
+    # the planner's live count is the executor's (schedules.max_in_flight, which
+    # tests/test_pipeline.py holds the real step to) for every schedule and rank
+    from megalite.pipeline import schedules
+    for name, v in (("gpipe", 1), ("1f1b", 1), ("zb-h1", 1), ("interleaved", 2)):
+        for r in range(4):
+            assert top(name, 4, 8, r, v) == schedules.max_in_flight(
+                schedules.build(name, 4, 8, r, v)), (name, r)
     # the dry run's micro-batch count: 1 without a pipeline, warm-up + 2 more with, all GPipe's
     assert peak_micro_batches("1f1b", 1, 64, 0, 1) == 1
     assert peak_micro_batches("1f1b", 4, 32, 0, 1) == 6

@@ -159,9 +159,10 @@ Ranks every dp x tp x pp / schedule / ZeRO / offload / micro-batch / recompute l
 that the config validation accepts by predicted step time, among those whose predicted peak
 memory per GPU fits in --memory-fraction of the GPU (megalite/planner/). GPU presets: {gpus}.
 A custom GPU: all five --gpu-* numbers (--gpu-tflops: the dense peak at the config's
-train.precision). An fp32 run is planned at the FP32 peak, as the trainer runs it (TF32 off). --layout evaluates one layout (keys dp, tp, pp, v,
-schedule, mbs, zero, offload, recompute); --explain prints every term of the best (or that)
-layout; --confirm K runs the dry run (megalite train --dry_run) of the top K on fake tensors."""
+train.precision). An fp32 run is planned at the FP32 peak, as the trainer runs it (TF32 off).
+--layout evaluates one layout (keys dp, tp, pp, v, schedule, mbs, zero, offload, recompute);
+--explain prints every term of the best (or that) layout, each step-time term with its formula;
+--confirm K runs the dry run (megalite train --dry_run) of the top K on fake tensors."""
 
 PLAN_FLAGS = ("--gpus", "--gpus-per-node", "--gpu", "--tokens", "--seq_len",
               "--global_batch_tokens", "--top", "--layout", "--confirm", "--memory-fraction",

@@ -198,15 +198,15 @@ def step_time(cfg: Config, args, gpu: GPUSpec, gpus_per_node: int,
     selective = layers if cfg.model.recompute == "selective" else 0.0  # core attention again
     # one micro-batch through this rank's layers: matmuls + other ops (roofline), attention
     # (fwd + bwd = 3 forwards; a recomputed forward adds one)
-    mm = (layers + full / 3) * b * blk_f / tp
-    other = (layers + full / 3) * b * blk_b / tp
+    matmul = ((layers + full / 3) * blk_f + head_f) * b / tp
+    other = ((layers + full / 3) * blk_b + head_b) * b / tp
     attn = (3 * layers + full + selective) * attn_fwd
-    head = b * head_f / tp
-    t_mb = (_roofline(mm + head, other + b * head_b / tp, gpu, t.precision)
+    t_mb = (_roofline(matmul, other, gpu, t.precision)
             + attn / (gpu.peak_tflops(t.precision) * 1e12 * ATTENTION_EFFICIENCY))
     # a recomputed forward repeats its two row-parallel collectives (SP: and the gathers)
-    tp_mb = layers * _tp_exposed(cfg, args, gpu, gpus_per_node) + full * 2 * _tp_collective(
-        cfg, args, gpu, gpus_per_node)
+    coll, per_block = (_tp_collective(cfg, args, gpu, gpus_per_node),
+                       _tp_exposed(cfg, args, gpu, gpus_per_node))
+    tp_mb = layers * per_block + full * 2 * coll
     slot = t_mb + tp_mb
     bubble_slots = (pp - 1) * {"interleaved": 1 / v, "zb-h1": 1 / 3}.get(p.schedule, 1.0)
     out = {"compute (roofline, all micro-batches)": m * t_mb,
@@ -240,17 +240,15 @@ def step_time(cfg: Config, args, gpu: GPUSpec, gpus_per_node: int,
         peak = gpu.peak_tflops(t.precision)
         link = lambda gbs: f"{gbs:g} GB/s x {COMM_EFFICIENCY}"  # noqa: E731
         how["compute (roofline, all micro-batches)"] = (
-            f"{m} micro-batches x ({mm + head:.4g} matmul FLOP / ({peak:g} TFLOP/s x "
-            f"{MATMUL_EFFICIENCY}) + {other + b * head_b / tp:.4g} other-op bytes / "
+            f"{m} micro-batches x ({matmul:.4g} matmul FLOP / ({peak:g} TFLOP/s x "
+            f"{MATMUL_EFFICIENCY}) + {other:.4g} other-op bytes / "
             f"({gpu.hbm_gbs:g} GB/s x {HBM_EFFICIENCY}) + {attn:.4g} attention FLOP / "
             f"({peak:g} TFLOP/s x {ATTENTION_EFFICIENCY})) = {m} x {t_mb:.4g} s; "
             f"{layers:g} layers{f' + {full:g} recomputed' if full else ''}")
         if tp > 1:
-            coll = _tp_collective(cfg, args, gpu, gpus_per_node)
             how["tensor-parallel collectives (exposed)"] = (
-                f"{m} x ({layers:g} blocks x {_tp_exposed(cfg, args, gpu, gpus_per_node):.4g}"
-                f" s exposed{f' + {full:g} recomputed x 2 collectives' if full else ''}); one "
-                f"collective "
+                f"{m} x ({layers:g} blocks x {per_block:.4g} s exposed"
+                f"{f' + {full:g} recomputed x 2 collectives' if full else ''}); one collective "
                 f"of {b * s * h * e / 2**20:.4g} MiB over tp {tp} at "
                 f"{link(gpu.intra_gbs if tp <= gpus_per_node else gpu.inter_gbs)}: "
                 f"{coll:.4g} s")
