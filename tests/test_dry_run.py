@@ -248,18 +248,14 @@ def test_tracked_step_does_not_grow_with_micro_batches():
     grad-requiring input tensor alive while tracking, so the executor drops a received
     activation's values once its backward (and W pass) is done — before, each micro-batch left
     one behind, +8 MiB per micro-batch on a 7B's last stage."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    from megalite.planner.dry_run import build_rank, fake_world, tracked_step
+    from megalite.planner.dry_run import fake_rank, tracked_step
 
     for schedule in ("1f1b", "zb-h1"):
         cfg = config(TINY_LLAMA + ["--parallel.dp=1", "--parallel.pp=2",
                                    f"--parallel.schedule={schedule}"], 2)
         peaks = []
         for m in (4, 12):
-            with fake_world(cfg, 1) as dims, FakeTensorMode():
-                parts = build_rank(cfg, dims, cfg.model.vocab_size)
-                parts.executor.stream_ordered = True  # as dry_run(): sends freed as on CUDA
+            with fake_rank(cfg, 1, cfg.model.vocab_size) as parts:  # as dry_run() builds
                 peaks.append(tracked_step(parts, cfg, m).kinds["activations"])
         # what may grow: the step's batches the executor holds (labels, a few KiB each)
         one = cfg.train.micro_batch_size * cfg.data.seq_len * cfg.model.hidden_size * 4

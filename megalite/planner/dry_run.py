@@ -158,13 +158,12 @@ def build_rank(cfg: Config, dims: ParallelDims, vocab_size: int) -> RankParts:
     (``tests/test_dry_run.py`` holds the two to the same parameters and states). Weights are
     not drawn (``torch.empty``): the dry run and the memory tests need shapes. Norms run
     PyTorch's ops (fake tensors cannot enter the fused kernels; they save the same tensors)."""
-    from megalite.models import build_model, resolve_model_args
+    from megalite.models import DTYPES, build_model, resolve_model_args
     from megalite.models.recompute import apply_recompute
     from megalite.pipeline.executor import PipelineExecutor
     from megalite.plan import model_plan
     from megalite.tensor_parallel.plan import loss_fn
     from megalite.tensor_parallel.random import SplitRegionRNG, cover_split_regions
-    from megalite.trainer.loop import DTYPES
     from megalite.zero import ShardedAdamW, ZeroEngine
 
     t, p = cfg.train, cfg.parallel
@@ -307,22 +306,28 @@ def unsupported(cfg: Config) -> Optional[str]:
     return None
 
 
+@contextlib.contextmanager
+def fake_rank(cfg: Config, rank: int, vocab: int) -> Iterator[RankParts]:
+    """Rank ``rank`` of ``cfg``'s job built on the fake backend under ``FakeTensorMode``, its
+    sent activations freed as on CUDA, at the second receive posted after the send
+    (``p2p.P2P``): a fake send never reports completion, so the CPU rule would keep every one
+    until the step's end (gloo's sends do too: they complete only at ``wait()``)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with fake_world(cfg, rank) as dims, FakeTensorMode():
+        parts = build_rank(cfg, dims, vocab)
+        parts.executor.stream_ordered = True
+        yield parts
+
+
 def dry_run(cfg: Config, rank: int) -> StepMemory:
     """Rank ``rank`` of ``cfg``'s job (validated, dp resolved) on fake tensors: its step's
     peak memory by kind."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
     p = cfg.parallel
-    vocab = dry_vocab(cfg)
     start = time.perf_counter()
-    with fake_world(cfg, rank) as dims, FakeTensorMode():
-        parts = build_rank(cfg, dims, vocab)
-        # sent activations are freed as on CUDA, at the second receive posted after the send
-        # (``p2p.P2P``): a fake send never reports completion, so the CPU rule would keep
-        # every one until the step's end (gloo's sends do too: they complete only at wait())
-        parts.executor.stream_ordered = True
+    with fake_rank(cfg, rank, dry_vocab(cfg)) as parts:
         ga = cfg.train.grad_accum
-        m = peak_micro_batches(p.schedule, p.pp, ga, dims.pp_rank, p.virtual_stages)
+        m = peak_micro_batches(p.schedule, p.pp, ga, parts.dims.pp_rank, p.virtual_stages)
         result = tracked_step(parts, cfg, m)
     result.of, result.seconds = ga, time.perf_counter() - start
     return result

@@ -18,8 +18,8 @@ from megalite.checkpoint.async_save import AsyncSaver
 from megalite.config import save_yaml
 from megalite.config.schema import Config
 from megalite.hardware import device_peak_tflops
-from megalite.models import DTYPES  # planner.dry_run reads it here too
-from megalite.models import CausalLM, build_model, flops_per_token, num_params, resolve_model_args
+from megalite.models import (DTYPES, CausalLM, build_model, flops_per_token, num_params,
+                             resolve_model_args)
 from megalite.parallel import comm
 from megalite.parallel.dims import ParallelDims
 from megalite.pipeline import schedules
