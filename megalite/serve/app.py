@@ -166,12 +166,13 @@ class Endpoints:
         left = asyncio.ensure_future(_disconnected(request))
         try:
             await asyncio.wait({collect, left}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            left.cancel()
+        finally:  # also when this handler itself is cancelled: neither task outlives it
+            gone = not collect.done()  # the client left first: there is nobody to answer
+            for task in (left, collect):
+                task.cancel()  # a no-op on a finished task
             for seq in seqs:  # done, or nobody waits for the rest
                 seq.cancelled = True
-        if not collect.done():  # the client left first: there is nobody to answer
-            collect.cancel()
+        if gone:
             return Response(status_code=499)  # "client closed request", as nginx logs it
         texts, reasons = collect.result()
         if "error" in reasons:
