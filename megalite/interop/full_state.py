@@ -159,19 +159,19 @@ def _dcp_masters(path: str, record: dict, shapes: Dict[str, Tuple[int, ...]]
     read); the files are checked and ``.metadata`` unpickled once, at the first tensor."""
     from megalite.zero.state import ShardEntry
 
-    metadata: list = []
+    metadata = None  # the DCP Metadata, once the first tensor is read
 
     def master(name: str, meta: bool = False) -> torch.Tensor:
+        nonlocal metadata
         shape = shapes[name]
         if meta:
             return torch.empty(shape, device="meta")
         full = torch.empty(shape, dtype=torch.float32)
         entry = ShardEntry(tuple(shape), [((0,) * len(shape), tuple(shape))], [full])
         try:
-            if not metadata:
-                metadata.append(checkpoint.read_sharded_metadata(path, record))
-            checkpoint.load_sharded(path, record, {f"master/{name}": entry},
-                                    metadata=metadata[0])
+            if metadata is None:
+                metadata = checkpoint.read_sharded_metadata(path, record)
+            checkpoint.load_sharded(path, record, {f"master/{name}": entry}, metadata=metadata)
         except checkpoint.CheckpointError as e:
             raise CheckpointReadError(str(e)) from None
         return full
