@@ -211,12 +211,12 @@ def test_bert_pretraining_loss_falls_and_measures(tmp_path):
     first = json.loads(open(f"{tmp_path}/run/metrics.jsonl").readline())
     assert abs(first["act_mib_per_layer"] / first["act_mib_per_layer_formula"] - 1) < 0.25
     # the start-up memory check models bert: the planner's prediction for this rank (fused
-    # masked softmax, embedding norm, MLM head) beside the step's tracked peak (torch >= 2.5)
-    assert first["mem.predicted_peak"] > 0, first
-    if "mem.measured_peak" in first:
-        ratio = first["mem.predicted_peak"] / first["mem.measured_peak"]
-        print(f"bert-tiny start-up memory: predicted / measured {ratio:.3f}")
-        assert 0.8 <= ratio <= 1.25, first
+    # masked softmax, embedding norm, MLM head) beside the step's tracked peak: the first step
+    # records both or neither (the tracker needs torch >= 2.5), so neither may be missing
+    assert first["mem.predicted_peak"] > 0 and first["mem.measured_peak"] > 0, first
+    ratio = first["mem.predicted_peak"] / first["mem.measured_peak"]
+    print(f"bert-tiny start-up memory: predicted / measured {ratio:.3f}")
+    assert 0.8 <= ratio <= 1.25, first
 
 
 def _classification_files(folder):

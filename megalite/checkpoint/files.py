@@ -157,6 +157,18 @@ def write_atomic(path: str, text: str) -> None:
     fsync_dir(os.path.dirname(path) or ".")
 
 
+def place_checkpoint(ckpt_dir: str, tmp: str, final: str, meta: Dict[str, Any]) -> None:
+    """The end of every checkpoint write, once ``tmp`` holds its other files fsynced: meta.json
+    written into ``tmp`` (``write_atomic``: fsynced with the directory), ``tmp`` renamed to
+    ``final`` (a ``final`` already there, the same step saved again, removed first), then
+    ``latest`` pointed at it. A failure before the rename leaves ``latest`` as it was."""
+    write_atomic(os.path.join(tmp, "meta.json"), json.dumps(meta, indent=1))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    fsync_dir(ckpt_dir)
+    write_atomic(os.path.join(ckpt_dir, "latest"), os.path.basename(final))
+
+
 # ---- reading ----------------------------------------------------------------------------------
 
 

@@ -16,8 +16,9 @@ from .schema import Config, parse_rope_scaling
 
 _TOKENIZER_RE = re.compile(r"^(bytes|bpe:(\d+)|wordpiece:(\d+)|.+\.json)$")
 MIN_WORDPIECE_VOCAB = 64
-MIN_BPE_VOCAB = 258  # 256 bytes + <|endoftext|> + at least one merge
 """The smallest ``wordpiece:N``: 5 specials + the alphabet + pieces (data.tokenizer trains it)."""
+MIN_BPE_VOCAB = 258
+"""The smallest ``bpe:N``: 256 bytes + <|endoftext|> + at least one merge."""
 
 
 class _Errors:

@@ -22,7 +22,7 @@ from typing import Callable, Dict, Iterator, List, Mapping, Optional, Tuple
 
 import torch
 
-from megalite.checkpoint.files import fsync_dir, fsync_file, write_atomic
+from megalite.checkpoint.files import fsync_file, place_checkpoint
 from megalite.models import CausalLM, ModelArgs
 from megalite.trainer import checkpoint
 
@@ -159,19 +159,19 @@ def _dcp_masters(path: str, record: dict, shapes: Dict[str, Tuple[int, ...]]
     read); the files are checked and ``.metadata`` unpickled once, at the first tensor."""
     from megalite.zero.state import ShardEntry
 
-    metadata: list = []
+    metadata = None  # the DCP Metadata, once the first tensor is read
 
     def master(name: str, meta: bool = False) -> torch.Tensor:
+        nonlocal metadata
         shape = shapes[name]
         if meta:
             return torch.empty(shape, device="meta")
         full = torch.empty(shape, dtype=torch.float32)
         entry = ShardEntry(tuple(shape), [((0,) * len(shape), tuple(shape))], [full])
         try:
-            if not metadata:
-                metadata.append(checkpoint.read_sharded_metadata(path, record))
-            checkpoint.load_sharded(path, record, {f"master/{name}": entry},
-                                    metadata=metadata[0])
+            if metadata is None:
+                metadata = checkpoint.read_sharded_metadata(path, record)
+            checkpoint.load_sharded(path, record, {f"master/{name}": entry}, metadata=metadata)
         except checkpoint.CheckpointError as e:
             raise CheckpointReadError(str(e)) from None
         return full
@@ -186,7 +186,7 @@ def save_full_model_state(ckpt_dir: str, args: ModelArgs, state: Mapping[str, to
     model: one shard (tp = pp = dp = 1), no optimizer state. ``extra_files`` (name -> source
     path) are copied beside it (an imported tokenizer's config: chat template, special
     tokens). Atomic: written into a temporary directory, fsynced, renamed into place, then
-    ``latest`` replaced (``checkpoint.files.write_atomic``): a failure leaves neither a half
+    ``latest`` replaced (``checkpoint.files.place_checkpoint``): a failure leaves neither a half
     checkpoint nor a changed ``latest``."""
     final = os.path.join(ckpt_dir, "step_00000000")
     if os.path.exists(final):
@@ -206,11 +206,8 @@ def save_full_model_state(ckpt_dir: str, args: ModelArgs, state: Mapping[str, to
             fsync_file(os.path.join(tmp, name))
         meta = {"step": 0, "model_args": asdict(args), "tp_shard_dims": {},
                 "layout": {"dp": 1, "tp": 1, "pp": 1}, "weights_only": True}
-        write_atomic(os.path.join(tmp, "meta.json"), json.dumps(meta, indent=1))
-        os.replace(tmp, final)
+        place_checkpoint(ckpt_dir, tmp, final, meta)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # no half checkpoint; ``latest`` untouched
         raise
-    fsync_dir(ckpt_dir)
-    write_atomic(os.path.join(ckpt_dir, "latest"), os.path.basename(final))
     return final

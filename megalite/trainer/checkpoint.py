@@ -30,7 +30,6 @@ and CRC are checked against meta.json. Every problem with a checkpoint's files i
 from __future__ import annotations
 
 import errno
-import json
 import os
 import shutil
 from typing import Any, Dict, List, Optional
@@ -41,7 +40,7 @@ from megalite.checkpoint.files import (STEP_NAME, CheckpointError, check_sizes, 
                                        is_complete, is_sharded, latest, load_file, read_meta,
                                        remove_stale_tmp, step_dirs, tokenizer_differences,
                                        tokenizer_fingerprint, verify_all, verify_file)
-from megalite.checkpoint.files import fsync_dir, fsync_file, write_atomic
+from megalite.checkpoint.files import fsync_file, place_checkpoint
 from megalite.models.transformer import TIED_WEIGHTS
 from megalite.parallel import comm
 from megalite.parallel.dims import ParallelDims
@@ -174,12 +173,7 @@ def _finish(ckpt_dir: str, tmp: str, final: str, meta: Dict[str, Any],
     if tokenizer_file:
         shutil.copyfile(tokenizer_file, os.path.join(tmp, "tokenizer.json"))
         fsync_file(os.path.join(tmp, "tokenizer.json"))
-    write_atomic(os.path.join(tmp, "meta.json"), json.dumps(meta, indent=1))
-    fsync_dir(tmp)
-    shutil.rmtree(final, ignore_errors=True)  # the same step saved again (a rewound resume)
-    os.replace(tmp, final)
-    fsync_dir(ckpt_dir)
-    write_atomic(os.path.join(ckpt_dir, "latest"), os.path.basename(final))
+    place_checkpoint(ckpt_dir, tmp, final, meta)  # a final there: a rewound resume's step
     _prune(ckpt_dir, keep, meta.get("run_id"), final)
 
 
