@@ -145,7 +145,7 @@ def write_atomic(path: str, text: str) -> None:
     fsynced, renamed over it (the temporary file is removed if any step fails)."""
     tmp = f"{path}.tmp.{os.getpid()}"
     try:
-        with open(tmp, "w") as f:
+        with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())

@@ -67,10 +67,11 @@ def _count(args, seq_len: int, precision: str) -> Tuple[float, float, float, flo
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.utils.flop_counter import FlopCounterMode
 
+    from megalite.models import DTYPES
     from megalite.models.bert import MLMHead
     from megalite.models.transformer import Block, Head
 
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    dtype = DTYPES[precision]
     args = dataclasses.replace(args, kernels="torch", dropout=0.0)
     out = []
     default = torch.get_default_dtype()

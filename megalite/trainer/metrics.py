@@ -8,6 +8,8 @@ import sys
 import time
 from typing import Dict, Iterator, List, Optional
 
+from megalite.checkpoint.files import write_atomic
+
 
 class Timers:
     """Wall-clock seconds per phase, accumulated over one step."""
@@ -88,12 +90,7 @@ class MetricsLogger:
                 elif line.strip():
                     dropped += 1
         if dropped:
-            tmp = f"{path}.tmp{os.getpid()}"
-            with open(tmp, "w", encoding="utf-8") as f:
-                f.writelines(kept)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
+            write_atomic(path, "".join(kept))
         self.file = open(path, "a", encoding="utf-8")
         return dropped
 
